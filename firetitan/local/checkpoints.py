@@ -1,0 +1,243 @@
+"""Where the local trainer keeps checkpoints, and how a checkpoint becomes valid.
+
+Layout under the checkpoint root, one folder per job so that ``cross_job://`` can reach
+another job's checkpoints::
+
+    <root>/<job_id>/state/<name>/      save_state checkpoints (weights + optimizer)
+    <root>/<job_id>/sampler/<name>/    save_weights_for_sampler exports
+    <root>/<job_id>/.tmp/              checkpoints being written
+
+A checkpoint is valid only once its folder sits under ``state/`` or ``sampler/`` with a
+``MANIFEST_NAME`` file in it. An engine writes into a fresh folder under ``.tmp/``; the
+store then writes the manifest and renames the folder into place. A rename within one
+file system is atomic, so a crash mid-write leaves only debris in ``.tmp/`` (removed at
+the next start), never a checkpoint that lists as valid.
+
+Every name passes `firetitan._names.validate_name` before it touches the file system.
+Nothing here unpickles: manifests are JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from firetitan._names import CheckpointRef, parse_checkpoint_path, validate_name
+
+__all__ = ["MANIFEST_NAME", "CheckpointStore", "Kind", "Manifest"]
+
+MANIFEST_NAME = "firetitan-checkpoint.json"
+Kind = Literal["state", "sampler"]
+
+
+@attrs.frozen(kw_only=True)
+class Manifest:
+    """What the store records about a committed checkpoint."""
+
+    kind: str
+    name: str
+    job_id: str
+    model_id: str
+    created_at: float
+    expires_at: float | None = None
+    metadata: dict[str, Any] = attrs.field(factory=dict)
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+class CheckpointStore:
+    """Checkpoint folders of one job, plus read access to other jobs under the same root.
+
+    Thread-safe: the executor's worker thread writes while the event loop lists.
+    """
+
+    def __init__(self, root: Path | str, job_id: str) -> None:
+        self.root = Path(root).resolve()
+        self.job_id = validate_name(job_id, "job id")
+        self._lock = threading.Lock()
+        self._job_dir.mkdir(parents=True, exist_ok=True)
+        # Debris of writes that a crash interrupted: never valid, safe to drop.
+        shutil.rmtree(self._job_dir / ".tmp", ignore_errors=True)
+
+    @property
+    def _job_dir(self) -> Path:
+        return self.root / self.job_id
+
+    def _dir(self, kind: Kind, name: str, job_id: str | None = None) -> Path:
+        job = self.job_id if job_id is None else validate_name(job_id, "job id")
+        return self.root / job / kind / validate_name(name)
+
+    @contextlib.contextmanager
+    def write(
+        self,
+        kind: Kind,
+        name: str,
+        *,
+        model_id: str,
+        ttl_seconds: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Iterator[Path]:
+        """Give the caller an empty folder to write a checkpoint into, then commit it.
+
+        If the body raises, nothing is committed and the partial folder is removed.
+        An existing checkpoint of the same name is replaced only after the new one is
+        complete.
+
+        Args:
+            kind: ``"state"`` or ``"sampler"``.
+            name: The checkpoint name (validated).
+            model_id: The model it came from.
+            ttl_seconds: Delete it this many seconds after it is written.
+            metadata: Extra JSON-able facts to record in the manifest.
+
+        Yields:
+            The folder to write into.
+
+        Raises:
+            ValueError: The name is invalid or ``ttl_seconds`` is not positive.
+        """
+        final = self._dir(kind, name)
+        if ttl_seconds is not None and not ttl_seconds > 0:
+            raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds}")
+        tmp = self._job_dir / ".tmp" / uuid.uuid4().hex
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+            now = time.time()
+            manifest = Manifest(
+                kind=kind,
+                name=name,
+                job_id=self.job_id,
+                model_id=model_id,
+                created_at=now,
+                expires_at=None if ttl_seconds is None else now + ttl_seconds,
+                metadata=dict(metadata or {}),
+            )
+            _write_json(tmp / MANIFEST_NAME, attrs.asdict(manifest))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with self._lock:
+                if final.exists():
+                    trash = self._job_dir / ".tmp" / f"old-{uuid.uuid4().hex}"
+                    os.rename(final, trash)
+                    os.rename(tmp, final)
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def manifest(self, kind: Kind, ref: CheckpointRef) -> Manifest | None:
+        """Return the manifest of a valid, unexpired checkpoint, or None."""
+        path = self._dir(kind, ref.name, ref.job_id) / MANIFEST_NAME
+        try:
+            raw = json.loads(path.read_text())
+            manifest = Manifest(**raw)
+        except (OSError, ValueError, TypeError):
+            return None
+        if manifest.expired(time.time()):
+            return None
+        return manifest
+
+    def resolve(self, kind: Kind, path: str) -> tuple[Path, Manifest]:
+        """Find a valid checkpoint by the path a client sent.
+
+        Args:
+            kind: ``"state"`` or ``"sampler"``.
+            path: A bare name or ``cross_job://<job_id>/<name>``.
+
+        Returns:
+            The checkpoint folder and its manifest.
+
+        Raises:
+            ValueError: The path is malformed.
+            FileNotFoundError: No valid checkpoint has that name (message names it).
+        """
+        ref = parse_checkpoint_path(path)
+        manifest = self.manifest(kind, ref)
+        if manifest is None:
+            where = f"job {ref.job_id!r}" if ref.job_id else "this job"
+            raise FileNotFoundError(f"no {kind} checkpoint named {ref.name!r} in {where}")
+        return self._dir(kind, ref.name, ref.job_id), manifest
+
+    def list(self, kind: Kind = "state") -> list[str]:
+        """Names of this job's valid, unexpired checkpoints, sorted naturally
+        (``step-2`` before ``step-10``)."""
+        base = self._job_dir / kind
+        if not base.is_dir():
+            return []
+        now = time.time()
+        names = []
+        for child in base.iterdir():
+            manifest = self.manifest(kind, CheckpointRef(child.name)) if _valid(child) else None
+            if manifest is not None and not manifest.expired(now):
+                names.append(child.name)
+        return sorted(names, key=_natural_key)
+
+    def sweep(self) -> list[str]:
+        """Delete this job's expired checkpoints; return their names."""
+        removed = []
+        now = time.time()
+        for kind in ("state", "sampler"):
+            base = self._job_dir / kind
+            if not base.is_dir():
+                continue
+            for child in base.iterdir():
+                try:
+                    raw = json.loads((child / MANIFEST_NAME).read_text())
+                except (OSError, ValueError):
+                    continue
+                expires = raw.get("expires_at")
+                if isinstance(expires, int | float) and now >= expires:
+                    with self._lock:
+                        shutil.rmtree(child, ignore_errors=True)
+                    removed.append(child.name)
+        return removed
+
+
+def _valid(child: Path) -> bool:
+    try:
+        validate_name(child.name)
+    except ValueError:
+        return False
+    return (child / MANIFEST_NAME).is_file()
+
+
+def _natural_key(name: str) -> list[Any]:
+    parts: list[Any] = []
+    digits = ""
+    text = ""
+    for ch in name:
+        if ch.isdigit():
+            if text:
+                parts.append((1, text))
+                text = ""
+            digits += ch
+        else:
+            if digits:
+                parts.append((0, int(digits)))
+                digits = ""
+            text += ch
+    if digits:
+        parts.append((0, int(digits)))
+    if text:
+        parts.append((1, text))
+    return parts
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())

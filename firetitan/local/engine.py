@@ -1,0 +1,183 @@
+"""The engine interface: what the local trainer's protocol server asks of a model backend.
+
+The server (``server.py``) speaks HTTP and the executor (``executor.py``) decides *when*
+each request runs; an engine decides *what* it computes. Two engines implement this:
+
+* ``NullEngine`` (``null_engine.py``): no model; right shapes, deterministic values.
+* ``TorchEngine`` (``torch/``): real transformers models, losses and AdamW.
+
+Engine methods are plain synchronous functions. The executor calls them from one worker
+thread, one request at a time per model, in ``seq_id`` order, so an engine needs no
+locking of its own and never runs on the event loop.
+
+Errors: raise `UserError` for a mistake in the request (unknown loss, missing input,
+shape mismatch, token out of range, non-finite value); the message must name the datum
+index and the field. The request then fails with category ``user`` and the engine's
+state must be unchanged (nothing accumulated). Any other exception fails the request
+with category ``server``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import tinker
+
+__all__ = ["Engine", "ModelSpec", "SampleSource", "UserError"]
+
+
+class UserError(Exception):
+    """A mistake in a request, reported to the client with category ``user``."""
+
+
+@attrs.frozen(kw_only=True)
+class ModelSpec:
+    """What `create_model` asked for.
+
+    Attributes:
+        base_model: The base model name, e.g. ``accounts/fireworks/models/qwen3-8b``.
+        lora_rank: 0 for full-parameter training, otherwise the LoRA rank.
+        lora_alpha: LoRA alpha; None means ``2 * rank``.
+        lora_seed: Seed for the LoRA initialisation; None means the engine's seed.
+        train_mlp: Put LoRA adapters on the MLP projections.
+        train_attn: Put LoRA adapters on the attention projections.
+        train_unembed: Put a LoRA adapter on the output (unembedding) layer.
+        base_only: A frozen base model, used only with `forward` (reference logprobs).
+    """
+
+    base_model: str
+    lora_rank: int = 0
+    lora_alpha: int | None = None
+    lora_seed: int | None = None
+    train_mlp: bool = True
+    train_attn: bool = True
+    train_unembed: bool = True
+    base_only: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class SampleSource:
+    """Which weights to sample from: exactly one of the three is set.
+
+    Attributes:
+        export_dir: A sampler export written by `Engine.save_for_sampler`.
+        model_id: A live training model (its current weights).
+        base_model: A base model name (fresh stand-in or the loaded weights).
+    """
+
+    export_dir: Path | None = None
+    model_id: str | None = None
+    base_model: str | None = None
+
+
+class Engine(abc.ABC):
+    """A model backend for the local trainer. See the module docstring for the rules."""
+
+    #: Short name, reported by ``get_server_capabilities`` and ``firetitan serve``.
+    name: str = "engine"
+
+    @abc.abstractmethod
+    def supported_models(self) -> list[dict[str, Any]]:
+        """Entries for ``get_server_capabilities``: ``{"model_name", "max_context_length"}``."""
+
+    @abc.abstractmethod
+    def create_model(self, model_id: str, spec: ModelSpec) -> None:
+        """Create a model under ``model_id``.
+
+        Raises:
+            UserError: The spec cannot be served (e.g. LoRA options out of range).
+        """
+
+    @abc.abstractmethod
+    def get_info(self, model_id: str) -> dict[str, Any]:
+        """Return the ``get_info`` body fields: ``model_data`` (dict), ``is_lora``,
+        ``lora_rank``, ``model_name``."""
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        model_id: str,
+        data: Sequence[tinker.Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None,
+    ) -> tinker.ForwardBackwardOutput:
+        """Compute the loss and per-datum outputs without touching gradients."""
+
+    @abc.abstractmethod
+    def forward_backward(
+        self,
+        model_id: str,
+        data: Sequence[tinker.Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None,
+    ) -> tinker.ForwardBackwardOutput:
+        """Compute the loss and accumulate its gradient (and the loss-token counts used
+        by ``grad_accumulation_normalization``) into the model."""
+
+    @abc.abstractmethod
+    def optim_step(
+        self,
+        model_id: str,
+        adam_params: tinker.AdamParams,
+        grad_accumulation_normalization: str | None,
+    ) -> dict[str, float]:
+        """Apply one AdamW step to the accumulated gradient, zero it, and return metrics
+        (e.g. ``grad_norm:global``, ``lr``)."""
+
+    @abc.abstractmethod
+    def save_state(self, model_id: str, directory: Path) -> None:
+        """Write weights, optimizer state, counters and RNG state into ``directory``
+        (empty, created by the checkpoint store, committed by it afterwards)."""
+
+    @abc.abstractmethod
+    def load_state(self, model_id: str, directory: Path, *, with_optimizer: bool) -> None:
+        """Load a `save_state` checkpoint. Without the optimizer, weights are restored
+        and the optimizer starts fresh.
+
+        Raises:
+            UserError: The checkpoint does not fit this model.
+        """
+
+    @abc.abstractmethod
+    def save_for_sampler(
+        self,
+        model_id: str,
+        directory: Path,
+        checkpoint_type: str,
+        previous: Path | None,
+    ) -> dict[str, Any]:
+        """Export weights for sampling into ``directory``.
+
+        Args:
+            model_id: The model.
+            directory: Empty target directory, committed by the store afterwards.
+            checkpoint_type: ``"base"`` (full weights) or ``"delta"`` (bitwise XOR against
+                the export in ``previous``).
+            previous: The previous export of this model, for ``delta``.
+
+        Returns:
+            Metadata recorded with the export.
+        """
+
+    @abc.abstractmethod
+    def sample(
+        self,
+        source: SampleSource,
+        prompt: Sequence[int],
+        num_samples: int,
+        params: tinker.SamplingParams,
+        *,
+        prompt_logprobs: bool = False,
+    ) -> tinker.SampleResponse:
+        """Generate ``num_samples`` continuations of ``prompt``."""
+
+    @abc.abstractmethod
+    def unload_model(self, model_id: str) -> None:
+        """Forget a model and free its memory."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing
+        """Release engine-wide resources when the trainer stops."""
