@@ -171,7 +171,7 @@ class CheckpointStore:
             raise FileNotFoundError(f"no {kind} checkpoint named {ref.name!r} in {where}")
         return self._dir(kind, ref.name, ref.job_id), manifest
 
-    def list(self, kind: Kind = "state") -> list[str]:
+    def names(self, kind: Kind = "state") -> list[str]:
         """Names of this job's valid, unexpired checkpoints, sorted naturally
         (``step-2`` before ``step-10``)."""
         base = self._job_dir / kind

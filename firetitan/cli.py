@@ -1,0 +1,167 @@
+"""The ``firetitan`` command.
+
+Subcommands:
+
+* ``serve``: run the local trainer until SIGINT/SIGTERM.
+* ``demo``: reserved for the end-to-end demo.
+
+Each subcommand is a ``_cmd_<name>(args) -> int`` function registered in `build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+API_KEY_ENV = "FIRETITAN_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="firetitan", description="Firetitan SDK tools and the embedded local trainer."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the local trainer",
+        description="Serve the Firetitan training protocol on this machine.",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind (default: %(default)s)"
+    )
+    serve.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one")
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help=f"key clients must send (default: ${API_KEY_ENV}, else a random tml-... key)",
+    )
+    serve.add_argument("--engine", choices=("torch", "null"), default="torch")
+    serve.add_argument("--base-model", default=None, help="model name to serve")
+    serve.add_argument(
+        "--size",
+        choices=("tiny", "small"),
+        default="tiny",
+        help="stand-in model size (torch engine)",
+    )
+    serve.add_argument(
+        "--weights",
+        default=None,
+        metavar="DIR",
+        help="Hugging Face model folder to load (torch engine)",
+    )
+    serve.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        metavar="DIR",
+        help="checkpoint root (default: a temporary folder, removed on exit)",
+    )
+    serve.add_argument("--job-id", default=None, metavar="ID", help="this trainer's job id")
+    serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    serve.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="largest accepted request body",
+    )
+    serve.set_defaults(func=_cmd_serve)
+
+    demo = commands.add_parser("demo", help="run the end-to-end demo (not available yet)")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``firetitan`` console script."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if not _is_loopback(args.host):
+        print(
+            f"WARNING: binding {args.host}: the trainer is reachable from other machines. "
+            "Anyone with the API key can train, read and overwrite checkpoints; traffic is "
+            "plain HTTP.",
+            file=sys.stderr,
+        )
+    try:
+        return asyncio.run(_serve(args))
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return 130
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    # Imported here so that `firetitan --help` stays fast.
+    from firetitan.local import LocalTrainer, generate_api_key
+    from firetitan.local.null_engine import DEFAULT_BASE_MODEL
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV)
+    generated = not api_key
+    if generated:
+        api_key = generate_api_key()
+    limits = {}
+    if args.max_request_bytes is not None:
+        limits["max_request_bytes"] = args.max_request_bytes
+    try:
+        trainer = LocalTrainer(
+            args.engine,
+            base_model=args.base_model or DEFAULT_BASE_MODEL,
+            size=args.size,
+            checkpoint_dir=args.checkpoint_dir,
+            job_id=args.job_id,
+            api_key=api_key,
+            host=args.host,
+            port=args.port,
+            weights=args.weights,
+            device=args.device,
+            **limits,
+        )
+    except (ImportError, ValueError) as exc:
+        print(f"firetitan serve: {exc}", file=sys.stderr)
+        return 2
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with trainer:
+            print(f"firetitan local trainer ({args.engine} engine) serving at {trainer.base_url}")
+            print(f"job id: {trainer.job_id}; checkpoints under {trainer.checkpoint_dir}")
+            if generated:
+                print(f"API key (generated, shown once): {api_key}")
+            sys.stdout.flush()
+            await stop.wait()
+            print("stopping: finishing in-flight work...", file=sys.stderr)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def _cmd_demo(_args: argparse.Namespace) -> int:
+    print("firetitan demo is not available yet", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,541 @@
+"""When requests run: per-model ``seq_id`` order, deduplication, gaps, futures, results.
+
+The server decodes a request, hands the executor a coroutine function that does the work
+(``run``), and answers the client with the request id the executor returns. Invariants:
+
+* **One engine thread.** Every engine call goes through `Executor.in_engine`, a
+  single-worker thread pool, so engine calls are serialized (torch state needs no locks)
+  and the event loop never computes.
+* **Per-model order.** Each model has a queue keyed by ``seq_id`` and one drainer task
+  that runs ``next_seq`` as soon as it is present. The model's first job is its creation,
+  at ``seq_id`` 0, so every later request runs after the model exists.
+* **Exactly once.** ``(model_id, seq_id)`` maps to one request id; a retried POST gets the
+  same id back and does not run again, whatever its body. Other POSTs deduplicate on
+  caller-chosen keys (``X-Idempotency-Key``, ``(session_id, model_seq_id)``, ...).
+* **Gaps never deadlock** (wire.md §5.5). A missing ``seq_id`` is skipped at once when a
+  higher request of a kind that the client only sends after every lower one was
+  acknowledged or definitively failed (anything but forward/forward_backward chunks) is
+  queued, when the server rejected that ``seq_id``'s POST, or after
+  ``gap_wait_seconds`` with later work waiting. A request whose ``seq_id`` arrives
+  after the queue moved past it fails with category ``user`` instead of running out of
+  order.
+* **Bounded memory.** Finished results stay for ``result_retention_seconds`` and at most
+  ``max_retained_results`` of them; an evicted result answers 410. Request ids carry a
+  per-process nonce and a counter, so "evicted" is told apart from "never issued" (404)
+  without remembering evicted ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import IO, Any, TypeVar
+
+import attrs
+
+from firetitan import _wire
+from firetitan.local.config import ServerConfig
+from firetitan.local.engine import UserError
+
+__all__ = [
+    "ExecutionRecord",
+    "Executor",
+    "ExecutorClosedError",
+    "OverloadedError",
+    "RequestExpiredError",
+    "UnknownModelError",
+    "UnknownRequestError",
+    "failure_body",
+    "success_body",
+]
+
+log = logging.getLogger("firetitan.local")
+
+T = TypeVar("T")
+
+#: Work for one request: runs on the event loop, does its computing through
+#: `Executor.in_engine`, and returns the serialized success payload.
+Run = Callable[[], Awaitable[bytes]]
+
+#: Chunks of one forward/forward_backward call are uploaded concurrently and may overtake
+#: each other, so their arrival says nothing about lower seq_ids (wire.md §5.4).
+CHUNK_KINDS = frozenset({"forward", "forward_backward"})
+
+_MAX_ERROR_CHARS = 2000
+
+
+class UnknownRequestError(LookupError):
+    """No request with this id was ever issued by this trainer (404)."""
+
+
+class RequestExpiredError(LookupError):
+    """The request's result was evicted (410)."""
+
+
+class UnknownModelError(LookupError):
+    """The model does not exist, or it was unloaded (404)."""
+
+
+class OverloadedError(RuntimeError):
+    """Too many requests are pending (429)."""
+
+
+class ExecutorClosedError(RuntimeError):
+    """The trainer is shutting down (503)."""
+
+
+@attrs.frozen
+class ExecutionRecord:
+    """One request that actually ran (an entry of the execution log)."""
+
+    model_id: str | None
+    seq_id: int | None
+    request_id: str
+    kind: str
+
+
+def success_body(payload: Any) -> bytes:
+    """Serialize a success payload as ``retrieve_future`` returns it.
+
+    Called on the engine thread, so large results are encoded off the event loop once,
+    and every re-poll sends the same bytes.
+    """
+    return _wire.dumps(_wire.encode_future_outcome(_wire.FutureResult(payload)))
+
+
+def failure_body(message: str, category: str, error_class: str | None) -> bytes:
+    """Serialize a failure outcome (``{"error", "category", "error_class"}``)."""
+    if len(message) > _MAX_ERROR_CHARS:
+        message = message[: _MAX_ERROR_CHARS - 3] + "..."
+    outcome = _wire.FutureFailed(error=message, category=category, error_class=error_class)
+    return _wire.dumps(_wire.encode_future_outcome(outcome))
+
+
+@attrs.define(eq=False)
+class _Job:
+    request_id: str
+    kind: str
+    model_id: str | None
+    seq_id: int | None
+    run: Run | None
+    done: asyncio.Event = attrs.field(factory=asyncio.Event)
+    body: bytes | None = None
+    completed_at: float = 0.0
+    # Where this job is registered for deduplication; undone when it is evicted.
+    keys: list[Hashable] = attrs.field(factory=list)
+
+
+@attrs.define(eq=False)
+class _ModelQueue:
+    model_id: str
+    next_seq: int = 0
+    pending: dict[int, _Job] = attrs.field(factory=dict)
+    seen: dict[int, str] = attrs.field(factory=dict)
+    holes: set[int] = attrs.field(factory=set)
+    wake: asyncio.Event = attrs.field(factory=asyncio.Event)
+    gap_since: float | None = None
+    closed: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+class Executor:
+    """Runs requests in order, exactly once, on one engine thread. See the module docs.
+
+    All methods except `in_engine`'s work and `execution_log` must be called on the
+    event loop that runs the server.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+        self._nonce = secrets.token_hex(4)
+        self._counter = 0
+        self._jobs: dict[str, _Job] = {}
+        self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._pending = 0
+        self._models: dict[str, _ModelQueue] = {}
+        self._keys: dict[Hashable, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="firetitan-engine"
+        )
+        self._log: list[ExecutionRecord] = []
+        self._log_file: IO[str] | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Open the optional JSONL execution log."""
+        path = self._config.execution_log_path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Line-buffered: one small write per executed request, readable while running.
+            self._log_file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+
+    async def close(self, final: Callable[[], None] | None = None) -> None:
+        """Stop: refuse new work, fail queued requests, let running ones finish, then run
+        ``final`` (e.g. the engine's ``close``) on the engine thread and stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        for queue in list(self._models.values()):
+            self._close_queue(queue, "the trainer is shutting down", "server")
+        waits = [q.task for q in self._models.values() if q.task is not None]
+        await asyncio.gather(*waits, *self._tasks, return_exceptions=True)
+        self._models.clear()
+        try:
+            if final is not None:
+                await asyncio.get_running_loop().run_in_executor(self._pool, final)
+        finally:
+            self._pool.shutdown(wait=True)
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def in_engine(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``fn`` on the engine thread (after everything submitted before it).
+
+        Raises:
+            ExecutorClosedError: The executor is closed.
+        """
+        try:
+            return asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        except RuntimeError as exc:  # the pool refuses work after shutdown
+            raise ExecutorClosedError("the trainer is shutting down") from exc
+
+    @property
+    def execution_log(self) -> list[ExecutionRecord]:
+        """A copy of the requests executed so far, in execution order (thread-safe)."""
+        return list(self._log)
+
+    # ------------------------------------------------------------------ models
+
+    def has_model(self, model_id: str) -> bool:
+        return model_id in self._models
+
+    def add_model(self, model_id: str, kind: str, run: Run) -> str:
+        """Create a model's queue with its creation job at ``seq_id`` 0.
+
+        Returns:
+            The creation job's request id.
+
+        Raises:
+            ValueError: The model already has a queue.
+            OverloadedError, ExecutorClosedError: As for `submit_ordered`.
+        """
+        if model_id in self._models:
+            raise ValueError(f"model {model_id!r} already exists")
+        job = self._new_job(kind, model_id, 0, run)
+        queue = _ModelQueue(model_id)
+        queue.pending[0] = job
+        queue.seen[0] = job.request_id
+        job.keys.append(("seq", model_id, 0))
+        queue.task = asyncio.get_running_loop().create_task(
+            self._drain(queue), name=f"firetitan-model-{model_id}"
+        )
+        self._models[model_id] = queue
+        return job.request_id
+
+    def submit_ordered(self, model_id: str, seq_id: int, kind: str, run: Run) -> str:
+        """Queue a request of a model at its ``seq_id``; return its request id.
+
+        A duplicate ``(model_id, seq_id)`` returns the first request's id and does not
+        queue anything. A ``seq_id`` the queue has already moved past gets a request
+        that fails at once (category ``user``).
+
+        Raises:
+            UnknownModelError: The model has no queue (never created, or unloaded).
+            OverloadedError: Too many requests are pending.
+            ExecutorClosedError: The trainer is shutting down.
+        """
+        queue = self._queue(model_id)
+        existing = queue.seen.get(seq_id)
+        if existing is not None:
+            return existing
+        key = ("seq", model_id, seq_id)
+        if seq_id < queue.next_seq:
+            job = self._new_job(kind, model_id, seq_id, None)
+            job.keys.append(key)
+            queue.seen[seq_id] = job.request_id
+            message = (
+                f"seq_id {seq_id} of model {model_id!r} arrived after the trainer had "
+                f"moved on to seq_id {queue.next_seq} (it was skipped as a gap, or its "
+                "result expired); it was not executed"
+            )
+            self._finish(job, failure_body(message, "user", "SequenceError"))
+            return job.request_id
+        job = self._new_job(kind, model_id, seq_id, run)
+        job.keys.append(key)
+        queue.holes.discard(seq_id)
+        queue.pending[seq_id] = job
+        queue.seen[seq_id] = job.request_id
+        queue.wake.set()
+        return job.request_id
+
+    def lookup_seq(self, model_id: str, seq_id: int) -> str | None:
+        """The request id already accepted for ``(model_id, seq_id)``, if any."""
+        queue = self._models.get(model_id)
+        return None if queue is None else queue.seen.get(seq_id)
+
+    def skip_seq(self, model_id: str, seq_id: int) -> None:
+        """Note that ``seq_id`` will never run (its POST was rejected), so the model's
+        queue does not wait for it."""
+        queue = self._models.get(model_id)
+        if queue is None or seq_id in queue.seen or seq_id < queue.next_seq:
+            return
+        queue.holes.add(seq_id)
+        queue.wake.set()
+
+    async def close_model(self, model_id: str, reason: str) -> None:
+        """Remove a model's queue: queued requests fail with ``reason`` (category
+        ``user``), the running one finishes, and later requests get `UnknownModelError`.
+
+        Must not be called from a job of the same model (it waits for that model's
+        drainer).
+        """
+        queue = self._models.pop(model_id, None)
+        if queue is None:
+            return
+        self._close_queue(queue, reason, "user")
+        if queue.task is not None:
+            await queue.task
+
+    # ------------------------------------------------------------------ unordered
+
+    def submit(
+        self,
+        kind: str,
+        run: Run,
+        *,
+        keys: Sequence[Hashable] = (),
+        model_id: str | None = None,
+    ) -> str:
+        """Start a request that is not ordered by ``seq_id``; return its request id.
+
+        Args:
+            kind: What it is (for the execution log).
+            run: The work.
+            keys: Deduplication keys: if any is already known, that request's id is
+                returned and nothing runs.
+            model_id: The model it concerns, for the execution log.
+
+        Raises:
+            OverloadedError, ExecutorClosedError: As for `submit_ordered`.
+        """
+        for key in keys:
+            existing = self._keys.get(key)
+            if existing is not None:
+                return existing
+        job = self._new_job(kind, model_id, None, run)
+        for key in keys:
+            self._keys[key] = job.request_id
+            job.keys.append(key)
+        task = asyncio.get_running_loop().create_task(self._execute(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job.request_id
+
+    def lookup(self, key: Hashable) -> str | None:
+        """The request id registered under a deduplication key, if any."""
+        return self._keys.get(key)
+
+    # ------------------------------------------------------------------ futures
+
+    async def retrieve(self, request_id: str, hold: float | None = None) -> bytes:
+        """The ``retrieve_future`` answer for a request, long-polling while it is pending.
+
+        Args:
+            request_id: The id from the submission ACK.
+            hold: Seconds to wait for completion; defaults to ``long_poll_seconds``.
+
+        Returns:
+            The serialized outcome: result, failure, or ``try_again``.
+
+        Raises:
+            UnknownRequestError: The id was never issued here.
+            RequestExpiredError: The result was evicted.
+        """
+        job = self._jobs.get(request_id)
+        if job is None:
+            if self._was_issued(request_id):
+                raise RequestExpiredError(
+                    f"the result of request {request_id!r} has expired; results are kept "
+                    f"for {self._config.result_retention_seconds:g} s and at most "
+                    f"{self._config.max_retained_results} of them"
+                )
+            raise UnknownRequestError(f"unknown request_id {request_id!r}")
+        if not job.done.is_set():
+            wait = self._config.long_poll_seconds if hold is None else hold
+            try:
+                async with asyncio.timeout(wait):
+                    await job.done.wait()
+            except TimeoutError:
+                pass
+        if job.body is not None:
+            return job.body
+        return _wire.dumps(
+            _wire.encode_future_outcome(_wire.TryAgain(request_id, queue_state="active"))
+        )
+
+    def evict_expired(self, now: float | None = None) -> int:
+        """Drop finished results older than the retention time; return how many."""
+        now = asyncio.get_running_loop().time() if now is None else now
+        cutoff = now - self._config.result_retention_seconds
+        count = 0
+        while self._finished:
+            oldest = next(iter(self._finished))
+            if self._jobs[oldest].completed_at > cutoff:
+                break
+            self._evict(oldest)
+            count += 1
+        return count
+
+    # ------------------------------------------------------------------ internals
+
+    def _queue(self, model_id: str) -> _ModelQueue:
+        queue = self._models.get(model_id)
+        if queue is None:
+            raise UnknownModelError(f"unknown model_id {model_id!r}")
+        return queue
+
+    def _new_job(
+        self, kind: str, model_id: str | None, seq_id: int | None, run: Run | None
+    ) -> _Job:
+        if self._closed:
+            raise ExecutorClosedError("the trainer is shutting down")
+        if run is not None and self._pending >= self._config.max_pending_requests:
+            raise OverloadedError(
+                f"{self._pending} requests are pending; the limit is "
+                f"{self._config.max_pending_requests}"
+            )
+        self._counter += 1
+        job = _Job(f"req-{self._nonce}-{self._counter}", kind, model_id, seq_id, run)
+        self._jobs[job.request_id] = job
+        self._pending += 1
+        return job
+
+    def _was_issued(self, request_id: str) -> bool:
+        prefix = f"req-{self._nonce}-"
+        if not request_id.startswith(prefix):
+            return False
+        number = request_id[len(prefix) :]
+        return number.isdigit() and 0 < int(number) <= self._counter
+
+    async def _drain(self, queue: _ModelQueue) -> None:
+        """Run a model's queue in seq_id order until it is closed."""
+        loop = asyncio.get_running_loop()
+        while not queue.closed:
+            job = queue.pending.pop(queue.next_seq, None)
+            if job is not None:
+                queue.next_seq += 1
+                queue.gap_since = None
+                await self._execute(job)
+                continue
+            if queue.next_seq in queue.holes:
+                queue.holes.discard(queue.next_seq)
+                queue.next_seq += 1
+                continue
+            if not queue.pending:
+                queue.gap_since = None
+                queue.wake.clear()
+                await queue.wake.wait()
+                continue
+            # A gap: next_seq is missing while later requests wait.
+            lowest = min(queue.pending)
+            if any(
+                s > queue.next_seq and j.kind not in CHUNK_KINDS for s, j in queue.pending.items()
+            ):
+                self._skip_to(queue, lowest, "a later non-chunk request arrived")
+                continue
+            now = loop.time()
+            if queue.gap_since is None:
+                queue.gap_since = now
+            remaining = queue.gap_since + self._config.gap_wait_seconds - now
+            if remaining <= 0:
+                self._skip_to(queue, lowest, f"waited {self._config.gap_wait_seconds:g} s")
+                continue
+            queue.wake.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await queue.wake.wait()
+            except TimeoutError:
+                pass
+
+    def _skip_to(self, queue: _ModelQueue, seq_id: int, why: str) -> None:
+        log.info(
+            "model %s: skipping missing seq_id %d..%d (%s)",
+            queue.model_id,
+            queue.next_seq,
+            seq_id - 1,
+            why,
+        )
+        queue.holes = {h for h in queue.holes if h >= seq_id}
+        queue.next_seq = seq_id
+        queue.gap_since = None
+
+    def _close_queue(self, queue: _ModelQueue, reason: str, category: str) -> None:
+        queue.closed = True
+        for job in queue.pending.values():
+            self._finish(job, failure_body(reason, category, "ModelUnloaded"))
+        queue.pending.clear()
+        queue.wake.set()
+
+    async def _execute(self, job: _Job) -> None:
+        run = job.run
+        if run is None or job.body is not None:
+            return
+        self._record(job)
+        try:
+            body = await run()
+        except (UserError, _wire.WireError) as exc:
+            body = failure_body(str(exc), "user", type(exc).__name__)
+        except asyncio.CancelledError:
+            self._finish(job, failure_body(f"{job.kind} was cancelled", "server", "Cancelled"))
+            raise
+        except Exception as exc:
+            # The client gets what failed, never a traceback; the traceback stays here.
+            log.debug("request %s (%s) failed", job.request_id, job.kind, exc_info=True)
+            log.warning("request %s (%s) failed: %s", job.request_id, job.kind, type(exc).__name__)
+            message = f"{job.kind} failed on the trainer: {type(exc).__name__}: {exc}"
+            body = failure_body(message, "server", type(exc).__name__)
+        self._finish(job, body)
+
+    def _record(self, job: _Job) -> None:
+        record = ExecutionRecord(job.model_id, job.seq_id, job.request_id, job.kind)
+        self._log.append(record)
+        if self._log_file is not None:
+            self._log_file.write(json.dumps(attrs.asdict(record)) + "\n")
+
+    def _finish(self, job: _Job, body: bytes) -> None:
+        if job.body is not None:
+            return
+        job.body = body
+        job.run = None  # drop the closure, and with it the decoded request data
+        job.completed_at = asyncio.get_running_loop().time()
+        self._pending -= 1
+        self._finished[job.request_id] = None
+        job.done.set()
+        while len(self._finished) > self._config.max_retained_results:
+            self._evict(next(iter(self._finished)))
+
+    def _evict(self, request_id: str) -> None:
+        self._finished.pop(request_id, None)
+        job = self._jobs.pop(request_id, None)
+        if job is None:
+            return
+        for key in job.keys:
+            if isinstance(key, tuple) and len(key) == 3 and key[0] == "seq":
+                queue = self._models.get(key[1])
+                if queue is not None and queue.seen.get(key[2]) == request_id:
+                    del queue.seen[key[2]]
+            elif self._keys.get(key) == request_id:
+                del self._keys[key]

@@ -1,0 +1,703 @@
+"""The local trainer's HTTP face: routes, authentication, body limits, JSON errors.
+
+Serves every endpoint of wire.md §11 under ``/api/v1/``, plus tinker's sampling
+endpoints (``create_sampling_session``, ``asample``), ``client/dynamic_config`` and
+``sessions/{id}/finish``. Handlers only parse, validate and register work; the
+executor (``executor.py``) decides when it runs and ``operations.py`` what it does.
+
+Rules every response follows:
+
+* Every endpoint, ``healthz`` included, requires ``X-API-Key`` (constant-time compare).
+* Errors are JSON ``{"detail": "<what, naming the field>", "error_class": ...}`` with
+  the right status: 400 malformed body, 401 auth, 404 unknown model/request/session,
+  410 expired future or ended session, 413 body too large, 422 values that cannot be
+  served, 429 too many pending requests, 503 shutting down. Never a traceback: those
+  are logged here at debug level.
+* A request that fails validation is refused *before* it is registered, so nothing
+  changes on the trainer. An ordered request refused this way is remembered as a hole,
+  so the model's queue does not wait for a ``seq_id`` that will never come.
+* Semantic problems only detectable while running (shapes against the model, unknown
+  checkpoint) fail the request's future with category ``user`` instead (wire.md §5.5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from firetitan import _wire
+from firetitan._names import parse_checkpoint_path, validate_name
+from firetitan.local.checkpoints import CheckpointStore
+from firetitan.local.config import ServerConfig
+from firetitan.local.engine import Engine, ModelSpec
+from firetitan.local.executor import (
+    ExecutionRecord,
+    Executor,
+    ExecutorClosedError,
+    OverloadedError,
+    RequestExpiredError,
+    UnknownRequestError,
+)
+from firetitan.local.operations import Operations
+from firetitan.local.sessions import ModelRecord, Registry, SamplingSession, model_id_for
+
+__all__ = ["API_PREFIX", "TrainerServer"]
+
+log = logging.getLogger("firetitan.local")
+
+API_PREFIX = "/api/v1"
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# client/config answer: JSON forward_backward only (the Fireworks SDK fails client-side
+# if either proto flag is true) and no JWT exchange.
+CLIENT_CONFIG = {
+    "pjwt_auth_enabled": False,
+    "proto_write_fwdbwd": False,
+    "proto_compress_fwdbwd": False,
+}
+
+
+class Problem(Exception):
+    """An HTTP error answer: status, a message naming the field, a short class."""
+
+    def __init__(self, status: int, detail: str, error_class: str, retry_after: int | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.error_class = error_class
+        self.retry_after = retry_after
+
+
+def _bad_request(exc: _wire.WireError) -> Problem:
+    return Problem(400, str(exc), "WireError")
+
+
+def _unprocessable(detail: str) -> Problem:
+    return Problem(422, detail, "UnprocessableEntityError")
+
+
+def _not_found(detail: str) -> Problem:
+    return Problem(404, detail, "NotFoundError")
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_wire.dumps(obj), status=status, content_type="application/json")
+
+
+def _error_response(problem: Problem) -> web.Response:
+    response = json_response(
+        {"detail": problem.detail, "error_class": problem.error_class}, status=problem.status
+    )
+    if problem.retry_after is not None:
+        response.headers["Retry-After"] = str(problem.retry_after)
+    return response
+
+
+_JSON_TYPES = {
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    str: "string",
+    list: "array",
+    dict: "object",
+    type(None): "null",
+}
+
+
+def _field(obj: dict[str, Any], name: str, kind: type[T]) -> T:
+    if name not in obj:
+        raise _wire.WireError(name, "required field is missing")
+    value = obj[name]
+    # bool is an int subclass; a JSON true is never a valid integer field.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        expected = _JSON_TYPES.get(kind, kind.__name__)
+        raise _wire.WireError(name, f"must be a JSON {expected}, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: object) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _load_object(raw: bytes) -> dict[str, Any]:
+    obj = _wire.loads(raw)
+    if not isinstance(obj, dict):
+        raise _wire.WireError("", f"the body must be a JSON object, got {_json_type(obj)}")
+    return obj
+
+
+def url_host(host: str) -> str:
+    """``host`` as it goes into a URL (IPv6 literals in brackets)."""
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host
+
+
+class TrainerServer:
+    """The aiohttp application of one local trainer, with its executor and engine.
+
+    Args:
+        engine_factory: Builds the engine; called on the engine thread at `start`.
+        store: This job's checkpoint store.
+        api_key: The key every request must carry in ``X-API-Key``.
+        config: Limits and timings.
+    """
+
+    def __init__(
+        self,
+        engine_factory: Callable[[], Engine],
+        store: CheckpointStore,
+        api_key: str,
+        config: ServerConfig | None = None,
+    ) -> None:
+        if not api_key:
+            raise ValueError("api_key must not be empty")
+        self.config = config or ServerConfig()
+        self.store = store
+        self._engine_factory = engine_factory
+        self._key = api_key.encode("utf-8")
+        self._executor = Executor(self.config)
+        self._registry = Registry()
+        self._engine: Engine | None = None
+        self._ops: Operations | None = None
+        self._capabilities: list[dict[str, Any]] = []
+        self._runner: web.AppRunner | None = None
+        self._maintenance: asyncio.Task[None] | None = None
+        self.base_url = ""
+
+    def __repr__(self) -> str:
+        return f"TrainerServer(base_url={self.base_url!r}, job_id={self.store.job_id!r})"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("the trainer is not started")
+        return self._engine
+
+    @property
+    def execution_log(self) -> list[ExecutionRecord]:
+        return self._executor.execution_log
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Build the engine, bind, and serve; return the base URL.
+
+        Raises:
+            OSError: The address cannot be bound.
+            Exception: Whatever the engine factory raised.
+        """
+        self._executor.start()
+        try:
+            self._engine = await self._executor.in_engine(self._engine_factory)
+            self._capabilities = await self._executor.in_engine(self._engine.supported_models)
+            self._ops = Operations(self._engine, self.store, self._registry, self._executor)
+            self._runner = web.AppRunner(
+                self.make_app(),
+                access_log=None,
+                handle_signals=False,
+                shutdown_timeout=self.config.shutdown_grace_seconds,
+            )
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, host, port)
+            await site.start()
+        except BaseException:
+            await self.close()
+            raise
+        bound_port = self._runner.addresses[0][1]
+        self.base_url = f"http://{url_host(host)}:{bound_port}"
+        self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
+        return self.base_url
+
+    async def close(self) -> None:
+        """Stop gracefully: stop accepting, fail queued work, finish running work, close
+        the engine, then close connections."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()  # calls _on_shutdown while handlers can still answer
+        await self._shutdown_work()
+
+    async def _on_shutdown(self, _app: web.Application) -> None:
+        await self._shutdown_work()
+
+    async def _shutdown_work(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            await asyncio.gather(self._maintenance, return_exceptions=True)
+            self._maintenance = None
+        engine = self._engine
+        await self._executor.close(final=engine.close if engine is not None else None)
+
+    async def _maintain(self) -> None:
+        """Evict old results, end silent sessions, delete expired checkpoints."""
+        loop = asyncio.get_running_loop()
+        assert self._ops is not None
+        while True:
+            await asyncio.sleep(self.config.maintenance_interval_seconds)
+            now = loop.time()
+            self._executor.evict_expired(now)
+            expired = self._registry.expired_sessions(now, self.config.session_expiry_seconds)
+            for session_id in expired:
+                log.info("session %s expired (no heartbeat); unloading its models", session_id)
+                self._end_session(session_id, "its session expired (no heartbeat)")
+            try:
+                removed = await self._executor.in_engine(self._ops.sweep)
+            except ExecutorClosedError:
+                return
+            except Exception:  # a sweep failure must not stop maintenance
+                log.debug("checkpoint sweep failed", exc_info=True)
+                continue
+            if removed:
+                log.info("deleted expired checkpoints: %s", ", ".join(removed))
+
+    def _end_session(self, session_id: str, why: str) -> None:
+        assert self._ops is not None
+        for model_id in self._registry.end_session(session_id):
+            record = self._registry.models.get(model_id)
+            if record is None or record.unload_request_id is not None:
+                continue
+            reason = f"model {model_id!r} was unloaded because {why}"
+            try:
+                record.unload_request_id = self._executor.submit(
+                    "unload_model", self._ops.unload(model_id, reason), model_id=model_id
+                )
+                record.state = "unloading"
+            except (ExecutorClosedError, OverloadedError):
+                log.debug("could not unload %s", model_id, exc_info=True)
+
+    # ------------------------------------------------------------------ app
+
+    def make_app(self) -> web.Application:
+        """The aiohttp application (middlewares: JSON errors outermost, then auth)."""
+        app = web.Application(
+            middlewares=[self._errors_middleware, self._auth_middleware],
+            client_max_size=self.config.max_request_bytes,
+        )
+        app.on_shutdown.append(self._on_shutdown)
+        p = API_PREFIX
+        routes = [
+            web.post(f"{p}/client/config", self._client_config),
+            web.post(f"{p}/client/dynamic_config", self._dynamic_config),
+            web.post(f"{p}/create_session", self._create_session),
+            web.post(f"{p}/session_heartbeat", self._heartbeat),
+            web.post(f"{p}/sessions/{{session_id}}/finish", self._finish_session),
+            web.post(f"{p}/telemetry", self._telemetry),
+            web.get(f"{p}/healthz", self._healthz, allow_head=False),
+            web.get(f"{p}/get_server_capabilities", self._capabilities_handler, allow_head=False),
+            web.post(f"{p}/create_model", self._create_model),
+            web.post(f"{p}/get_info", self._get_info),
+            web.post(f"{p}/forward", functools.partial(self._forward, "forward")),
+            web.post(f"{p}/forward_backward", functools.partial(self._forward, "forward_backward")),
+            web.post(f"{p}/optim_step", self._optim_step),
+            web.post(f"{p}/save_weights", self._save_weights),
+            web.post(f"{p}/load_weights", self._load_weights),
+            web.post(f"{p}/save_weights_for_sampler", self._save_for_sampler),
+            web.get(f"{p}/list_checkpoints", self._list_checkpoints, allow_head=False),
+            web.post(f"{p}/unload_model", self._unload_model),
+            web.post(f"{p}/retrieve_future", self._retrieve_future),
+            web.post(f"{p}/create_sampling_session", self._create_sampling_session),
+            web.post(f"{p}/asample", self._asample),
+        ]
+        if self.config.debug_endpoints:
+            routes.append(web.get(f"{p}/debug/execution_log", self._debug_log, allow_head=False))
+        app.add_routes(routes)
+        return app
+
+    @web.middleware
+    async def _errors_middleware(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Problem as problem:
+            return _error_response(problem)
+        except _wire.WireError as exc:
+            return _error_response(_bad_request(exc))
+        except web.HTTPRequestEntityTooLarge:
+            return _error_response(self._too_large())
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            detail = f"{exc.reason}: {request.method} {request.path}"
+            return _error_response(Problem(exc.status, detail, type(exc).__name__))
+        except ExecutorClosedError as exc:
+            return _error_response(Problem(503, str(exc), "ServiceUnavailable", retry_after=1))
+        except OverloadedError as exc:
+            return _error_response(Problem(429, str(exc), "RateLimitError", retry_after=1))
+        except Exception as exc:
+            # Headers (and so the key) are never logged; the traceback stays server-side.
+            log.debug("error handling %s %s", request.method, request.path, exc_info=True)
+            detail = f"internal error handling {request.path}: {type(exc).__name__}"
+            return _error_response(Problem(500, detail, "InternalServerError"))
+
+    @web.middleware
+    async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        provided = request.headers.get("X-API-Key")
+        if provided is None:
+            raise Problem(401, "missing X-API-Key header", "AuthenticationError")
+        if not hmac.compare_digest(provided.encode("utf-8", "replace"), self._key):
+            raise Problem(401, "invalid API key in X-API-Key header", "AuthenticationError")
+        return await handler(request)
+
+    def _too_large(self) -> Problem:
+        limit = self.config.max_request_bytes
+        return Problem(
+            413, f"request body exceeds the limit of {limit} bytes", "RequestTooLargeError"
+        )
+
+    # ------------------------------------------------------------------ parsing
+
+    async def _read(self, request: web.Request) -> bytes:
+        length = request.content_length
+        if length is not None and length > self.config.max_request_bytes:
+            raise self._too_large()
+        return await request.read()
+
+    async def _off_loop(self, size: int, fn: Callable[..., T], *args: Any) -> T:
+        """Run a parse/decode step inline for small bodies, on a helper thread for large
+        ones (so a big upload never stalls polls and heartbeats)."""
+        if size >= self.config.decode_in_thread_bytes:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    async def _object(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
+        raw = await self._read(request)
+        return raw, await self._off_loop(len(raw), _load_object, raw)
+
+    async def _decode(self, endpoint: str, raw: bytes, obj: dict[str, Any]) -> Any:
+        return await self._off_loop(len(raw), _wire.decode_request, endpoint, obj)
+
+    @staticmethod
+    def _idempotency_keys(request: web.Request, endpoint: str) -> list[Hashable]:
+        key = request.headers.get("X-Idempotency-Key")
+        return [("idem", endpoint, key)] if key else []
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    @property
+    def _operations(self) -> Operations:
+        if self._ops is None:
+            raise ExecutorClosedError("the trainer is not started")
+        return self._ops
+
+    def _model(self, model_id: str) -> ModelRecord:
+        record = self._registry.models.get(model_id)
+        if record is None or not self._executor.has_model(model_id):
+            raise _not_found(f"model_id: unknown model {model_id!r}")
+        if record.state == "unloading":
+            raise _not_found(f"model_id: model {model_id!r} is being unloaded")
+        return record
+
+    def _session(self, session_id: str) -> None:
+        if self._registry.ended(session_id):
+            raise Problem(410, f"session_id: session {session_id!r} has ended", "GoneError")
+        if not self._registry.touch(session_id, self._now()):
+            raise _not_found(f"session_id: unknown session {session_id!r}")
+
+    # ------------------------------------------------------------------ ordered requests
+
+    async def _ordered(
+        self,
+        endpoint: str,
+        raw: bytes,
+        obj: dict[str, Any],
+        build: Callable[[Any, dict[str, Any], ModelRecord], Any],
+    ) -> web.Response:
+        """Shared path of every seq_id-ordered POST: dedup, decode, validate, queue.
+
+        ``build(decoded, body, record)`` validates what the codec cannot and returns the
+        request's work; it raises `Problem` to refuse the request.
+        """
+        model_id, seq_id = obj.get("model_id"), obj.get("seq_id")
+        if isinstance(model_id, str) and type(seq_id) is int:
+            known = self._executor.lookup_seq(model_id, seq_id)
+            if known is not None:  # a retry (whatever its body): same id, runs once
+                return json_response({"request_id": known, "model_id": model_id})
+        try:
+            decoded = await self._decode(endpoint, raw, obj)
+            record = self._model(decoded.model_id)
+            if decoded.seq_id < 1:
+                raise _unprocessable(f"seq_id must be >= 1, got {decoded.seq_id}")
+            run = build(decoded, obj, record)
+        except (Problem, _wire.WireError) as exc:
+            status = exc.status if isinstance(exc, Problem) else 400
+            if status in (400, 422) and isinstance(model_id, str) and type(seq_id) is int:
+                self._executor.skip_seq(model_id, seq_id)
+            raise
+        kind = getattr(decoded, "forward_only", None)
+        kind_name = endpoint if kind is None else ("forward" if kind else "forward_backward")
+        request_id = self._executor.submit_ordered(decoded.model_id, decoded.seq_id, kind_name, run)
+        self._registry.touch_model(decoded.model_id, self._now())
+        return json_response({"request_id": request_id, "model_id": decoded.model_id})
+
+    async def _forward(self, endpoint: str, request: web.Request) -> web.Response:
+        raw, obj = await self._object(request)
+        return await self._ordered(
+            endpoint, raw, obj, lambda req, _obj, _rec: self._operations.forward(req)
+        )
+
+    async def _optim_step(self, request: web.Request) -> web.Response:
+        raw, obj = await self._object(request)
+        return await self._ordered(
+            "optim_step", raw, obj, lambda req, _obj, _rec: self._operations.optim_step(req)
+        )
+
+    async def _save_weights(self, request: web.Request) -> web.Response:
+        def build(req: _wire.SaveWeightsRequest, _obj: dict[str, Any], record: ModelRecord) -> Any:
+            _valid_name(req.path, "path")
+            _valid_ttl(req.ttl_seconds)
+            return self._operations.save_weights(req, record)
+
+        raw, obj = await self._object(request)
+        return await self._ordered("save_weights", raw, obj, build)
+
+    async def _load_weights(self, request: web.Request) -> web.Response:
+        raw, obj = await self._object(request)
+        if obj.get("model_id") is None and obj.get("session_id") is not None:
+            req: _wire.LoadWeightsRequest = await self._decode("load_weights", raw, obj)
+            return self._create_via_load(req)
+
+        def build(req: _wire.LoadWeightsRequest, _obj: dict[str, Any], _rec: ModelRecord) -> Any:
+            _valid_path(req.path, "path")
+            return self._operations.load_weights(req)
+
+        return await self._ordered("load_weights", raw, obj, build)
+
+    async def _save_for_sampler(self, request: web.Request) -> web.Response:
+        def build(
+            req: _wire.SaveWeightsForSamplerRequest, obj: dict[str, Any], record: ModelRecord
+        ) -> Any:
+            _valid_ttl(req.ttl_seconds)
+            sampling: SamplingSession | None = None
+            if req.path is not None:
+                name = _valid_name(req.path, "path")
+            elif req.sampling_session_seq_id is not None:
+                # tinker's path-less export: a sampling session over an export whose
+                # name the trainer picks.
+                name = f"sampler-{req.model_id.replace(':', '-')}-{req.seq_id}"
+                sampling = self._registry.create_sampling_session(
+                    record.session_id, req.sampling_session_seq_id, name, None
+                )
+            else:
+                raise _unprocessable("path: required unless sampling_session_seq_id is given")
+            return self._operations.save_for_sampler(
+                req, record, name, client_metadata=req.metadata, sampling_session=sampling
+            )
+
+        raw, obj = await self._object(request)
+        return await self._ordered("save_weights_for_sampler", raw, obj, build)
+
+    # ------------------------------------------------------------------ models
+
+    async def _create_model(self, request: web.Request) -> web.Response:
+        raw, obj = await self._object(request)
+        req: _wire.CreateModelRequest = await self._decode("create_model", raw, obj)
+        self._session(req.session_id)
+        model_id = model_id_for(req.session_id, req.model_seq_id)
+        known = self._registry.models.get(model_id)
+        if known is not None:  # a retry: (session_id, model_seq_id) identifies the call
+            return json_response({"request_id": known.create_request_id, "model_id": model_id})
+        if req.model_seq_id < 0:
+            raise _unprocessable(f"model_seq_id must be >= 0, got {req.model_seq_id}")
+        if req.lora_rank < 0:
+            raise _unprocessable(f"lora_config.rank must be >= 0, got {req.lora_rank}")
+        if req.projection_head_dim:
+            raise _unprocessable("projection_head_dim: projection heads are not supported here")
+        spec = ModelSpec(
+            base_model=req.base_model,
+            lora_rank=req.lora_rank,
+            lora_alpha=req.lora_alpha,
+            lora_seed=req.lora_seed,
+            train_mlp=req.train_mlp,
+            train_attn=req.train_attn,
+            train_unembed=req.train_unembed,
+            base_only=req.base_only,
+        )
+        record = ModelRecord(model_id, req.session_id, spec)
+        return self._add_model(record, "create_model", self._operations.create_model(record))
+
+    def _create_via_load(self, req: _wire.LoadWeightsRequest) -> web.Response:
+        """tinker 0.38: ``load_weights`` with ``session_id`` + ``model_seq_id`` and no
+        ``model_id`` creates the model ``<session_id>:train:<model_seq_id>`` from a
+        checkpoint; its options come from the checkpoint."""
+        assert req.session_id is not None and req.model_seq_id is not None
+        self._session(req.session_id)
+        model_id = model_id_for(req.session_id, req.model_seq_id)
+        known = self._registry.models.get(model_id)
+        if known is not None:
+            return json_response({"request_id": known.create_request_id, "model_id": model_id})
+        _valid_path(req.path, "path")
+        record = ModelRecord(model_id, req.session_id, ModelSpec(base_model=req.base_model or ""))
+        run = self._operations.create_from_checkpoint(
+            record, req.path, req.optimizer, req.base_model
+        )
+        return self._add_model(record, "load_weights", run)
+
+    def _add_model(self, record: ModelRecord, kind: str, run: Any) -> web.Response:
+        record.create_request_id = self._executor.add_model(record.model_id, kind, run)
+        self._registry.add_model(record)
+        return json_response({"request_id": record.create_request_id, "model_id": record.model_id})
+
+    async def _get_info(self, request: web.Request) -> web.Response:
+        _raw, obj = await self._object(request)
+        record = self._model(_field(obj, "model_id", str))
+        if record.state == "failed":
+            raise _unprocessable(
+                f"model {record.model_id!r} could not be created: {record.failure}"
+            )
+        return json_response(await self._operations.get_info(record.model_id))
+
+    async def _unload_model(self, request: web.Request) -> web.Response:
+        _raw, obj = await self._object(request)
+        model_id = _field(obj, "model_id", str)
+        keys = self._idempotency_keys(request, "unload_model")
+        # A retry may arrive after the unload finished and the model is gone.
+        known = next((k for k in map(self._executor.lookup, keys) if k is not None), None)
+        record = self._registry.models.get(model_id)
+        if known is None and record is not None:
+            known = record.unload_request_id
+        if known is not None:
+            return json_response({"request_id": known, "model_id": model_id})
+        record = self._model(model_id)
+        reason = f"model {model_id!r} was unloaded before this request ran"
+        record.unload_request_id = self._executor.submit(
+            "unload_model", self._operations.unload(model_id, reason), keys=keys, model_id=model_id
+        )
+        record.state = "unloading"
+        return json_response({"request_id": record.unload_request_id, "model_id": model_id})
+
+    # ------------------------------------------------------------------ futures
+
+    async def _retrieve_future(self, request: web.Request) -> web.Response:
+        raw, obj = await self._object(request)
+        req: _wire.RetrieveFutureRequest = await self._decode("retrieve_future", raw, obj)
+        try:
+            body = await self._executor.retrieve(req.request_id)
+        except UnknownRequestError as exc:
+            raise _not_found(f"request_id: {exc}") from None
+        except RequestExpiredError as exc:
+            raise Problem(410, f"request_id: {exc}", "GoneError") from None
+        return web.Response(body=body, content_type="application/json")
+
+    # ------------------------------------------------------------------ sampling
+
+    async def _create_sampling_session(self, request: web.Request) -> web.Response:
+        raw, obj = await self._object(request)
+        req: _wire.CreateSamplingSessionRequest = await self._decode(
+            "create_sampling_session", raw, obj
+        )
+        self._session(req.session_id)
+        if req.model_path is not None:
+            _valid_path(req.model_path, "model_path")
+        elif not req.base_model:
+            raise _unprocessable("one of model_path or base_model is required")
+        sampling = self._registry.create_sampling_session(
+            req.session_id, req.sampling_session_seq_id, req.model_path, req.base_model
+        )
+        return json_response(
+            {"type": "create_sampling_session", "sampling_session_id": sampling.sampling_session_id}
+        )
+
+    async def _asample(self, request: web.Request) -> web.Response:
+        raw, obj = await self._object(request)
+        req: _wire.SampleRequest = await self._decode("asample", raw, obj)
+        sampling: SamplingSession | None = None
+        keys = self._idempotency_keys(request, "asample")
+        if req.sampling_session_id is not None:
+            sampling = self._registry.sampling.get(req.sampling_session_id)
+            if sampling is None:
+                raise _not_found(f"sampling_session_id: unknown {req.sampling_session_id!r}")
+            if req.seq_id is not None:
+                keys.append(("sample", req.sampling_session_id, req.seq_id))
+        if req.model_path is not None:
+            _valid_path(req.model_path, "model_path")
+        if sampling is None and req.model_path is None and not req.base_model:
+            raise _unprocessable("one of model_path, base_model or sampling_session_id is required")
+        if req.num_samples < 1:
+            raise _unprocessable(f"num_samples must be >= 1, got {req.num_samples}")
+        request_id = self._executor.submit(
+            "asample", self._operations.sample(req, sampling), keys=keys
+        )
+        return json_response({"request_id": request_id})
+
+    # ------------------------------------------------------------------ service
+
+    async def _client_config(self, request: web.Request) -> web.Response:
+        await self._object(request)
+        return json_response(CLIENT_CONFIG)
+
+    async def _dynamic_config(self, request: web.Request) -> web.Response:
+        await self._object(request)
+        return json_response({})
+
+    async def _create_session(self, request: web.Request) -> web.Response:
+        raw, obj = await self._object(request)
+        await self._decode("create_session", raw, obj)
+        key = request.headers.get("X-Idempotency-Key")
+        session_id = self._registry.create_session(self._now(), key)
+        return json_response({"type": "create_session", "session_id": session_id})
+
+    async def _heartbeat(self, request: web.Request) -> web.Response:
+        _raw, obj = await self._object(request)
+        self._session(_field(obj, "session_id", str))
+        return json_response({"type": "session_heartbeat"})
+
+    async def _finish_session(self, request: web.Request) -> web.Response:
+        await self._object(request)
+        session_id = request.match_info["session_id"]
+        if self._registry.ended(session_id):
+            return json_response({})  # first finish wins; repeats are harmless
+        if session_id not in self._registry.sessions:
+            raise _not_found(f"session_id: unknown session {session_id!r}")
+        self._end_session(session_id, "its session finished")
+        return json_response({})
+
+    async def _telemetry(self, request: web.Request) -> web.Response:
+        await self._object(request)  # accepted and discarded
+        return json_response({"status": "accepted"})
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return json_response({"status": "ok"})
+
+    async def _capabilities_handler(self, _request: web.Request) -> web.Response:
+        return json_response({"supported_models": self._capabilities})
+
+    async def _list_checkpoints(self, _request: web.Request) -> web.Response:
+        names = await asyncio.to_thread(self.store.names, "state")
+        return json_response({"checkpoints": names})
+
+    async def _debug_log(self, _request: web.Request) -> web.Response:
+        entries = [
+            {"model_id": r.model_id, "seq_id": r.seq_id, "request_id": r.request_id, "kind": r.kind}
+            for r in self._executor.execution_log
+        ]
+        return json_response({"entries": entries})
+
+
+def _valid_name(name: str, field: str) -> str:
+    try:
+        return validate_name(name)
+    except ValueError as exc:
+        raise _unprocessable(f"{field}: {exc}") from None
+
+
+def _valid_path(path: str, field: str) -> None:
+    try:
+        parse_checkpoint_path(path)
+    except ValueError as exc:
+        raise _unprocessable(f"{field}: {exc}") from None
+
+
+def _valid_ttl(ttl: float | None) -> None:
+    if ttl is not None and not ttl > 0:
+        raise _unprocessable(f"ttl_seconds must be positive, got {ttl}")

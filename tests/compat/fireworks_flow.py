@@ -1,0 +1,149 @@
+"""Drives a trainer with the public Fireworks training SDK, unchanged; run as a child
+process by ``test_fireworks_sdk.py``.
+
+Why a child process: the SDK runs its network work on a process-wide daemon event-loop
+thread that it starts on first use and never stops, so in-process it would outlive the
+test. Here it dies with the process.
+
+Input: ``FIRETITAN_TEST_BASE_URL`` and ``FIRETITAN_TEST_API_KEY`` in the environment (not
+argv, which other processes can read). Output: one JSON line on stdout with what the
+parent test checks, including every WARNING-or-worse record the SDK logged. Python
+warnings are errors (the parent runs this with ``-W error``).
+
+The SDK takes its own data types (``fireworks.training.sdk.types``); it refuses tinker's
+``AdamParams`` when it validates the request, so everything is built with the SDK's types,
+as its users do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import torch
+from fireworks.training.sdk import AdamParams, FiretitanServiceClient
+from fireworks.training.sdk import types as fw
+
+BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
+SDK_LOGGERS = ("fireworks", "tinker")
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.problems: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.split(".")[0] in SDK_LOGGERS:
+            self.problems.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+
+def datum(tokens: list[int]) -> fw.Datum:
+    n = len(tokens)
+    return fw.Datum(
+        model_input=fw.ModelInput.from_ints(tokens),
+        loss_fn_inputs={
+            "target_tokens": fw.TensorData(data=[*tokens[1:], 0], dtype="int64", shape=[n]),
+            "weights": fw.TensorData(data=[1.0] * n, dtype="float32", shape=[n]),
+        },
+    )
+
+
+def sum_of_logprobs(
+    data: list[fw.Datum], logprobs: list[torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, float]]:
+    loss = torch.stack([-lp.sum() for lp in logprobs]).sum()
+    return loss, {"user_loss": float(loss.detach())}
+
+
+def documented_flow(base_url: str, api_key: str) -> dict[str, Any]:
+    """The flow of the SDK's documentation, end to end."""
+    out: dict[str, Any] = {}
+    service = FiretitanServiceClient(base_url=base_url, api_key=api_key)
+    try:
+        client = service.create_training_client(BASE_MODEL, lora_rank=0)
+        out["model_id"] = client.model_id
+        try:
+            service.create_training_client(BASE_MODEL, lora_rank=0)
+            out["duplicate_error"] = None
+        except ValueError as exc:
+            out["duplicate_error"] = str(exc)
+
+        data = [datum([1, 2, 3, 4]), datum([5, 6, 7])]
+        forward = client.forward(data, "cross_entropy").result()
+        out["forward_logprobs"] = [o["logprobs"].data for o in forward.loss_fn_outputs]
+        out["forward_metrics"] = forward.metrics
+
+        # Pipelined: both submitted before either result is read.
+        fb = client.forward_backward(data, "cross_entropy")
+        opt = client.optim_step(
+            AdamParams(learning_rate=1e-4), grad_accumulation_normalization="num_loss_tokens"
+        )
+        out["fb_metrics"] = fb.result().metrics
+        out["optim_metrics"] = opt.result().metrics
+
+        custom = client.forward_backward_custom(data, sum_of_logprobs).result()
+        out["custom_metrics"] = custom.metrics
+
+        out["save_path"] = client.save_state("step-1").result().path
+        out["checkpoints"] = client.list_checkpoints()
+        load = client.load_state_with_optimizer(client.resolve_checkpoint_path("step-1"))
+        out["load_path"] = load.result().path
+
+        base = client.save_weights_for_sampler_ext("sampler", checkpoint_type="base")
+        delta = client.save_weights_for_sampler_ext("sampler-2", checkpoint_type="delta")
+        out["sampler"] = [[base.path, base.snapshot_name], [delta.path, delta.snapshot_name]]
+    finally:
+        service.close()
+    return out
+
+
+def failing_request(base_url: str, api_key: str) -> dict[str, Any]:
+    """A request the trainer refuses while running it, then one that succeeds."""
+    out: dict[str, Any] = {}
+    service = FiretitanServiceClient(base_url=base_url, api_key=api_key)
+    try:
+        client = service.create_training_client(BASE_MODEL, lora_rank=0)
+        out["model_id"] = client.model_id
+        bad = fw.Datum(
+            model_input=fw.ModelInput.from_ints([1, 2, 3]),
+            loss_fn_inputs={"target_tokens": fw.TensorData(data=[1, 2], dtype="int64", shape=[2])},
+        )
+        try:
+            client.forward([bad], "cross_entropy").result()
+            out["failure"] = None
+        except Exception as exc:  # the SDK's RequestFailedError
+            out["failure"] = {
+                "type": type(exc).__name__,
+                "category": str(getattr(exc, "category", None)),
+                "message": str(exc),
+            }
+        after = client.forward([datum([1, 2, 3])], "cross_entropy").result()
+        out["outputs_after_failure"] = len(after.loss_fn_outputs)
+    finally:
+        service.close()
+    return out
+
+
+def main() -> int:
+    collect = Collect()
+    logging.getLogger().addHandler(collect)
+    logging.getLogger().setLevel(logging.WARNING)
+    base_url = os.environ["FIRETITAN_TEST_BASE_URL"]
+    api_key = os.environ["FIRETITAN_TEST_API_KEY"]
+    summary: dict[str, Any] = {
+        "documented_flow": documented_flow(base_url, api_key),
+        "failing_request": failing_request(base_url, api_key),
+    }
+    # The deliberate failure above is expected to be logged by nobody; any SDK warning
+    # (retries, validation trouble, telemetry failures) is a protocol problem.
+    summary["sdk_problems"] = collect.problems
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Fixtures for protocol-level tests of the local trainer: a null-engine trainer on
+loopback, driven by a raw aiohttp client."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest_asyncio
+
+from firetitan.local import LocalTrainer
+
+from .helpers import Api
+
+# Short waits so that the behaviour under test happens quickly. The gap wait stays long
+# so that a test sees a gap skipped only by the rule it checks; tests that need other
+# timings pass their own.
+FAST = {
+    "long_poll_seconds": 2.0,
+    "gap_wait_seconds": 20.0,
+    "maintenance_interval_seconds": 0.05,
+}
+
+TrainerFactory = Callable[..., contextlib.AbstractAsyncContextManager[tuple[LocalTrainer, Api]]]
+
+
+@pytest_asyncio.fixture
+async def make_trainer() -> AsyncIterator[TrainerFactory]:
+    """``async with make_trainer(**limits) as (trainer, api)``: a trainer on loopback
+    (null engine unless ``engine=`` says otherwise) and a raw client for it."""
+
+    @contextlib.asynccontextmanager
+    async def factory(**options: Any) -> AsyncIterator[tuple[LocalTrainer, Api]]:
+        engine = options.pop("engine", "null")
+        async with (
+            LocalTrainer(engine, **{**FAST, **options}) as trainer,
+            aiohttp.ClientSession() as http,
+        ):
+            yield trainer, Api(http, trainer.base_url, trainer.api_key)
+
+    yield factory
+
+
+@pytest_asyncio.fixture
+async def trainer_api(make_trainer: TrainerFactory) -> AsyncIterator[tuple[LocalTrainer, Api]]:
+    async with make_trainer() as pair:
+        yield pair

@@ -1,0 +1,130 @@
+"""``firetitan serve`` as a user runs it: a real process, stopped by a signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from firetitan.cli import main
+
+
+def start_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from firetitan.cli import main; raise SystemExit(main())",
+            "serve",
+            "--engine",
+            "null",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def read_until(proc: subprocess.Popen[str], pattern: str) -> tuple[re.Match[str], list[str]]:
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match, lines
+    raise AssertionError(f"no {pattern!r} in output: {lines}")
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:  # never leave a server behind, even when a test fails
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+def healthz(base_url: str, key: str) -> object:
+    request = urllib.request.Request(f"{base_url}/api/v1/healthz", headers={"X-API-Key": key})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.parametrize(
+    ("sig", "key_from_env"),
+    [(signal.SIGINT, False), (signal.SIGTERM, True)],
+    ids=["SIGINT-flag-key", "SIGTERM-env-key"],
+)
+def test_serve_prints_url_and_stops_gracefully(
+    processes: list[subprocess.Popen[str]],
+    tmp_path: Path,
+    sig: signal.Signals,
+    key_from_env: bool,
+) -> None:
+    key = "tml-cli-test"
+    args = ["--checkpoint-dir", str(tmp_path), "--job-id", "cli-job", "--port", "0"]
+    if key_from_env:
+        proc = start_serve(*args, env={"FIRETITAN_API_KEY": key})
+    else:
+        proc = start_serve(*args, "--api-key", key)
+    processes.append(proc)
+    match, lines = read_until(proc, r"serving at (http://127\.0\.0\.1:\d+)")
+    base_url = match.group(1)
+    assert healthz(base_url, key) == {"status": "ok"}
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    printed = "".join(lines) + out + err
+    assert key not in printed  # a key the user chose is never printed
+    assert "API key" not in printed
+    assert (tmp_path / "cli-job").is_dir()
+
+
+def test_serve_generates_and_prints_a_key_once(processes: list[subprocess.Popen[str]]) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "FIRETITAN_API_KEY"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from firetitan.cli import main; raise SystemExit(main())",
+            "serve",
+            "--engine",
+            "null",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    processes.append(proc)
+    url, _ = read_until(proc, r"serving at (\S+)")
+    key, _ = read_until(proc, r"API key \(generated, shown once\): (tml-[0-9a-f]+)")
+    assert healthz(url.group(1), key.group(1)) == {"status": "ok"}
+    proc.send_signal(signal.SIGINT)
+    out, _err = proc.communicate(timeout=60)
+    assert key.group(1) not in out
+
+
+def test_demo_is_not_available_yet(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo"]) == 1
+    assert "not available yet" in capsys.readouterr().err
+
+
+def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "serve" in out and "demo" in out
