@@ -17,7 +17,13 @@ import re
 
 import attrs
 
-__all__ = ["CROSS_JOB_SCHEME", "CheckpointRef", "cross_job_path", "parse_checkpoint_path", "validate_name"]
+__all__ = [
+    "CROSS_JOB_SCHEME",
+    "CheckpointRef",
+    "cross_job_path",
+    "parse_checkpoint_path",
+    "validate_name",
+]
 
 CROSS_JOB_SCHEME = "cross_job://"
 MAX_NAME_LENGTH = 128

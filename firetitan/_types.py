@@ -9,7 +9,7 @@ import attrs
 __all__ = ["GradAccNormalization", "SaveSamplerResult"]
 
 
-class GradAccNormalization(str, enum.Enum):
+class GradAccNormalization(enum.StrEnum):
     """How `optim_step` normalizes the gradient accumulated since the last step.
 
     ``NUM_LOSS_TOKENS`` divides by the number of loss tokens (a per-token mean),
@@ -20,9 +20,6 @@ class GradAccNormalization(str, enum.Enum):
     NUM_LOSS_TOKENS = "num_loss_tokens"
     NUM_SEQUENCES = "num_sequences"
     NONE = "none"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @attrs.frozen
