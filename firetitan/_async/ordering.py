@@ -1,0 +1,248 @@
+"""The per-model send queue: call order, seq_ids and pipelining.
+
+Every ordered RPC of a training client becomes a `Call` on its model's `OrderedQueue`.
+One sender task drains the queue, and these invariants hold:
+
+* **Call order is send order.** The queue is FIFO and the RPC methods are plain
+  ``def``s that run on the client's loop, so whoever calls, the order of calls is the
+  order of entries, and the trainer runs them in that order.
+* **seq_ids are assigned at send time**, contiguous and 1-based per model; a call with
+  k chunks takes k consecutive ids. A call abandoned before it was sent (cancelled,
+  or past its deadline) is skipped and takes no id, so it leaves no gap. Retries of a
+  submission resend the same body, so they keep their ``seq_id`` (and the transport
+  keeps their idempotency key): the trainer runs a retried request once.
+* **Pipelining:** the next entry is sent as soon as the previous entry's POSTs are
+  acknowledged, never after its *result*. Chunks of one call upload concurrently.
+* **A failed or cancelled call never stalls later ones.** The sender never waits on a
+  future that a user can cancel. Besides ACKs, the only thing it waits on is the
+  *gate* of a custom-loss backward, which its owner always opens or drops.
+* **Only the sender task writes ``next_seq``**, and it sends one call at a time.
+
+Failed submissions (a design choice)
+------------------------------------
+Unlike the reference client, which poisons the whole client, a submission that fails
+permanently (a 4xx answer, or retries exhausted) fails **that call's future only**;
+later calls still run. The consequence, which callers should know: the trainer runs
+later calls on whatever state it has. An ``optim_step`` right after a failed
+``forward_backward`` steps on the gradients accumulated without that batch (or with
+part of it, when only some of its chunks were refused). Await a batch's future before
+relying on the step after it when that matters; a warning is logged when it happens.
+
+seq_id bookkeeping after a failure: when every chunk of the call was refused with a
+4xx (other than 408 and 409), the trainer recorded none of them and the ids are reused
+by the next call (no gap). Otherwise (some chunk was accepted, or its fate is unknown)
+the ids are spent: reusing them could make the trainer answer a later call with this
+one's result. The trainer's gap rule (wire.md §5.5) then skips the ids it never got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
+
+import attrs
+
+from firetitan import _wire
+from firetitan._async._tasks import TaskSet
+from firetitan._async.futures import AsyncAPIFuture, FutureState
+from firetitan._async.polling import Poller
+from firetitan._errors import APIResponseValidationError, APIStatusError, ClientClosedError
+from firetitan._transport import Transport
+
+__all__ = ["JSON", "Call", "Finish", "OrderedQueue", "ack_request_id", "unfilled"]
+
+log = logging.getLogger("firetitan")
+
+JSON = dict[str, Any]
+#: Turns the success payloads of a call's chunks (in chunk order) into its result.
+Finish = Callable[[list[Any]], Awaitable[Any]]
+
+
+@attrs.define(eq=False)
+class Call:
+    """One entry of the send queue.
+
+    Attributes:
+        kind: The operation (``"forward_backward"``); also names the endpoint.
+        request_type: Sent as ``X-Tinker-Request-Type`` when polling.
+        future: The caller's future.
+        finish: Builds the result from the chunk payloads.
+        bodies: One encoded request per chunk, ``seq_id`` still unset: a list, a task
+            building it in a worker thread, or None for a gated call not yet filled.
+        offload: Encode and decode in worker threads (large batches).
+        gate: For a custom-loss backward: the sender waits for it; True means
+            ``bodies`` and ``finish`` are filled in, False that the call is dropped.
+    """
+
+    kind: str
+    request_type: str
+    future: AsyncAPIFuture[Any]
+    finish: Finish
+    bodies: list[JSON] | asyncio.Task[list[JSON]] | None
+    offload: bool = False
+    gate: asyncio.Future[bool] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"/api/v1/{self.kind}"
+
+
+class OrderedQueue:
+    """Sends one model's calls in order and resolves their futures."""
+
+    def __init__(self, transport: Transport, poller: Poller, tasks: TaskSet, uploads: int) -> None:
+        self._transport = transport
+        self._poller = poller
+        self._tasks = tasks
+        self._queue: asyncio.Queue[Call] = asyncio.Queue()
+        self._uploads = asyncio.Semaphore(uploads)
+        self._sender: asyncio.Task[None] | None = None
+        self._next_seq = 1
+
+    @property
+    def next_seq(self) -> int:
+        """The seq_id the next sent request will carry."""
+        return self._next_seq
+
+    def put(self, call: Call) -> None:
+        """Append a call; the sender task starts with the first one."""
+        if self._sender is None:
+            self._sender = self._tasks.spawn(self._send_loop(), name="firetitan sender")
+        self._queue.put_nowait(call)
+
+    def fail_queued(self, reason: str) -> None:
+        """Fail every call not sent yet with `ClientClosedError` (the owner closes)."""
+        while not self._queue.empty():
+            self._queue.get_nowait().future._set_exception(ClientClosedError(reason))
+
+    async def _send_loop(self) -> None:
+        while True:
+            call = await self._queue.get()
+            try:
+                await self._send_one(call)
+            except Exception as exc:  # the sender must survive anything one call does
+                log.exception("firetitan: unexpected error while sending %s", call.kind)
+                call.future._set_exception(exc)
+
+    async def _send_one(self, call: Call) -> None:
+        if call.gate is not None and not await call.gate:
+            return  # a custom-loss backward whose loss failed or was abandoned
+        if call.future.done():
+            return  # abandoned before it was sent: it takes no seq_id
+        try:
+            bodies = call.bodies if isinstance(call.bodies, list) else await _built(call.bodies)
+        except Exception as exc:  # encoding failed: nothing was sent, no seq_id taken
+            call.future._set_exception(exc)
+            return
+        first = self._next_seq
+        try:
+            encoded = await self._encode(bodies, first, call.offload)
+        except Exception as exc:  # e.g. a non-finite number: nothing sent, no seq_id taken
+            call.future._set_exception(exc)
+            return
+        if call.future.done():
+            return
+        call.future._set_state(FutureState.SENDING)
+        outcomes = await asyncio.gather(
+            *(self._submit(call, data) for data in encoded), return_exceptions=True
+        )
+        ids = [o for o in outcomes if isinstance(o, str)]
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        for request_id in ids:
+            call.future._add_request_id(request_id)
+        if not errors:
+            self._next_seq += len(bodies)
+            call.future._set_state(FutureState.SENT)
+            if not call.future.done():  # else abandoned while sending: nobody polls
+                self._start_completion(call, ids)
+            return
+        for error in errors:
+            if not isinstance(error, Exception):
+                raise error  # the sender itself is being cancelled
+        refused = not ids and all(_refused(e) for e in errors)
+        if not refused:
+            self._next_seq += len(bodies)
+        log.warning(
+            "firetitan: %s (seq_id %d..%d) could not be submitted; later calls on this "
+            "model still run: %s",
+            call.kind, first, first + len(bodies) - 1, errors[0],
+        )
+        call.future._set_exception(errors[0])
+
+    async def _encode(self, bodies: list[JSON], first: int, offload: bool) -> list[bytes]:
+        """Number the chunks from ``first`` and serialise them, before anything is sent."""
+
+        def encode() -> list[bytes]:
+            out = []
+            for offset, body in enumerate(bodies):
+                body["seq_id"] = first + offset
+                out.append(_wire.dumps(body))
+            return out
+
+        return await asyncio.to_thread(encode) if offload else encode()
+
+    async def _submit(self, call: Call, data: bytes) -> str:
+        async with self._uploads:
+            answer = await self._transport.post(call.endpoint, data, offload=call.offload)
+        return ack_request_id(answer, call.kind)
+
+    def _start_completion(self, call: Call, request_ids: list[str]) -> None:
+        task = self._tasks.spawn(self._complete(call, request_ids), name=f"firetitan {call.kind}")
+        # Abandoning the future (cancel, deadline) stops its polling.
+        call.future._on_finish(task.cancel)
+
+    async def _complete(self, call: Call, request_ids: list[str]) -> None:
+        try:
+            if len(request_ids) == 1:
+                payloads = [await self._poller.wait(request_ids[0], call.request_type)]
+            else:
+                # Created in chunk order, so the poller admits them oldest first.
+                polls = [
+                    asyncio.ensure_future(self._poller.wait(rid, call.request_type))
+                    for rid in request_ids
+                ]
+                try:
+                    payloads = list(await asyncio.gather(*polls))
+                finally:
+                    for poll in polls:
+                        poll.cancel()
+            call.future._set_result(await call.finish(payloads))
+        except Exception as exc:
+            call.future._set_exception(exc)
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether the trainer certainly did not record the request: a final 4xx answer,
+    except 408 and 409, which a proxy or a lock can give after the trainer saw it."""
+    return (
+        isinstance(error, APIStatusError)
+        and 400 <= error.status_code < 500
+        and error.status_code not in (408, 409)
+    )
+
+
+async def unfilled(payloads: list[Any]) -> NoReturn:
+    """The `Finish` of a gated call before its owner fills it in."""
+    raise AssertionError("a gated call was sent before it was filled in")
+
+
+async def _built(task: asyncio.Task[list[JSON]] | None) -> list[JSON]:
+    assert task is not None
+    # shield: the encode task belongs to the call, not to the sender's await.
+    return await asyncio.shield(task)
+
+
+def ack_request_id(answer: Any, what: str) -> str:
+    """The ``request_id`` of a submission's ACK (wire.md §4.1).
+
+    Raises:
+        APIResponseValidationError: The ACK has no string ``request_id``.
+    """
+    request_id = answer.get("request_id") if isinstance(answer, dict) else None
+    if not isinstance(request_id, str) or not request_id:
+        raise APIResponseValidationError(
+            f"{what} was acknowledged without a string request_id", body=answer
+        )
+    return request_id

@@ -1,0 +1,110 @@
+"""Long-polling ``retrieve_future`` (wire.md §4) with a bound on concurrent polls.
+
+A trainer runs one model's requests in ``seq_id`` order, so a later request cannot
+finish before an earlier one: polling only the oldest few pending requests of a model
+loses no time, and a thousand futures in flight cost a handful of connections rather
+than a thousand. Each `Poller` admits at most ``limit`` polls at once through a FIFO
+semaphore; callers enter in submission order, so the oldest requests poll first.
+
+Transport-level failures (connection errors, 408, 429, 5xx) are retried by the
+transport; what reaches here is an outcome (§4.3) or a final error: 410 becomes
+`GoneError`, 404 `NotFoundError`. A poll that is lost (timeout, dropped connection)
+is simply sent again, so a lost answer never turns into a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from firetitan import _wire
+from firetitan._errors import APIResponseValidationError, RequestFailedError
+from firetitan._transport import Transport
+
+__all__ = ["RETRIEVE_FUTURE", "Poller"]
+
+RETRIEVE_FUTURE = "/api/v1/retrieve_future"
+
+# A trainer that answers try_again at once (rather than holding the poll) would be
+# hammered by an immediate re-poll; such answers get a short, growing pause.
+_FAST_ANSWER_S = 0.5
+_MAX_PAUSE_S = 0.5
+
+
+class Poller:
+    """Resolves request ids into their success payloads, ``limit`` polls at a time."""
+
+    def __init__(self, transport: Transport, limit: int) -> None:
+        self._transport = transport
+        self._limit = limit
+        self._slots: asyncio.Semaphore | None = None
+
+    async def wait(self, request_id: str, request_type: str) -> Any:
+        """Long-poll ``request_id`` until it resolves and return its JSON payload.
+
+        Args:
+            request_id: The trainer's id from the submission's ACK.
+            request_type: The operation, sent as ``X-Tinker-Request-Type``.
+
+        Returns:
+            The success payload, still as parsed JSON.
+
+        Raises:
+            RequestFailedError: The request failed on the trainer.
+            GoneError: The trainer no longer knows the result (410).
+            NotFoundError: The trainer never knew the request (404).
+            APIResponseValidationError: An answer that does not follow §4.3.
+            APIError: The trainer stayed unreachable for the whole retry deadline.
+        """
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self._limit)
+        async with self._slots:
+            return await self._poll(request_id, request_type)
+
+    async def _poll(self, request_id: str, request_type: str) -> Any:
+        loop = asyncio.get_running_loop()
+        allow_metadata_only = True
+        iteration = 0
+        fast_answers = 0
+        while True:
+            body = _wire.encode_request(
+                _wire.RetrieveFutureRequest(
+                    request_id=request_id, allow_metadata_only=allow_metadata_only
+                )
+            )
+            started = loop.time()
+            answer = await self._transport.post(
+                RETRIEVE_FUTURE,
+                body,
+                pool="poll",
+                headers={
+                    "X-Tinker-Request-Type": request_type,
+                    "X-Tinker-Request-Iteration": str(iteration),
+                },
+            )
+            iteration += 1
+            try:
+                outcome = _wire.decode_future_outcome(answer)
+            except ValueError as exc:
+                raise APIResponseValidationError(
+                    f"retrieve_future for {request_id} answered {exc}", request_id=request_id
+                ) from exc
+            if isinstance(outcome, _wire.FutureResult):
+                return outcome.payload
+            if isinstance(outcome, _wire.FutureFailed):
+                raise RequestFailedError(
+                    outcome.error,
+                    request_id=request_id,
+                    category=outcome.category,
+                    error_class=outcome.error_class,
+                )
+            if isinstance(outcome, _wire.CompleteMetadata):
+                # Ready but large: fetch the full body next (the flag never goes back).
+                allow_metadata_only = False
+                continue
+            # TryAgain: the trainer held the poll as long as it wanted; ask again.
+            if loop.time() - started < _FAST_ANSWER_S:
+                fast_answers += 1
+                await asyncio.sleep(min(_MAX_PAUSE_S, 0.005 * 2**fast_answers))
+            else:
+                fast_answers = 0

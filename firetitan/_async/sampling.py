@@ -1,0 +1,360 @@
+"""`AsyncSamplingClient`: sampling through the trainer's tinker sampling endpoints.
+
+``sample`` POSTs ``/api/v1/asample`` and long-polls the answer like any future.
+Samples are not ordered, so each call runs as its own task; hundreds of concurrent
+calls share the service client's connection pools, and at most
+``Limits.max_sample_polls`` of them long-poll at a time.
+
+Sample requests within a sampling session carry a ``seq_id`` that the trainer uses to
+deduplicate retried submissions. A client rebuilt from a pickle numbers its requests
+from a random offset of its own (``clone * 10**9``), so that clones of one sampling
+session never collide.
+
+Pickling: a sampling client pickles to its trainer URL, model and sampling session,
+**never its API key**. The unpickled client builds its own connections on first use
+and takes the key given to `AsyncSamplingClient.set_api_key`, or else from the
+environment (``FIRETITAN_API_KEY``, ``FIREWORKS_API_KEY``, ``TINKER_API_KEY``); close
+it with `aclose` when done.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import tinker
+
+from firetitan import _wire
+from firetitan._async._checks import positive_int
+from firetitan._async._tasks import TaskSet
+from firetitan._async.futures import AsyncAPIFuture, FutureState, resolve_deadline
+from firetitan._async.ordering import ack_request_id
+from firetitan._async.polling import Poller
+from firetitan._config import ClientConfig, resolve_api_key, resolve_base_url
+from firetitan._errors import APIResponseValidationError, ClientClosedError, ClientUsageError
+from firetitan._transport import Transport
+
+if TYPE_CHECKING:
+    from firetitan._async.service import AsyncFiretitanServiceClient
+
+__all__ = ["AsyncSamplingClient"]
+
+T = TypeVar("T")
+
+_CLONE_STRIDE = 10**9
+
+
+class AsyncSamplingClient:
+    """Samples completions (and prompt logprobs) from saved weights or a base model.
+
+    Usually created by `AsyncFiretitanServiceClient.create_sampling_client` or
+    `AsyncFiretitanTrainingClient.save_weights_and_get_sampling_client`, and then
+    sharing that service client's connections. It can also be built directly (for
+    example in a worker process), in which case it opens its own connections on first
+    use and must be closed with `aclose`.
+
+    Picklable; the pickle never contains the API key (see `set_api_key`).
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        model_path: str | None = None,
+        base_model: str | None = None,
+        sampling_session_id: str | None = None,
+        api_key: str | None = None,
+        config: ClientConfig | None = None,
+    ) -> None:
+        """Create a standalone sampling client (no network until first use).
+
+        Args:
+            base_url: The trainer; None reads ``FIRETITAN_BASE_URL``/``TINKER_BASE_URL``.
+            model_path: A sampler export's path (``save_weights_for_sampler``).
+            base_model: A base model name, when sampling without a ``model_path``.
+            sampling_session_id: An existing sampling session to sample in.
+            api_key: The key; None reads the environment on first use.
+            config: Timeouts, retries and limits.
+
+        Raises:
+            ValueError: No trainer URL, or none of ``model_path``, ``base_model`` and
+                ``sampling_session_id``.
+        """
+        if model_path is None and base_model is None and sampling_session_id is None:
+            raise ValueError("give model_path, base_model or sampling_session_id")
+        self._base_url = resolve_base_url(base_url)
+        self._model_path = model_path
+        self._base_model = base_model
+        self._sampling_session_id = sampling_session_id
+        self._config = config or ClientConfig()
+        self._api_key = api_key
+        self._owner: AsyncFiretitanServiceClient | None = None
+        self._transport: Transport | None = None
+        self._own_transport = True
+        self._poller: Poller | None = None
+        self._tasks = TaskSet("sampling client")
+        self._live: set[AsyncAPIFuture[Any]] = set()
+        # A standalone client may be one of many clones of a pickled client: it numbers
+        # its requests from a random range of its own. The creator's client starts at 1.
+        clone = 1 + secrets.randbelow(_CLONE_STRIDE - 1)
+        self._seq = itertools.count(clone * _CLONE_STRIDE)
+        self._closed = False
+
+    @classmethod
+    def _attached(
+        cls,
+        owner: AsyncFiretitanServiceClient,
+        transport: Transport,
+        *,
+        model_path: str | None,
+        base_model: str | None,
+        sampling_session_id: str,
+    ) -> AsyncSamplingClient:
+        """A client sharing a service client's transport (and lifetime)."""
+        client = cls(
+            transport.base_url,
+            model_path=model_path,
+            base_model=base_model,
+            sampling_session_id=sampling_session_id,
+            config=transport.config,
+        )
+        client._owner = owner
+        client._transport = transport
+        client._own_transport = False
+        client._seq = itertools.count(1)
+        return client
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def model_path(self) -> str | None:
+        """The sampler export sampled from, if any."""
+        return self._model_path
+
+    @property
+    def base_model(self) -> str | None:
+        """The base model sampled from, if given."""
+        return self._base_model
+
+    @property
+    def sampling_session_id(self) -> str | None:
+        """The trainer's sampling session, if any."""
+        return self._sampling_session_id
+
+    def set_api_key(self, api_key: str) -> None:
+        """Set the API key of a standalone (e.g. unpickled) client before first use.
+
+        Args:
+            api_key: The key.
+
+        Raises:
+            ClientUsageError: The client already connected, or shares a service
+                client's connections.
+        """
+        if self._transport is not None:
+            raise ClientUsageError("the API key can only be set before the client's first use")
+        self._api_key = api_key
+
+    def __repr__(self) -> str:
+        source = f"model_path={self._model_path!r}" if self._model_path else (
+            f"base_model={self._base_model!r}"
+        )
+        return f"<AsyncSamplingClient {source} base_url={self._base_url!r}>"
+
+    def __reduce__(self) -> tuple[Callable[..., AsyncSamplingClient], tuple[Any, ...]]:
+        # Never the key, never live connections: the clone connects on its own.
+        return (
+            _restore,
+            (
+                self._base_url,
+                self._model_path,
+                self._base_model,
+                self._sampling_session_id,
+                self._config,
+            ),
+        )
+
+    # ------------------------------------------------------------------ sampling
+
+    def sample(
+        self,
+        prompt: tinker.ModelInput,
+        num_samples: int,
+        sampling_params: tinker.SamplingParams,
+        *,
+        deadline: float | None = None,
+    ) -> AsyncAPIFuture[tinker.SampleResponse]:
+        """Sample ``num_samples`` continuations of ``prompt``.
+
+        Args:
+            prompt: The prompt tokens.
+            num_samples: How many continuations.
+            sampling_params: ``max_tokens``, ``temperature``, ``top_p``, ``stop``,
+                ``seed``...
+            deadline: Seconds until the future fails with `FutureTimeoutError`;
+                None uses the configuration's ``future_deadline``.
+
+        Returns:
+            A future for the sampled sequences (tokens, logprobs, stop reasons).
+
+        Raises:
+            TypeError: Arguments of the wrong type.
+            ValueError: ``num_samples`` below 1.
+            ClientClosedError: The client (or its service client) was closed.
+        """
+        if not isinstance(sampling_params, tinker.SamplingParams):
+            raise TypeError("sampling_params must be a tinker.SamplingParams")
+        positive_int(num_samples, "num_samples")
+        return self._submit(
+            "sample", prompt, num_samples, sampling_params, False, deadline, _as_is
+        )
+
+    def compute_logprobs(
+        self, prompt: tinker.ModelInput, *, deadline: float | None = None
+    ) -> AsyncAPIFuture[list[float | None]]:
+        """Compute the model's logprob of every prompt token given the ones before.
+
+        Args:
+            prompt: The tokens to score.
+            deadline: Seconds until the future fails with `FutureTimeoutError`;
+                None uses the configuration's ``future_deadline``.
+
+        Returns:
+            A future for one logprob per prompt token (None for the first token).
+
+        Raises:
+            TypeError: ``prompt`` is not a `tinker.ModelInput`.
+            ClientClosedError: The client (or its service client) was closed.
+        """
+        params = tinker.SamplingParams(max_tokens=1)
+        return self._submit(
+            "compute_logprobs", prompt, 1, params, True, deadline, _prompt_logprobs
+        )
+
+    def _submit(
+        self,
+        kind: str,
+        prompt: tinker.ModelInput,
+        num_samples: int,
+        params: tinker.SamplingParams,
+        prompt_logprobs: bool,
+        deadline: float | None,
+        transform: Callable[[tinker.SampleResponse], T],
+    ) -> AsyncAPIFuture[T]:
+        self._check_usable()
+        if not isinstance(prompt, tinker.ModelInput):
+            raise TypeError("prompt must be a tinker.ModelInput")
+        in_session = self._sampling_session_id is not None
+        body = _wire.encode_request(
+            _wire.SampleRequest(
+                prompt=prompt,
+                num_samples=num_samples,
+                sampling_params=params,
+                model_path=None if in_session else self._model_path,
+                base_model=None if in_session else self._base_model,
+                sampling_session_id=self._sampling_session_id,
+                seq_id=next(self._seq) if in_session else None,
+                prompt_logprobs=prompt_logprobs,
+            )
+        )
+        future: AsyncAPIFuture[T] = AsyncAPIFuture(
+            kind=kind, deadline=resolve_deadline(deadline, self._config)
+        )
+        self._live.add(future)
+        future._on_finish(lambda: self._live.discard(future))
+        task = self._tasks.spawn(self._run(future, body, transform), name=f"firetitan {kind}")
+        future._on_finish(task.cancel)  # cancelling the future stops its request
+        return future
+
+    async def _run(
+        self,
+        future: AsyncAPIFuture[T],
+        body: dict[str, Any],
+        transform: Callable[[tinker.SampleResponse], T],
+    ) -> None:
+        try:
+            transport = self._connect()
+            if self._poller is None:
+                self._poller = Poller(transport, self._config.limits.max_sample_polls)
+            future._set_state(FutureState.SENDING)
+            answer = await transport.post("/api/v1/asample", body)
+            request_id = ack_request_id(answer, "asample")
+            future._add_request_id(request_id)
+            future._set_state(FutureState.SENT)
+            payload = await self._poller.wait(request_id, "Sample")
+            try:
+                response = _wire.decode_sample_response(payload)
+            except ValueError as exc:
+                raise APIResponseValidationError(
+                    f"unreadable sample response: {exc}", request_id=request_id
+                ) from exc
+            future._set_result(transform(response))
+        except Exception as exc:
+            future._set_exception(exc)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ClientClosedError("the sampling client was closed")
+        if self._owner is not None:
+            self._owner._check_open()
+        if self._transport is not None:
+            self._transport.check_loop()
+
+    def _connect(self) -> Transport:
+        if self._transport is None:
+            key = resolve_api_key(self._api_key)
+            self._transport = Transport(self._base_url, key, self._config)
+        return self._transport
+
+    async def aclose(self) -> None:
+        """Stop pending requests and close this client's own connections, if any.
+
+        Pending futures fail with `ClientClosedError`.
+        """
+        await self._shutdown("the sampling client was closed")
+        if self._own_transport and self._transport is not None:
+            await self._transport.aclose()
+
+    async def _shutdown(self, reason: str) -> None:
+        self._closed = True
+        for future in list(self._live):
+            future._set_exception(ClientClosedError(reason))
+        await self._tasks.aclose()
+
+    async def __aenter__(self) -> AsyncSamplingClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+def _restore(
+    base_url: str,
+    model_path: str | None,
+    base_model: str | None,
+    sampling_session_id: str | None,
+    config: ClientConfig,
+) -> AsyncSamplingClient:
+    return AsyncSamplingClient(
+        base_url,
+        model_path=model_path,
+        base_model=base_model,
+        sampling_session_id=sampling_session_id,
+        config=config,
+    )
+
+
+def _as_is(response: tinker.SampleResponse) -> tinker.SampleResponse:
+    return response
+
+
+def _prompt_logprobs(response: tinker.SampleResponse) -> list[float | None]:
+    logprobs = response.prompt_logprobs
+    if logprobs is None:
+        raise APIResponseValidationError("the trainer answered without prompt_logprobs")
+    return list(logprobs)
+

@@ -1,0 +1,503 @@
+"""`AsyncFiretitanServiceClient`: a session on one trainer, and the factory of clients.
+
+Lifecycle: the constructor touches neither the loop nor the network. The session
+opens in ``__aenter__`` or on first use: ``client/config`` (only for ``tml-`` keys,
+as the reference client does), then ``create_session``, then a heartbeat task every
+``heartbeat_interval`` seconds. `aclose` stops the heartbeat, fails every pending
+future of every child client with `ClientClosedError` and closes the connections;
+a closed client refuses further use with `ClientClosedError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import weakref
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, NoReturn
+
+import attrs
+from tinker import types as ttypes
+
+from firetitan import _wire
+from firetitan._async._checks import non_empty_str, positive_int, string_map
+from firetitan._async._tasks import TaskSet
+from firetitan._async.ordering import ack_request_id
+from firetitan._async.polling import Poller
+from firetitan._async.sampling import AsyncSamplingClient
+from firetitan._async.training import AsyncFiretitanTrainingClient, validate_model
+from firetitan._config import ClientConfig, resolve_api_key, resolve_base_url
+from firetitan._errors import (
+    APIResponseValidationError,
+    ClientClosedError,
+    FiretitanError,
+    FutureTimeoutError,
+    GoneError,
+)
+from firetitan._transport import Transport
+
+__all__ = ["AsyncFiretitanServiceClient"]
+
+log = logging.getLogger("firetitan")
+
+# The protocol version the Firetitan clients report (wire.md §1.2), not our version.
+SDK_VERSION = "0.23.0"
+# Concurrent long-polls for create_model answers.
+_SERVICE_POLLS = 8
+# Heartbeats failing for this long are worth a warning: the trainer may reclaim models.
+_HEARTBEAT_WARN_S = 120.0
+
+_TrainingKey = tuple[str, int, int | None, bool, bool, bool, int | None]
+
+
+class AsyncFiretitanServiceClient:
+    """A session on a Firetitan (or Tinker-protocol) trainer.
+
+    Creates training clients (full-parameter, LoRA or frozen base models) and sampling
+    clients. Use it as an async context manager, or call `aclose` when done.
+
+    Args:
+        base_url: The trainer's URL; None reads ``FIRETITAN_BASE_URL``, then
+            ``TINKER_BASE_URL``.
+        api_key: The key sent as ``X-API-Key``; None reads ``FIRETITAN_API_KEY``,
+            ``FIREWORKS_API_KEY``, then ``TINKER_API_KEY``. It never appears in reprs,
+            logs, exceptions or pickles.
+        user_metadata: String pairs recorded with the session and, by default, with
+            every model it creates.
+        config: Timeouts, retries and limits.
+        tags: Session tags; None reads the comma-separated ``TINKER_TAGS``.
+        default_headers: Extra headers sent with every request.
+
+    Raises:
+        ValueError: No URL or no key could be found, or a malformed ``base_url``.
+        TypeError: ``user_metadata`` is not a mapping of strings.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        user_metadata: Mapping[str, str] | None = None,
+        *,
+        config: ClientConfig | None = None,
+        tags: list[str] | None = None,
+        default_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        key = resolve_api_key(api_key)
+        self._config = config or ClientConfig()
+        self._transport = Transport(
+            resolve_base_url(base_url), key, self._config, default_headers=default_headers
+        )
+        # Only this fact about the key is kept outside the transport.
+        self._fetch_client_config = key.startswith("tml-")
+        self._user_metadata = string_map(user_metadata, "user_metadata")
+        if tags is None:
+            tags = [t.strip() for t in os.environ.get("TINKER_TAGS", "").split(",") if t.strip()]
+        self._tags = list(tags)
+        self._session_id: str | None = None
+        self._opening: asyncio.Lock | None = None
+        self._closed = False
+        self._tasks = TaskSet("service client")
+        self._poller = Poller(self._transport, _SERVICE_POLLS)
+        self._model_seq = 0
+        self._sampling_seq = 0
+        # Live training clients, by the options they were created with (wire.md §8.6).
+        self._training_keys: dict[_TrainingKey, AsyncFiretitanTrainingClient | None] = {}
+        self._training_clients: list[AsyncFiretitanTrainingClient] = []
+        self._sampling_clients: weakref.WeakSet[AsyncSamplingClient] = weakref.WeakSet()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def base_url(self) -> str:
+        """The trainer's URL."""
+        return self._transport.base_url
+
+    @property
+    def session_id(self) -> str | None:
+        """The trainer's session id, once the session is open."""
+        return self._session_id
+
+    @property
+    def config(self) -> ClientConfig:
+        """Timeouts, retries and limits."""
+        return self._config
+
+    @property
+    def closed(self) -> bool:
+        """Whether `aclose` was called."""
+        return self._closed
+
+    def __repr__(self) -> str:
+        return (
+            f"<AsyncFiretitanServiceClient base_url={self.base_url!r} "
+            f"session_id={self._session_id!r}{' closed' if self._closed else ''}>"
+        )
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a service client holds live connections and cannot be pickled")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> AsyncFiretitanServiceClient:
+        await self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the session: stop the heartbeat, fail pending futures of every client
+        created here with `ClientClosedError`, and close the connections.
+
+        Calling it again does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        reason = "the service client was closed"
+        for training in self._training_clients:
+            await training._shutdown(reason)
+        for sampling in list(self._sampling_clients):
+            await sampling._shutdown(reason)
+        await self._tasks.aclose()
+        await self._transport.aclose()
+
+    def _forget(self, client: AsyncFiretitanTrainingClient) -> None:
+        """Drop an unloaded model, so that its options may be used again."""
+        if client in self._training_clients:
+            self._training_clients.remove(client)
+        for key, owner in list(self._training_keys.items()):
+            if owner is client:
+                del self._training_keys[key]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosedError("the service client was closed")
+
+    async def _open(self) -> str:
+        """Open the session once (concurrent callers share the attempt)."""
+        self._check_open()
+        self._transport.check_loop()
+        if self._session_id is not None:
+            return self._session_id
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._session_id is None:
+                if self._fetch_client_config:
+                    await self._transport.post(
+                        "/api/v1/client/config", {"sdk_version": SDK_VERSION}
+                    )
+                request = _wire.CreateSessionRequest(
+                    tags=self._tags, user_metadata=self._user_metadata, sdk_version=SDK_VERSION
+                )
+                answer = await self._transport.post(
+                    "/api/v1/create_session", _wire.encode_request(request)
+                )
+                self._session_id = _session_id(answer)
+                self._check_open()  # closed while opening: no heartbeat for it
+                self._tasks.spawn(self._heartbeat(self._session_id), name="firetitan heartbeat")
+                log.info("firetitan: session %s opened on %s", self._session_id, self.base_url)
+            return self._session_id
+
+    async def _heartbeat(self, session_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        last_ok = loop.time()
+        body = {"session_id": session_id, "type": "session_heartbeat"}
+        while True:
+            await asyncio.sleep(self._config.heartbeat_interval)
+            try:
+                await self._transport.post(
+                    "/api/v1/session_heartbeat",
+                    body,
+                    retry=False,
+                    attempt_timeout=self._config.timeouts.heartbeat,
+                )
+                last_ok = loop.time()
+            except GoneError:
+                log.warning("firetitan: the trainer ended session %s", session_id)
+                return
+            except ClientClosedError:
+                return
+            except FiretitanError as exc:
+                silent = loop.time() - last_ok
+                if silent > _HEARTBEAT_WARN_S:
+                    log.warning(
+                        "firetitan: no heartbeat reached the trainer for %.0f s (%s); it may "
+                        "reclaim this session's models",
+                        silent, exc,
+                    )
+
+    # ------------------------------------------------------------------ training clients
+
+    async def create_training_client(
+        self,
+        base_model: str,
+        lora_rank: int = 0,
+        user_metadata: Mapping[str, str] | None = None,
+        *,
+        seed: int | None = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = True,
+        lora_alpha: int | None = 32,
+    ) -> AsyncFiretitanTrainingClient:
+        """Create a trainable model and return its training client.
+
+        Args:
+            base_model: The base model, e.g. ``"accounts/fireworks/models/qwen3-8b"``.
+            lora_rank: 0 trains every parameter; a positive rank trains a LoRA adapter.
+            user_metadata: String pairs recorded with the model; None uses the
+                service client's.
+            seed: Seed of the LoRA initialisation; None lets the trainer choose.
+            train_mlp: Put LoRA adapters on the MLP layers.
+            train_attn: Put LoRA adapters on the attention layers.
+            train_unembed: Put a LoRA adapter on the output layer.
+            lora_alpha: LoRA alpha (ignored for full-parameter training); None lets
+                the trainer use ``2 * rank``.
+
+        Returns:
+            The training client, once the trainer has created the model.
+
+        Raises:
+            ValueError: A training client with the same base model, rank and options
+                already exists on this service client (checked before any request),
+                or invalid arguments.
+            RequestFailedError: The trainer could not create the model.
+            ClientClosedError: The service client was closed.
+        """
+        non_empty_str(base_model, "base_model")
+        positive_int(lora_rank, "lora_rank", zero=True)
+        if lora_alpha is not None:
+            positive_int(lora_alpha, "lora_alpha")
+        if not (train_mlp or train_attn or train_unembed):
+            raise ValueError("at least one of train_mlp, train_attn, train_unembed must be True")
+        alpha = lora_alpha if lora_rank > 0 else None
+        key: _TrainingKey = (
+            base_model, lora_rank, seed, train_mlp, train_attn, train_unembed, alpha
+        )
+        self._check_open()
+        if key in self._training_keys:
+            raise ValueError(
+                f"A training client for {base_model!r} (lora_rank={lora_rank}) already exists "
+                "on this service client; reuse it, or change seed/lora_alpha to create "
+                "another model"
+            )
+        # Reserved before the first await, so two concurrent calls cannot both pass.
+        self._training_keys[key] = None
+        try:
+            client = await self._create_model(
+                _wire.CreateModelRequest(
+                    session_id="",
+                    model_seq_id=0,
+                    base_model=base_model,
+                    lora_rank=lora_rank,
+                    lora_alpha=alpha,
+                    lora_seed=seed,
+                    train_mlp=train_mlp,
+                    train_attn=train_attn,
+                    train_unembed=train_unembed,
+                    user_metadata=string_map(user_metadata, "user_metadata")
+                    if user_metadata is not None
+                    else self._user_metadata,
+                )
+            )
+        except BaseException:
+            del self._training_keys[key]
+            raise
+        self._training_keys[key] = client
+        return client
+
+    async def create_lora_training_client(
+        self,
+        base_model: str,
+        rank: int = 32,
+        user_metadata: Mapping[str, str] | None = None,
+        *,
+        seed: int | None = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = True,
+        alpha: int | None = 32,
+    ) -> AsyncFiretitanTrainingClient:
+        """Create a LoRA model and return its training client.
+
+        Args:
+            base_model: The base model, e.g. ``"accounts/fireworks/models/qwen3-8b"``.
+            rank: The LoRA rank (positive).
+            user_metadata: String pairs recorded with the model; None uses the
+                service client's.
+            seed: Seed of the LoRA initialisation; None lets the trainer choose.
+            train_mlp: Put LoRA adapters on the MLP layers.
+            train_attn: Put LoRA adapters on the attention layers.
+            train_unembed: Put a LoRA adapter on the output layer.
+            alpha: LoRA alpha; None lets the trainer use ``2 * rank``.
+
+        Returns:
+            The training client, once the trainer has created the model.
+
+        Raises:
+            ValueError: ``rank`` is not positive, or a duplicate training client (see
+                `create_training_client`).
+            RequestFailedError: The trainer could not create the model.
+            ClientClosedError: The service client was closed.
+        """
+        positive_int(rank, "rank")
+        return await self.create_training_client(
+            base_model,
+            rank,
+            user_metadata,
+            seed=seed,
+            train_mlp=train_mlp,
+            train_attn=train_attn,
+            train_unembed=train_unembed,
+            lora_alpha=alpha,
+        )
+
+    async def create_base_training_client(self, base_model: str) -> AsyncFiretitanTrainingClient:
+        """Create a frozen base model (for ``forward`` only, e.g. reference logprobs).
+
+        Args:
+            base_model: The base model.
+
+        Returns:
+            The training client of the frozen model.
+
+        Raises:
+            ValueError: An empty ``base_model``.
+            RequestFailedError: The trainer could not create the model.
+            ClientClosedError: The service client was closed.
+        """
+        non_empty_str(base_model, "base_model")
+        return await self._create_model(
+            _wire.CreateModelRequest(
+                session_id="", model_seq_id=0, base_model=base_model, base_only=True
+            )
+        )
+
+    async def _create_model(
+        self, template: _wire.CreateModelRequest
+    ) -> AsyncFiretitanTrainingClient:
+        session_id = await self._open()
+        # model_seq_id counts every model this session creates (base-only included);
+        # the trainer deduplicates a retried create_model on (session_id, model_seq_id).
+        model_seq_id, self._model_seq = self._model_seq, self._model_seq + 1
+        request = attrs.evolve(template, session_id=session_id, model_seq_id=model_seq_id)
+        answer = await self._transport.post("/api/v1/create_model", _wire.encode_request(request))
+        request_id = ack_request_id(answer, "create_model")
+        kind = "CreateBaseModel" if request.base_only else "CreateModel"
+        payload = await self._wait(self._poller.wait(request_id, kind), "create_model")
+        model_id = payload.get("model_id") if isinstance(payload, dict) else None
+        if not isinstance(model_id, str) or not model_id:
+            raise APIResponseValidationError(
+                "create_model resolved without a string model_id", body=payload
+            )
+        self._check_open()
+        client = AsyncFiretitanTrainingClient(
+            service=self,
+            transport=self._transport,
+            model_id=model_id,
+            base_model=request.base_model,
+            lora_rank=request.lora_rank,
+            base_only=request.base_only,
+            capabilities=payload,
+        )
+        self._training_clients.append(client)
+        return client
+
+    async def _wait(self, awaitable: Any, what: str) -> Any:
+        deadline = self._config.future_deadline
+        try:
+            async with asyncio.timeout(deadline):
+                return await awaitable
+        except TimeoutError:
+            raise FutureTimeoutError(f"{what} did not finish within {deadline} s") from None
+
+    # ------------------------------------------------------------------ sampling, info
+
+    async def create_sampling_client(
+        self, model_path: str | None = None, base_model: str | None = None
+    ) -> AsyncSamplingClient:
+        """Open a sampling session on a sampler export or a base model.
+
+        Args:
+            model_path: The path of a sampler export (from
+                ``save_weights_for_sampler``).
+            base_model: A base model name, to sample from the base weights.
+
+        Returns:
+            A sampling client that shares this service client's connections.
+
+        Raises:
+            ValueError: Neither ``model_path`` nor ``base_model`` was given.
+            APIStatusError: The trainer refused (e.g. an unknown path).
+            ClientClosedError: The service client was closed.
+        """
+        if not model_path and not base_model:
+            raise ValueError("give model_path or base_model")
+        session_id = await self._open()
+        seq, self._sampling_seq = self._sampling_seq, self._sampling_seq + 1
+        request = _wire.CreateSamplingSessionRequest(
+            session_id=session_id,
+            sampling_session_seq_id=seq,
+            base_model=base_model,
+            model_path=model_path,
+        )
+        answer = await self._transport.post(
+            "/api/v1/create_sampling_session", _wire.encode_request(request)
+        )
+        sampling_session_id = (
+            answer.get("sampling_session_id") if isinstance(answer, dict) else None
+        )
+        if not isinstance(sampling_session_id, str) or not sampling_session_id:
+            raise APIResponseValidationError(
+                "create_sampling_session answered without a sampling_session_id", body=answer
+            )
+        client = AsyncSamplingClient._attached(
+            self,
+            self._transport,
+            model_path=model_path,
+            base_model=base_model,
+            sampling_session_id=sampling_session_id,
+        )
+        self._sampling_clients.add(client)
+        return client
+
+    async def get_server_capabilities(self) -> ttypes.GetServerCapabilitiesResponse:
+        """Ask the trainer which models it serves.
+
+        Returns:
+            The supported models (name, context length).
+
+        Raises:
+            APIError: The trainer could not answer.
+            ClientClosedError: The service client was closed.
+        """
+        self._check_open()
+        answer = await self._transport.get("/api/v1/get_server_capabilities")
+        return validate_model(ttypes.GetServerCapabilitiesResponse, answer)
+
+
+def _session_id(answer: Any) -> str:
+    session_id = answer.get("session_id") if isinstance(answer, dict) else None
+    if not isinstance(session_id, str) or not session_id:
+        raise APIResponseValidationError(
+            "create_session answered without a string session_id", body=answer
+        )
+    for level, key in (
+        (logging.INFO, "info_message"),
+        (logging.WARNING, "warning_message"),
+        (logging.ERROR, "error_message"),
+    ):
+        message = answer.get(key)
+        if isinstance(message, str) and message:
+            log.log(level, "firetitan: trainer says: %s", message)
+    return session_id

@@ -1,0 +1,888 @@
+"""`AsyncFiretitanTrainingClient`: one trainable model on a trainer.
+
+RPC methods validate their arguments, put a `Call` on the model's `OrderedQueue`
+(``ordering.py``: call order, seq_ids, pipelining, failed submissions) and return an
+`AsyncAPIFuture` at once.
+
+``forward_backward_custom`` enqueues its forward and, right behind it, a gated
+placeholder for its backward. The queue stops at the placeholder until the user's
+loss has run on the forward's logprobs, so an ``optim_step`` called right after is
+ordered after the backward and the parameters cannot change between the two passes.
+Whatever ends the custom call (its loss raising, the forward failing, cancellation,
+the deadline, closing), the gate is opened or dropped, so the queue never stalls on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import numpy as np
+import pydantic
+import tinker
+from tinker import types as ttypes
+
+from firetitan import _names, _wire
+from firetitan._async import custom_loss
+from firetitan._async._checks import non_empty_str, positive_int
+from firetitan._async._tasks import TaskSet
+from firetitan._async.futures import AsyncAPIFuture, FutureState, resolve_deadline
+from firetitan._async.ordering import JSON, Call, OrderedQueue, ack_request_id, unfilled
+from firetitan._async.polling import Poller
+from firetitan._errors import (
+    APIResponseValidationError,
+    ClientClosedError,
+)
+from firetitan._transport import Transport
+from firetitan._types import GradAccNormalization, SaveSamplerResult
+
+if TYPE_CHECKING:
+    from firetitan._async.sampling import AsyncSamplingClient
+    from firetitan._async.service import AsyncFiretitanServiceClient
+
+__all__ = ["AsyncFiretitanTrainingClient", "validate_model"]
+
+log = logging.getLogger("firetitan")
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+
+_CHECKPOINT_TYPES = ("base", "delta", "merged_base")
+# Rough JSON size of one number in a request body; used to decide off-loop encoding.
+_BYTES_PER_NUMBER = 10
+
+
+class AsyncFiretitanTrainingClient:
+    """A trainable model on a trainer: forward/backward passes, optimizer steps,
+    checkpoints and sampler exports.
+
+    Created by `AsyncFiretitanServiceClient.create_training_client` (or its LoRA and
+    base-only variants). RPC methods return an `AsyncAPIFuture` at once and run on the
+    trainer in call order, pipelined: no call waits for an earlier result before it is
+    sent. They must be called on the event loop that runs the service client.
+    """
+
+    def __init__(
+        self,
+        *,
+        service: AsyncFiretitanServiceClient,
+        transport: Transport,
+        model_id: str,
+        base_model: str,
+        lora_rank: int,
+        base_only: bool,
+        capabilities: Mapping[str, Any],
+    ) -> None:
+        self._service = service
+        self._transport = transport
+        self._config = transport.config
+        self._model_id = model_id
+        self._base_model = base_model
+        self._lora_rank = lora_rank
+        self._base_only = base_only
+        self._capabilities = dict(capabilities)
+        self._comms = "v2" if capabilities.get("comms") == "v2" else None
+        # Local snapshot-name suffix (wire.md §8.3), unrelated to the server session.
+        self._session_suffix = secrets.token_hex(4)
+        self._poller = Poller(transport, self._config.limits.max_polls_per_model)
+        self._tasks = TaskSet(f"training client {model_id}")
+        self._queue = OrderedQueue(
+            transport, self._poller, self._tasks, self._config.limits.max_concurrent_uploads
+        )
+        self._live: set[AsyncAPIFuture[Any]] = set()
+        self._closed_reason: str | None = None
+        self._exports_ok = 0
+        self._exports_pending = 0
+        self._sampler_names = 0
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def model_id(self) -> str:
+        """The trainer's id of this model."""
+        return self._model_id
+
+    @property
+    def base_model(self) -> str:
+        """The base model name this model was created from."""
+        return self._base_model
+
+    @property
+    def lora_rank(self) -> int:
+        """The LoRA rank; 0 for full-parameter training."""
+        return self._lora_rank
+
+    @property
+    def is_lora(self) -> bool:
+        """Whether this model trains a LoRA adapter."""
+        return self._lora_rank > 0
+
+    @property
+    def base_only(self) -> bool:
+        """Whether this is a frozen base model (forward only)."""
+        return self._base_only
+
+    @property
+    def session_id(self) -> str:
+        """The 8-hex suffix of this client's sampler snapshot names (local, not the
+        server session)."""
+        return self._session_suffix
+
+    @property
+    def comms(self) -> str | None:
+        """The JSON encoding the trainer offered for this model (``"v2"`` or None)."""
+        return self._comms
+
+    @property
+    def capabilities(self) -> dict[str, Any]:
+        """The trainer's ``create_model`` answer (``model_id``, ``comms``,
+        ``supports_*`` flags, ...)."""
+        return dict(self._capabilities)
+
+    def __repr__(self) -> str:
+        return (
+            f"<AsyncFiretitanTrainingClient model_id={self._model_id!r} "
+            f"base_model={self._base_model!r} lora_rank={self._lora_rank}>"
+        )
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a training client is bound to its service client and cannot be pickled")
+
+    # ------------------------------------------------------------------ passes
+
+    def forward(
+        self,
+        data: Sequence[tinker.Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> AsyncAPIFuture[tinker.ForwardBackwardOutput]:
+        """Run a forward pass and compute the loss, without touching gradients.
+
+        Args:
+            data: The batch. Large batches are split into chunks automatically.
+            loss_fn: A built-in loss, e.g. ``"cross_entropy"``.
+            loss_fn_config: Options of the loss, e.g. clip thresholds.
+            deadline: Seconds until the future fails with `FutureTimeoutError`;
+                None uses the configuration's ``future_deadline``.
+
+        Returns:
+            A future for the output: per-datum ``loss_fn_outputs`` (``logprobs``) and
+            ``metrics``; for ``cross_entropy`` also ``metrics["response_tokens"]``.
+
+        Raises:
+            ValueError: Empty data or invalid arguments (raised at once).
+            TypeError: ``data`` is not a sequence of `tinker.Datum`.
+            ClientClosedError: The client was closed or its model unloaded.
+        """
+        return self._forward_call(
+            "forward", data, loss_fn, loss_fn_config, self._resolve_deadline(deadline)
+        )
+
+    def forward_backward(
+        self,
+        data: Sequence[tinker.Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> AsyncAPIFuture[tinker.ForwardBackwardOutput]:
+        """Run a forward and backward pass and accumulate the gradients.
+
+        The gradients add up until the next `optim_step` consumes them.
+
+        Args:
+            data: The batch. Large batches are split into chunks automatically.
+            loss_fn: A built-in loss: ``cross_entropy``, ``importance_sampling``,
+                ``ppo``, ``cispo``, ``dro``, ...
+            loss_fn_config: Options of the loss, e.g. clip thresholds.
+            deadline: Seconds until the future fails with `FutureTimeoutError`;
+                None uses the configuration's ``future_deadline``.
+
+        Returns:
+            A future for the output: per-datum ``loss_fn_outputs`` and ``metrics``
+            (``loss:sum``; for ``cross_entropy`` also ``response_tokens``).
+
+        Raises:
+            ValueError: Empty data or invalid arguments (raised at once).
+            TypeError: ``data`` is not a sequence of `tinker.Datum`.
+            ClientClosedError: The client was closed or its model unloaded.
+        """
+        return self._forward_call(
+            "forward_backward", data, loss_fn, loss_fn_config, self._resolve_deadline(deadline)
+        )
+
+    def forward_backward_custom(
+        self,
+        data: Sequence[tinker.Datum],
+        loss_fn: custom_loss.CustomLossFn,
+        precomputed_forward: tinker.ForwardBackwardOutput | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> AsyncAPIFuture[tinker.ForwardBackwardOutput]:
+        """Train on a loss computed on the client from the model's logprobs.
+
+        Runs ``forward`` with ``cross_entropy``, calls
+        ``loss_fn(data, logprobs_list) -> (loss, metrics)`` on float32 torch tensors
+        that require gradients (in a worker thread), then runs ``forward_backward``
+        with ``weights = -dloss/dlogprobs``, which accumulates exactly the gradient of
+        ``loss``. Calls made after this one run after its backward. Needs torch.
+
+        Args:
+            data: The batch; every datum needs ``target_tokens``. ``loss_fn`` receives
+                these datums unchanged.
+            loss_fn: The loss: returns a scalar torch tensor and a dict of metrics.
+            precomputed_forward: The output of an earlier `forward` on exactly this
+                data with unchanged weights; the forward pass is then skipped.
+            deadline: Seconds until the future fails with `FutureTimeoutError`;
+                None uses the configuration's ``future_deadline``.
+
+        Returns:
+            A future for the backward's output with the user's metrics merged in;
+            ``metrics["loss"]`` is the user's loss unless the metrics name it, and
+            ``loss:sum`` is the trainer's surrogate value.
+
+        Raises:
+            ValueError: A datum without ``target_tokens``, or a
+                ``precomputed_forward`` that does not fit ``data`` (raised at once).
+                Through the future: a logprob tensor that got no gradient, or a loss
+                that is not a scalar tensor.
+            TypeError: ``loss_fn`` is not callable.
+            ClientClosedError: The client was closed or its model unloaded.
+        """
+        self._check_usable()
+        batch = _check_data(data)
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable: loss_fn(data, logprobs_list)")
+        resolved_deadline = self._resolve_deadline(deadline)
+        forward_batch: list[tinker.Datum] | None = None
+        if precomputed_forward is not None:
+            custom_loss.check_precomputed(precomputed_forward, batch)
+        else:
+            forward_batch = custom_loss.forward_data(batch)
+        # The internal forward has no deadline of its own: the custom future's
+        # deadline (or cancellation) ends it, through abandon() below.
+        forward_future = (
+            None
+            if forward_batch is None
+            else self._forward_call("forward", forward_batch, "cross_entropy", None, None)
+        )
+        future: AsyncAPIFuture[tinker.ForwardBackwardOutput] = self._new_future(
+            "forward_backward_custom", resolved_deadline
+        )
+        gate: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        backward = Call(
+            kind="forward_backward",
+            request_type="ForwardBackward",
+            future=future,
+            finish=unfilled,
+            bodies=None,
+            gate=gate,
+        )
+        self._enqueue(backward)
+        driver = self._tasks.spawn(
+            self._drive_custom(backward, gate, batch, loss_fn, forward_future, precomputed_forward),
+            name="forward_backward_custom",
+        )
+
+        def abandon() -> None:
+            # Whatever ended the custom future (result, failure, cancel, deadline), the
+            # backward's gate must not stay closed, or it would stall the queue.
+            if not gate.done():
+                gate.set_result(False)
+            if forward_future is not None:
+                forward_future.cancel()
+            driver.cancel()
+
+        future._on_finish(abandon)
+        return future
+
+    async def _drive_custom(
+        self,
+        backward: Call,
+        gate: asyncio.Future[bool],
+        batch: list[tinker.Datum],
+        loss_fn: custom_loss.CustomLossFn,
+        forward_future: AsyncAPIFuture[tinker.ForwardBackwardOutput] | None,
+        precomputed: tinker.ForwardBackwardOutput | None,
+    ) -> None:
+        future = backward.future
+        try:
+            output = precomputed if forward_future is None else await forward_future
+            assert output is not None
+            result = await asyncio.to_thread(custom_loss.run_user_loss, loss_fn, batch, output)
+            linear = custom_loss.linearized_data(batch, result.grads)
+            bodies, offload = self._prepare_forward_bodies(
+                "forward_backward", linear, "cross_entropy", None
+            )
+            tokens = _response_tokens(linear)
+
+            async def finish(payloads: list[Any]) -> tinker.ForwardBackwardOutput:
+                out = await self._finish_forward(payloads, offload=offload, response_tokens=tokens)
+                return custom_loss.merge_result(out, result)
+
+            backward.bodies, backward.finish, backward.offload = bodies, finish, offload
+            if not gate.done():
+                gate.set_result(True)
+        except Exception as exc:
+            future._set_exception(exc)
+        finally:
+            if not gate.done():
+                gate.set_result(False)
+
+    # ------------------------------------------------------------------ optimizer
+
+    def optim_step(
+        self,
+        adam_params: tinker.AdamParams,
+        grad_accumulation_normalization: GradAccNormalization | str | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> AsyncAPIFuture[tinker.OptimStepResponse]:
+        """Apply one AdamW step to the accumulated gradients, then zero them.
+
+        Args:
+            adam_params: Learning rate, betas, eps, weight decay, gradient clipping.
+            grad_accumulation_normalization: Divide the accumulated gradient by the
+                number of loss tokens (``"num_loss_tokens"``) or of sequences
+                (``"num_sequences"``) first; None or ``"none"`` uses the raw sum.
+                Case-insensitive.
+            deadline: Seconds until the future fails with `FutureTimeoutError`;
+                None uses the configuration's ``future_deadline``.
+
+        Returns:
+            A future for the step's metrics.
+
+        Raises:
+            ValueError: An unknown normalization.
+            TypeError: ``adam_params`` is not a `tinker.AdamParams`.
+            ClientClosedError: The client was closed or its model unloaded.
+        """
+        self._check_usable()
+        if not isinstance(adam_params, tinker.AdamParams):
+            raise TypeError(
+                f"adam_params must be a tinker.AdamParams, got {type(adam_params).__name__}"
+            )
+        request = _wire.OptimStepRequest(
+            model_id=self._model_id,
+            seq_id=0,
+            adam_params=adam_params,
+            grad_accumulation_normalization=_normalization(grad_accumulation_normalization),
+        )
+        return self._simple_call(
+            "optim_step", "OptimStep", request, ttypes.OptimStepResponse, deadline
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_state(
+        self, name: str, ttl_seconds: int | None = None, *, deadline: float | None = None
+    ) -> AsyncAPIFuture[ttypes.SaveWeightsResponse]:
+        """Save the full training state (weights and optimizer) as a checkpoint.
+
+        Args:
+            name: The checkpoint name, e.g. ``"step-100"``: letters, digits, ``-``,
+                ``_`` and ``.``.
+            ttl_seconds: Delete the checkpoint after this many seconds; None keeps it.
+            deadline: Seconds until the future fails with `FutureTimeoutError`;
+                None uses the configuration's ``future_deadline``.
+
+        Returns:
+            A future for the answer; its ``path`` is what `load_state` takes.
+
+        Raises:
+            ValueError: An invalid name or TTL.
+            ClientClosedError: The client was closed or its model unloaded.
+        """
+        self._check_usable()
+        request = _wire.SaveWeightsRequest(
+            model_id=self._model_id,
+            seq_id=0,
+            path=_names.validate_name(name),
+            ttl_seconds=_check_ttl(ttl_seconds),
+        )
+        return self._simple_call(
+            "save_weights", "SaveWeights", request, ttypes.SaveWeightsResponse, deadline
+        )
+
+    def load_state(
+        self, path: str, *, deadline: float | None = None
+    ) -> AsyncAPIFuture[ttypes.LoadWeightsResponse]:
+        """Load a checkpoint's weights; the optimizer starts fresh.
+
+        Args:
+            path: A checkpoint name of this job, or ``cross_job://<job_id>/<name>``
+                (see `resolve_checkpoint_path`).
+            deadline: Seconds until the future fails with `FutureTimeoutError`;
+                None uses the configuration's ``future_deadline``.
+
+        Returns:
+            A future for the answer.
+
+        Raises:
+            ValueError: An invalid path (checked before anything is sent).
+            ClientClosedError: The client was closed or its model unloaded.
+        """
+        return self._load(path, optimizer=False, deadline=deadline)
+
+    def load_state_with_optimizer(
+        self, path: str, *, deadline: float | None = None
+    ) -> AsyncAPIFuture[ttypes.LoadWeightsResponse]:
+        """Load a checkpoint's weights and optimizer state, to resume training.
+
+        Args:
+            path: A checkpoint name of this job, or ``cross_job://<job_id>/<name>``
+                (see `resolve_checkpoint_path`).
+            deadline: Seconds until the future fails with `FutureTimeoutError`;
+                None uses the configuration's ``future_deadline``.
+
+        Returns:
+            A future for the answer.
+
+        Raises:
+            ValueError: An invalid path (checked before anything is sent).
+            ClientClosedError: The client was closed or its model unloaded.
+        """
+        return self._load(path, optimizer=True, deadline=deadline)
+
+    def _load(
+        self, path: str, *, optimizer: bool, deadline: float | None
+    ) -> AsyncAPIFuture[ttypes.LoadWeightsResponse]:
+        self._check_usable()
+        ref = _names.parse_checkpoint_path(path)
+        request = _wire.LoadWeightsRequest(
+            model_id=self._model_id, seq_id=0, path=str(ref), optimizer=optimizer
+        )
+        return self._simple_call(
+            "load_weights", "LoadWeights", request, ttypes.LoadWeightsResponse, deadline
+        )
+
+    def resolve_checkpoint_path(self, name: str, source_job_id: str | None = None) -> str:
+        """Return the path that `load_state` takes for a checkpoint (no network).
+
+        Args:
+            name: The checkpoint name (surrounding whitespace is dropped).
+            source_job_id: The job that saved it, when not this one.
+
+        Returns:
+            ``name``, or ``cross_job://<source_job_id>/<name>``.
+
+        Raises:
+            ValueError: An invalid name or job id.
+        """
+        if source_job_id is not None:
+            return _names.cross_job_path(source_job_id.strip(), name.strip())
+        return str(_names.parse_checkpoint_path(name))
+
+    async def list_checkpoints(self) -> list[str]:
+        """List the trainer's saved training-state checkpoints.
+
+        Returns:
+            The checkpoint names, sorted.
+
+        Raises:
+            ClientClosedError: The client was closed.
+            APIError: The trainer could not answer.
+        """
+        self._check_usable()
+        answer = await self._transport.get("/api/v1/list_checkpoints")
+        names = answer.get("checkpoints") if isinstance(answer, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise APIResponseValidationError(
+                "list_checkpoints answered without a 'checkpoints' list of strings", body=answer
+            )
+        return list(names)
+
+    # ------------------------------------------------------------------ sampler exports
+
+    def save_weights_for_sampler(
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        *,
+        checkpoint_type: str | None = None,
+        deadline: float | None = None,
+    ) -> AsyncAPIFuture[ttypes.SaveWeightsForSamplerResponse]:
+        """Export the current weights for sampling, as snapshot ``<name>-<session_id>``.
+
+        Args:
+            name: The export's base name; the client appends its 8-hex `session_id`.
+            ttl_seconds: Delete the export after this many seconds; None keeps it.
+            checkpoint_type: ``"base"`` (full weights), ``"delta"`` (difference to
+                the previous export) or ``"merged_base"``; case-insensitive. None
+                picks ``base`` for LoRA, and for full-parameter models ``base`` for
+                this client's first export and ``delta`` afterwards.
+            deadline: Seconds until the future fails with `FutureTimeoutError`;
+                None uses the configuration's ``future_deadline``.
+
+        Returns:
+            A future for the answer; its ``path`` identifies the export.
+
+        Raises:
+            ValueError: An invalid name, TTL or checkpoint type.
+            ClientClosedError: The client was closed or its model unloaded.
+        """
+        self._check_usable()
+        snapshot = self._snapshot_name(name)
+        request = _wire.SaveWeightsForSamplerRequest(
+            model_id=self._model_id,
+            seq_id=0,
+            path=snapshot,
+            checkpoint_type=self._checkpoint_type(checkpoint_type),
+            ttl_seconds=_check_ttl(ttl_seconds),
+        )
+        future = self._simple_call(
+            "save_weights_for_sampler",
+            "SaveWeightsForSampler",
+            request,
+            ttypes.SaveWeightsForSamplerResponse,
+            deadline,
+        )
+        # Track exports for the base/delta default: an export counts once it is in
+        # flight, and stops counting if it fails.
+        self._exports_pending += 1
+
+        def settle() -> None:
+            self._exports_pending -= 1
+            if future.state is FutureState.DONE:
+                self._exports_ok += 1
+
+        future._on_finish(settle)
+        return future
+
+    async def save_weights_for_sampler_ext(
+        self, name: str, checkpoint_type: str | None = None, ttl_seconds: int | None = None
+    ) -> SaveSamplerResult:
+        """Export the current weights for sampling and wait until the export exists.
+
+        Args:
+            name: The export's base name; the client appends its 8-hex `session_id`.
+            checkpoint_type: ``"base"``, ``"delta"`` or ``"merged_base"``
+                (case-insensitive); None picks as `save_weights_for_sampler` does.
+            ttl_seconds: Delete the export after this many seconds; None keeps it.
+
+        Returns:
+            The trainer's path and the snapshot name ``<name>-<session_id>``.
+
+        Raises:
+            ValueError: An invalid name, TTL or checkpoint type.
+            RequestFailedError: The trainer could not export.
+            ClientClosedError: The client was closed or its model unloaded.
+        """
+        snapshot = self._snapshot_name(name)
+        response = await self.save_weights_for_sampler(
+            name, ttl_seconds, checkpoint_type=checkpoint_type
+        )
+        return SaveSamplerResult(path=response.path, snapshot_name=snapshot)
+
+    async def save_weights_and_get_sampling_client(
+        self, name: str | None = None
+    ) -> AsyncSamplingClient:
+        """Export the current weights and return a sampling client for them.
+
+        Args:
+            name: The export's base name; None picks ``sampler-<n>``.
+
+        Returns:
+            A sampling client on the new export.
+
+        Raises:
+            RequestFailedError: The trainer could not export.
+            ClientClosedError: The client was closed or its model unloaded.
+        """
+        if name is None:
+            self._sampler_names += 1
+            name = f"sampler-{self._sampler_names}"
+        result = await self.save_weights_for_sampler_ext(name)
+        return await self._service.create_sampling_client(model_path=result.path)
+
+    def _snapshot_name(self, name: str) -> str:
+        _names.validate_name(name, "sampler export name")
+        return _names.validate_name(f"{name}-{self._session_suffix}", "sampler snapshot name")
+
+    def _checkpoint_type(self, checkpoint_type: str | None) -> str:
+        if checkpoint_type is not None:
+            if not isinstance(checkpoint_type, str):
+                raise TypeError("checkpoint_type must be a string")
+            value = checkpoint_type.strip().lower()
+            if value not in _CHECKPOINT_TYPES:
+                raise ValueError(
+                    f"checkpoint_type must be one of {', '.join(_CHECKPOINT_TYPES)}; "
+                    f"got {checkpoint_type!r}"
+                )
+            return value
+        if self.is_lora:
+            return "base"
+        # Full-parameter: a delta needs a previous export to apply to.
+        return "delta" if self._exports_ok or self._exports_pending else "base"
+
+    # ------------------------------------------------------------------ model
+
+    async def get_info(self) -> ttypes.GetInfoResponse:
+        """Describe the model (architecture, name, tokenizer, LoRA rank).
+
+        Returns:
+            The trainer's description.
+
+        Raises:
+            ClientClosedError: The client was closed.
+            APIError: The trainer could not answer.
+        """
+        self._check_usable()
+        answer = await self._transport.post(
+            "/api/v1/get_info", {"model_id": self._model_id, "type": "get_info"}
+        )
+        return validate_model(ttypes.GetInfoResponse, answer)
+
+    async def unload_model(self) -> ttypes.UnloadModelResponse:
+        """Finish every pending call, then unload the model from the trainer.
+
+        New calls are refused from the moment this is called.
+
+        Returns:
+            The trainer's answer.
+
+        Raises:
+            ClientClosedError: The client was already closed or unloading.
+            APIError: The trainer could not unload.
+        """
+        self._check_usable()
+        self._closed_reason = "the model was unloaded"
+        await self._drain()
+        answer = await self._transport.post(
+            "/api/v1/unload_model", {"model_id": self._model_id, "type": "unload_model"}
+        )
+        payload = await self._poller.wait(ack_request_id(answer, "unload_model"), "Unload model")
+        response = validate_model(ttypes.UnloadModelResponse, payload)
+        await self._shutdown("the model was unloaded")
+        self._service._forget(self)
+        return response
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _check_usable(self) -> None:
+        self._transport.check_loop()
+        self._service._check_open()
+        if self._closed_reason is not None:
+            raise ClientClosedError(f"{self._closed_reason}; create a new training client")
+
+    def _resolve_deadline(self, deadline: float | None) -> float | None:
+        return resolve_deadline(deadline, self._config)
+
+    def _new_future(self, kind: str, deadline: float | None) -> AsyncAPIFuture[Any]:
+        future: AsyncAPIFuture[Any] = AsyncAPIFuture(kind=kind, deadline=deadline)
+        self._live.add(future)
+        future._on_finish(lambda: self._live.discard(future))
+        return future
+
+    def _enqueue(self, call: Call) -> None:
+        self._queue.put(call)
+
+    def _simple_call(
+        self,
+        kind: str,
+        request_type: str,
+        request: _wire.Request,
+        model: type[M],
+        deadline: float | None,
+    ) -> AsyncAPIFuture[M]:
+        resolved = self._resolve_deadline(deadline)
+        body = _wire.encode_request(request)
+        # The future is made last: a call that raises leaves nothing pending behind.
+        future: AsyncAPIFuture[M] = self._new_future(kind, resolved)
+
+        async def finish(payloads: list[Any]) -> M:
+            return validate_model(model, payloads[0])
+
+        self._enqueue(
+            Call(
+                kind=kind,
+                request_type=request_type,
+                future=future,
+                finish=finish,
+                bodies=[body],
+            )
+        )
+        return future
+
+    def _forward_call(
+        self,
+        kind: str,
+        data: Sequence[tinker.Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None,
+        deadline: float | None,
+    ) -> AsyncAPIFuture[tinker.ForwardBackwardOutput]:
+        self._check_usable()
+        batch = _check_data(data)
+        non_empty_str(loss_fn, "loss_fn")
+        if loss_fn_config is not None and not isinstance(loss_fn_config, Mapping):
+            raise TypeError("loss_fn_config must be a mapping or None")
+        bodies, offload = self._prepare_forward_bodies(kind, batch, loss_fn, loss_fn_config)
+        tokens = _response_tokens(batch) if loss_fn == "cross_entropy" else None
+        # The future is made last: a call that raises leaves nothing pending behind.
+        future: AsyncAPIFuture[tinker.ForwardBackwardOutput] = self._new_future(kind, deadline)
+
+        async def finish(payloads: list[Any]) -> tinker.ForwardBackwardOutput:
+            return await self._finish_forward(payloads, offload=offload, response_tokens=tokens)
+
+        self._enqueue(
+            Call(
+                kind=kind,
+                request_type="Forward" if kind == "forward" else "ForwardBackward",
+                future=future,
+                finish=finish,
+                bodies=bodies,
+                offload=offload,
+            )
+        )
+        return future
+
+    def _prepare_forward_bodies(
+        self,
+        kind: str,
+        batch: list[tinker.Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None,
+    ) -> tuple[list[JSON] | asyncio.Task[list[JSON]], bool]:
+        """Chunk a batch and encode one body per chunk (seq_id still unset).
+
+        Small batches are encoded now, so structural problems raise at the call site;
+        large ones in a worker thread, overlapping with earlier sends. Values that JSON
+        cannot carry (NaN) are found when the sender serialises the call: its future
+        fails and nothing is sent.
+        """
+        limits = self._config.limits
+        chunks = _wire.chunk_data(
+            batch, max_datums=limits.max_chunk_datums, max_bytes=limits.max_chunk_bytes
+        )
+        config = dict(loss_fn_config) if loss_fn_config is not None else None
+
+        def encode() -> list[JSON]:
+            return [
+                _wire.encode_request(
+                    _wire.ForwardRequest(
+                        model_id=self._model_id,
+                        seq_id=0,
+                        data=chunk,
+                        loss_fn=loss_fn,
+                        loss_fn_config=config,
+                        forward_only=kind == "forward",
+                        comms=self._comms,
+                    )
+                )
+                for chunk in chunks
+            ]
+
+        offload = _estimated_bytes(batch) > limits.offload_bytes
+        if not offload:
+            return encode(), False
+        # Not in self._tasks: a failure here is a user error, reported through the
+        # call's future by the sender, and the Call holds the only reference needed.
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(encode))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task, True
+
+    async def _finish_forward(
+        self, payloads: list[Any], *, offload: bool, response_tokens: float | None
+    ) -> tinker.ForwardBackwardOutput:
+        def decode() -> tinker.ForwardBackwardOutput:
+            outputs = [_wire.decode_forward_backward_output(p) for p in payloads]
+            return _wire.combine_outputs(outputs)
+
+        try:
+            output = await asyncio.to_thread(decode) if offload else decode()
+        except ValueError as exc:
+            raise APIResponseValidationError(f"unreadable forward output: {exc}") from exc
+        if response_tokens is not None and "response_tokens" not in output.metrics:
+            metrics = {**output.metrics, "response_tokens": response_tokens}
+            output = dataclasses.replace(output, metrics=metrics)
+        return output
+
+    async def _drain(self) -> None:
+        """Wait until every call made so far has been sent and has resolved."""
+        while self._live:
+            await asyncio.wait([f._future for f in list(self._live)])
+
+    async def _shutdown(self, reason: str) -> None:
+        """Stop the sender and every poll; fail what is still pending."""
+        self._closed_reason = self._closed_reason or reason
+        for future in list(self._live):
+            future._set_exception(ClientClosedError(reason))
+        self._queue.fail_queued(reason)
+        await self._tasks.aclose()
+
+
+def _check_data(data: Sequence[tinker.Datum]) -> list[tinker.Datum]:
+    if isinstance(data, tinker.Datum) or not isinstance(data, Sequence):
+        raise TypeError("data must be a list of tinker.Datum")
+    batch = list(data)
+    if not batch:
+        raise ValueError("data must not be empty")
+    for i, datum in enumerate(batch):
+        if not isinstance(datum, tinker.Datum):
+            raise TypeError(f"data[{i}] is a {type(datum).__name__}, not a tinker.Datum")
+    return batch
+
+
+def _tensor_size(tensor: tinker.TensorData) -> int:
+    if tensor.sparse_col_indices is not None:
+        return 2 * len(tensor.sparse_col_indices)
+    return int(tensor.to_numpy().size)
+
+
+def _estimated_bytes(batch: Sequence[tinker.Datum]) -> int:
+    numbers = 0
+    for datum in batch:
+        numbers += datum.model_input.length
+        numbers += sum(_tensor_size(t) for t in datum.loss_fn_inputs.values())
+    return numbers * _BYTES_PER_NUMBER
+
+
+def _response_tokens(batch: Sequence[tinker.Datum]) -> float:
+    """Loss tokens of a cross_entropy batch: non-zero weights, or every target."""
+    total = 0
+    for datum in batch:
+        weights = datum.loss_fn_inputs.get("weights")
+        if weights is not None:
+            total += int(np.count_nonzero(weights.to_numpy()))
+        else:
+            targets = datum.loss_fn_inputs.get("target_tokens")
+            total += _tensor_size(targets) if targets is not None else 0
+    return float(total)
+
+
+def _normalization(value: GradAccNormalization | str | None) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, GradAccNormalization):
+        return value.value
+    if isinstance(value, str):
+        try:
+            return GradAccNormalization(value.strip().lower()).value
+        except ValueError:
+            pass
+    choices = ", ".join(m.value for m in GradAccNormalization)
+    raise ValueError(f"grad_accumulation_normalization must be one of {choices}; got {value!r}")
+
+
+def _check_ttl(ttl_seconds: int | None) -> int | None:
+    return None if ttl_seconds is None else positive_int(ttl_seconds, "ttl_seconds")
+
+
+def validate_model(model: type[M], payload: Any) -> M:
+    """Validate a JSON answer into a tinker response model.
+
+    Raises:
+        APIResponseValidationError: The answer does not fit the model.
+    """
+    try:
+        return model.model_validate(payload)
+    except pydantic.ValidationError as exc:
+        raise APIResponseValidationError(
+            f"unreadable {model.__name__}: {exc}", body=payload
+        ) from exc

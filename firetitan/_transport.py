@@ -1,0 +1,479 @@
+"""HTTP to one trainer: the only client module that imports aiohttp.
+
+Responsibilities, each in one place:
+
+* **Connections.** Two pooled keep-alive `aiohttp.ClientSession`s per service client,
+  created lazily on the running loop: one for submissions and direct calls, one for
+  ``retrieve_future`` long-polls. With separate pools, any number of pending
+  long-polls can never starve the submissions that would complete them.
+* **Headers.** ``X-API-Key``, ``Accept``, ``User-Agent: firetitan/<version>``,
+  ``Content-Type`` on bodies, and an ``X-Idempotency-Key`` on every POST that stays
+  the same across the retries of one call (the trainer deduplicates retried
+  submissions; ordered ones also keep their ``seq_id``, which is inside the body).
+* **Retries.** This is the only retrying layer (tenacity): connection errors and
+  timeouts, 408, 409, 429 (honouring ``Retry-After``, capped), 5xx and
+  ``x-should-retry: true``; exponential backoff with jitter; an overall deadline;
+  ``reraise`` so callers see our exception types, never ``tenacity.RetryError``.
+* **Errors.** aiohttp, timeout and JSON errors are translated into
+  `firetitan._errors` classes here and chained with ``from``. Error messages carry the
+  trainer's ``detail``. Exceptions that hold request headers (aiohttp's
+  ``ClientResponseError`` family) are never chained, so the API key cannot ride along.
+* **Secrets.** The API key lives in a `_Secret` that masks itself in ``repr`` and
+  refuses to be pickled; headers are never logged.
+
+TLS certificates are verified (aiohttp's default); nothing here turns that off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import math
+import random
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any, Literal, NoReturn
+
+import aiohttp
+import attrs
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+)
+
+from firetitan import _wire
+from firetitan._config import ClientConfig, RetryPolicy
+from firetitan._errors import (
+    APIConnectionError,
+    APIError,
+    APIResponseValidationError,
+    APITimeoutError,
+    ClientClosedError,
+    ClientUsageError,
+    status_error_class,
+)
+from firetitan._version import __version__
+
+__all__ = ["USER_AGENT", "Pool", "Transport"]
+
+log = logging.getLogger("firetitan.transport")
+
+USER_AGENT = f"firetitan/{__version__}"
+Pool = Literal["submit", "poll"]
+_JSON = "application/json"
+
+
+class _Secret:
+    """A string that never shows itself in a repr and cannot be pickled."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("an API key is never pickled")
+
+
+class _Retry(Exception):
+    """Internal carrier: ``error`` may be retried, after at least ``retry_after`` s."""
+
+    def __init__(self, error: APIError, retry_after: float | None = None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.retry_after = retry_after
+
+
+@attrs.frozen
+class _Exchange:
+    status: int
+    headers: Mapping[str, str]  # names in lower case
+    body: bytes
+
+
+class Transport:
+    """JSON over HTTP to one trainer, with retries; see the module docstring.
+
+    One instance belongs to one service client and is bound to the event loop on which
+    it is first used.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        config: ClientConfig,
+        *,
+        default_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        # The reference client appends endpoint paths to the base URL, so a trainer
+        # may be mounted under any prefix.
+        self._base_url = base_url.rstrip("/")
+        self._key = _Secret(api_key)
+        self._config = config
+        self._extra_headers = dict(default_headers or {})
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._rng = random.Random()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def base_url(self) -> str:
+        """The trainer's base URL (no trailing slash)."""
+        return self._base_url
+
+    @property
+    def config(self) -> ClientConfig:
+        """The client configuration."""
+        return self._config
+
+    @property
+    def closed(self) -> bool:
+        """Whether `aclose` was called."""
+        return self._closed
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop this transport is bound to, once it was first used."""
+        return self._loop
+
+    def __repr__(self) -> str:
+        return f"Transport(base_url={self._base_url!r}, closed={self._closed})"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a Transport holds live connections and an API key; it cannot be pickled")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def check_loop(self) -> asyncio.AbstractEventLoop:
+        """Return the running loop after checking that this transport may use it.
+
+        Raises:
+            ClientClosedError: The transport was closed.
+            ClientUsageError: No loop is running, or the transport is bound to another.
+        """
+        if self._closed:
+            raise ClientClosedError("the client was closed")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise ClientUsageError(
+                "firetitan async clients must be used from a running event loop"
+            ) from None
+        if self._loop is not None and self._loop is not loop:
+            raise ClientUsageError(
+                "this client is bound to another event loop; create one client per loop"
+            )
+        return loop
+
+    def _session(self, pool: Pool) -> aiohttp.ClientSession:
+        loop = self.check_loop()
+        if not self._sessions:
+            limits, timeouts = self._config.limits, self._config.timeouts
+            for name, limit in (
+                ("submit", limits.max_connections),
+                ("poll", limits.max_poll_connections),
+            ):
+                connector = aiohttp.TCPConnector(limit=limit, keepalive_timeout=60.0)
+                self._sessions[name] = aiohttp.ClientSession(
+                    connector=connector,
+                    timeout=aiohttp.ClientTimeout(
+                        total=timeouts.request, sock_connect=timeouts.connect
+                    ),
+                    raise_for_status=False,
+                )
+            self._loop = loop
+        return self._sessions[pool]
+
+    async def aclose(self) -> None:
+        """Close both connection pools. Later requests raise `ClientClosedError`."""
+        self._closed = True
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
+
+    # ------------------------------------------------------------------ requests
+
+    async def encode(self, obj: Any, *, offload: bool = False) -> bytes:
+        """Serialise a JSON body, in a worker thread when ``offload`` is set.
+
+        Raises:
+            ValueError: The object cannot be carried as JSON (a `_wire.WireError`).
+        """
+        if offload:
+            return await asyncio.to_thread(_wire.dumps, obj)
+        return _wire.dumps(obj)
+
+    async def post(
+        self,
+        path: str,
+        body: Any,
+        *,
+        pool: Pool = "submit",
+        retry: bool = True,
+        attempt_timeout: float | None = None,
+        offload: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """POST a JSON body and return the decoded JSON answer.
+
+        Args:
+            path: Endpoint path, e.g. ``/api/v1/forward``.
+            body: A JSON-able object, or bytes already encoded.
+            pool: ``"poll"`` for long-polls, ``"submit"`` otherwise.
+            retry: False sends exactly one attempt (heartbeats).
+            attempt_timeout: Total seconds for one attempt; the pool's default otherwise.
+            offload: Encode and decode in a worker thread (large bodies).
+            headers: Extra headers.
+
+        Returns:
+            The parsed JSON answer.
+
+        Raises:
+            APIStatusError: The trainer answered 4xx/5xx (after retries, where retried).
+            APIConnectionError: The trainer could not be reached (after retries).
+            APIResponseValidationError: The answer was not JSON.
+        """
+        data = body if isinstance(body, bytes) else await self.encode(body, offload=offload)
+        # One key for every attempt of this call: a retried submission is recognisable.
+        request_headers = {"X-Idempotency-Key": f"firetitan-{uuid.uuid4().hex}"}
+        if headers:
+            request_headers.update(headers)
+        return await self._request(
+            "POST", path, data, pool=pool, retry=retry, attempt_timeout=attempt_timeout,
+            offload=offload,
+            headers=request_headers,
+        )
+
+    async def get(self, path: str, *, attempt_timeout: float | None = None) -> Any:
+        """GET an endpoint and return the decoded JSON answer.
+
+        Raises:
+            APIStatusError: The trainer answered 4xx/5xx (after retries, where retried).
+            APIConnectionError: The trainer could not be reached (after retries).
+            APIResponseValidationError: The answer was not JSON.
+        """
+        return await self._request(
+            "GET", path, None, pool="submit", retry=True, attempt_timeout=attempt_timeout,
+            offload=False,
+            headers={},
+        )
+
+    def _policy(self, pool: Pool, retry: bool) -> RetryPolicy:
+        policy = self._config.retry
+        if not retry:
+            return attrs.evolve(policy, max_attempts=1)
+        if pool == "poll":
+            # A long-poll is idempotent and its future has its own deadline, so a
+            # poll is retried until the trainer has been unreachable for the whole
+            # retry deadline, however many attempts that takes.
+            return attrs.evolve(policy, max_attempts=1_000_000)
+        return policy
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None,
+        *,
+        pool: Pool,
+        retry: bool,
+        attempt_timeout: float | None,
+        offload: bool,
+        headers: dict[str, str],
+    ) -> Any:
+        policy = self._policy(pool, retry)
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, _Retry) and exc.retry_after is not None:
+                return min(exc.retry_after, policy.max_retry_after)
+            return policy.backoff(state.attempt_number, self._rng.random())
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(policy.max_attempts) | stop_before_delay(policy.deadline),
+            wait=wait,
+            retry=retry_if_exception_type(_Retry),
+            reraise=True,
+            before_sleep=lambda state: self._log_retry(method, path, state),
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    exchange = await self._once(method, path, data, headers, pool, attempt_timeout)
+                    return await self._decode(exchange, method, path, offload)
+        except _Retry as exhausted:
+            raise exhausted.error from exhausted.error.__cause__
+        raise AssertionError("unreachable: tenacity either returns or reraises")
+
+    def _log_retry(self, method: str, path: str, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        log.info(
+            "retrying %s %s (attempt %d) in %.2f s after: %s",
+            method, path, state.attempt_number + 1, delay, exc,
+        )
+
+    def _headers(self, extra: Mapping[str, str], has_body: bool) -> dict[str, str]:
+        headers = {
+            **self._extra_headers,
+            "X-API-Key": self._key.reveal(),
+            "Accept": _JSON,
+            "User-Agent": USER_AGENT,
+        }
+        if has_body:
+            headers["Content-Type"] = _JSON
+        headers.update(extra)
+        return headers
+
+    async def _once(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None,
+        headers: Mapping[str, str],
+        pool: Pool,
+        attempt_timeout: float | None,
+    ) -> _Exchange:
+        session = self._session(pool)
+        timeouts = self._config.timeouts
+        # sock_connect, not connect: waiting for a free pooled connection is normal
+        # under load and must not count as a failure to connect.
+        if pool == "poll":
+            client_timeout = aiohttp.ClientTimeout(
+                total=attempt_timeout,
+                sock_connect=timeouts.connect,
+                sock_read=timeouts.long_poll_read,
+            )
+        else:
+            client_timeout = aiohttp.ClientTimeout(
+                total=attempt_timeout or timeouts.request, sock_connect=timeouts.connect
+            )
+        url = self._base_url + path
+        started = time.monotonic()
+        try:
+            async with session.request(
+                method, url, data=data, headers=self._headers(headers, data is not None),
+                timeout=client_timeout,
+            ) as response:
+                body = await response.read()
+                headers = {k.lower(): v for k, v in response.headers.items()}
+                exchange = _Exchange(response.status, headers, body)
+        except TimeoutError as exc:
+            raise _Retry(_chain(APITimeoutError(f"{method} {path} timed out"), exc)) from None
+        except aiohttp.ClientResponseError as exc:
+            # Carries the request headers (and so the key): never chained.
+            raise _Retry(APIConnectionError(f"{method} {path} failed: {exc.message}")) from None
+        except aiohttp.ClientError as exc:
+            error = APIConnectionError(f"{method} {path} failed: {type(exc).__name__}: {exc}")
+            raise _Retry(_chain(error, exc)) from None
+        log.debug(
+            "%s %s -> %d (%d bytes, %.1f ms)",
+            method, path, exchange.status, len(exchange.body), 1e3 * (time.monotonic() - started),
+        )
+        if exchange.status >= 400:
+            self._raise_status(method, path, exchange)
+        return exchange
+
+    def _raise_status(self, method: str, path: str, exchange: _Exchange) -> NoReturn:
+        status = exchange.status
+        body: Any
+        try:
+            body = _wire.loads(exchange.body) if exchange.body else None
+        except ValueError:
+            body = exchange.body[:500].decode("utf-8", "replace")
+        detail = _detail(body) or (body if isinstance(body, str) and body else None)
+        message = f"HTTP {status} from {method} {path}"
+        if detail:
+            message += f": {detail}"
+        request_id = body.get("request_id") if isinstance(body, dict) else None
+        error = status_error_class(status)(
+            message,
+            status_code=status,
+            body=body,
+            request_id=request_id if isinstance(request_id, str) else None,
+        )
+        should_retry = exchange.headers.get("x-should-retry", "").lower()
+        retryable = should_retry == "true" or (
+            should_retry != "false" and (status in (408, 409, 429) or status >= 500)
+        )
+        if retryable:
+            raise _Retry(error, _retry_after(exchange.headers))
+        raise error
+
+    async def _decode(self, exchange: _Exchange, method: str, path: str, offload: bool) -> Any:
+        if not exchange.body:
+            raise APIResponseValidationError(f"{method} {path} answered with an empty body")
+        try:
+            if offload or len(exchange.body) > self._config.limits.offload_bytes:
+                return await asyncio.to_thread(_wire.loads, exchange.body)
+            return _wire.loads(exchange.body)
+        except ValueError as exc:
+            raise APIResponseValidationError(
+                f"{method} {path} answered with a body that is not JSON: {exc}"
+            ) from exc
+
+
+def _chain(error: APIError, cause: BaseException) -> APIError:
+    error.__cause__ = cause
+    return error
+
+
+def _detail(body: Any) -> str | None:
+    """The trainer's explanation in an error body (wire.md §9.3 shapes)."""
+    if not isinstance(body, dict):
+        return None
+    for key in ("detail", "message"):
+        value = body.get(key)
+        if isinstance(value, str) and value:
+            return value
+        if value:
+            return str(value)
+    error = body.get("error")
+    if isinstance(error, str) and error:
+        return error
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    return None
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from ``Retry-After-Ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    millis = lowered.get("retry-after-ms")
+    if millis is not None:
+        try:
+            value = float(millis) / 1000.0
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value >= 0:
+            return value
+    raw = lowered.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError):
+            return None
+        value = when.timestamp() - time.time()
+    return value if math.isfinite(value) and value >= 0 else None
