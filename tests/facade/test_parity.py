@@ -1,0 +1,127 @@
+"""P10: every public async method has a facade twin with the same signature and docstring.
+
+The expected facade signature is derived here independently of the generator: parameter
+names, kinds and defaults are identical; annotations differ only by the documented
+rewrites (`AsyncAPIFuture` -> `APIFuture`, `AsyncX` -> `X`, awaitables unwrapped), and
+`aclose`/`__aenter__`/`__aexit__` become `close`/`__enter__`/`__exit__`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+import firetitan
+import firetitan._async.sampling
+import firetitan._async.service
+import firetitan._async.training
+import firetitan._sync
+
+RENAMES = {"aclose": "close", "__aenter__": "__enter__", "__aexit__": "__exit__"}
+KEPT = {"__init__", "__aenter__", "__aexit__"}
+FACADE_KEPT = {"__init__", "__enter__", "__exit__"}
+
+
+def facade_classes(package: ModuleType) -> list[type]:
+    return [getattr(package, name) for name in package.__all__]
+
+
+def async_twin(facade: type) -> type:
+    module = inspect.getmodule(facade)
+    assert module is not None
+    source_module = __import__(
+        module.__name__.replace("._sync.", "._async.").replace(
+            "toykit_sync.", "facade.toykit._async."
+        ),
+        fromlist=["*"],
+    )
+    twin: type = getattr(source_module, f"Async{facade.__name__}")
+    return twin
+
+
+def rewrite(annotation: str, twins: set[str]) -> str:
+    text = annotation.replace("AsyncAPIFuture", "APIFuture")
+    for name in twins:
+        text = re.sub(rf"\b{name}\b", name.removeprefix("Async"), text)
+    match = re.fullmatch(r"(?:Awaitable|Coroutine)\[(?:[^,]+, [^,]+, )?(.*)\]", text)
+    return match.group(1) if match else text
+
+
+def public_members(cls: type, kept: set[str]) -> dict[str, Any]:
+    """Methods, properties and static methods, without private names (but `kept`)."""
+    return {
+        name: member
+        for name, member in vars(cls).items()
+        if (not name.startswith("_") or name in kept)
+        and (callable(member) or isinstance(member, property | staticmethod))
+    }
+
+
+def check_class(facade: type, twins: set[str]) -> None:
+    source = async_twin(facade)
+    assert inspect.getdoc(facade) == inspect.getdoc(source)
+    expected = {RENAMES.get(n, n): (n, m) for n, m in public_members(source, KEPT).items()}
+    actual = public_members(facade, FACADE_KEPT)
+    extra = set(actual) - set(expected)
+    assert not extra, f"{facade.__name__} has members without an async twin: {extra}"
+    for name, (async_name, member) in expected.items():
+        assert name in actual, f"{facade.__name__}.{name} is missing"
+        twin = actual[name]
+        where = f"{facade.__name__}.{name}"
+        if isinstance(member, property):
+            assert isinstance(twin, property), where
+            assert inspect.getdoc(twin) == inspect.getdoc(member), where
+            assert twin.fget is not None and member.fget is not None
+            a_ret = inspect.signature(member.fget).return_annotation
+            assert inspect.signature(twin.fget).return_annotation == rewrite(a_ret, twins), where
+            continue
+        if isinstance(member, staticmethod):
+            assert isinstance(twin, staticmethod), where
+            member, twin = member.__func__, twin.__func__
+        assert inspect.getdoc(twin) == inspect.getdoc(member), where
+        assert not inspect.iscoroutinefunction(twin), f"{where} must block, not be a coroutine"
+        a_sig, f_sig = inspect.signature(member), inspect.signature(twin)
+        a_params, f_params = list(a_sig.parameters.values()), list(f_sig.parameters.values())
+        assert [p.name for p in f_params] == [p.name for p in a_params], where
+        assert [p.kind for p in f_params] == [p.kind for p in a_params], where
+        for a, f in zip(a_params, f_params, strict=True):
+            assert f.default is a.default or f.default == a.default, f"{where}({a.name})"
+            if a.annotation is not inspect.Parameter.empty:
+                assert f.annotation == rewrite(a.annotation, twins), f"{where}({a.name})"
+        if async_name == "__aenter__":
+            assert f_sig.return_annotation == "Self", where
+        elif async_name != "__init__":
+            assert f_sig.return_annotation == rewrite(a_sig.return_annotation, twins), where
+
+
+def test_the_firetitan_facade_mirrors_the_async_core() -> None:
+    classes = facade_classes(firetitan._sync)
+    assert {c.__name__ for c in classes} == {
+        "FiretitanServiceClient",
+        "FiretitanTrainingClient",
+        "SamplingClient",
+    }
+    twins = {f"Async{c.__name__}" for c in classes}
+    for cls in classes:
+        check_class(cls, twins)
+
+
+def test_the_toy_facade_mirrors_the_toy_core(toy: ModuleType) -> None:
+    classes = facade_classes(toy)
+    twins = {f"Async{c.__name__}" for c in classes}
+    for cls in classes:
+        check_class(cls, twins)
+
+
+@pytest.mark.parametrize(
+    "name", ["FiretitanServiceClient", "FiretitanTrainingClient", "SamplingClient", "APIFuture"]
+)
+def test_the_facade_is_exported(name: str) -> None:
+    assert name in firetitan.__all__
+    assert getattr(firetitan, name).__module__.startswith(
+        ("firetitan._sync.", "firetitan._futures")
+    )
