@@ -1,0 +1,211 @@
+"""Token generation with a KV cache, all ``num_samples`` sequences in one batch.
+
+The prompt is the same for every sequence, so the batch never needs padding: one
+prefill of shape (n, len(prompt)), then one decode step of shape (n, 1) per new token.
+Sequences that have stopped keep stepping (their extra tokens are dropped) until all
+have stopped or ``max_tokens`` is reached; that keeps the cache rectangular.
+
+Per-token log-probabilities are the model's own: ``log_softmax`` in float32 of the
+unmodified logits, whatever ``temperature``, ``top_k`` and ``top_p`` do to the choice.
+They therefore equal what `forward` computes for the same tokens, which is what an RL
+loss needs as ``logprobs`` when sampling at temperature 1.
+
+Stopping: ``stop=None`` stops at the tokenizer's end-of-sequence token; ``[]`` never
+stops early; token ids stop when generated; strings stop once the decoded text of the
+generated tokens contains them. The token that completes a stop is kept in the output
+and the reason is ``"stop"``; running out of ``max_tokens`` (or of context) gives
+``"length"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import attrs
+import numpy as np
+import tinker
+import torch
+from torch import nn
+
+from firetitan.local.engine import UserError
+from firetitan.local.torch.models import cache_keyword
+from firetitan.local.torch.tokenizer import Tokenizer
+
+__all__ = ["DEFAULT_MAX_TOKENS", "SamplingPlan", "generate", "plan_sampling"]
+
+#: ``max_tokens`` when the request leaves it unset.
+DEFAULT_MAX_TOKENS = 256
+
+
+@attrs.frozen(kw_only=True)
+class SamplingPlan:
+    """Validated sampling parameters."""
+
+    max_new: int
+    temperature: float
+    top_k: int  # 0: no limit
+    top_p: float
+    stop_ids: frozenset[int]
+    stop_strings: tuple[str, ...]
+    seed: int | None
+
+
+def plan_sampling(
+    prompt: Sequence[int],
+    num_samples: int,
+    params: tinker.SamplingParams,
+    *,
+    tokenizer: Tokenizer,
+    vocab_size: int,
+    context: int,
+) -> SamplingPlan:
+    """Check a sampling request against the model.
+
+    Raises:
+        UserError: A parameter is out of range, the prompt is empty, too long or holds
+            a token outside the vocabulary, or ``stop`` has the wrong type.
+    """
+    if num_samples < 1:
+        raise UserError(f"num_samples must be at least 1, got {num_samples}")
+    if not prompt:
+        raise UserError("prompt is empty")
+    values: Sequence[object] = prompt  # checked at run time: the request is untrusted
+    for i, tok in enumerate(values):
+        if not isinstance(tok, int) or not 0 <= tok < vocab_size:
+            raise UserError(
+                f"prompt token {i} is {tok!r}, outside the vocabulary [0, {vocab_size})"
+            )
+    if len(prompt) >= context:
+        raise UserError(f"prompt has {len(prompt)} tokens; the model's context is {context}")
+    if params.max_tokens is not None and params.max_tokens < 0:
+        raise UserError(f"max_tokens must be >= 0, got {params.max_tokens}")
+    if not (math.isfinite(params.temperature) and params.temperature >= 0):
+        raise UserError(f"temperature must be >= 0, got {params.temperature}")
+    if not (math.isfinite(params.top_p) and 0 < params.top_p <= 1):
+        raise UserError(f"top_p must be in (0, 1], got {params.top_p}")
+
+    wanted = DEFAULT_MAX_TOKENS if params.max_tokens is None else params.max_tokens
+    room = context - len(prompt)
+    stop_ids: set[int] = set()
+    stop_strings: list[str] = []
+    stop = params.stop
+    if stop is None:
+        if tokenizer.eos_token_id is not None:
+            stop_ids.add(tokenizer.eos_token_id)
+    else:
+        for item in [stop] if isinstance(stop, str) else list(stop):
+            if isinstance(item, str) and item:
+                stop_strings.append(item)
+            elif isinstance(item, int) and not isinstance(item, bool):
+                stop_ids.add(item)
+            else:
+                raise UserError(
+                    f"stop entries must be token ids or non-empty strings, got {item!r}"
+                )
+    return SamplingPlan(
+        max_new=min(wanted, room),
+        temperature=float(params.temperature),
+        top_k=max(int(params.top_k), 0),
+        top_p=float(params.top_p),
+        stop_ids=frozenset(stop_ids),
+        stop_strings=tuple(stop_strings),
+        seed=params.seed,
+    )
+
+
+def _choose(logits: torch.Tensor, plan: SamplingPlan, generator: torch.Generator) -> torch.Tensor:
+    """Pick one token per row of (B, V) float32 logits."""
+    if plan.temperature == 0:
+        return logits.argmax(dim=-1)
+    scaled = logits / plan.temperature
+    if 0 < plan.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, plan.top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, -math.inf)
+    if plan.top_p < 1:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass;
+        # the most likely token always stays. The prefix sum runs on the CPU: CUDA's
+        # floating-point cumsum is nondeterministic (and refused in deterministic mode).
+        mass_above = torch.cumsum(probs.cpu(), dim=-1).to(probs.device) - probs
+        drop_sorted = mass_above >= plan.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, -math.inf)
+    probs = torch.softmax(scaled, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def generate(
+    module: nn.Module,
+    prompt: Sequence[int],
+    num_samples: int,
+    plan: SamplingPlan,
+    *,
+    generator: torch.Generator,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager[object],
+    prompt_logprobs: bool,
+    id_prefix: str,
+) -> tinker.SampleResponse:
+    """Run the decode loop described in the module docstring."""
+    n = num_samples
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list[float]] = [[] for _ in range(n)]
+    reasons: list[str | None] = [None] * n
+    window = 4 * max((len(s) for s in plan.stop_strings), default=0) + 4
+    prompt_lp: np.ndarray | None = None
+    keyword = cache_keyword(module)
+
+    ids = torch.tensor([list(prompt)] * n, dtype=torch.int64, device=device)
+    with torch.inference_mode(), autocast:
+        out = module(input_ids=ids, use_cache=True)
+        if prompt_logprobs:
+            lp_all = torch.log_softmax(out.logits[0].float(), dim=-1)
+            picked = lp_all[:-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
+            prompt_lp = np.full(len(prompt), np.nan, dtype=np.float32)
+            prompt_lp[1:] = picked.cpu().numpy()
+        logits = out.logits[:, -1, :].float()
+        cache = _cache_of(out)
+        for step in range(plan.max_new):
+            choice = _choose(logits, plan, generator)
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, choice[:, None]).squeeze(-1)
+            for i, (tok, val) in enumerate(zip(choice.tolist(), lp.tolist(), strict=True)):
+                if reasons[i] is not None:
+                    continue
+                tokens[i].append(tok)
+                logprobs[i].append(val)
+                if tok in plan.stop_ids or (
+                    plan.stop_strings
+                    and _has_stop(tokenizer.decode(tokens[i][-window:]), plan.stop_strings)
+                ):
+                    reasons[i] = "stop"
+            if all(r is not None for r in reasons) or step == plan.max_new - 1:
+                break
+            out = module(input_ids=choice[:, None], use_cache=True, **{keyword: cache})
+            logits = out.logits[:, -1, :].float()
+            cache = _cache_of(out)
+
+    sequences = [
+        tinker.SampledSequence(
+            stop_reason="stop" if reasons[i] == "stop" else "length",
+            sequence_id=f"{id_prefix}-{i}",
+            tokens_np=np.asarray(tokens[i], dtype=np.int32),
+            logprobs_np=np.asarray(logprobs[i], dtype=np.float32),
+        )
+        for i in range(n)
+    ]
+    return tinker.SampleResponse(sequences=sequences, prompt_logprobs_np=prompt_lp)
+
+
+def _has_stop(text: str, stops: Sequence[str]) -> bool:
+    return any(s in text for s in stops)
+
+
+def _cache_of(out: object) -> object:
+    # transformers 5 returns the KV cache as ``cache``; earlier releases as
+    # ``past_key_values``.
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
