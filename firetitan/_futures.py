@@ -22,7 +22,7 @@ import concurrent.futures
 import contextlib
 import functools
 from collections.abc import Callable, Coroutine, Generator
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from firetitan._errors import FutureTimeoutError
 
@@ -51,6 +51,8 @@ class AsyncFutureLike(Protocol[_T_co]):
     def cancel(self) -> bool: ...
 
     def exception(self) -> BaseException | None: ...
+
+    def result(self) -> _T_co: ...
 
     def result_async(self) -> Coroutine[Any, Any, _T_co]: ...
 
@@ -325,7 +327,7 @@ def copy_outcome(
         exc = source.exception()
         if exc is None:
             try:
-                value = done_result(source)
+                value = source.result()
                 if convert is not None:
                     value = convert(value)
             except Exception as error:  # never leave the carrier pending: that is a hang
@@ -337,18 +339,3 @@ def copy_outcome(
     except concurrent.futures.InvalidStateError:
         pass  # cancelled from another thread between the check and the set: cancel wins
 
-
-def done_result(source: AsyncFutureLike[_T]) -> _T:
-    """Return the result of a *finished*, successful async future, synchronously.
-
-    The async future offers its result only to awaiters. Awaiting a finished future
-    never suspends (it returns at once), so one step of `result_async()` completes the
-    coroutine; a suspension would mean the future was not finished, a caller bug.
-    """
-    coro = source.result_async()
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return cast(_T, stop.value)
-    coro.close()
-    raise RuntimeError("done_result() called on a future that is not finished")

@@ -136,6 +136,19 @@ class AsyncAPIFuture(Generic[T]):
         """
         return self._future.exception()
 
+    def result(self) -> T:
+        """Return the result of a finished future without waiting.
+
+        Returns:
+            The result.
+
+        Raises:
+            asyncio.InvalidStateError: The future is not done yet; await it instead.
+            asyncio.CancelledError: The future was cancelled.
+            FiretitanError: The request failed; see the specific subclasses.
+        """
+        return self._future.result()
+
     # The tinker-compatible signature takes a timeout argument.
     async def result_async(self, timeout: float | None = None) -> T:  # noqa: ASYNC109
         """Wait for the result.
