@@ -15,7 +15,7 @@ from .helpers import QWEN, TOK, bit_equal, full_model, lora_model, sft_batch, we
 
 
 def _run(root: Path) -> tuple[dict[str, dict[str, torch.Tensor]], list[object]]:
-    engine = TorchEngine(device="cpu", seed=3)
+    engine = TorchEngine(device="cpu", seed=3, threads=2)
     models = [full_model(engine, "full"), lora_model(engine, "lora", rank=4)]
     outputs: list[object] = []
     for step in range(2):
@@ -51,7 +51,7 @@ def _run(root: Path) -> tuple[dict[str, dict[str, torch.Tensor]], list[object]]:
 
 
 def test_identical_runs_are_bit_identical(tmp_path: Path) -> None:
-    # Several intra-op threads, as the trainer runs by default: reductions split across
+    # Several intra-op threads, as larger models run by default: reductions split across
     # threads must still be reproducible.
     torch.set_num_threads(2)
     w1, out1 = _run(tmp_path / "a")

@@ -131,6 +131,8 @@ class TorchEngine(Engine):
             to these weights.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ...
         seed: Seeds stand-in weights, LoRA initialisation and unseeded sampling.
+        threads: torch intra-op threads for the whole process; None means one thread
+            for the ``tiny`` stand-in on CPU and torch's default otherwise.
 
     Raises:
         ValueError: Unknown ``size``, or ``weights`` is not a directory.
@@ -145,6 +147,7 @@ class TorchEngine(Engine):
         weights: str | Path | None = None,
         device: str = "auto",
         seed: int = 0,
+        threads: int | None = None,
     ) -> None:
         if size not in SIZES:
             raise ValueError(f"unknown stand-in size {size!r}; choose one of {sorted(SIZES)}")
@@ -154,6 +157,13 @@ class TorchEngine(Engine):
         self.device = _pick_device(device)
         if self.device.type == "cuda":
             _deterministic_cuda()
+        # The tiny stand-in gains nothing from intra-op parallelism, while spinning
+        # OpenMP workers compete with the event loop (and an in-process client) for a
+        # small machine's cores. torch's thread count is process-wide.
+        if threads is None and self.device.type == "cpu" and size == "tiny":
+            threads = 1
+        if threads is not None:
+            torch.set_num_threads(threads)
         self._lock = threading.RLock()
         self._models: dict[str, _Model] = {}
         self._bases: dict[str, _Base] = {}
