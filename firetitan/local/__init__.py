@@ -81,8 +81,8 @@ class LocalTrainer:
     it gracefully and removes a temporary checkpoint folder.
 
     Args:
-        engine: ``"null"`` (no compute), ``"torch"`` (needs ``firetitan[local]``), or an
-            `Engine` instance.
+        engine: ``"torch"`` (real training; needs ``firetitan[local]``), ``"null"`` (no
+            model compute: right shapes, deterministic values), or an `Engine` instance.
         base_model: The model name served by default.
         size: Stand-in model preset of the torch engine (``"tiny"``, ``"small"``).
         checkpoint_dir: Checkpoint root; a temporary folder (removed on exit) if None.
@@ -101,7 +101,7 @@ class LocalTrainer:
 
     def __init__(
         self,
-        engine: str | Engine = "null",
+        engine: str | Engine = "torch",
         *,
         base_model: str = DEFAULT_BASE_MODEL,
         size: str = "tiny",
