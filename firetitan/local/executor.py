@@ -19,6 +19,10 @@ The server decodes a request, hands the executor a coroutine function that does 
   ``gap_wait_seconds`` with later work waiting. A request whose ``seq_id`` arrives
   after the queue moved past it fails with category ``user`` instead of running out of
   order.
+* **Results in the encoding asked for.** A finished request keeps a `Result`: its
+  outcome, encoded as JSON, or, for results that also have a protobuf form (tinker
+  0.38 reads forward and sampling results only as protobuf), the result object and
+  each encoding once made, so that every poll gets what its ``Accept`` header asks for.
 * **Bounded memory.** Finished results stay for ``result_retention_seconds`` and at most
   ``max_retained_results`` of them; an evicted result answers 410. Request ids carry a
   per-process nonce and a counter, so "evicted" is told apart from "never issued" (404)
@@ -33,8 +37,8 @@ import concurrent.futures
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Hashable, Sequence
-from typing import IO, Any, TypeVar
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from typing import IO, Any, Literal, TypeVar
 
 import attrs
 
@@ -43,24 +47,27 @@ from firetitan.local.config import ServerConfig
 from firetitan.local.engine import UserError
 
 __all__ = [
+    "Encoding",
     "ExecutionRecord",
     "Executor",
     "ExecutorClosedError",
     "OverloadedError",
     "RequestExpiredError",
+    "Result",
+    "Run",
     "UnknownModelError",
     "UnknownRequestError",
-    "failure_body",
-    "success_body",
+    "failure_result",
+    "success_json",
+    "success_result",
 ]
 
 log = logging.getLogger("firetitan.local")
 
 T = TypeVar("T")
 
-#: Work for one request: runs on the event loop, does its computing through
-#: `Executor.in_engine`, and returns the serialized success payload.
-Run = Callable[[], Awaitable[bytes]]
+#: How a ``retrieve_future`` answer is encoded.
+Encoding = Literal["json", "protobuf"]
 
 #: Chunks of one forward/forward_backward call are uploaded concurrently and may overtake
 #: each other, so their arrival says nothing about lower seq_ids (wire.md §5.4).
@@ -99,21 +106,78 @@ class ExecutionRecord:
     kind: str
 
 
-def success_body(payload: Any) -> bytes:
-    """Serialize a success payload as ``retrieve_future`` returns it.
+class Result:
+    """A finished request's answer to ``retrieve_future``, in the encodings it offers.
 
-    Called on the engine thread, so large results are encoded off the event loop once,
-    and every re-poll sends the same bytes.
+    Every result offers JSON. One built with a protobuf encoder offers protobuf too;
+    it keeps its result object so that either encoding can be made when a poll first
+    asks for it. Each encoding is made at most once and kept, so re-polls get the same
+    bytes. `encode` may run on any thread: make large encodings off the event loop.
+
+    Args:
+        value: The result object the encoders take.
+        encoders: How to make each encoding's bytes from ``value``.
     """
+
+    def __init__(self, value: Any, encoders: Mapping[Encoding, Callable[[Any], bytes]]) -> None:
+        self._value = value
+        self._encoders = dict(encoders)
+        self._encoded: dict[Encoding, bytes] = {}
+
+    @classmethod
+    def of_json(cls, body: bytes) -> Result:
+        """A result that only exists as JSON bytes."""
+        result = cls(None, {})
+        result._encoded["json"] = body
+        return result
+
+    def offers(self, encoding: Encoding) -> bool:
+        return encoding in self._encoded or encoding in self._encoders
+
+    def cached(self, encoding: Encoding) -> bytes | None:
+        """The encoding if it was already made."""
+        return self._encoded.get(encoding)
+
+    def encode(self, encoding: Encoding) -> bytes:
+        """The result in ``encoding``, made now unless it was made before.
+
+        Raises:
+            KeyError: The result does not offer ``encoding``.
+            Exception: Whatever the encoder raises (`firetitan._wire.WireError` for a
+                result the protocol cannot express).
+        """
+        made = self._encoded.get(encoding)
+        if made is None:
+            # Two threads may race to make it; both make the same bytes, the first stays.
+            made = self._encoded.setdefault(encoding, self._encoders[encoding](self._value))
+        return made
+
+
+#: Work for one request: runs on the event loop, does its computing through
+#: `Executor.in_engine`, and returns its result.
+Run = Callable[[], Awaitable[Result]]
+
+
+def success_json(payload: Any) -> bytes:
+    """Serialize a success payload as ``retrieve_future`` returns it in JSON."""
     return _wire.dumps(_wire.encode_future_outcome(_wire.FutureResult(payload)))
 
 
-def failure_body(message: str, category: str, error_class: str | None) -> bytes:
-    """Serialize a failure outcome (``{"error", "category", "error_class"}``)."""
+def success_result(payload: Any) -> Result:
+    """A JSON-only success result.
+
+    Called on the engine thread, so that large payloads are serialized off the event
+    loop, once.
+    """
+    return Result.of_json(success_json(payload))
+
+
+def failure_result(message: str, category: str, error_class: str | None) -> Result:
+    """A failure outcome (``{"error", "category", "error_class"}``); always JSON."""
     if len(message) > _MAX_ERROR_CHARS:
         message = message[: _MAX_ERROR_CHARS - 3] + "..."
     outcome = _wire.FutureFailed(error=message, category=category, error_class=error_class)
-    return _wire.dumps(_wire.encode_future_outcome(outcome))
+    return Result.of_json(_wire.dumps(_wire.encode_future_outcome(outcome)))
 
 
 @attrs.define(eq=False)
@@ -124,7 +188,7 @@ class _Job:
     seq_id: int | None
     run: Run | None
     done: asyncio.Event = attrs.field(factory=asyncio.Event)
-    body: bytes | None = None
+    result: Result | None = None
     completed_at: float = 0.0
     # Where this job is registered for deduplication; undone when it is evicted.
     keys: list[Hashable] = attrs.field(factory=list)
@@ -271,7 +335,7 @@ class Executor:
                 f"moved on to seq_id {queue.next_seq} (it was skipped as a gap, or its "
                 "result expired); it was not executed"
             )
-            self._finish(job, failure_body(message, "user", "SequenceError"))
+            self._finish(job, failure_result(message, "user", "SequenceError"))
             return job.request_id
         job = self._new_job(kind, model_id, seq_id, run)
         job.keys.append(key)
@@ -350,15 +414,19 @@ class Executor:
 
     # ------------------------------------------------------------------ futures
 
-    async def retrieve(self, request_id: str, hold: float | None = None) -> bytes:
+    async def retrieve(
+        self, request_id: str, hold: float | None = None, encoding: Encoding = "json"
+    ) -> tuple[bytes, Encoding]:
         """The ``retrieve_future`` answer for a request, long-polling while it is pending.
 
         Args:
             request_id: The id from the submission ACK.
             hold: Seconds to wait for completion; defaults to ``long_poll_seconds``.
+            encoding: The encoding the poll asks for; results that do not offer it,
+                failures and ``try_again`` are answered in JSON.
 
         Returns:
-            The serialized outcome: result, failure, or ``try_again``.
+            The serialized outcome (result, failure, or ``try_again``) and its encoding.
 
         Raises:
             UnknownRequestError: The id was never issued here.
@@ -380,11 +448,25 @@ class Executor:
                     await job.done.wait()
             except TimeoutError:
                 pass
-        if job.body is not None:
-            return job.body
-        return _wire.dumps(
-            _wire.encode_future_outcome(_wire.TryAgain(request_id, queue_state="active"))
-        )
+        if job.result is not None:
+            return await self._encoded(job, job.result, encoding)
+        pending = _wire.TryAgain(request_id, queue_state="active")
+        return _wire.dumps(_wire.encode_future_outcome(pending)), "json"
+
+    async def _encoded(self, job: _Job, result: Result, wanted: Encoding) -> tuple[bytes, Encoding]:
+        encoding: Encoding = wanted if result.offers(wanted) else "json"
+        made = result.cached(encoding)
+        if made is not None:
+            return made, encoding
+        try:
+            # Not the engine thread: encoding an old result must not wait behind compute.
+            return await asyncio.to_thread(result.encode, encoding), encoding
+        except Exception as exc:
+            # The result passed the encoding made when it finished; this one refused it.
+            log.debug("request %s: %s encoding failed", job.request_id, encoding, exc_info=True)
+            message = f"the {job.kind} result cannot be sent as {encoding}: {exc}"
+            failure = failure_result(message, "server", type(exc).__name__)
+            return failure.encode("json"), "json"
 
     def evict_expired(self, now: float | None = None) -> int:
         """Drop finished results older than the retention time; return how many."""
@@ -485,29 +567,29 @@ class Executor:
     def _close_queue(self, queue: _ModelQueue, reason: str, category: str) -> None:
         queue.closed = True
         for job in queue.pending.values():
-            self._finish(job, failure_body(reason, category, "ModelUnloaded"))
+            self._finish(job, failure_result(reason, category, "ModelUnloaded"))
         queue.pending.clear()
         queue.wake.set()
 
     async def _execute(self, job: _Job) -> None:
         run = job.run
-        if run is None or job.body is not None:
+        if run is None or job.result is not None:
             return
         self._record(job)
         try:
-            body = await run()
+            result = await run()
         except (UserError, _wire.WireError) as exc:
-            body = failure_body(str(exc), "user", type(exc).__name__)
+            result = failure_result(str(exc), "user", type(exc).__name__)
         except asyncio.CancelledError:
-            self._finish(job, failure_body(f"{job.kind} was cancelled", "server", "Cancelled"))
+            self._finish(job, failure_result(f"{job.kind} was cancelled", "server", "Cancelled"))
             raise
         except Exception as exc:
             # The client gets what failed, never a traceback; the traceback stays here.
             log.debug("request %s (%s) failed", job.request_id, job.kind, exc_info=True)
             log.warning("request %s (%s) failed: %s", job.request_id, job.kind, type(exc).__name__)
             message = f"{job.kind} failed on the trainer: {type(exc).__name__}: {exc}"
-            body = failure_body(message, "server", type(exc).__name__)
-        self._finish(job, body)
+            result = failure_result(message, "server", type(exc).__name__)
+        self._finish(job, result)
 
     def _record(self, job: _Job) -> None:
         record = ExecutionRecord(job.model_id, job.seq_id, job.request_id, job.kind)
@@ -515,10 +597,10 @@ class Executor:
         if self._log_file is not None:
             self._log_file.write(json.dumps(attrs.asdict(record)) + "\n")
 
-    def _finish(self, job: _Job, body: bytes) -> None:
-        if job.body is not None:
+    def _finish(self, job: _Job, result: Result) -> None:
+        if job.result is not None:
             return
-        job.body = body
+        job.result = result
         job.run = None  # drop the closure, and with it the decoded request data
         job.completed_at = asyncio.get_running_loop().time()
         self._pending -= 1

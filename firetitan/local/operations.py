@@ -2,27 +2,39 @@
 
 Every public method returns a `Run` for the executor: a coroutine function that does its
 computing and file I/O on the engine thread (`Executor.in_engine`) and returns the
-serialized success payload (wire.md §3.7-§3.17). Mistakes the client made raise
-`UserError` (category ``user``); anything else fails the request with category
-``server``. Bookkeeping that the event loop reads (model state, last export) is updated
-on the loop after the engine call returns, so it needs no locks.
+success `Result` (wire.md §3.7-§3.17). Forward and sampling results keep their object
+and offer protobuf besides JSON (tinker 0.38 reads them only as protobuf); the encoding
+the submitting client will likely poll for is made at once, on the engine thread.
+Mistakes the client made raise `UserError` (category ``user``); anything else fails the
+request with category ``server``. Bookkeeping that the event loop reads (model state,
+last export) is updated on the loop after the engine call returns, so it needs no locks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
+import numpy.typing as npt
 import tinker
 
 from firetitan import _wire
 from firetitan.local.checkpoints import MANIFEST_NAME, CheckpointStore, Kind, Manifest
 from firetitan.local.engine import Engine, ModelSpec, SampleSource, UserError
-from firetitan.local.executor import Executor, Run, success_body
+from firetitan.local.executor import (
+    Encoding,
+    Executor,
+    Result,
+    Run,
+    success_json,
+    success_result,
+)
 from firetitan.local.sessions import ModelRecord, Registry, SamplingSession
+from firetitan.local.tinker_compat import mask_prompt_logprobs
 
 __all__ = ["CREATE_MODEL_CAPABILITIES", "Operations"]
 
@@ -42,6 +54,32 @@ CREATE_MODEL_CAPABILITIES: dict[str, Any] = {
 
 SAMPLER_CHECKPOINT_TYPES = ("base", "delta")
 
+# The two result types tinker 0.38 reads only as protobuf, and how each is encoded.
+_FORWARD_ENCODERS: Final[dict[Encoding, Callable[[Any], bytes]]] = {
+    "json": lambda output: success_json(_wire.encode_forward_backward_output(output)),
+    "protobuf": _wire.encode_forward_backward_output_proto,
+}
+_SAMPLE_ENCODERS: Final[dict[Encoding, Callable[[Any], bytes]]] = {
+    "json": lambda response: success_json(_wire.encode_sample_response(response)),
+    "protobuf": _wire.encode_sample_response_proto,
+}
+
+
+def _two_way_result(
+    value: Any, encoders: Mapping[Encoding, Callable[[Any], bytes]], expect: Encoding
+) -> Result:
+    """A result offering both encodings, with ``expect`` made now (on the engine
+    thread), so that one the protocol cannot express fails its request here."""
+    result = Result(value, encoders)
+    result.encode(expect)
+    return result
+
+
+def _model_spec_metadata(spec: ModelSpec) -> dict[str, Any]:
+    # Recorded in every checkpoint manifest: create-via-load rebuilds the model from
+    # it, and a sampler's base model is read from it.
+    return {"model_spec": attrs.asdict(spec)}
+
 
 class Operations:
     """Builds the work of each request kind for one trainer."""
@@ -59,24 +97,34 @@ class Operations:
     def create_model(self, record: ModelRecord) -> Run:
         """``create_model``: the model's first job (seq_id 0)."""
 
-        def work() -> tuple[bytes, ModelSpec]:
+        def work() -> tuple[Result, ModelSpec]:
             self._engine.create_model(record.model_id, record.spec)
             payload = {"type": "create_model", "model_id": record.model_id}
-            return success_body({**payload, **CREATE_MODEL_CAPABILITIES}), record.spec
+            return success_result({**payload, **CREATE_MODEL_CAPABILITIES}), record.spec
 
         return self._creation(record, work)
 
     def create_from_checkpoint(
-        self, record: ModelRecord, path: str, with_optimizer: bool, base_model: str | None
+        self,
+        record: ModelRecord,
+        request: _wire.LoadWeightsRequest,
+        store_path: str,
     ) -> Run:
         """tinker's create-via-load: a ``load_weights`` that creates its model first.
 
         The model's options (LoRA rank and targets) come from the checkpoint, which
-        records the spec of the model that saved it.
-        """
+        records the spec of the model that saved it; ``request.base_model`` may
+        override the base model's name.
 
-        def work() -> tuple[bytes, ModelSpec]:
-            directory, manifest = self._resolve("state", path, "path")
+        Args:
+            record: The model to create.
+            request: The request (its ``path`` is echoed back as the client sent it).
+            store_path: ``request.path`` in the form the checkpoint store resolves.
+        """
+        path, base_model = request.path, request.base_model
+
+        def work() -> tuple[Result, ModelSpec]:
+            directory, manifest = self._resolve("state", store_path, "path")
             saved = manifest.metadata.get("model_spec")
             missing = UserError(f"path: checkpoint {path!r} does not record its model's options")
             if not isinstance(saved, Mapping):
@@ -87,26 +135,28 @@ class Operations:
                 raise missing from exc
             self._engine.create_model(record.model_id, spec)
             try:
-                self._engine.load_state(record.model_id, directory, with_optimizer=with_optimizer)
+                self._engine.load_state(
+                    record.model_id, directory, with_optimizer=request.optimizer
+                )
             except BaseException:
                 self._engine.unload_model(record.model_id)
                 raise
             payload = {"type": "load_weights", "path": path, "model_id": record.model_id}
-            return success_body(payload), spec
+            return success_result(payload), spec
 
         return self._creation(record, work)
 
-    def _creation(self, record: ModelRecord, work: Callable[[], tuple[bytes, ModelSpec]]) -> Run:
-        async def run() -> bytes:
+    def _creation(self, record: ModelRecord, work: Callable[[], tuple[Result, ModelSpec]]) -> Run:
+        async def run() -> Result:
             try:
-                body, spec = await self._executor.in_engine(work)
+                result, spec = await self._executor.in_engine(work)
             except BaseException as exc:
                 record.state = "failed"
                 record.failure = str(exc)
                 raise
             record.spec = spec
             record.state = "ready"
-            return body
+            return result
 
         return run
 
@@ -118,7 +168,7 @@ class Operations:
     def unload(self, model_id: str, reason: str) -> Run:
         """``unload_model`` (also used when a session expires or finishes)."""
 
-        async def run() -> bytes:
+        async def run() -> Result:
             await self._executor.close_model(model_id, reason)
             try:
                 await self._executor.in_engine(
@@ -126,17 +176,20 @@ class Operations:
                 )
             finally:
                 self._registry.remove_model(model_id)
-            return success_body({"type": "unload_model", "model_id": model_id})
+            return success_result({"type": "unload_model", "model_id": model_id})
 
         return run
 
     # ------------------------------------------------------------------ training
 
-    def forward(self, request: _wire.ForwardRequest) -> Run:
-        """``forward`` or ``forward_backward`` (``request.forward_only`` tells which)."""
+    def forward(self, request: _wire.ForwardRequest, expect: Encoding) -> Run:
+        """``forward`` or ``forward_backward`` (``request.forward_only`` tells which).
+
+        ``expect`` is the encoding the client will likely poll for (made at once).
+        """
         compute = self._engine.forward if request.forward_only else self._engine.forward_backward
 
-        def work() -> bytes:
+        def work() -> Result:
             output = compute(
                 request.model_id, list(request.data), request.loss_fn, request.loss_fn_config
             )
@@ -145,49 +198,53 @@ class Operations:
                     f"engine returned {len(output.loss_fn_outputs)} outputs for "
                     f"{len(request.data)} datums"
                 )
-            return success_body(_wire.encode_forward_backward_output(output))
+            return _two_way_result(output, _FORWARD_ENCODERS, expect)
 
         return self._model_run(request.model_id, work)
 
     def optim_step(self, request: _wire.OptimStepRequest) -> Run:
-        def work() -> bytes:
+        def work() -> Result:
             metrics = self._engine.optim_step(
                 request.model_id, request.adam_params, request.grad_accumulation_normalization
             )
-            return success_body({"metrics": {k: float(v) for k, v in metrics.items()}})
+            return success_result({"metrics": {k: float(v) for k, v in metrics.items()}})
 
         return self._model_run(request.model_id, work)
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_weights(self, request: _wire.SaveWeightsRequest, record: ModelRecord) -> Run:
-        """``save_weights`` (save_state): returns the bare name, which loads back."""
+    def save_weights(
+        self, request: _wire.SaveWeightsRequest, record: ModelRecord, returned_path: str
+    ) -> Run:
+        """``save_weights`` (save_state) under the name ``request.path``.
 
-        def work() -> bytes:
-            # The spec goes into the manifest so that create-via-load can rebuild the model.
-            metadata = {"model_spec": attrs.asdict(record.spec)}
+        ``returned_path`` is the path the client gets back, which it can load: the bare
+        name, or its ``tinker://`` form for tinker sessions.
+        """
+
+        def work() -> Result:
             with self._store.write(
                 "state",
                 request.path,
                 model_id=request.model_id,
                 ttl_seconds=request.ttl_seconds,
-                metadata=metadata,
+                metadata=_model_spec_metadata(record.spec),
             ) as directory:
                 self._engine.save_state(request.model_id, directory)
-            return success_body({"type": "save_weights", "path": request.path})
+            return success_result({"type": "save_weights", "path": returned_path})
 
         return self._model_run(request.model_id, work)
 
-    def load_weights(self, request: _wire.LoadWeightsRequest) -> Run:
-        """``load_weights``: a bare name or ``cross_job://job/name``, resolved when it runs
-        (a save queued just before it must be found)."""
+    def load_weights(self, request: _wire.LoadWeightsRequest, store_path: str) -> Run:
+        """``load_weights`` from ``store_path`` (``request.path`` as the store resolves
+        it), resolved when it runs: a save queued just before it must be found."""
 
         model_id = request.target_model_id
 
-        def work() -> bytes:
-            directory, _manifest = self._resolve("state", request.path, "path")
+        def work() -> Result:
+            directory, _manifest = self._resolve("state", store_path, "path")
             self._engine.load_state(model_id, directory, with_optimizer=request.optimizer)
-            return success_body({"type": "load_weights", "path": request.path})
+            return success_result({"type": "load_weights", "path": request.path})
 
         return self._model_run(model_id, work)
 
@@ -196,18 +253,20 @@ class Operations:
         request: _wire.SaveWeightsForSamplerRequest,
         record: ModelRecord,
         name: str,
+        returned_path: str,
         *,
         client_metadata: Any = None,
         sampling_session: SamplingSession | None = None,
     ) -> Run:
-        """``save_weights_for_sampler``: a ``base`` or ``delta`` export under ``name``.
+        """``save_weights_for_sampler``: a ``base`` or ``delta`` export under ``name``,
+        answered with ``returned_path`` (the name in the session's path style).
 
         ``delta`` is computed against this model's previous export; with none (or with
         that export deleted) it falls back to ``base`` and records why in the manifest.
         """
         requested = (request.checkpoint_type or "base").lower()
 
-        def work(previous: Path | None) -> tuple[bytes, Path]:
+        def work(previous: Path | None) -> tuple[Result, Path]:
             if requested not in SAMPLER_CHECKPOINT_TYPES:
                 raise UserError(
                     f"checkpoint_type {requested!r} is not supported by the local trainer; "
@@ -219,6 +278,7 @@ class Operations:
             metadata: dict[str, Any] = {
                 "checkpoint_type": actual,
                 "requested_checkpoint_type": requested,
+                **_model_spec_metadata(record.spec),
             }
             if actual != requested:
                 metadata["fallback_reason"] = "no previous export of this model to diff against"
@@ -237,29 +297,41 @@ class Operations:
                 )
                 metadata["engine"] = engine_meta
             export_dir, _manifest = self._store.resolve("sampler", name)
-            payload: dict[str, Any] = {"type": "save_weights_for_sampler", "path": name}
+            payload: dict[str, Any] = {"type": "save_weights_for_sampler", "path": returned_path}
             if sampling_session is not None:
                 payload["sampling_session_id"] = sampling_session.sampling_session_id
-            return success_body(payload), export_dir
+            return success_result(payload), export_dir
 
-        async def run() -> bytes:
+        async def run() -> Result:
             self._check_model(request.model_id)
-            body, export_dir = await self._executor.in_engine(
+            result, export_dir = await self._executor.in_engine(
                 functools.partial(work, record.last_export)
             )
             record.last_export = export_dir
-            return body
+            return result
 
         return run
 
     # ------------------------------------------------------------------ sampling
 
-    def sample(self, request: _wire.SampleRequest, sampling: SamplingSession | None) -> Run:
-        """``asample``: from a sampler export (by name) or a base model."""
-        model_path = request.model_path or (sampling.model_path if sampling else None)
-        base_model = request.base_model or (sampling.base_model if sampling else None)
+    def sample(
+        self,
+        request: _wire.SampleRequest,
+        *,
+        model_path: str | None,
+        base_model: str | None,
+        expect: Encoding,
+    ) -> Run:
+        """``asample``: from a sampler export or a base model.
 
-        def work() -> bytes:
+        Args:
+            request: The request.
+            model_path: The export to sample from, in the form the store resolves.
+            base_model: The base model to sample from when there is no export.
+            expect: The encoding the client will likely poll for (made at once).
+        """
+
+        def work() -> Result:
             if model_path is not None:
                 directory, _manifest = self._resolve("sampler", model_path, "model_path")
                 source = SampleSource(export_dir=directory)
@@ -278,13 +350,29 @@ class Operations:
                 request.sampling_params,
                 prompt_logprobs=request.prompt_logprobs,
             )
-            return success_body(_wire.encode_sample_response(response))
+            response = _last_n_prompt_logprobs(response, request.prompt_logprobs_last_n)
+            return _two_way_result(response, _SAMPLE_ENCODERS, expect)
 
-        async def run() -> bytes:
-            body: bytes = await self._executor.in_engine(work)
-            return body
+        async def run() -> Result:
+            result: Result = await self._executor.in_engine(work)
+            return result
 
         return run
+
+    def sampler_base_model(self, sampling: SamplingSession) -> str:
+        """The base model a sampling session samples from. Reads the export's manifest
+        when the session samples from an export, so call it off the event loop.
+
+        Raises:
+            UserError: The export is missing or does not record its model.
+        """
+        if sampling.model_path is None:
+            return sampling.base_model or ""
+        _directory, manifest = self._resolve("sampler", sampling.model_path, "model_path")
+        spec = manifest.metadata.get("model_spec")
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("base_model"), str):
+            raise UserError(f"sampler export {sampling.model_path!r} does not record its model")
+        return str(spec["base_model"])
 
     def sweep(self) -> list[str]:
         """Delete expired checkpoints (engine thread: it touches checkpoint folders)."""
@@ -292,11 +380,10 @@ class Operations:
 
     # ------------------------------------------------------------------ helpers
 
-    def _model_run(self, model_id: str, work: Any) -> Run:
-        async def run() -> bytes:
+    def _model_run(self, model_id: str, work: Callable[[], Result]) -> Run:
+        async def run() -> Result:
             self._check_model(model_id)
-            body: bytes = await self._executor.in_engine(work)
-            return body
+            return await self._executor.in_engine(work)
 
         return run
 
@@ -310,3 +397,28 @@ class Operations:
             return self._store.resolve(kind, path)
         except (ValueError, FileNotFoundError) as exc:
             raise UserError(f"{field}: {exc}") from exc
+
+
+def _last_n_prompt_logprobs(
+    response: tinker.SampleResponse, last_n: int | None
+) -> tinker.SampleResponse:
+    """Blank the prompt logprobs before the last ``last_n`` (tinker's
+    ``prompt_logprobs_last_n``; tinker refuses a response that scores earlier ones).
+
+    Raises:
+        WireError: ``last_n`` does not fit the prompt.
+    """
+    if last_n is None:
+        return response
+    scored: npt.ArrayLike
+    if response.prompt_logprobs_np is not None:
+        scored = response.prompt_logprobs_np
+    elif response.prompt_logprobs is not None:
+        scored = [float("nan") if v is None else v for v in response.prompt_logprobs]
+    else:
+        return response
+    return dataclasses.replace(
+        response,
+        prompt_logprobs_np=mask_prompt_logprobs(scored, last_n),
+        _prompt_logprobs_list=None,
+    )

@@ -1,23 +1,28 @@
 """The local trainer's HTTP face: routes, authentication, body limits, JSON errors.
 
-Serves every endpoint of wire.md §11 under ``/api/v1/``, plus tinker's sampling
-endpoints (``create_sampling_session``, ``asample``), ``client/dynamic_config`` and
-``sessions/{id}/finish``. Handlers only parse, validate and register work; the
-executor (``executor.py``) decides when it runs and ``operations.py`` what it does.
+Serves every endpoint of wire.md §11 under ``/api/v1/``, plus what tinker 0.38 needs
+(wire.md §12): protobuf ``forward_backward`` bodies (optionally zstd), protobuf
+results, ``tinker://`` paths, the sampling endpoints (``create_sampling_session``,
+``asample``, ``samplers/{id}``), ``client/dynamic_config`` and ``sessions/{id}/finish``.
+Where the two client populations differ, `firetitan.local.dialect` decides. Handlers
+only parse, validate and register work; the executor (``executor.py``) decides when
+it runs and ``operations.py`` what it does.
 
 Rules every response follows:
 
 * Every endpoint, ``healthz`` included, requires ``X-API-Key`` (constant-time compare).
 * Errors are JSON ``{"detail": "<what, naming the field>", "error_class": ...}`` with
   the right status: 400 malformed body, 401 auth, 404 unknown model/request/session,
-  410 expired future or ended session, 413 body too large, 422 values that cannot be
-  served, 429 too many pending requests, 503 shutting down. Never a traceback: those
-  are logged here at debug level.
+  410 expired future or ended session, 413 body too large, 415 unsupported
+  ``Content-Encoding``, 422 values that cannot be served, 429 too many pending
+  requests, 503 shutting down. Never a traceback: those are logged here at debug level.
 * A request that fails validation is refused *before* it is registered, so nothing
   changes on the trainer. An ordered request refused this way is remembered as a hole,
   so the model's queue does not wait for a ``seq_id`` that will never come.
 * Semantic problems only detectable while running (shapes against the model, unknown
   checkpoint) fail the request's future with category ``user`` instead (wire.md §5.5).
+  So do protobuf forward bodies whose addressing is readable but whose data is not:
+  tinker treats a refused forward POST as fatal for the whole training client.
 """
 
 from __future__ import annotations
@@ -30,19 +35,24 @@ import logging
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
+import attrs
 from aiohttp import web
 
 from firetitan import _wire
 from firetitan._names import parse_checkpoint_path, validate_name
-from firetitan.local.checkpoints import CheckpointStore
+from firetitan.local import dialect, tinker_compat, tinker_wire
+from firetitan.local.checkpoints import CheckpointStore, Kind
 from firetitan.local.config import ServerConfig
-from firetitan.local.engine import Engine, ModelSpec
+from firetitan.local.engine import Engine, ModelSpec, UserError
 from firetitan.local.executor import (
+    Encoding,
     ExecutionRecord,
     Executor,
     ExecutorClosedError,
     OverloadedError,
     RequestExpiredError,
+    Result,
+    Run,
     UnknownRequestError,
 )
 from firetitan.local.operations import Operations
@@ -56,13 +66,22 @@ API_PREFIX = "/api/v1"
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# client/config answer: JSON forward_backward only (the Fireworks SDK fails client-side
-# if either proto flag is true) and no JWT exchange.
-CLIENT_CONFIG = {
+# client/config flags. The Fireworks SDK fails client-side if either proto flag is true
+# (tinker sends protobuf forward bodies regardless, uncompressed with these flags); no
+# JWT exchange; and none of the tinker features that need endpoints this trainer lacks
+# (retrieve_futures, create_custom_loss, join_sampling_session).
+CLIENT_CONFIG_FLAGS = {
     "pjwt_auth_enabled": False,
     "proto_write_fwdbwd": False,
     "proto_compress_fwdbwd": False,
+    "sample_use_retrieve_futures": False,
+    "custom_loss_server_side": False,
+    "sample_join_sampling_session": False,
 }
+#: Most datums tinker puts in one forward_backward chunk.
+FWDBWD_MAX_CHUNK_LEN = 1024
+#: tinker's own default for a chunk's estimated protobuf size.
+FWDBWD_MAX_CHUNK_BYTES = 5_000_000
 
 
 class Problem(Exception):
@@ -77,6 +96,8 @@ class Problem(Exception):
 
 
 def _bad_request(exc: _wire.WireError) -> Problem:
+    if isinstance(exc, tinker_wire.UnsupportedContentEncoding):
+        return Problem(415, str(exc), "UnsupportedMediaType")
     return Problem(400, str(exc), "WireError")
 
 
@@ -206,6 +227,9 @@ class TrainerServer:
                 access_log=None,
                 handle_signals=False,
                 shutdown_timeout=self.config.shutdown_grace_seconds,
+                # Bodies are decompressed by `_read`, under the size limit and with zstd
+                # (which aiohttp would refuse with a plain-text 400).
+                auto_decompress=False,
             )
             await self._runner.setup()
             site = web.TCPSite(self._runner, host, port)
@@ -306,6 +330,7 @@ class TrainerServer:
             web.post(f"{p}/retrieve_future", self._retrieve_future),
             web.post(f"{p}/create_sampling_session", self._create_sampling_session),
             web.post(f"{p}/asample", self._asample),
+            web.get(f"{p}/samplers/{{sampling_session_id}}", self._sampler, allow_head=False),
         ]
         if self.config.debug_endpoints:
             routes.append(web.get(f"{p}/debug/execution_log", self._debug_log, allow_head=False))
@@ -357,10 +382,18 @@ class TrainerServer:
     # ------------------------------------------------------------------ parsing
 
     async def _read(self, request: web.Request) -> bytes:
+        """The request body, decompressed (``zstd`` or none) under the size limit."""
         length = request.content_length
-        if length is not None and length > self.config.max_request_bytes:
+        limit = self.config.max_request_bytes
+        if length is not None and length > limit:
             raise self._too_large()
-        return await request.read()
+        raw = await request.read()
+        coding = request.headers.get("Content-Encoding")
+        if coding is None:
+            return raw
+        return await self._off_loop(
+            len(raw), functools.partial(tinker_wire.decompress_body, max_bytes=limit), raw, coding
+        )
 
     async def _off_loop(self, size: int, fn: Callable[..., T], *args: Any) -> T:
         """Run a parse/decode step inline for small bodies, on a helper thread for large
@@ -374,6 +407,9 @@ class TrainerServer:
         return raw, await self._off_loop(len(raw), _load_object, raw)
 
     async def _decode(self, endpoint: str, raw: bytes, obj: dict[str, Any]) -> Any:
+        # tinker options the codec passes over but the trainer cannot honour (another
+        # optimizer, top-k logprobs...) are refused, not silently ignored.
+        tinker_compat.check_tinker_options(endpoint, obj)
         return await self._off_loop(len(raw), _wire.decode_request, endpoint, obj)
 
     @staticmethod
@@ -398,6 +434,31 @@ class TrainerServer:
             raise _not_found(f"model_id: model {model_id!r} is being unloaded")
         return record
 
+    def _store_path(self, path: str, kind: Kind, field: str) -> str:
+        """A checkpoint path a client sent (bare name, ``cross_job://`` or ``tinker://``,
+        from any client), in the form the checkpoint store resolves.
+
+        Raises:
+            Problem: 422 for a malformed path or one of the other kind.
+        """
+        try:
+            converted = tinker_compat.store_path(path, kind=kind, job_id=self.store.job_id)
+            parse_checkpoint_path(converted)
+        except ValueError as exc:
+            raise _unprocessable(f"{field}: {exc}") from None
+        return converted
+
+    def _client_path(self, session_id: str, kind: Kind, store_path: str) -> str:
+        """A checkpoint path in the style the session's client reads."""
+        session_dialect = self._registry.dialect(session_id)
+        ref = parse_checkpoint_path(store_path)
+        return dialect.checkpoint_path(session_dialect, kind, ref, self.store.job_id)
+
+    def _likely_encoding(self, session_id: str | None) -> Encoding:
+        if session_id is None:
+            return "json"
+        return dialect.likely_encoding(self._registry.dialect(session_id))
+
     def _session(self, session_id: str) -> None:
         if self._registry.ended(session_id):
             raise Problem(410, f"session_id: session {session_id!r} has ended", "GoneError")
@@ -409,57 +470,106 @@ class TrainerServer:
     async def _ordered(
         self,
         endpoint: str,
-        raw: bytes,
-        obj: dict[str, Any],
-        build: Callable[[Any, dict[str, Any], ModelRecord], Any],
+        address: tuple[str, int] | None,
+        decode: Callable[[], Awaitable[Any]],
+        build: Callable[[Any, ModelRecord], Run],
     ) -> web.Response:
         """Shared path of every seq_id-ordered POST: dedup, decode, validate, queue.
 
-        ``build(decoded, body, record)`` validates what the codec cannot and returns the
-        request's work; it raises `Problem` to refuse the request.
+        Args:
+            endpoint: The endpoint, for the execution log.
+            address: ``(model_id, seq_id)`` if the body has them (see `_address`).
+            decode: Decodes the body (raising `WireError`).
+            build: ``build(decoded, record)`` validates what the codec cannot and
+                returns the request's work; it raises `Problem` to refuse the request.
         """
-        model_id, seq_id = obj.get("model_id"), obj.get("seq_id")
-        if isinstance(model_id, str) and type(seq_id) is int:
-            known = self._executor.lookup_seq(model_id, seq_id)
+        if address is not None:
+            known = self._executor.lookup_seq(*address)
             if known is not None:  # a retry (whatever its body): same id, runs once
-                return json_response({"request_id": known, "model_id": model_id})
+                return _ack(known, address[0])
         try:
-            decoded = await self._decode(endpoint, raw, obj)
+            decoded = await decode()
             record = self._model(decoded.model_id)
             if decoded.seq_id < 1:
                 raise _unprocessable(f"seq_id must be >= 1, got {decoded.seq_id}")
-            run = build(decoded, obj, record)
+            run = build(decoded, record)
         except (Problem, _wire.WireError) as exc:
             status = exc.status if isinstance(exc, Problem) else 400
-            if status in (400, 422) and isinstance(model_id, str) and type(seq_id) is int:
-                self._executor.skip_seq(model_id, seq_id)
+            if status in (400, 422) and address is not None:
+                self._executor.skip_seq(*address)
             raise
         kind = getattr(decoded, "forward_only", None)
         kind_name = endpoint if kind is None else ("forward" if kind else "forward_backward")
         request_id = self._executor.submit_ordered(decoded.model_id, decoded.seq_id, kind_name, run)
         self._registry.touch_model(decoded.model_id, self._now())
-        return json_response({"request_id": request_id, "model_id": decoded.model_id})
+        return _ack(request_id, decoded.model_id)
+
+    async def _ordered_json(
+        self,
+        endpoint: str,
+        request: web.Request,
+        build: Callable[[Any, ModelRecord], Run],
+    ) -> web.Response:
+        raw, obj = await self._object(request)
+        decode = functools.partial(self._decode, endpoint, raw, obj)
+        return await self._ordered(endpoint, _address(obj), decode, build)
 
     async def _forward(self, endpoint: str, request: web.Request) -> web.Response:
-        raw, obj = await self._object(request)
-        return await self._ordered(
-            endpoint, raw, obj, lambda req, _obj, _rec: self._operations.forward(req)
+        if dialect.body_is_protobuf(request.headers):
+            return await self._forward_protobuf(endpoint, request)
+        return await self._ordered_json(endpoint, request, self._forward_work)
+
+    async def _forward_protobuf(self, endpoint: str, request: web.Request) -> web.Response:
+        """tinker 0.38's forward and forward_backward: one protobuf message for both,
+        ``forward_only`` telling which (and ``/forward`` always a forward pass)."""
+        raw = await self._read(request)
+        decode = functools.partial(
+            tinker_wire.decode_forward_backward_request,
+            max_body_bytes=self.config.max_request_bytes,
         )
+        try:
+            decoded: _wire.ForwardRequest = await self._off_loop(len(raw), decode, raw)
+        except tinker_wire.InvalidForwardData as exc:
+            return self._fail_in_turn(exc)
+        if endpoint == "forward" and not decoded.forward_only:
+            decoded = attrs.evolve(decoded, forward_only=True)
+        address = (decoded.model_id, decoded.seq_id)
+        decoded_already = functools.partial(_ready, decoded)
+        return await self._ordered(endpoint, address, decoded_already, self._forward_work)
+
+    def _forward_work(self, req: _wire.ForwardRequest, record: ModelRecord) -> Run:
+        return self._operations.forward(req, self._likely_encoding(record.session_id))
+
+    def _fail_in_turn(self, exc: tinker_wire.InvalidForwardData) -> web.Response:
+        """Accept a forward call whose data is invalid and fail it in its turn: its
+        future fails (category ``user``) and the model's later requests still run."""
+        known = self._executor.lookup_seq(exc.model_id, exc.seq_id)
+        if known is not None:
+            return _ack(known, exc.model_id)
+        self._model(exc.model_id)
+        message = str(exc)
+
+        async def run() -> Result:
+            raise UserError(message)
+
+        kind = "forward" if exc.forward_only else "forward_backward"
+        request_id = self._executor.submit_ordered(exc.model_id, exc.seq_id, kind, run)
+        self._registry.touch_model(exc.model_id, self._now())
+        return _ack(request_id, exc.model_id)
 
     async def _optim_step(self, request: web.Request) -> web.Response:
-        raw, obj = await self._object(request)
-        return await self._ordered(
-            "optim_step", raw, obj, lambda req, _obj, _rec: self._operations.optim_step(req)
+        return await self._ordered_json(
+            "optim_step", request, lambda req, _rec: self._operations.optim_step(req)
         )
 
     async def _save_weights(self, request: web.Request) -> web.Response:
-        def build(req: _wire.SaveWeightsRequest, _obj: dict[str, Any], record: ModelRecord) -> Any:
-            _valid_name(req.path, "path")
+        def build(req: _wire.SaveWeightsRequest, record: ModelRecord) -> Run:
+            name = _valid_name(req.path, "path")
             _valid_ttl(req.ttl_seconds)
-            return self._operations.save_weights(req, record)
+            returned = self._client_path(record.session_id, "state", name)
+            return self._operations.save_weights(req, record, returned)
 
-        raw, obj = await self._object(request)
-        return await self._ordered("save_weights", raw, obj, build)
+        return await self._ordered_json("save_weights", request, build)
 
     async def _load_weights(self, request: web.Request) -> web.Response:
         raw, obj = await self._object(request)
@@ -467,16 +577,14 @@ class TrainerServer:
             req: _wire.LoadWeightsRequest = await self._decode("load_weights", raw, obj)
             return self._create_via_load(req)
 
-        def build(req: _wire.LoadWeightsRequest, _obj: dict[str, Any], _rec: ModelRecord) -> Any:
-            _valid_path(req.path, "path")
-            return self._operations.load_weights(req)
+        def build(req: _wire.LoadWeightsRequest, _rec: ModelRecord) -> Run:
+            return self._operations.load_weights(req, self._store_path(req.path, "state", "path"))
 
-        return await self._ordered("load_weights", raw, obj, build)
+        decode = functools.partial(self._decode, "load_weights", raw, obj)
+        return await self._ordered("load_weights", _address(obj), decode, build)
 
     async def _save_for_sampler(self, request: web.Request) -> web.Response:
-        def build(
-            req: _wire.SaveWeightsForSamplerRequest, obj: dict[str, Any], record: ModelRecord
-        ) -> Any:
+        def build(req: _wire.SaveWeightsForSamplerRequest, record: ModelRecord) -> Run:
             _valid_ttl(req.ttl_seconds)
             sampling: SamplingSession | None = None
             if req.path is not None:
@@ -490,12 +598,12 @@ class TrainerServer:
                 )
             else:
                 raise _unprocessable("path: required unless sampling_session_seq_id is given")
+            returned = self._client_path(record.session_id, "sampler", name)
             return self._operations.save_for_sampler(
-                req, record, name, client_metadata=req.metadata, sampling_session=sampling
+                req, record, name, returned, client_metadata=req.metadata, sampling_session=sampling
             )
 
-        raw, obj = await self._object(request)
-        return await self._ordered("save_weights_for_sampler", raw, obj, build)
+        return await self._ordered_json("save_weights_for_sampler", request, build)
 
     # ------------------------------------------------------------------ models
 
@@ -506,7 +614,7 @@ class TrainerServer:
         model_id = model_id_for(req.session_id, req.model_seq_id)
         known = self._registry.models.get(model_id)
         if known is not None:  # a retry: (session_id, model_seq_id) identifies the call
-            return json_response({"request_id": known.create_request_id, "model_id": model_id})
+            return _ack(known.create_request_id, model_id)
         if req.model_seq_id < 0:
             raise _unprocessable(f"model_seq_id must be >= 0, got {req.model_seq_id}")
         if req.lora_rank < 0:
@@ -535,18 +643,16 @@ class TrainerServer:
         model_id = model_id_for(req.session_id, req.model_seq_id)
         known = self._registry.models.get(model_id)
         if known is not None:
-            return json_response({"request_id": known.create_request_id, "model_id": model_id})
-        _valid_path(req.path, "path")
+            return _ack(known.create_request_id, model_id)
+        store_path = self._store_path(req.path, "state", "path")
         record = ModelRecord(model_id, req.session_id, ModelSpec(base_model=req.base_model or ""))
-        run = self._operations.create_from_checkpoint(
-            record, req.path, req.optimizer, req.base_model
-        )
+        run = self._operations.create_from_checkpoint(record, req, store_path)
         return self._add_model(record, "load_weights", run)
 
-    def _add_model(self, record: ModelRecord, kind: str, run: Any) -> web.Response:
+    def _add_model(self, record: ModelRecord, kind: str, run: Run) -> web.Response:
         record.create_request_id = self._executor.add_model(record.model_id, kind, run)
         self._registry.add_model(record)
-        return json_response({"request_id": record.create_request_id, "model_id": record.model_id})
+        return _ack(record.create_request_id, record.model_id)
 
     async def _get_info(self, request: web.Request) -> web.Response:
         _raw, obj = await self._object(request)
@@ -567,26 +673,29 @@ class TrainerServer:
         if known is None and record is not None:
             known = record.unload_request_id
         if known is not None:
-            return json_response({"request_id": known, "model_id": model_id})
+            return _ack(known, model_id)
         record = self._model(model_id)
         reason = f"model {model_id!r} was unloaded before this request ran"
         record.unload_request_id = self._executor.submit(
             "unload_model", self._operations.unload(model_id, reason), keys=keys, model_id=model_id
         )
         record.state = "unloading"
-        return json_response({"request_id": record.unload_request_id, "model_id": model_id})
+        return _ack(record.unload_request_id, model_id)
 
     # ------------------------------------------------------------------ futures
 
     async def _retrieve_future(self, request: web.Request) -> web.Response:
         raw, obj = await self._object(request)
         req: _wire.RetrieveFutureRequest = await self._decode("retrieve_future", raw, obj)
+        wanted = dialect.result_encoding(request.headers)
         try:
-            body = await self._executor.retrieve(req.request_id)
+            body, encoding = await self._executor.retrieve(req.request_id, encoding=wanted)
         except UnknownRequestError as exc:
             raise _not_found(f"request_id: {exc}") from None
         except RequestExpiredError as exc:
             raise Problem(410, f"request_id: {exc}", "GoneError") from None
+        if encoding == "protobuf":
+            return web.Response(body=body, content_type=tinker_wire.PROTOBUF_CONTENT_TYPE)
         return web.Response(body=body, content_type="application/json")
 
     # ------------------------------------------------------------------ sampling
@@ -597,12 +706,13 @@ class TrainerServer:
             "create_sampling_session", raw, obj
         )
         self._session(req.session_id)
+        model_path = None
         if req.model_path is not None:
-            _valid_path(req.model_path, "model_path")
+            model_path = self._store_path(req.model_path, "sampler", "model_path")
         elif not req.base_model:
             raise _unprocessable("one of model_path or base_model is required")
         sampling = self._registry.create_sampling_session(
-            req.session_id, req.sampling_session_seq_id, req.model_path, req.base_model
+            req.session_id, req.sampling_session_seq_id, model_path, req.base_model
         )
         return json_response(
             {"type": "create_sampling_session", "sampling_session_id": sampling.sampling_session_id}
@@ -611,30 +721,64 @@ class TrainerServer:
     async def _asample(self, request: web.Request) -> web.Response:
         raw, obj = await self._object(request)
         req: _wire.SampleRequest = await self._decode("asample", raw, obj)
-        sampling: SamplingSession | None = None
         keys = self._idempotency_keys(request, "asample")
+        sampling: SamplingSession | None = None
         if req.sampling_session_id is not None:
             sampling = self._registry.sampling.get(req.sampling_session_id)
             if sampling is None:
                 raise _not_found(f"sampling_session_id: unknown {req.sampling_session_id!r}")
             if req.seq_id is not None:
                 keys.append(("sample", req.sampling_session_id, req.seq_id))
+        model_path = sampling.model_path if sampling else None
         if req.model_path is not None:
-            _valid_path(req.model_path, "model_path")
-        if sampling is None and req.model_path is None and not req.base_model:
+            model_path = self._store_path(req.model_path, "sampler", "model_path")
+        base_model = req.base_model or (sampling.base_model if sampling else None)
+        if model_path is None and not base_model:
             raise _unprocessable("one of model_path, base_model or sampling_session_id is required")
         if req.num_samples < 1:
             raise _unprocessable(f"num_samples must be >= 1, got {req.num_samples}")
-        request_id = self._executor.submit(
-            "asample", self._operations.sample(req, sampling), keys=keys
+        expect = self._likely_encoding(sampling.session_id if sampling else None)
+        run = self._operations.sample(
+            req, model_path=model_path, base_model=base_model, expect=expect
         )
-        return json_response({"request_id": request_id})
+        request_id = self._executor.submit("asample", run, keys=keys)
+        # tinker requires one id per sample; a retry gets the same request id, so the same ids.
+        ids = tinker_compat.sample_sequence_ids(request_id, req.num_samples)
+        ack = _wire.FutureAck(request_id=request_id, sample_sequence_ids=ids)
+        return json_response(_wire.encode_future_ack(ack))
+
+    async def _sampler(self, request: web.Request) -> web.Response:
+        """tinker's ``GET samplers/{id}``: what a sampling session samples from."""
+        sampling_session_id = request.match_info["sampling_session_id"]
+        sampling = self._registry.sampling.get(sampling_session_id)
+        if sampling is None:
+            raise _not_found(f"sampling_session_id: unknown {sampling_session_id!r}")
+        try:
+            base_model = await asyncio.to_thread(self._operations.sampler_base_model, sampling)
+        except UserError as exc:
+            raise _not_found(f"sampling_session_id: {exc}") from None
+        model_path = None
+        if sampling.model_path is not None:
+            model_path = self._client_path(sampling.session_id, "sampler", sampling.model_path)
+        return json_response(
+            {"sampler_id": sampling_session_id, "base_model": base_model, "model_path": model_path}
+        )
 
     # ------------------------------------------------------------------ service
 
     async def _client_config(self, request: web.Request) -> web.Response:
         await self._object(request)
-        return json_response(CLIENT_CONFIG)
+        # tinker sizes its forward_backward chunks by an estimate of their protobuf
+        # size; half the body limit leaves room for a bad estimate (a datum bigger than
+        # a chunk still goes alone).
+        chunk_bytes = min(FWDBWD_MAX_CHUNK_BYTES, self.config.max_request_bytes // 2)
+        return json_response(
+            {
+                **CLIENT_CONFIG_FLAGS,
+                "fwdbwd_max_chunk_len": FWDBWD_MAX_CHUNK_LEN,
+                "fwdbwd_max_chunk_bytes_count": chunk_bytes,
+            }
+        )
 
     async def _dynamic_config(self, request: web.Request) -> web.Response:
         await self._object(request)
@@ -642,9 +786,10 @@ class TrainerServer:
 
     async def _create_session(self, request: web.Request) -> web.Response:
         raw, obj = await self._object(request)
-        await self._decode("create_session", raw, obj)
+        req: _wire.CreateSessionRequest = await self._decode("create_session", raw, obj)
         key = request.headers.get("X-Idempotency-Key")
-        session_id = self._registry.create_session(self._now(), key)
+        session_dialect = dialect.session_dialect(req.sdk_version)
+        session_id = self._registry.create_session(self._now(), key, session_dialect)
         return json_response({"type": "create_session", "session_id": session_id})
 
     async def _heartbeat(self, request: web.Request) -> web.Response:
@@ -691,11 +836,22 @@ def _valid_name(name: str, field: str) -> str:
         raise _unprocessable(f"{field}: {exc}") from None
 
 
-def _valid_path(path: str, field: str) -> None:
-    try:
-        parse_checkpoint_path(path)
-    except ValueError as exc:
-        raise _unprocessable(f"{field}: {exc}") from None
+def _address(obj: dict[str, Any]) -> tuple[str, int] | None:
+    """A JSON body's ``(model_id, seq_id)``, read before decoding (for deduplication and
+    holes), or None if either is missing or of the wrong type."""
+    model_id, seq_id = obj.get("model_id"), obj.get("seq_id")
+    if isinstance(model_id, str) and type(seq_id) is int:
+        return model_id, seq_id
+    return None
+
+
+def _ack(request_id: str, model_id: str) -> web.Response:
+    return json_response({"request_id": request_id, "model_id": model_id})
+
+
+async def _ready(value: T) -> T:
+    """An already decoded request, as `TrainerServer._ordered` takes its decoder."""
+    return value
 
 
 def _valid_ttl(ttl: float | None) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import attrs
 
+from firetitan.local.dialect import Dialect
 from firetitan.local.engine import ModelSpec
 
 __all__ = ["ModelRecord", "Registry", "SamplingSession", "Session", "model_id_for"]
@@ -55,14 +56,18 @@ class ModelRecord:
 
 @attrs.define(eq=False)
 class Session:
+    """A client session; ``dialect`` is the path style its client reads."""
+
     session_id: str
     last_seen: float
+    dialect: Dialect = Dialect.FIREWORKS
     models: set[str] = attrs.field(factory=set)
 
 
 @attrs.frozen
 class SamplingSession:
-    """What a tinker sampling session samples from: an export name or a base model."""
+    """What a tinker sampling session samples from: a sampler export (``model_path``, in
+    the form the checkpoint store resolves) or a base model."""
 
     sampling_session_id: str
     session_id: str
@@ -83,14 +88,19 @@ class Registry:
 
     # ------------------------------------------------------------------ sessions
 
-    def create_session(self, now: float, idempotency_key: str | None = None) -> str:
+    def create_session(
+        self,
+        now: float,
+        idempotency_key: str | None = None,
+        dialect: Dialect = Dialect.FIREWORKS,
+    ) -> str:
         """Start a session; a retried POST (same idempotency key) gets the same id."""
         if idempotency_key is not None:
             known = self._by_idempotency_key.get(idempotency_key)
             if known is not None and known in self.sessions:
                 return known
         session_id = f"sess-{secrets.token_hex(8)}"
-        self.sessions[session_id] = Session(session_id, last_seen=now)
+        self.sessions[session_id] = Session(session_id, last_seen=now, dialect=dialect)
         if idempotency_key is not None:
             self._by_idempotency_key[idempotency_key] = session_id
             while len(self._by_idempotency_key) > _ENDED_MEMORY:
@@ -104,6 +114,11 @@ class Registry:
             return False
         session.last_seen = now
         return True
+
+    def dialect(self, session_id: str) -> Dialect:
+        """A session's dialect; an ended session's models keep the default."""
+        session = self.sessions.get(session_id)
+        return Dialect.FIREWORKS if session is None else session.dialect
 
     def ended(self, session_id: str) -> bool:
         return session_id in self._ended

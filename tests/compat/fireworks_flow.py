@@ -1,14 +1,8 @@
 """Drives a trainer with the public Fireworks training SDK, unchanged; run as a child
-process by ``test_fireworks_sdk.py``.
+process by ``test_fireworks_sdk.py`` (``sdk_child`` says why and how).
 
-Why a child process: the SDK runs its network work on a process-wide daemon event-loop
-thread that it starts on first use and never stops, so in-process it would outlive the
-test. Here it dies with the process.
-
-Input: ``FIRETITAN_TEST_BASE_URL`` and ``FIRETITAN_TEST_API_KEY`` in the environment (not
-argv, which other processes can read). Output: one JSON line on stdout with what the
-parent test checks, including every WARNING-or-worse record the SDK logged. Python
-warnings are errors (the parent runs this with ``-W error``).
+Output: what the parent test checks, including every WARNING-or-worse record the SDK
+logged.
 
 The SDK takes its own data types (``fireworks.training.sdk.types``); it refuses tinker's
 ``AdamParams`` when it validates the request, so everything is built with the SDK's types,
@@ -17,9 +11,6 @@ as its users do.
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import sys
 from typing import Any
 
@@ -27,18 +18,9 @@ import torch
 from fireworks.training.sdk import AdamParams, FiretitanServiceClient
 from fireworks.training.sdk import types as fw
 
+from tests.compat.sdk_child import SdkProblems, report, trainer_address
+
 BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
-SDK_LOGGERS = ("fireworks", "tinker")
-
-
-class Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(level=logging.WARNING)
-        self.problems: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.name.split(".")[0] in SDK_LOGGERS:
-            self.problems.append(f"{record.levelname} {record.name}: {record.getMessage()}")
 
 
 def datum(tokens: list[int]) -> fw.Datum:
@@ -129,11 +111,8 @@ def failing_request(base_url: str, api_key: str) -> dict[str, Any]:
 
 
 def main() -> int:
-    collect = Collect()
-    logging.getLogger().addHandler(collect)
-    logging.getLogger().setLevel(logging.WARNING)
-    base_url = os.environ["FIRETITAN_TEST_BASE_URL"]
-    api_key = os.environ["FIRETITAN_TEST_API_KEY"]
+    collect = SdkProblems("fireworks", "tinker").install()
+    base_url, api_key = trainer_address()
     summary: dict[str, Any] = {
         "documented_flow": documented_flow(base_url, api_key),
         "failing_request": failing_request(base_url, api_key),
@@ -141,7 +120,7 @@ def main() -> int:
     # The deliberate failure above is expected to be logged by nobody; any SDK warning
     # (retries, validation trouble, telemetry failures) is a protocol problem.
     summary["sdk_problems"] = collect.problems
-    print(json.dumps(summary))
+    report(summary)
     return 0
 
 

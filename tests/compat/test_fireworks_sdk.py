@@ -2,18 +2,13 @@
 trainer with the null engine: the documented flow end to end, with no warning or error
 logged by the SDK.
 
-The SDK runs in a child process (``fireworks_flow.py`` says why) with warnings as errors;
-the trainer runs here, so the test can read its execution log and checkpoint store.
+The SDK runs in a child process (``sdk_child.py`` says why) with warnings as errors; the
+trainer runs here, so the test can read its execution log and checkpoint store.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,31 +16,15 @@ import pytest
 from firetitan._names import CheckpointRef
 from firetitan.local import LocalTrainer
 
-pytest.importorskip("fireworks.training.sdk", reason="needs the test extra (fireworks-ai)")
+from .sdk_child import run_flow
 
-FLOW = Path(__file__).with_name("fireworks_flow.py")
+pytest.importorskip("fireworks.training.sdk", reason="needs the test extra (fireworks-ai)")
 
 
 @pytest.fixture(scope="module")
 def run() -> Iterator[tuple[LocalTrainer, dict[str, Any]]]:
     with LocalTrainer("null", long_poll_seconds=5.0) as trainer:
-        env = {
-            **os.environ,
-            "FIRETITAN_TEST_BASE_URL": trainer.base_url,
-            "FIRETITAN_TEST_API_KEY": trainer.api_key,
-        }
-        # TINKER_TELEMETRY stays on: the trainer accepts telemetry, and the SDK's
-        # telemetry flush on close is part of what must work without warnings.
-        env.pop("TINKER_TELEMETRY", None)
-        proc = subprocess.run(
-            [sys.executable, "-W", "error", str(FLOW)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=100,
-        )
-        assert proc.returncode == 0, proc.stderr[-5000:]
-        yield trainer, json.loads(proc.stdout.strip().splitlines()[-1])
+        yield trainer, run_flow("tests.compat.fireworks_flow", trainer)
 
 
 def executed(trainer: LocalTrainer, model_id: str) -> list[tuple[int | None, str]]:

@@ -1,0 +1,154 @@
+"""Drives a trainer with the public ``tinker`` 0.38 SDK, unchanged; run as a child process
+by ``test_tinker_sdk.py`` (``sdk_child`` says why and how).
+
+Input on stdin, as JSON: ``{"base_model": ..., "sft": [[tokens, weights], ...],
+"prompt": [tokens]}``, token ids of the trainer's tokenizer, built by the parent (this
+process imports no trainer code). Output: what the parent test checks, including every
+WARNING-or-worse record the SDK logged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+import tinker
+from tinker import types
+
+from tests.compat.sdk_child import SdkProblems, report, trainer_address
+
+ADAM = types.AdamParams(learning_rate=1e-4)
+
+
+def datum(tokens: list[int], weights: list[float] | None = None) -> types.Datum:
+    """Next-token prediction: inputs ``tokens[:-1]``, targets ``tokens[1:]``."""
+    n = len(tokens) - 1
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": types.TensorData(data=tokens[1:], dtype="int64", shape=[n]),
+            "weights": types.TensorData(
+                data=weights[1:] if weights else [1.0] * n, dtype="float32", shape=[n]
+            ),
+        },
+    )
+
+
+def training_flow(service: tinker.ServiceClient, base_model: str) -> dict[str, Any]:
+    """The training client's calls: pipelined steps, forward, save and resume."""
+    out: dict[str, Any] = {}
+    client = service.create_lora_training_client(base_model=base_model, rank=4).result()
+    out["model_id"] = client.model_id
+    data = [datum([1, 2, 3, 4, 5]), datum([6, 7, 8, 9])]
+
+    # Pipelined: everything is submitted before the first result is read.
+    fb1 = client.forward_backward(data, "cross_entropy")
+    opt1 = client.optim_step(ADAM)
+    fb2 = client.forward_backward(data, "cross_entropy")
+    opt2 = client.optim_step(ADAM)
+    out["fb_losses"] = [fb1.result().metrics["loss:sum"], fb2.result().metrics["loss:sum"]]
+    out["optim_metrics"] = opt1.result().metrics
+    opt2.result()
+
+    forward = client.forward(data, "cross_entropy").result()
+    out["forward_logprobs"] = [o["logprobs"].tolist() for o in forward.loss_fn_outputs]
+    out["forward_loss"] = forward.metrics["loss:sum"]
+
+    out["save_path"] = client.save_state("step-2").result().path
+    resumed = service.create_training_client_from_state_with_optimizer(out["save_path"]).result()
+    out["resumed_model_id"] = resumed.model_id
+    out["resumed_forward_loss"] = (
+        resumed.forward(data, "cross_entropy").result().metrics["loss:sum"]
+    )
+    # One more step on each: the same update only if Adam's moments and step count
+    # came back with the weights.
+    out["next_step_losses"] = [_step_then_loss(c, data) for c in (client, resumed)]
+    return out
+
+
+def _step_then_loss(client: tinker.TrainingClient, data: list[types.Datum]) -> float:
+    fb = client.forward_backward(data, "cross_entropy")
+    opt = client.optim_step(ADAM)
+    fb.result()
+    opt.result()
+    loss: float = client.forward(data, "cross_entropy").result().metrics["loss:sum"]
+    return loss
+
+
+def sampling_flow(
+    service: tinker.ServiceClient, base_model: str, prompt: list[int]
+) -> dict[str, Any]:
+    """A training client's weights, sampled through the ``SamplingClient`` flows."""
+    out: dict[str, Any] = {}
+    client = service.create_lora_training_client(base_model=base_model, rank=4).result()
+    client.forward_backward([datum(prompt)], "cross_entropy").result()
+    client.optim_step(ADAM).result()
+
+    sampler = client.save_weights_and_get_sampling_client().result()
+    params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=7)
+    response = sampler.sample(types.ModelInput.from_ints(prompt), 3, params).result()
+    out["samples"] = [
+        {"tokens": s.tokens, "logprobs": s.logprobs, "sequence_id": s.sequence_id}
+        for s in response.sequences
+    ]
+    logprobs = sampler.compute_logprobs(types.ModelInput.from_ints(prompt)).result()
+    out["prompt_logprobs"] = [None if v is None or math.isnan(v) else v for v in logprobs]
+    last_two = sampler.compute_logprobs(
+        types.ModelInput.from_ints(prompt), prompt_logprobs_last_n=2
+    ).result()
+    out["last_two_logprobs"] = [None if v is None or math.isnan(v) else v for v in last_two]
+
+    # A named export, loaded back by the path it was given (the base model comes from
+    # the trainer: samplers/{id}).
+    path = client.save_weights_for_sampler("exported").result().path
+    out["sampler_path"] = path
+    named = client.create_sampling_client(path).result()
+    out["named_base_model"] = named.get_base_model()
+    again = named.sample(types.ModelInput.from_ints(prompt), 1, params).result()
+    out["named_sample"] = again.sequences[0].tokens
+    return out
+
+
+def sft_flow(
+    service: tinker.ServiceClient, base_model: str, examples: list[list[list[Any]]]
+) -> dict[str, Any]:
+    """A tinker-cookbook-style SFT loop, pipelined: each step is submitted before the
+    previous step's results are read. Returns the mean loss per weighted token."""
+    client = service.create_lora_training_client(base_model=base_model, rank=16).result()
+    batch = [datum(tokens, weights) for tokens, weights in examples]
+    weighted = sum(sum(weights[1:]) for _tokens, weights in examples)
+    adam = types.AdamParams(learning_rate=5e-3, beta1=0.9, beta2=0.95, eps=1e-8)
+    losses: list[float] = []
+    pending = None
+    for _step in range(12):
+        fb = client.forward_backward(batch, "cross_entropy")
+        opt = client.optim_step(adam)
+        if pending is not None:
+            losses.append(pending[0].result().metrics["loss:sum"] / weighted)
+            pending[1].result()
+        pending = (fb, opt)
+    assert pending is not None
+    losses.append(pending[0].result().metrics["loss:sum"] / weighted)
+    pending[1].result()
+    return {"losses": losses}
+
+
+def main() -> int:
+    collect = SdkProblems("tinker").install()
+    base_url, api_key = trainer_address()
+    given = json.load(sys.stdin)
+    summary: dict[str, Any] = {}
+    with tinker.ServiceClient(base_url=base_url, api_key=api_key) as service:
+        base_model = given["base_model"]
+        summary["training"] = training_flow(service, base_model)
+        summary["sampling"] = sampling_flow(service, base_model, given["prompt"])
+        summary["sft"] = sft_flow(service, base_model, given["sft"])
+    summary["sdk_problems"] = collect.problems
+    report(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
