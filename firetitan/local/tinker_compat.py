@@ -1,108 +1,48 @@
 """What tinker 0.38 needs from the local trainer beyond the Fireworks contract.
 
 Read from the ``tinker`` 0.38.0 client (``lib/internal_client_holder.py``,
-``lib/api_future_impl.py``, ``lib/public_interfaces/*``, ``resources/*``). Protobuf
-requests are decoded by `firetitan.local.tinker_wire` and protobuf results encoded by
-`firetitan._wire`; the helpers below are the remaining pure parts. Paths are under
-``/api/v1``; "direct" means a plain JSON answer, "future" an ACK plus
-``retrieve_future``.
+``lib/api_future_impl.py``, ``lib/public_interfaces/*``, ``resources/*``). How the
+server tells the two client populations apart lives in `firetitan.local.dialect`;
+protobuf requests are decoded by `firetitan.local.tinker_wire` and protobuf results
+encoded by `firetitan._wire`. This module holds the remaining pure helpers. Paths are
+under ``/api/v1``.
 
-Already served (``server.py``, ``operations.py``, ``sessions.py``): ``client/config``
-with both proto flags off, ``client/dynamic_config``, ``sessions/{id}/finish``, 410 for
-heartbeats of ended sessions, random ``tml-`` keys (tinker refuses any key without that
-prefix, or a JWT, before sending anything: `tinker_accepts_api_key`), model ids
-``<session_id>:train:<model_seq_id>`` (``sessions.model_id_for``), create-via-load
-``load_weights`` from the ModelSpec the state manifest records, path-less
-``save_weights_for_sampler`` (``sampling_session_seq_id``) opening a sampling session,
-``create_sampling_session`` and ``asample``.
+What tinker expects, and where the trainer serves it:
 
-Server checklist: still to do
-=============================
+* Keys start with ``tml-`` (or are a JWT); tinker refuses anything else before sending
+  (`tinker_accepts_api_key`). Generated keys have the prefix.
+* ``client/config`` is called whatever the key, before ``create_session``: it answers
+  the chunk knobs (``fwdbwd_max_chunk_len``, ``fwdbwd_max_chunk_bytes_count``) and pins
+  off every feature that would call endpoints this trainer lacks
+  (``sample_use_retrieve_futures``, ``custom_loss_server_side``,
+  ``sample_join_sampling_session``, both proto compression flags).
+  ``client/dynamic_config`` and ``sessions/{id}/finish`` are answered.
+* Every forward and forward_backward arrives on ``/forward_backward`` as protobuf
+  (``forward_only`` marks a forward), possibly zstd-compressed; automatic
+  decompression is off so that `tinker_wire.decompress_body` enforces the size cap.
+  A readable body with invalid data is accepted and fails its future with category
+  ``user``: a refused forward POST would poison tinker's whole training client.
+* ``retrieve_future`` answers forward and sampling results as protobuf when the poll
+  accepts only protobuf (tinker raises on a JSON success payload for those; wire.md
+  §12 says otherwise and is wrong for 0.38). Pending, metadata and failure answers,
+  and every other result type, stay JSON.
+* Model ids are ``<session_id>:train:<model_seq_id>``; create-from-checkpoint is a
+  ``load_weights`` without ``model_id``/``seq_id`` that creates the model from the
+  spec its state manifest records. ``get_info`` follows every model creation and needs
+  ``model_data.model_name``.
+* Saves answer ``tinker://<job>/weights/<name>`` and
+  ``tinker://<job>/sampler_weights/<name>`` to tinker sessions (`tinker_path`; tinker's
+  ``create_sampling_client`` refuses other paths) and bare names to Fireworks sessions;
+  incoming paths are accepted in either form (`store_path`).
+* Path-less ``save_weights_for_sampler`` (``sampling_session_seq_id``) opens a sampling
+  session; ``GET samplers/{id}`` names its base model and path.
+* ``asample`` acknowledgements carry ``sample_sequence_ids`` (`sample_sequence_ids`);
+  ``prompt_logprobs_last_n`` is applied (`mask_prompt_logprobs`); options the trainer
+  cannot honour (another optimizer, ``weights_access_token``, top-k and alternative
+  token logprobs, stability records) are refused by `check_tinker_options`.
+  ``compute_logprobs`` is an ``asample`` with ``prompt_logprobs``; position 0 is NaN.
 
-1. [ ] ``forward_backward`` (future) in protobuf. tinker sends every forward and
-   forward_backward here as protobuf (``forward_only`` marks a forward; it never calls
-   ``/forward``). Today ``_forward`` JSON-parses the body and answers 400, which makes
-   tinker's training client refuse all later calls. When
-   `tinker_wire.is_tinker_protobuf` (request headers): read the body under
-   ``max_request_bytes``; off the loop for large bodies, call
-   `tinker_wire.decode_forward_backward_request` (``content_encoding`` from the header,
-   ``max_body_bytes=config.max_request_bytes``); then take ``_ordered``'s path with the
-   decoded request (dedup on ``(model_id, seq_id)``, model check,
-   ``operations.forward``). `tinker_wire.InvalidForwardData` carries ``model_id``,
-   ``seq_id`` and ``forward_only``: queue a run at that seq_id that fails with category
-   ``user``, rather than 400 + ``skip_seq`` (spec §5.5: a refused POST poisons tinker's
-   client, a failed future fails only that call). Any other ``WireError`` stays a 400;
-   `tinker_wire.UnsupportedContentEncoding` is a 415. Chunks of one call have
-   contiguous seq_ids; in parallel mode the first chunk is sent last.
-2. [ ] aiohttp decodes ``Content-Encoding`` itself and, lacking ``backports.zstd``,
-   answers a zstd body with a plain-text 400 before any handler runs. Build the
-   ``web.AppRunner`` with ``auto_decompress=False`` so that bodies reach
-   `tinker_wire.decompress_body` and its size cap (neither client compresses unless
-   ``proto_compress_fwdbwd`` is on; keep it off: the Fireworks client refuses to run
-   with it).
-3. [ ] ``client/config``: add tinker's chunk knobs, ``fwdbwd_max_chunk_len`` (1024) and
-   ``fwdbwd_max_chunk_bytes_count`` (tinker's estimate of a chunk's protobuf size; keep
-   it at most about half of ``max_request_bytes``, since one oversized datum still
-   goes alone), and pin the flags that would make tinker call endpoints this trainer
-   lacks: ``sample_use_retrieve_futures``, ``custom_loss_server_side``,
-   ``sample_join_sampling_session`` all false. tinker calls ``client/config`` whatever
-   the key, before ``create_session``; 404 would be fatal.
-4. [ ] ``retrieve_future``: tinker polls ForwardBackwardOutput and SampleResponse results
-   with ``Accept: application/x-protobuf`` alone and **raises on a JSON success
-   payload** (``api_future_impl._handle_outcome``; ``spec/wire.md`` §12.1 and §12.3 say
-   JSON is still read, which is wrong for 0.38). Results are stored as JSON bytes when
-   they run; keep the ``tinker.ForwardBackwardOutput`` / ``tinker.SampleResponse`` (or
-   also encode them with `firetitan._wire.encode_forward_backward_output_proto` /
-   `firetitan._wire.encode_sample_response_proto`) and, when
-   `tinker_wire.wants_protobuf_result` (poll headers), answer 200 with ``Content-Type:
-   application/x-protobuf``. ``try_again``, ``complete_metadata`` and failures stay
-   JSON (tinker reads any non-protobuf answer as JSON), as do all other result types.
-   Metric keys still need ``name:reduction``; tinker's reductions are sum, mean, min,
-   max, slack, hash2 and unique.
-5. [ ] ``asample`` ACK: add ``"sample_sequence_ids"``, one string per sample
-   (`sample_sequence_ids`); tinker asserts on it and stamps the ids onto the returned
-   sequences. tinker sends ``topk_prompt_logprobs``, ``topk_sample_logprobs``,
-   ``prompt_alt_tokens_k``, ``target_prompt_logprobs``, ``record_stability_info`` and
-   ``prompt_logprobs_last_n``, which the codec decodes and ``operations.sample``
-   ignores: refuse the unsupported ones (`check_tinker_options`) and apply
-   ``prompt_logprobs_last_n`` with `mask_prompt_logprobs` (tinker fails a response
-   that scores earlier positions). Sampling seq_ids start at 0 and are not ordered;
-   tinker resends after a 429 (it sets ``X-Tinker-Sampling-Backpressure: 1``).
-   ``compute_logprobs`` is an ``asample`` with ``num_samples=1``, ``max_tokens=1`` and
-   ``prompt_logprobs``; it returns one logprob per prompt token, NaN (read as None) at
-   position 0.
-6. [ ] ``GET samplers/{sampling_session_id}`` (direct) -> ``{"sampler_id",
-   "base_model", "model_path"}``: missing, and required whenever a sampling client is
-   created without a base model (``create_sampling_client(model_path=...)`` on the
-   service or training client). Sampler export manifests do not record the base model
-   yet: add the ModelSpec (as state manifests do).
-7. [ ] ``tinker://`` paths. Record at ``create_session`` whether the client is tinker
-   (`is_tinker_sdk` on ``sdk_version``: tinker sends ``"0.38.0"``, Fireworks pins
-   ``"0.23.0"``) and, for its sessions, answer ``save_weights`` with
-   ``tinker_path(job_id, "state", name)`` and ``save_weights_for_sampler`` (with a
-   name) with ``tinker_path(job_id, "sampler", name)``: tinker's
-   ``create_sampling_client`` refuses a ``model_path`` without the scheme, and its users
-   pass these paths back. Fireworks sessions keep bare names (their client refuses
-   ``tinker://``). Accept ``tinker://`` wherever a path comes in: `store_path` maps it
-   to what ``CheckpointStore.resolve`` takes (``load_weights`` and create-via-load:
-   kind ``state``; ``create_sampling_session``/``asample`` ``model_path``: kind
-   ``sampler``) instead of ``_valid_path``'s ``parse_checkpoint_path``. A
-   ``/weights/`` path given as a ``model_path`` (tinker's own docs do this) names a
-   state checkpoint, which ``SampleSource`` cannot express: refuse it with a clear
-   user error, or load it into a sampling model.
-8. [ ] Options the codec skips: `check_tinker_options` on the raw body in
-   ``create_model`` and ``load_weights`` (``optimizer_config`` other than AdamW;
-   ``weights_access_token``), ``optim_step`` (Dimuon's ``optimizer_params``) and
-   ``asample`` (item 5).
-
-Nothing to do: ``save_weights`` adds ``user_metadata`` and may send ``overwrite:
-true`` and ``ttl_seconds`` (the codec reads them); ``kind: "inflight"`` sampler saves
-may be served as snapshots (the contract allows the saved weights or newer);
-``forward_backward_custom`` is a forward then a ``cross_entropy`` backward on seq_ids
-reserved up front; tinker has no ``unload_model`` (models live until their session
-ends); ``get_info`` is called after every model creation and needs
-``model_data.model_name`` (``get_tokenizer()`` loads ``tokenizer_id``, cut at ``:``, or
-else ``model_name``). Not called with the flags above: ``retrieve_futures``,
+Not served, and not called with the flags above: ``retrieve_futures``,
 ``cancel_future``, ``join_sampling_session``, ``create_custom_loss``, ``auth/token``,
 and the REST-only ``training_runs/...``, ``checkpoints``, ``weights_info``,
 ``copy_weights``, ``save_weights_external``, ``sessions/...``.
