@@ -3,7 +3,7 @@
 Subcommands:
 
 * ``serve``: run the local trainer until SIGINT/SIGTERM.
-* ``demo``: reserved for the end-to-end demo.
+* ``demo``: RL fine-tuning end to end on the embedded trainer (`firetitan.demo`).
 
 Each subcommand is a ``_cmd_<name>(args) -> int`` function registered in `build_parser`.
 """
@@ -17,6 +17,8 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+
+from firetitan.demo import command as demo_command
 
 __all__ = ["build_parser", "main"]
 
@@ -74,7 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_cmd_serve)
 
-    demo = commands.add_parser("demo", help="run the end-to-end demo (not available yet)")
+    demo = commands.add_parser(
+        "demo",
+        help="RL fine-tuning end to end on the embedded trainer",
+        description="A supervised warm-up, then GRPO-style RL with a KL penalty, through the "
+        "async SDK; writes metrics.jsonl and a plot of the curves.",
+    )
+    demo_command.add_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser
 
@@ -152,15 +160,19 @@ async def _serve(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             await stop.wait()
             print("stopping: finishing in-flight work...", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        # What can fail at start: binding the address, an invalid job id, an unusable
+        # checkpoint folder. Said in one line, not as a traceback.
+        print(f"firetitan serve: cannot start: {exc}", file=sys.stderr)
+        return 2
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     return 0
 
 
-def _cmd_demo(_args: argparse.Namespace) -> int:
-    print("firetitan demo is not available yet", file=sys.stderr)
-    return 1
+def _cmd_demo(args: argparse.Namespace) -> int:
+    return demo_command.run(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

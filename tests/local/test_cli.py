@@ -117,11 +117,6 @@ def test_serve_generates_and_prints_a_key_once(processes: list[subprocess.Popen[
     assert key.group(1) not in out
 
 
-def test_demo_is_not_available_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo"]) == 1
-    assert "not available yet" in capsys.readouterr().err
-
-
 def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--help"])

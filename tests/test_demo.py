@@ -1,0 +1,159 @@
+"""``firetitan demo``: a shortened run end to end, its outputs, and its parts."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from firetitan.cli import main
+from firetitan.demo import DemoConfig, run_demo, task
+from firetitan.demo.report import first_last_means
+from firetitan.local import LocalTrainer
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert all(isinstance(r, dict) for r in rows)
+    return rows
+
+
+def _check_outputs(out_dir: Path, cfg: DemoConfig) -> dict[str, Any]:
+    rows = _rows(out_dir / "metrics.jsonl")
+    sft = [r for r in rows if r["phase"] == "sft"]
+    rl = [r for r in rows if r["phase"] == "rl"]
+    assert len(sft) + len(rl) == len(rows)
+    assert [r["step"] for r in sft] == list(range(cfg.sft_steps))
+    assert [r["step"] for r in rl] == list(range(cfg.rl_steps))
+    for r in sft:
+        assert math.isfinite(r["loss"]) and r["loss"] > 0
+        assert r["tokens_per_s"] > 0
+    for r in rl:
+        assert 0.0 <= r["reward_mean"] <= 1.0
+        assert math.isfinite(r["loss"]) and math.isfinite(r["kl"])
+        assert r["export"] in ("base", "delta")
+    drill_step = cfg.rl_steps // 2
+    assert "resumed_from" in rl[drill_step]
+
+    plot = out_dir / "curves.png"
+    assert plot.read_bytes()[:8] == PNG_MAGIC
+
+    summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+    rewards = [r["reward_mean"] for r in rl]
+    assert summary["reward_first5_mean"] == pytest.approx(first_last_means(rewards)[0])
+    assert summary["reward_last5_mean"] == pytest.approx(first_last_means(rewards)[1])
+    assert summary["resume_drill"]["step"] == drill_step
+    for key in ("answers_before_rl", "answers_after_rl"):
+        assert set(summary[key]) == {task.prompt_text(d) for d in task.DIGITS}
+    return summary
+
+
+def test_quick_demo_on_the_embedded_trainer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    out_dir = (tmp_path / "out").resolve()
+    for name in ("metrics.jsonl", "curves.png", "summary.json"):
+        assert str(out_dir / name) in out
+    summary = _check_outputs(out_dir, DemoConfig().quick())
+    # save_state + load_state_with_optimizer restore the weights bit for bit.
+    assert summary["resume_drill"]["max_abs_logprob_diff"] == 0.0
+
+
+def test_quick_demo_against_a_remote_trainer(tmp_path: Path) -> None:
+    # A trainer the demo did not start (the null engine: protocol only, no model),
+    # reached by URL and key as a remote one would be.
+    with LocalTrainer("null") as trainer:
+        cfg = DemoConfig(
+            out_dir=tmp_path, progress=False, base_url=trainer.base_url, api_key=trainer.api_key
+        ).quick()
+        result = run_demo(cfg, out=io.StringIO())
+    assert result.metrics_path == tmp_path / "metrics.jsonl"
+    _check_outputs(tmp_path, cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_full_demo_learns(tmp_path: Path) -> None:
+    # The issue's bar: the last five RL steps' mean reward beats the first five's by
+    # 0.3, or doubles it. The run is seeded, so this is a fixed outcome, not a flake.
+    cfg = DemoConfig(out_dir=tmp_path, progress=False)
+    result = run_demo(cfg, out=io.StringIO())
+    _check_outputs(tmp_path, cfg)
+    assert (
+        result.reward_last >= result.reward_first + 0.3
+        or result.reward_last >= 2 * result.reward_first
+    )
+    assert task.count_right(result.answers_after) > task.count_right(result.answers_before)
+
+
+def test_api_key_without_base_url_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--api-key", "k", "--out", str(tmp_path)]) == 2
+    assert "--base-url" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------- parts
+
+
+def test_reward_is_exact_match() -> None:
+    assert task.reward(7, "seven") == 1.0
+    assert task.reward(7, "seven ") == 0.0
+    assert task.reward(7, "six") == 0.0
+    assert task.reward(0, "") == 0.0
+
+
+def test_count_right() -> None:
+    answers = {task.prompt_text(d): task.WORDS[d] for d in task.DIGITS}
+    assert task.count_right(answers) == len(task.DIGITS)
+    answers["3="] = "two"
+    del answers["4="]
+    assert task.count_right(answers) == len(task.DIGITS) - 2
+
+
+def test_corpus_is_seeded_and_noisy() -> None:
+    corpus = task.sft_corpus(2000, seed=3)
+    assert corpus == task.sft_corpus(2000, seed=3)
+    assert corpus != task.sft_corpus(2000, seed=4)
+    right = sum(e.word == task.WORDS[e.digit] for e in corpus) / len(corpus)
+    assert right == pytest.approx(task.CORPUS_ACCURACY, abs=0.05)
+    assert all(e.word in task.WORDS for e in corpus)
+
+
+def test_sft_datum_trains_on_the_answer_only() -> None:
+    datum = task.sft_datum(task.Example(3, "three"))
+    tokens = task.prompt_ids(3) + task.completion_ids("three")
+    assert datum.model_input.to_ints() == tokens[:-1]
+    targets = datum.loss_fn_inputs["target_tokens"].to_numpy()
+    weights = datum.loss_fn_inputs["weights"].to_numpy()
+    assert targets.tolist() == tokens[1:]
+    # Weighted targets are exactly the answer's bytes and the EOS.
+    assert targets[weights == 1.0].tolist() == task.completion_ids("three")
+    assert set(np.unique(weights).tolist()) == {0.0, 1.0}
+    assert task.completion_text(task.completion_ids("three")) == "three"
+
+
+def test_first_last_means() -> None:
+    values = [0.0] * 5 + [0.5] * 10 + [1.0] * 5
+    assert first_last_means(values) == (0.0, 1.0)
+    assert first_last_means([0.2, 0.4]) == pytest.approx((0.3, 0.3))
+    first, last = first_last_means([])
+    assert math.isnan(first) and math.isnan(last)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="rl_steps"):
+        DemoConfig(rl_steps=1)
+    with pytest.raises(ValueError, match="substeps"):
+        DemoConfig(substeps=len(task.DIGITS) + 1)
