@@ -41,6 +41,11 @@ def _fraction(_inst: object, attribute: attrs.Attribute[Any], value: object) -> 
 _POSITIVE_INT = [v.instance_of(int), v.ge(1)]
 
 
+def _positive_int_or_none(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{attribute.name} must be a positive integer or None, got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class Timeouts:
     """Per-request time limits, in seconds.
@@ -115,6 +120,11 @@ class Limits:
             worker thread so the event loop stays responsive. Measured: encoding a
             batch estimated at 100 kB takes about 1 ms (v2 float encoding), and the
             time grows linearly from there (about 90-175 ms at 10 MB).
+        protobuf_result_bytes: Forward and forward_backward calls whose request is
+            estimated above this size ask for their results as protobuf (wire.md §4.7),
+            which decodes in a fraction of the time JSON takes (measured: 0.1 ms instead
+            of 6 ms for 32 × 2048 logprobs). A trainer may still answer JSON, which is
+            read as usual. None always asks for JSON.
     """
 
     max_connections: int = attrs.field(default=64, validator=_POSITIVE_INT)
@@ -125,6 +135,9 @@ class Limits:
     max_chunk_datums: int = attrs.field(default=1024, validator=_POSITIVE_INT)
     max_chunk_bytes: int = attrs.field(default=5_000_000, validator=_POSITIVE_INT)
     offload_bytes: int = attrs.field(default=100_000, validator=_POSITIVE_INT)
+    protobuf_result_bytes: int | None = attrs.field(
+        default=100_000, validator=_positive_int_or_none
+    )
 
 
 @attrs.frozen(kw_only=True)

@@ -120,7 +120,14 @@ class APIFuture(Generic[_T]):
         """
         self._source = source
         self._carrier.add_done_callback(functools.partial(self._portal.relay_cancel, source.cancel))
-        source.add_done_callback(functools.partial(copy_outcome, self._carrier, convert))
+        copy = functools.partial(copy_outcome, self._carrier, convert)
+        # The async core's futures can run this as they resolve, which releases the
+        # waiting thread one turn of the loop sooner than a done-callback would.
+        on_settle = getattr(source, "_on_settle", None)
+        if on_settle is not None:
+            on_settle(copy)
+        else:
+            source.add_done_callback(copy)
 
     # -- state ----------------------------------------------------------------------------
 

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import itertools
 import logging
 import math
 import random
+import secrets
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any, Literal, NoReturn
 
@@ -59,13 +60,15 @@ from firetitan._errors import (
 )
 from firetitan._version import __version__
 
-__all__ = ["USER_AGENT", "Pool", "Transport"]
+__all__ = ["PROTOBUF", "USER_AGENT", "Pool", "ProtobufBody", "Transport"]
 
 log = logging.getLogger("firetitan.transport")
 
 USER_AGENT = f"firetitan/{__version__}"
 Pool = Literal["submit", "poll"]
 _JSON = "application/json"
+#: The media type of protobuf results (wire.md §4.7).
+PROTOBUF = "application/x-protobuf"
 
 
 class _Secret:
@@ -98,10 +101,21 @@ class _Retry(Exception):
 
 
 @attrs.frozen
+class ProtobufBody:
+    """An answer the trainer sent as ``application/x-protobuf``: its bytes, unparsed.
+
+    Only success payloads come this way (wire.md §4.7); the caller knows their message.
+    """
+
+    data: bytes = attrs.field(repr=lambda data: f"<{len(data)} bytes>")
+
+
+@attrs.frozen
 class _Exchange:
     status: int
-    headers: Mapping[str, str]  # names in lower case
+    headers: Mapping[str, str]  # names in lower case; only kept for error answers
     body: bytes
+    protobuf: bool = False
 
 
 class Transport:
@@ -131,6 +145,24 @@ class Transport:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._rng = random.Random()
+        # When connections to the trainer started failing (refused, no route), until the
+        # next answer of any kind. See _request: once that lasts a whole retry deadline,
+        # further requests get one attempt each instead of a deadline of retries.
+        self._unreachable_since: float | None = None
+        # Built once: every request copies this dict rather than rebuilding it.
+        self._base_headers = {
+            **self._extra_headers,
+            "X-API-Key": self._key.reveal(),
+            "Accept": _JSON,
+            "User-Agent": USER_AGENT,
+        }
+        self._body_headers = {**self._base_headers, "Content-Type": _JSON}
+        # Idempotency keys: a random prefix per transport and a counter. Unique across
+        # clients and calls like a uuid4, without a system call per request.
+        self._key_prefix = f"firetitan-{secrets.token_hex(8)}-"
+        self._key_counter = itertools.count(1)
+        self._policies: dict[tuple[Pool, bool], RetryPolicy] = {}
+        self._timeouts: dict[tuple[Pool, float | None], aiohttp.ClientTimeout] = {}
 
     # ------------------------------------------------------------------ properties
 
@@ -244,7 +276,8 @@ class Transport:
             headers: Extra headers.
 
         Returns:
-            The parsed JSON answer.
+            The parsed JSON answer; a `ProtobufBody` if the trainer answered protobuf
+            (only when ``headers`` asked for it with ``Accept``).
 
         Raises:
             APIStatusError: The trainer answered 4xx/5xx (after retries, where retried).
@@ -253,7 +286,8 @@ class Transport:
         """
         data = body if isinstance(body, bytes) else await self.encode(body, offload=offload)
         # One key for every attempt of this call: a retried submission is recognisable.
-        request_headers = {"X-Idempotency-Key": f"firetitan-{uuid.uuid4().hex}"}
+        request_headers = self._body_headers.copy()
+        request_headers["X-Idempotency-Key"] = f"{self._key_prefix}{next(self._key_counter)}"
         if headers:
             request_headers.update(headers)
         return await self._request(
@@ -273,18 +307,22 @@ class Transport:
         return await self._request(
             "GET", path, None, pool="submit", retry=True, attempt_timeout=attempt_timeout,
             offload=False,
-            headers={},
+            headers=self._base_headers,
         )
 
     def _policy(self, pool: Pool, retry: bool) -> RetryPolicy:
+        cached = self._policies.get((pool, retry))
+        if cached is not None:
+            return cached
         policy = self._config.retry
         if not retry:
-            return attrs.evolve(policy, max_attempts=1)
-        if pool == "poll":
+            policy = attrs.evolve(policy, max_attempts=1)
+        elif pool == "poll":
             # A long-poll is idempotent and its future has its own deadline, so a
             # poll is retried until the trainer has been unreachable for the whole
             # retry deadline, however many attempts that takes.
-            return attrs.evolve(policy, max_attempts=1_000_000)
+            policy = attrs.evolve(policy, max_attempts=1_000_000)
+        self._policies[(pool, retry)] = policy
         return policy
 
     async def _request(
@@ -297,19 +335,48 @@ class Transport:
         retry: bool,
         attempt_timeout: float | None,
         offload: bool,
-        headers: dict[str, str],
+        headers: Mapping[str, str],
     ) -> Any:
+        # The first attempt runs without the retry machinery, which costs tens of
+        # microseconds per request even when nothing fails; only a retryable failure
+        # hands the remaining attempts to tenacity.
+        started = time.monotonic()
+        try:
+            exchange = await self._once(method, path, data, headers, pool, attempt_timeout)
+            return await self._decode(exchange, method, path, offload)
+        except _Retry as first:
+            failure = first
         policy = self._policy(pool, retry)
 
-        def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
+        def wait(exc: BaseException | None, retry_number: int) -> float:
             if isinstance(exc, _Retry) and exc.retry_after is not None:
                 return min(exc.retry_after, policy.max_retry_after)
-            return policy.backoff(state.attempt_number, self._rng.random())
+            return policy.backoff(retry_number, self._rng.random())
 
+        # The checks tenacity makes after every failed attempt, made here for the first.
+        delay = wait(failure, 1)
+        remaining = policy.deadline - (time.monotonic() - started)
+        if policy.max_attempts <= 1 or delay >= remaining:
+            raise failure.error from failure.error.__cause__
+        down = self._unreachable_for()
+        if down >= policy.deadline:
+            # The trainer has been unreachable for a whole retry deadline already (it
+            # died, say): fail now. Otherwise every pending future would wait out a
+            # deadline of its own, a few at a time (polls are bounded per model), and
+            # a hundred pending futures would take hours to report the failure.
+            raise APIConnectionError(
+                f"{failure.error.message} (the trainer has been unreachable for "
+                f"{down:.0f} s; not retrying)"
+            ) from failure.error.__cause__
+        self._log_retry_in(method, path, 2, delay, failure)
+        await asyncio.sleep(delay)
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(policy.max_attempts) | stop_before_delay(policy.deadline),
-            wait=wait,
+            # Attempt numbers below count from the second attempt of the request.
+            stop=stop_after_attempt(policy.max_attempts - 1)
+            | stop_before_delay(policy.deadline - (time.monotonic() - started)),
+            wait=lambda state: wait(
+                state.outcome.exception() if state.outcome else None, state.attempt_number + 1
+            ),
             retry=retry_if_exception_type(_Retry),
             reraise=True,
             before_sleep=lambda state: self._log_retry(method, path, state),
@@ -323,25 +390,44 @@ class Transport:
             raise exhausted.error from exhausted.error.__cause__
         raise AssertionError("unreachable: tenacity either returns or reraises")
 
+    def _unreachable_for(self) -> float:
+        """Seconds since connections to the trainer started failing (0 if they work)."""
+        since = self._unreachable_since
+        return 0.0 if since is None else time.monotonic() - since
+
     def _log_retry(self, method: str, path: str, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         delay = state.next_action.sleep if state.next_action else 0.0
+        # tenacity counts from the request's second attempt (see `_request`).
+        self._log_retry_in(method, path, state.attempt_number + 2, delay, exc)
+
+    @staticmethod
+    def _log_retry_in(
+        method: str, path: str, attempt: int, delay: float, exc: BaseException | None
+    ) -> None:
         log.info(
-            "retrying %s %s (attempt %d) in %.2f s after: %s",
-            method, path, state.attempt_number + 1, delay, exc,
+            "retrying %s %s (attempt %d) in %.2f s after: %s", method, path, attempt, delay, exc
         )
 
-    def _headers(self, extra: Mapping[str, str], has_body: bool) -> dict[str, str]:
-        headers = {
-            **self._extra_headers,
-            "X-API-Key": self._key.reveal(),
-            "Accept": _JSON,
-            "User-Agent": USER_AGENT,
-        }
-        if has_body:
-            headers["Content-Type"] = _JSON
-        headers.update(extra)
-        return headers
+    def _client_timeout(self, pool: Pool, attempt_timeout: float | None) -> aiohttp.ClientTimeout:
+        cached = self._timeouts.get((pool, attempt_timeout))
+        if cached is not None:
+            return cached
+        timeouts = self._config.timeouts
+        # sock_connect, not connect: waiting for a free pooled connection is normal
+        # under load and must not count as a failure to connect.
+        if pool == "poll":
+            timeout = aiohttp.ClientTimeout(
+                total=attempt_timeout,
+                sock_connect=timeouts.connect,
+                sock_read=timeouts.long_poll_read,
+            )
+        else:
+            timeout = aiohttp.ClientTimeout(
+                total=attempt_timeout or timeouts.request, sock_connect=timeouts.connect
+            )
+        self._timeouts[(pool, attempt_timeout)] = timeout
+        return timeout
 
     async def _once(
         self,
@@ -353,43 +439,54 @@ class Transport:
         attempt_timeout: float | None,
     ) -> _Exchange:
         session = self._session(pool)
-        timeouts = self._config.timeouts
-        # sock_connect, not connect: waiting for a free pooled connection is normal
-        # under load and must not count as a failure to connect.
-        if pool == "poll":
-            client_timeout = aiohttp.ClientTimeout(
-                total=attempt_timeout,
-                sock_connect=timeouts.connect,
-                sock_read=timeouts.long_poll_read,
-            )
-        else:
-            client_timeout = aiohttp.ClientTimeout(
-                total=attempt_timeout or timeouts.request, sock_connect=timeouts.connect
-            )
         url = self._base_url + path
         started = time.monotonic()
         try:
+            # Redirects are not followed: a redirect to another host would carry the
+            # API key (aiohttp drops only Authorization on a cross-origin redirect).
             async with session.request(
-                method, url, data=data, headers=self._headers(headers, data is not None),
-                timeout=client_timeout,
+                method, url, data=data, headers=headers,
+                timeout=self._client_timeout(pool, attempt_timeout),
+                allow_redirects=False,
             ) as response:
+                self._unreachable_since = None  # it answered
                 body = await response.read()
-                headers = {k.lower(): v for k, v in response.headers.items()}
-                exchange = _Exchange(response.status, headers, body)
+                status = response.status
+                # Headers are only read on errors (Retry-After, x-should-retry).
+                exchange = _Exchange(
+                    status,
+                    {k.lower(): v for k, v in response.headers.items()} if status >= 400 else {},
+                    body,
+                    response.content_type == PROTOBUF,
+                )
         except TimeoutError as exc:
             raise _Retry(_chain(APITimeoutError(f"{method} {path} timed out"), exc)) from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            # A certificate that fails verification does not heal on retry: fail now.
+            raise APIConnectionError(
+                f"{method} {path} failed: TLS certificate not trusted: {exc}"
+            ) from exc
         except aiohttp.ClientResponseError as exc:
             # Carries the request headers (and so the key): never chained.
             raise _Retry(APIConnectionError(f"{method} {path} failed: {exc.message}")) from None
         except aiohttp.ClientError as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError) and self._unreachable_since is None:
+                self._unreachable_since = time.monotonic()
             error = APIConnectionError(f"{method} {path} failed: {type(exc).__name__}: {exc}")
             raise _Retry(_chain(error, exc)) from None
-        log.debug(
-            "%s %s -> %d (%d bytes, %.1f ms)",
-            method, path, exchange.status, len(exchange.body), 1e3 * (time.monotonic() - started),
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s %s -> %d (%d bytes, %.1f ms)",
+                method, path, exchange.status, len(exchange.body),
+                1e3 * (time.monotonic() - started),
+            )
         if exchange.status >= 400:
             self._raise_status(method, path, exchange)
+        if 300 <= exchange.status < 400:
+            raise APIResponseValidationError(
+                f"{method} {path} answered with a redirect (HTTP {exchange.status}); "
+                "redirects are not followed, so that the API key only goes to base_url"
+            )
         return exchange
 
     def _raise_status(self, method: str, path: str, exchange: _Exchange) -> NoReturn:
@@ -419,6 +516,8 @@ class Transport:
         raise error
 
     async def _decode(self, exchange: _Exchange, method: str, path: str, offload: bool) -> Any:
+        if exchange.protobuf:
+            return ProtobufBody(exchange.body)
         if not exchange.body:
             raise APIResponseValidationError(f"{method} {path} answered with an empty body")
         try:

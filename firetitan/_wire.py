@@ -34,12 +34,14 @@ message classes (imported lazily). Its protobuf ``forward_backward`` requests ar
 
 from __future__ import annotations
 
+import array as stdarray
 import base64
 import binascii
 import importlib
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import attrs
 import numpy as np
@@ -74,6 +76,7 @@ __all__ = [
     "combine_outputs",
     "decode_datum",
     "decode_forward_backward_output",
+    "decode_forward_backward_output_proto",
     "decode_future_ack",
     "decode_future_outcome",
     "decode_model_input",
@@ -154,11 +157,28 @@ def dumps(obj: Any) -> bytes:
     # orjson writes NaN and infinities as null. A body without any "null" therefore
     # holds only finite numbers; only otherwise is the object walked to tell a
     # non-finite number from a genuine None.
-    if b"null" in out:
+    if _has_null(out):
         bad = _find_non_finite(obj, "")
         if bad is not None:
             raise WireError(bad, "non-finite number (NaN or infinity) cannot be sent as JSON")
     return out
+
+
+_NULL_SCAN_BYTES: Final = 64 * 1024
+_N, _U = ord("n"), ord("u")
+
+
+def _has_null(out: bytes) -> bool:
+    """Whether ``out`` contains ``null``.
+
+    For large bodies, numpy finds the candidate positions (an ``n`` followed by a
+    ``u``) several times faster than ``bytes.__contains__`` scans for the word.
+    """
+    if len(out) < _NULL_SCAN_BYTES:
+        return b"null" in out
+    raw = np.frombuffer(out, dtype=np.uint8)
+    candidates = np.flatnonzero((raw[:-3] == _N) & (raw[1:-2] == _U))
+    return any(out.startswith(b"null", int(i)) for i in candidates)
 
 
 def loads(data: bytes | str) -> Any:
@@ -353,9 +373,11 @@ def _narrow_to_float32(wide: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]
     """
     with np.errstate(over="ignore", invalid="ignore"):
         narrow = wide.astype(np.float32)  # out-of-range values become inf, refused by callers
-        inexact = np.flatnonzero(narrow.astype(np.float64) != wide)
-    if inexact.size == 0:
+        mismatch = narrow.astype(np.float64) != wide
+    # any() first: a reduction costs far less than flatnonzero when all are exact (v1).
+    if not mismatch.any():
         return narrow
+    inexact = np.flatnonzero(mismatch)
     values = wide[inexact]
     nearest = narrow[inexact]
     toward = np.where(values > nearest.astype(np.float64), np.float32(np.inf), np.float32(-np.inf))
@@ -395,12 +417,36 @@ def _int_array(values: Any, field: str, *, what: str = "integers") -> npt.NDArra
         raise WireError(field, "integer out of the int64 range") from exc
 
 
+def _exact_float32(items: list[Any]) -> npt.NDArray[np.float32] | None:
+    """``items`` as float32 if every one is exactly a finite float32 value, else None.
+
+    The common case for small tensors (v1 writes every float32 exactly; v2 shortens
+    only long tensors). It uses C-level builtins rather than the dozen numpy calls of
+    the general path, each of which costs microseconds when a request's handling has
+    evicted numpy from the CPU caches. Exact values need no double-rounding repair.
+    """
+    try:
+        single = stdarray.array("f", items)  # rounds to float32; out of range gives inf
+    except OverflowError:  # an int beyond the float range
+        return None
+    # Equal means nothing was rounded (inf passes, NaN fails); sum() is then finite
+    # exactly when every value is, since float32-range values cannot overflow a double
+    # sum of this length.
+    if single.tolist() != items or not math.isfinite(sum(items)):
+        return None
+    return np.array(single, dtype=np.float32)
+
+
 def _float32_array(values: Any, field: str) -> npt.NDArray[np.float32]:
     items = _list(values, field)
     kinds = set(map(type, items))
     if not kinds <= {int, float}:
         i = _first_bad_index(items, (int, float))
         raise WireError(f"{field}[{i}]", f"expected numbers, got {_type_name(items[i])}")
+    if len(items) < _V2_MIN_ELEMENTS:
+        exact = _exact_float32(items)
+        if exact is not None:
+            return exact
     try:
         wide = np.array(items, dtype=np.float64)
     except OverflowError as exc:
@@ -468,7 +514,16 @@ def _decode_tensor(obj: Any, field: str, budget: _Budget, *, pad: int = 0) -> ti
     values = _values(tensor, dtype, field)
     if crow_raw is None and col_raw is None:
         shape_raw = tensor.get("shape")
-        shape = [values.size] if shape_raw is None else _shape(shape_raw, _key(field, "shape"))
+        size = values.size
+        if shape_raw is None or (
+            # The usual 1-D case, checked without building field paths or reshaping.
+            type(shape_raw) is list
+            and len(shape_raw) == 1
+            and type(shape_raw[0]) is int
+            and shape_raw[0] == size
+        ):
+            return tinker.TensorData(data=values, dtype=dtype, shape=[size])
+        shape = _shape(shape_raw, _key(field, "shape"))
         if math.prod(shape) != values.size:
             raise WireError(
                 _key(field, "shape"),
@@ -1623,7 +1678,10 @@ def combine_outputs(
         if reduction not in METRIC_REDUCTIONS or any(key not in o.metrics for o in outputs):
             continue
         values = [o.metrics[key] for o in outputs]
-        if reduction == "sum":
+        if len(values) == 1 and reduction in ("sum", "min", "max"):
+            # One chunk (most calls): numpy would return this very value, only slower.
+            metrics[key] = float(values[0])
+        elif reduction == "sum":
             metrics[key] = float(np.sum(values))
         elif reduction == "mean":
             metrics[key] = _weighted_mean(values, weights)
@@ -2140,3 +2198,99 @@ def encode_forward_backward_output_proto(output: tinker.ForwardBackwardOutput) -
             batched.trailing_shape.extend(int(d) for d in trailing)
     data: bytes = msg.SerializeToString()
     return data
+
+
+# Element types of a BatchedTensor (tinker_public.DType) and how each is widened: the
+# protobuf result decodes to the same dtypes (float32, int64) as the JSON one.
+_PROTO_FLOAT32, _PROTO_INT64, _PROTO_INT32, _PROTO_BFLOAT16 = 1, 2, 3, 4
+_PROTO_ITEM: Final[dict[int, np.dtype[Any]]] = {
+    _PROTO_FLOAT32: np.dtype("<f4"),
+    _PROTO_INT64: np.dtype("<i8"),
+    _PROTO_INT32: np.dtype("<i4"),
+    _PROTO_BFLOAT16: np.dtype("<u2"),
+}
+
+
+def _widened(
+    raw: npt.NDArray[Any], proto_dtype: int
+) -> tuple[npt.NDArray[Any], Literal["float32", "int64"]]:
+    """Copy of ``raw`` (a read-only view of the message) as float32 or int64."""
+    if proto_dtype == _PROTO_BFLOAT16:
+        # A bfloat16 is the high half of a float32.
+        return (raw.astype(np.uint32) << 16).view(np.float32), "float32"
+    if proto_dtype == _PROTO_FLOAT32:
+        return raw.astype(np.float32), "float32"
+    return raw.astype(np.int64), "int64"
+
+
+def _split_batched(batched: Any, datums: int, field: str) -> list[tinker.TensorData]:
+    """One BatchedTensor (values of ``datums`` datums, concatenated) split per datum."""
+    item = _PROTO_ITEM.get(batched.dtype)
+    if item is None:
+        raise WireError(_key(field, "dtype"), f"unsupported tensor dtype {batched.dtype}")
+    raw_offsets: bytes = batched.offsets
+    if len(raw_offsets) != 8 * (datums + 1):
+        raise WireError(
+            _key(field, "offsets"), f"expected {datums + 1} int64 offsets for {datums} datums"
+        )
+    offsets = np.frombuffer(raw_offsets, dtype="<i8")
+    data: bytes = batched.data
+    trailing = [int(d) for d in batched.trailing_shape]
+    row = item.itemsize * math.prod(trailing)
+    sizes = np.diff(offsets)
+    if (
+        offsets[0] != 0
+        or offsets[-1] != len(data)
+        or (sizes.size and sizes.min() < 0)
+        or any(d < 0 for d in trailing)
+        or (row == 0 and bool(sizes.any()))
+        or (row > 0 and bool((sizes % row).any()))
+    ):
+        raise WireError(
+            _key(field, "offsets"),
+            f"byte offsets do not split {len(data)} bytes into {datums} datums of "
+            f"{item.itemsize}-byte values with trailing shape {trailing}",
+        )
+    values, dtype = _widened(np.frombuffer(data, dtype=item), batched.dtype)
+    if dtype == "float32" and not np.isfinite(values).all():
+        i = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise WireError(f"{field}.data[{i}]", "non-finite number in a result tensor")
+    bounds = (offsets // item.itemsize).tolist()
+    out = []
+    for start, end in itertools.pairwise(bounds):
+        array = values[start:end].reshape(-1, *trailing)
+        out.append(tinker.TensorData(data=array, dtype=dtype, shape=list(array.shape)))
+    return out
+
+
+def decode_forward_backward_output_proto(data: bytes) -> tinker.ForwardBackwardOutput:
+    """Decode a forward/forward_backward result sent as the ``tinker_public``
+    ``ForwardBackwardOutput`` protobuf (wire.md §4.7), the inverse of
+    `encode_forward_backward_output_proto`.
+
+    Each ``ArrayRecord`` holds ``num_datums`` datums; each of its fields concatenates
+    their values, split by int64 byte offsets. Values decode to float32 (float32,
+    bfloat16) and int64 (int64, int32) tensors, as JSON results do, copied out of the
+    message in one piece per field rather than element by element.
+
+    Raises:
+        WireError: A malformed message, offsets that do not split the data, an unknown
+            dtype, a non-finite value or metric.
+    """
+    try:
+        msg = _pb().ForwardBackwardOutput.FromString(data)
+    except Exception as exc:  # google.protobuf.message.DecodeError, a C-level error
+        raise WireError("", f"malformed protobuf ForwardBackwardOutput: {exc}") from None
+    outputs: list[dict[str, tinker.TensorData]] = []
+    for r, record in enumerate(msg.loss_fn_outputs):
+        datums = int(record.num_datums)
+        per_datum: list[dict[str, tinker.TensorData]] = [{} for _ in range(datums)]
+        for name, batched in record.fields.items():
+            tensors = _split_batched(batched, datums, f"loss_fn_outputs[{r}].fields.{name}")
+            for i, tensor in enumerate(tensors):
+                per_datum[i][name] = tensor
+        outputs += per_datum
+    metrics = {key: _float(value, f"metrics.{key}") for key, value in msg.metrics.items()}
+    return tinker.ForwardBackwardOutput(
+        loss_fn_output_type=msg.loss_fn_output_type, loss_fn_outputs=outputs, metrics=metrics
+    )

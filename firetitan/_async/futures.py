@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import math
 from collections.abc import Callable, Generator
@@ -74,6 +75,13 @@ class AsyncAPIFuture(Generic[T]):
         self._timer: asyncio.TimerHandle | None = None
         if deadline is not None:
             self._timer = self._loop.call_at(self._deadline or 0.0, self._expire, deadline)
+        # Owner clean-ups run together in `_finished`: one scheduled callback per
+        # future rather than one per clean-up.
+        self._cleanups: list[Callable[[], object]] = []
+        # Tasks waiting in `result_async`, and `_on_settle` callbacks: released directly
+        # when the result is set (see `_wake`).
+        self._waiters: list[asyncio.Future[None]] = []
+        self._settle: list[Callable[[AsyncAPIFuture[T]], object]] = []
         self._future.add_done_callback(self._finished)
 
     # ------------------------------------------------------------------ public
@@ -166,19 +174,31 @@ class AsyncAPIFuture(Generic[T]):
             asyncio.CancelledError: The future was cancelled.
             FiretitanError: The request failed; see the specific subclasses.
         """
-        # shield: cancelling or timing out the *waiter* must not cancel the request.
-        waiter = asyncio.shield(self._future)
-        if timeout is None:
-            return await waiter
+        if self._future.done():
+            return self._future.result()
+        # Each waiter waits on a future of its own, so cancelling or timing out the
+        # *waiter* never cancels the request. Unlike asyncio.shield, the waiter is woken
+        # directly when the result is set, not by a callback one loop turn later.
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append(waiter)
         try:
-            async with asyncio.timeout(timeout):
-                return await waiter
-        except TimeoutError:
-            if self._future.done():
-                return self._future.result()
-            raise FutureTimeoutError(
-                f"{self._kind} did not finish within {timeout} s (it was not cancelled)"
-            ) from None
+            if timeout is None:
+                await waiter
+            else:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await waiter
+                except TimeoutError:
+                    if not self._future.done():
+                        raise FutureTimeoutError(
+                            f"{self._kind} did not finish within {timeout} s "
+                            "(it was not cancelled)"
+                        ) from None
+        finally:
+            # Still listed if this wait ended first (cancelled, timed out).
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+        return self._future.result()
 
     def __await__(self) -> Generator[Any, None, T]:
         return self.result_async().__await__()
@@ -203,14 +223,51 @@ class AsyncAPIFuture(Generic[T]):
     def _set_result(self, value: T) -> None:
         if not self._future.done():
             self._future.set_result(value)
+            self._wake()
 
     def _set_exception(self, exc: BaseException) -> None:
         if not self._future.done():
             self._future.set_exception(exc)
+            self._wake()
+
+    def _wake(self) -> None:
+        """Release the `result_async` waiters and run the `_on_settle` callbacks.
+
+        Waiting tasks resume after the callbacks the result scheduled (`_finished`
+        first), so owner clean-ups have run by then.
+        """
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        settle, self._settle = self._settle, []
+        for fn in settle:
+            try:
+                fn(self)
+            except Exception as exc:
+                self._loop.call_exception_handler(
+                    {"message": f"settle callback of {self!r} failed", "exception": exc}
+                )
+
+    def _on_settle(self, fn: Callable[[AsyncAPIFuture[T]], object]) -> None:
+        """Call ``fn(self)`` as soon as the future is resolved, in the same turn of the
+        loop rather than the next one as done-callbacks are (at once if it is done).
+
+        For the blocking facade, whose waiting thread ``fn`` releases: a turn of a busy
+        loop is a noticeable part of a small call. ``fn`` runs on the loop thread inside
+        whatever resolved the future; it must be short and not block.
+        """
+        if self._future.done():
+            fn(self)
+        else:
+            self._settle.append(fn)
 
     def _on_finish(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` (owner clean-up) when the future resolves, however it does."""
-        self._future.add_done_callback(lambda _f: fn())
+        if self._future.done():
+            self._loop.call_soon(fn)
+        else:
+            self._cleanups.append(fn)
 
     def _expire(self, seconds: float) -> None:
         self._set_exception(
@@ -225,6 +282,15 @@ class AsyncAPIFuture(Generic[T]):
         # "Future exception was never retrieved" report at garbage collection.
         if not future.cancelled():
             future.exception()
+        self._wake()  # a cancellation reaches the waiters only here
+        cleanups, self._cleanups = self._cleanups, []
+        for fn in cleanups:
+            try:
+                fn()
+            except Exception as exc:  # as asyncio reports a failing done-callback
+                self._loop.call_exception_handler(
+                    {"message": f"clean-up of {self!r} failed", "exception": exc}
+                )
 
 
 def resolve_deadline(deadline: float | None, config: ClientConfig) -> float | None:

@@ -1,7 +1,8 @@
 """The per-model send queue: call order, seq_ids and pipelining.
 
 Every ordered RPC of a training client becomes a `Call` on its model's `OrderedQueue`.
-One sender task drains the queue, and these invariants hold:
+One sender task at a time drains the queue (a sender that empties the queue completes
+its last call itself and the next call starts a new one), and these invariants hold:
 
 * **Call order is send order.** The queue is FIFO and the RPC methods are plain
   ``def``s that run on the client's loop, so whoever calls, the order of calls is the
@@ -51,7 +52,17 @@ from firetitan._async.polling import Poller
 from firetitan._errors import APIResponseValidationError, APIStatusError, ClientClosedError
 from firetitan._transport import Transport
 
-__all__ = ["JSON", "Call", "Finish", "OrderedQueue", "ack_request_id", "unfilled"]
+__all__ = [
+    "JSON",
+    "Call",
+    "Finish",
+    "OrderedQueue",
+    "ack_request_id",
+    "numbered",
+    "template",
+    "templates",
+    "unfilled",
+]
 
 log = logging.getLogger("firetitan")
 
@@ -69,20 +80,24 @@ class Call:
         request_type: Sent as ``X-Tinker-Request-Type`` when polling.
         future: The caller's future.
         finish: Builds the result from the chunk payloads.
-        bodies: One encoded request per chunk, ``seq_id`` still unset: a list, a task
-            building it in a worker thread, or None for a gated call not yet filled.
+        bodies: One serialised request per chunk without its ``seq_id`` (`template`):
+            a list, a future of it (a worker thread's task, or a failure to report in
+            the call's turn), or None for a gated call not yet filled.
         offload: Encode and decode in worker threads (large batches).
         gate: For a custom-loss backward: the sender waits for it; True means
             ``bodies`` and ``finish`` are filled in, False that the call is dropped.
+        protobuf: Ask for the results as protobuf (`finish` then gets
+            `ProtobufBody` payloads where the trainer obliged).
     """
 
     kind: str
     request_type: str
     future: AsyncAPIFuture[Any]
     finish: Finish
-    bodies: list[JSON] | asyncio.Task[list[JSON]] | None
+    bodies: list[bytes] | asyncio.Future[list[bytes]] | None
     offload: bool = False
     gate: asyncio.Future[bool] | None = None
+    protobuf: bool = False
 
     @property
     def endpoint(self) -> str:
@@ -107,10 +122,10 @@ class OrderedQueue:
         return self._next_seq
 
     def put(self, call: Call) -> None:
-        """Append a call; the sender task starts with the first one."""
+        """Append a call; a sender task starts unless one is running."""
+        self._queue.put_nowait(call)
         if self._sender is None:
             self._sender = self._tasks.spawn(self._send_loop(), name="firetitan sender")
-        self._queue.put_nowait(call)
 
     def fail_queued(self, reason: str) -> None:
         """Fail every call not sent yet with `ClientClosedError` (the owner closes)."""
@@ -121,33 +136,54 @@ class OrderedQueue:
         while True:
             call = await self._queue.get()
             try:
-                await self._send_one(call)
+                sent = await self._send_one(call)
             except Exception as exc:  # the sender must survive anything one call does
                 log.exception("firetitan: unexpected error while sending %s", call.kind)
                 call.future._set_exception(exc)
+                continue
+            if sent is None:
+                continue
+            if self._queue.empty():
+                # Nothing else to send: this task hands the sender's role back and
+                # completes the call itself, which saves starting a task (a turn of
+                # the loop) for it; the next call starts a new sender. One task sends
+                # at a time either way, since the role is handed back only after a send.
+                self._sender = None
+                task = asyncio.current_task()
+                assert task is not None
+                call.future._on_finish(task.cancel)  # abandoning the call stops its polls
+                await self._complete(call, sent)
+                return
+            self._start_completion(call, sent)
 
-    async def _send_one(self, call: Call) -> None:
+    async def _send_one(self, call: Call) -> list[str] | None:
+        """Send a call's chunks; return their request ids if it is to be completed."""
         if call.gate is not None and not await call.gate:
-            return  # a custom-loss backward whose loss failed or was abandoned
+            return None  # a custom-loss backward whose loss failed or was abandoned
         if call.future.done():
-            return  # abandoned before it was sent: it takes no seq_id
+            return None  # abandoned before it was sent: it takes no seq_id
         try:
             bodies = call.bodies if isinstance(call.bodies, list) else await _built(call.bodies)
         except Exception as exc:  # encoding failed: nothing was sent, no seq_id taken
             call.future._set_exception(exc)
-            return
+            return None
         first = self._next_seq
-        try:
-            encoded = await self._encode(bodies, first, call.offload)
-        except Exception as exc:  # e.g. a non-finite number: nothing sent, no seq_id taken
-            call.future._set_exception(exc)
-            return
+        encoded = [numbered(body, first + offset) for offset, body in enumerate(bodies)]
         if call.future.done():
-            return
+            return None
         call.future._set_state(FutureState.SENDING)
-        outcomes = await asyncio.gather(
-            *(self._submit(call, data) for data in encoded), return_exceptions=True
-        )
+        outcomes: list[str | BaseException]
+        if len(encoded) == 1:
+            # Most calls are one chunk: awaited here rather than through gather, which
+            # would wrap it in a task and cost the call a turn of the event loop.
+            try:
+                outcomes = [await self._submit(call, encoded[0])]
+            except Exception as exc:
+                outcomes = [exc]
+        else:
+            outcomes = await asyncio.gather(
+                *(self._submit(call, data) for data in encoded), return_exceptions=True
+            )
         ids = [o for o in outcomes if isinstance(o, str)]
         errors = [o for o in outcomes if isinstance(o, BaseException)]
         for request_id in ids:
@@ -155,9 +191,8 @@ class OrderedQueue:
         if not errors:
             self._next_seq += len(bodies)
             call.future._set_state(FutureState.SENT)
-            if not call.future.done():  # else abandoned while sending: nobody polls
-                self._start_completion(call, ids)
-            return
+            # Abandoned while sending: nobody polls.
+            return None if call.future.done() else ids
         for error in errors:
             if not isinstance(error, Exception):
                 raise error  # the sender itself is being cancelled
@@ -170,22 +205,12 @@ class OrderedQueue:
             call.kind, first, first + len(bodies) - 1, errors[0],
         )
         call.future._set_exception(errors[0])
-
-    async def _encode(self, bodies: list[JSON], first: int, offload: bool) -> list[bytes]:
-        """Number the chunks from ``first`` and serialise them, before anything is sent."""
-
-        def encode() -> list[bytes]:
-            out = []
-            for offset, body in enumerate(bodies):
-                body["seq_id"] = first + offset
-                out.append(_wire.dumps(body))
-            return out
-
-        return await asyncio.to_thread(encode) if offload else encode()
+        return None
 
     async def _submit(self, call: Call, data: bytes) -> str:
         async with self._uploads:
-            answer = await self._transport.post(call.endpoint, data, offload=call.offload)
+            # The body is already bytes and the ACK is tiny: nothing to offload.
+            answer = await self._transport.post(call.endpoint, data)
         return ack_request_id(answer, call.kind)
 
     def _start_completion(self, call: Call, request_ids: list[str]) -> None:
@@ -195,12 +220,13 @@ class OrderedQueue:
 
     async def _complete(self, call: Call, request_ids: list[str]) -> None:
         try:
+            kind, protobuf = call.request_type, call.protobuf
             if len(request_ids) == 1:
-                payloads = [await self._poller.wait(request_ids[0], call.request_type)]
+                payloads = [await self._poller.wait(request_ids[0], kind, protobuf=protobuf)]
             else:
                 # Created in chunk order, so the poller admits them oldest first.
                 polls = [
-                    asyncio.ensure_future(self._poller.wait(rid, call.request_type))
+                    asyncio.ensure_future(self._poller.wait(rid, kind, protobuf=protobuf))
                     for rid in request_ids
                 ]
                 try:
@@ -228,10 +254,45 @@ async def unfilled(payloads: list[Any]) -> NoReturn:
     raise AssertionError("a gated call was sent before it was filled in")
 
 
-async def _built(task: asyncio.Task[list[JSON]] | None) -> list[JSON]:
+async def _built(task: asyncio.Future[list[bytes]] | None) -> list[bytes]:
     assert task is not None
     # shield: the encode task belongs to the call, not to the sender's await.
     return await asyncio.shield(task)
+
+
+def template(body: JSON) -> bytes:
+    """``body`` serialised without its ``seq_id`` and opening brace, for `numbered`.
+
+    Calls are serialised when they are made, and only numbered when sent: a queued
+    call then holds one bytes object rather than its whole JSON tree (many queued
+    calls otherwise feed the garbage collector's costly full collections), and
+    numbering costs one concatenation rather than a serialisation on the sender.
+
+    Raises:
+        ValueError: A value JSON cannot carry, e.g. NaN (a `_wire.WireError`).
+    """
+    body.pop("seq_id", None)
+    data = _wire.dumps(body)
+    if data == b"{}":
+        raise ValueError("an ordered request body needs fields besides seq_id")
+    return data[1:]
+
+
+def numbered(template: bytes, seq_id: int) -> bytes:
+    """The request body of a `template` with its ``seq_id`` (sent as the first key)."""
+    return b'{"seq_id":%d,' % seq_id + template
+
+
+def templates(bodies: list[JSON]) -> list[bytes] | asyncio.Future[list[bytes]]:
+    """`template` of every body; a body that cannot be serialised yields a failed
+    future instead, so its call fails in its turn, unsent and without a seq_id."""
+    try:
+        return [template(body) for body in bodies]
+    except ValueError as exc:
+        failed: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
+        failed.set_exception(exc)
+        failed.exception()  # retrieved: the sender reports it through the call's future
+        return failed
 
 
 def ack_request_id(answer: Any, what: str) -> str:

@@ -18,8 +18,8 @@ import asyncio
 from typing import Any
 
 from firetitan import _wire
-from firetitan._errors import APIResponseValidationError, RequestFailedError
-from firetitan._transport import Transport
+from firetitan._errors import APIResponseValidationError, APIStatusError, RequestFailedError
+from firetitan._transport import PROTOBUF, ProtobufBody, Transport
 
 __all__ = ["RETRIEVE_FUTURE", "Poller"]
 
@@ -38,16 +38,20 @@ class Poller:
         self._transport = transport
         self._limit = limit
         self._slots: asyncio.Semaphore | None = None
+        # Set when the trainer refused a protobuf-only poll (406): ask for JSON from then on.
+        self._json_only = False
 
-    async def wait(self, request_id: str, request_type: str) -> Any:
-        """Long-poll ``request_id`` until it resolves and return its JSON payload.
+    async def wait(self, request_id: str, request_type: str, *, protobuf: bool = False) -> Any:
+        """Long-poll ``request_id`` until it resolves and return its payload.
 
         Args:
             request_id: The trainer's id from the submission's ACK.
             request_type: The operation, sent as ``X-Tinker-Request-Type``.
+            protobuf: Ask for the result as protobuf (wire.md §4.7; forward and
+                forward_backward results). A trainer may still answer JSON.
 
         Returns:
-            The success payload, still as parsed JSON.
+            The success payload: parsed JSON, or a `ProtobufBody`.
 
         Raises:
             RequestFailedError: The request failed on the trainer.
@@ -59,9 +63,9 @@ class Poller:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._limit)
         async with self._slots:
-            return await self._poll(request_id, request_type)
+            return await self._poll(request_id, request_type, protobuf)
 
-    async def _poll(self, request_id: str, request_type: str) -> Any:
+    async def _poll(self, request_id: str, request_type: str, protobuf: bool) -> Any:
         loop = asyncio.get_running_loop()
         allow_metadata_only = True
         iteration = 0
@@ -73,16 +77,25 @@ class Poller:
                 )
             )
             started = loop.time()
-            answer = await self._transport.post(
-                RETRIEVE_FUTURE,
-                body,
-                pool="poll",
-                headers={
-                    "X-Tinker-Request-Type": request_type,
-                    "X-Tinker-Request-Iteration": str(iteration),
-                },
-            )
+            headers = {
+                "X-Tinker-Request-Type": request_type,
+                "X-Tinker-Request-Iteration": str(iteration),
+            }
+            if protobuf and not self._json_only:
+                # Protobuf alone: a trainer that lists JSON as acceptable answers JSON.
+                headers["Accept"] = PROTOBUF
+            try:
+                answer = await self._transport.post(
+                    RETRIEVE_FUTURE, body, pool="poll", headers=headers
+                )
+            except APIStatusError as exc:
+                if exc.status_code != 406 or "Accept" not in headers:
+                    raise
+                self._json_only = True  # this trainer serves JSON only; ask again
+                continue
             iteration += 1
+            if isinstance(answer, ProtobufBody):
+                return answer  # only success payloads travel as protobuf
             try:
                 outcome = _wire.decode_future_outcome(answer)
             except ValueError as exc:

@@ -21,6 +21,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
+import attrs
 import numpy as np
 import pydantic
 import tinker
@@ -31,13 +32,21 @@ from firetitan._async import custom_loss
 from firetitan._async._checks import non_empty_str, positive_int
 from firetitan._async._tasks import TaskSet
 from firetitan._async.futures import AsyncAPIFuture, FutureState, resolve_deadline
-from firetitan._async.ordering import JSON, Call, OrderedQueue, ack_request_id, unfilled
+from firetitan._async.ordering import (
+    JSON,
+    Call,
+    OrderedQueue,
+    ack_request_id,
+    template,
+    templates,
+    unfilled,
+)
 from firetitan._async.polling import Poller
 from firetitan._errors import (
     APIResponseValidationError,
     ClientClosedError,
 )
-from firetitan._transport import Transport
+from firetitan._transport import ProtobufBody, Transport
 from firetitan._types import GradAccNormalization, SaveSamplerResult
 
 if TYPE_CHECKING:
@@ -316,16 +325,19 @@ class AsyncFiretitanTrainingClient:
             assert output is not None
             result = await asyncio.to_thread(custom_loss.run_user_loss, loss_fn, batch, output)
             linear = custom_loss.linearized_data(batch, result.grads)
-            bodies, offload = self._prepare_forward_bodies(
+            prepared = self._prepare_forward_bodies(
                 "forward_backward", linear, "cross_entropy", None
             )
             tokens = _response_tokens(linear)
 
             async def finish(payloads: list[Any]) -> tinker.ForwardBackwardOutput:
-                out = await self._finish_forward(payloads, offload=offload, response_tokens=tokens)
+                out = await self._finish_forward(
+                    payloads, offload=prepared.offload, response_tokens=tokens
+                )
                 return custom_loss.merge_result(out, result)
 
-            backward.bodies, backward.finish, backward.offload = bodies, finish, offload
+            backward.bodies, backward.finish = prepared.bodies, finish
+            backward.offload, backward.protobuf = prepared.offload, prepared.protobuf
             if not gate.done():
                 gate.set_result(True)
         except Exception as exc:
@@ -475,7 +487,9 @@ class AsyncFiretitanTrainingClient:
             ValueError: An invalid name or job id.
         """
         if source_job_id is not None:
-            return _names.cross_job_path(source_job_id.strip(), name.strip())
+            return _names.cross_job_path(
+                _stripped(source_job_id, "source_job_id"), _stripped(name, "name")
+            )
         return str(_names.parse_checkpoint_path(name))
 
     async def list_checkpoints(self) -> list[str]:
@@ -691,7 +705,7 @@ class AsyncFiretitanTrainingClient:
         deadline: float | None,
     ) -> AsyncAPIFuture[M]:
         resolved = self._resolve_deadline(deadline)
-        body = _wire.encode_request(request)
+        bodies = templates([_wire.encode_request(request)])
         # The future is made last: a call that raises leaves nothing pending behind.
         future: AsyncAPIFuture[M] = self._new_future(kind, resolved)
 
@@ -704,7 +718,7 @@ class AsyncFiretitanTrainingClient:
                 request_type=request_type,
                 future=future,
                 finish=finish,
-                bodies=[body],
+                bodies=bodies,
             )
         )
         return future
@@ -722,7 +736,8 @@ class AsyncFiretitanTrainingClient:
         non_empty_str(loss_fn, "loss_fn")
         if loss_fn_config is not None and not isinstance(loss_fn_config, Mapping):
             raise TypeError("loss_fn_config must be a mapping or None")
-        bodies, offload = self._prepare_forward_bodies(kind, batch, loss_fn, loss_fn_config)
+        prepared = self._prepare_forward_bodies(kind, batch, loss_fn, loss_fn_config)
+        offload = prepared.offload
         tokens = _response_tokens(batch) if loss_fn == "cross_entropy" else None
         # The future is made last: a call that raises leaves nothing pending behind.
         future: AsyncAPIFuture[tinker.ForwardBackwardOutput] = self._new_future(kind, deadline)
@@ -736,8 +751,9 @@ class AsyncFiretitanTrainingClient:
                 request_type="Forward" if kind == "forward" else "ForwardBackward",
                 future=future,
                 finish=finish,
-                bodies=bodies,
+                bodies=prepared.bodies,
                 offload=offload,
+                protobuf=prepared.protobuf,
             )
         )
         return future
@@ -748,17 +764,22 @@ class AsyncFiretitanTrainingClient:
         batch: list[tinker.Datum],
         loss_fn: str,
         loss_fn_config: Mapping[str, Any] | None,
-    ) -> tuple[list[JSON] | asyncio.Task[list[JSON]], bool]:
+    ) -> _Prepared:
         """Chunk a batch and encode one body per chunk (seq_id still unset).
 
         Small batches are encoded now, so structural problems raise at the call site;
         large ones in a worker thread, overlapping with earlier sends. Values that JSON
         cannot carry (NaN) are found when the sender serialises the call: its future
-        fails and nothing is sent.
+        fails and nothing is sent. Large batches also ask for protobuf results.
         """
         limits = self._config.limits
-        chunks = _wire.chunk_data(
-            batch, max_datums=limits.max_chunk_datums, max_bytes=limits.max_chunk_bytes
+        # One datum is always one chunk (an oversized datum travels alone).
+        chunks = (
+            [batch]
+            if len(batch) == 1
+            else _wire.chunk_data(
+                batch, max_datums=limits.max_chunk_datums, max_bytes=limits.max_chunk_bytes
+            )
         )
         config = dict(loss_fn_config) if loss_fn_config is not None else None
 
@@ -778,24 +799,38 @@ class AsyncFiretitanTrainingClient:
                 for chunk in chunks
             ]
 
-        offload = _estimated_bytes(batch) > limits.offload_bytes
-        if not offload:
-            return encode(), False
+        estimate = _estimated_bytes(batch)
+        threshold = limits.protobuf_result_bytes
+        protobuf = threshold is not None and estimate > threshold
+        if estimate <= limits.offload_bytes:
+            return _Prepared(templates(encode()), offload=False, protobuf=protobuf)
+
+        def serialise() -> list[bytes]:
+            return [template(body) for body in encode()]
+
         # Not in self._tasks: a failure here is a user error, reported through the
         # call's future by the sender, and the Call holds the only reference needed.
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(encode))
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(serialise))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return task, True
+        return _Prepared(task, offload=True, protobuf=protobuf)
 
     async def _finish_forward(
         self, payloads: list[Any], *, offload: bool, response_tokens: float | None
     ) -> tinker.ForwardBackwardOutput:
         def decode() -> tinker.ForwardBackwardOutput:
-            outputs = [_wire.decode_forward_backward_output(p) for p in payloads]
+            outputs = [
+                _wire.decode_forward_backward_output_proto(p.data)
+                if isinstance(p, ProtobufBody)
+                else _wire.decode_forward_backward_output(p)
+                for p in payloads
+            ]
             return _wire.combine_outputs(outputs)
 
+        # Protobuf results decode in a fraction of a millisecond even when large: a
+        # worker thread would cost more than it saves. Large JSON goes off the loop.
+        heavy = offload and not all(isinstance(p, ProtobufBody) for p in payloads)
         try:
-            output = await asyncio.to_thread(decode) if offload else decode()
+            output = await asyncio.to_thread(decode) if heavy else decode()
         except ValueError as exc:
             raise APIResponseValidationError(f"unreadable forward output: {exc}") from exc
         if response_tokens is not None and "response_tokens" not in output.metrics:
@@ -815,6 +850,22 @@ class AsyncFiretitanTrainingClient:
             future._set_exception(ClientClosedError(reason))
         self._queue.fail_queued(reason)
         await self._tasks.aclose()
+
+
+@attrs.frozen
+class _Prepared:
+    """The encoded chunks of a forward call, and how to move them.
+
+    Attributes:
+        bodies: One serialised body per chunk (`ordering.template`), or a future of
+            them (encoding in a worker thread, or failed).
+        offload: Encode, decode and (de)serialise in worker threads (large batches).
+        protobuf: Ask for the results as protobuf (large batches).
+    """
+
+    bodies: list[bytes] | asyncio.Future[list[bytes]]
+    offload: bool
+    protobuf: bool
 
 
 def _check_data(data: Sequence[tinker.Datum]) -> list[tinker.Datum]:
@@ -868,6 +919,14 @@ def _normalization(value: GradAccNormalization | str | None) -> str | None:
             pass
     choices = ", ".join(m.value for m in GradAccNormalization)
     raise ValueError(f"grad_accumulation_normalization must be one of {choices}; got {value!r}")
+
+
+def _stripped(value: object, what: str) -> str:
+    """``value`` without surrounding whitespace; a ValueError (as every invalid name
+    gets) if it is not a string at all."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    return value.strip()
 
 
 def _check_ttl(ttl_seconds: int | None) -> int | None:

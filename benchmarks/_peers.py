@@ -1,0 +1,762 @@
+"""The peers: the same workloads through each client, run inside a worker process.
+
+* ``floor``: raw aiohttp with pre-encoded bodies on keep-alive connections, to the same
+  endpoints, polling the oldest four results at a time, and reading each answer only as
+  far as needed (the ACK's ``request_id``; ``try_again`` or not). What the SDKs cost on
+  top of it is their own; no client on this stack can do the same work for less.
+* ``firetitan-async``: `firetitan.AsyncFiretitanServiceClient`.
+* ``firetitan-sync``: `firetitan.FiretitanServiceClient`, the blocking facade.
+* ``firetitan-json``: the async core asking for JSON results only (B3).
+* ``fireworks``: the public fireworks-ai training SDK, with its own types.
+* ``tinker``: the public tinker SDK (LoRA; the null engine ignores the difference).
+* ``facade``: firetitan's async core and facade in one process, alternating (B4).
+* ``codec``: firetitan's codec without network (B3 throughput).
+* ``torch-sdk`` / ``torch-plain``: B6, SFT steps through the SDK, or in-process.
+
+Every workload method returns a JSON-able dict: lists of per-call seconds (``wall``,
+``cpu``), or totals for B2, or memory figures for B5.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import attrs
+import numpy as np
+
+from benchmarks._common import (
+    B1_TOKENS,
+    B3_DATUMS,
+    B3_TOKENS,
+    B6_DATUMS,
+    B6_TOKENS,
+    B6_VOCAB,
+    BASE_MODEL,
+    Arrays,
+    batch_arrays,
+    cpu_seconds,
+    measure_calls,
+    measure_calls_async,
+    rss_mb,
+)
+
+__all__ = ["make"]
+
+LOSS = "cross_entropy"
+# Every peer polls the trainer the same way: at most this many long-polls per model.
+POLLS = 4
+
+
+def make(name: str, url: str, key: str) -> Any:
+    """The peer called ``name``.
+
+    Raises:
+        ValueError: Unknown name.
+    """
+    peers: dict[str, Any] = {
+        "floor": FloorPeer,
+        "firetitan-async": FiretitanAsyncPeer,
+        "firetitan-sync": FiretitanSyncPeer,
+        "firetitan-json": FiretitanJsonPeer,
+        "fireworks": FireworksPeer,
+        "tinker": TinkerPeer,
+        "facade": FacadePeer,
+        "codec": CodecPeer,
+        "torch-sdk": TorchSdkPeer,
+        "torch-plain": TorchPlainPeer,
+    }
+    if name not in peers:
+        raise ValueError(f"unknown peer {name!r}; choose from {', '.join(peers)}")
+    return peers[name](url, key)
+
+
+def small_arrays() -> Arrays:
+    return batch_arrays(1, B1_TOKENS)
+
+
+def large_arrays() -> Arrays:
+    return batch_arrays(B3_DATUMS, B3_TOKENS, seed=3)
+
+
+def tinker_batch(arrays: Arrays) -> list[Any]:
+    import tinker
+
+    return [
+        tinker.Datum(
+            model_input=tinker.ModelInput.from_ints(tokens.tolist()),
+            loss_fn_inputs={
+                "target_tokens": tinker.TensorData.from_numpy(targets),
+                "weights": tinker.TensorData.from_numpy(weights),
+            },
+        )
+        for tokens, targets, weights in arrays
+    ]
+
+
+def _rss_result(base: dict[str, float], in_flight: dict[str, float], wall: float) -> dict[str, Any]:
+    end = rss_mb()
+    return {
+        "base_rss": base["rss"],
+        "in_flight_rss": in_flight.get("rss", 0.0),
+        "peak_rss": end["peak"],
+        "wall": wall,
+    }
+
+
+# --------------------------------------------------------------------------- firetitan
+
+
+class FiretitanAsyncPeer:
+    """firetitan's async core on the worker's event loop."""
+
+    is_async = True
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url, self.key = url, key
+        self.small = tinker_batch(small_arrays())
+        self.large: list[Any] | None = None
+
+    async def setup(self) -> None:
+        import tinker
+
+        from firetitan import AsyncFiretitanServiceClient
+
+        self.adam = tinker.AdamParams(learning_rate=1e-4)
+        self.service = AsyncFiretitanServiceClient(base_url=self.url, api_key=self.key)
+        await self.service.__aenter__()
+        self.tc = await self.service.create_training_client(BASE_MODEL, lora_rank=0)
+        await self.tc.forward(self.small, LOSS)
+        await self.tc.forward_backward(self.small, LOSS)
+        await self.tc.optim_step(self.adam)
+
+    async def close(self) -> None:
+        await self.service.aclose()
+
+    async def b1(self, calls: int) -> dict[str, Any]:
+        tc, data = self.tc, self.small
+        return await measure_calls_async(lambda: tc.forward(data, LOSS), calls)
+
+    async def b2(self, pairs: int) -> dict[str, Any]:
+        tc, data, adam = self.tc, self.small, self.adam
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        futures: list[Any] = []
+        for _ in range(pairs):
+            futures.append(tc.forward_backward(data, LOSS))
+            futures.append(tc.optim_step(adam))
+        for future in futures:
+            await future
+        return {"wall": time.perf_counter() - t0, "cpu": cpu_seconds() - c0}
+
+    async def b3(self, calls: int) -> dict[str, Any]:
+        if self.large is None:
+            self.large = tinker_batch(large_arrays())
+            await self.tc.forward_backward(self.large, LOSS)  # warm-up
+        tc, data = self.tc, self.large
+        return await measure_calls_async(lambda: tc.forward_backward(data, LOSS), calls)
+
+    async def b5(self, futures: int) -> dict[str, Any]:
+        tc, data = self.tc, self.small
+        base = rss_mb()
+        t0 = time.perf_counter()
+        pending = [tc.forward(data, LOSS) for _ in range(futures)]
+        in_flight = rss_mb()
+        for future in pending:
+            await future
+        return _rss_result(base, in_flight, time.perf_counter() - t0)
+
+
+class FiretitanJsonPeer(FiretitanAsyncPeer):
+    """firetitan's async core with protobuf results turned off: every result is JSON,
+    as a trainer that offers nothing else sends it (B3 only)."""
+
+    async def setup(self) -> None:
+        import tinker
+
+        from firetitan import AsyncFiretitanServiceClient, ClientConfig
+
+        config = ClientConfig()
+        config = config.evolve(limits=attrs.evolve(config.limits, protobuf_result_bytes=None))
+        self.adam = tinker.AdamParams(learning_rate=1e-4)
+        self.service = AsyncFiretitanServiceClient(
+            base_url=self.url, api_key=self.key, config=config
+        )
+        await self.service.__aenter__()
+        self.tc = await self.service.create_training_client(BASE_MODEL, lora_rank=0)
+        await self.tc.forward(self.small, LOSS)
+
+
+class FiretitanSyncPeer:
+    """firetitan's blocking facade (its own event-loop thread does the I/O)."""
+
+    is_async = False
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url, self.key = url, key
+        self.small = tinker_batch(small_arrays())
+        self.large: list[Any] | None = None
+
+    def setup(self) -> None:
+        import tinker
+
+        from firetitan import FiretitanServiceClient
+
+        self.adam = tinker.AdamParams(learning_rate=1e-4)
+        self.service = FiretitanServiceClient(base_url=self.url, api_key=self.key)
+        self.tc = self.service.create_training_client(BASE_MODEL, lora_rank=0)
+        self.tc.forward(self.small, LOSS).result()
+        self.tc.forward_backward(self.small, LOSS).result()
+        self.tc.optim_step(self.adam).result()
+
+    def close(self) -> None:
+        self.service.close()
+
+    def b1(self, calls: int) -> dict[str, Any]:
+        tc, data = self.tc, self.small
+        return measure_calls(lambda: tc.forward(data, LOSS).result(), calls)
+
+    def b2(self, pairs: int) -> dict[str, Any]:
+        return _sync_pipeline(self.tc, self.small, self.adam, pairs)
+
+    def b3(self, calls: int) -> dict[str, Any]:
+        if self.large is None:
+            self.large = tinker_batch(large_arrays())
+            self.tc.forward_backward(self.large, LOSS).result()
+        tc, data = self.tc, self.large
+        return measure_calls(lambda: tc.forward_backward(data, LOSS).result(), calls)
+
+    def b5(self, futures: int) -> dict[str, Any]:
+        return _sync_many(self.tc, self.small, futures)
+
+
+def _sync_pipeline(tc: Any, data: list[Any], adam: Any, pairs: int) -> dict[str, Any]:
+    """B2 through any client whose calls return futures with ``result()``."""
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    futures: list[Any] = []
+    for _ in range(pairs):
+        futures.append(tc.forward_backward(data, LOSS))
+        futures.append(tc.optim_step(adam))
+    for future in futures:
+        future.result()
+    return {"wall": time.perf_counter() - t0, "cpu": cpu_seconds() - c0}
+
+
+def _sync_many(tc: Any, data: list[Any], count: int) -> dict[str, Any]:
+    """B5 through any client whose calls return futures with ``result()``."""
+    base = rss_mb()
+    t0 = time.perf_counter()
+    pending = [tc.forward(data, LOSS) for _ in range(count)]
+    in_flight = rss_mb()
+    for future in pending:
+        future.result()
+    return _rss_result(base, in_flight, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- public SDKs
+
+
+class FireworksPeer:
+    """The public fireworks-ai training SDK (``fireworks.training.sdk``)."""
+
+    is_async = False
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url, self.key = url, key
+        self.small = self._batch(small_arrays())
+        self.large: list[Any] | None = None
+
+    @staticmethod
+    def _batch(arrays: Arrays) -> list[Any]:
+        from fireworks.training.sdk import types as fw
+
+        return [
+            fw.Datum(
+                model_input=fw.ModelInput.from_ints(tokens.tolist()),
+                loss_fn_inputs={
+                    "target_tokens": fw.TensorData.from_numpy(targets),
+                    "weights": fw.TensorData.from_numpy(weights),
+                },
+            )
+            for tokens, targets, weights in arrays
+        ]
+
+    def setup(self) -> None:
+        from fireworks.training.sdk import AdamParams, FiretitanServiceClient
+
+        self.adam = AdamParams(learning_rate=1e-4)
+        self.service = FiretitanServiceClient(base_url=self.url, api_key=self.key)
+        self.tc = self.service.create_training_client(BASE_MODEL, lora_rank=0)
+        self.tc.forward(self.small, LOSS).result()
+        self.tc.forward_backward(self.small, LOSS).result()
+        self.tc.optim_step(self.adam).result()
+
+    def close(self) -> None:
+        self.service.close()
+
+    def b1(self, calls: int) -> dict[str, Any]:
+        tc, data = self.tc, self.small
+        return measure_calls(lambda: tc.forward(data, LOSS).result(), calls)
+
+    def b2(self, pairs: int) -> dict[str, Any]:
+        return _sync_pipeline(self.tc, self.small, self.adam, pairs)
+
+    def b3(self, calls: int) -> dict[str, Any]:
+        if self.large is None:
+            self.large = self._batch(large_arrays())
+            self.tc.forward_backward(self.large, LOSS).result()
+        tc, data = self.tc, self.large
+        return measure_calls(lambda: tc.forward_backward(data, LOSS).result(), calls)
+
+    def b5(self, futures: int) -> dict[str, Any]:
+        return _sync_many(self.tc, self.small, futures)
+
+
+class TinkerPeer:
+    """The public tinker SDK (its ``ServiceClient``, futures with ``result()``)."""
+
+    is_async = False
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url, self.key = url, key
+        self.small = tinker_batch(small_arrays())
+        self.large: list[Any] | None = None
+
+    def setup(self) -> None:
+        import tinker
+
+        self.adam = tinker.AdamParams(learning_rate=1e-4)
+        self.service = tinker.ServiceClient(base_url=self.url, api_key=self.key)
+        self.tc = self.service.create_lora_training_client(BASE_MODEL, rank=8)
+        self.tc.forward(self.small, LOSS).result()
+        self.tc.forward_backward(self.small, LOSS).result()
+        self.tc.optim_step(self.adam).result()
+
+    def close(self) -> None:
+        close = getattr(self.service, "close", None)
+        if callable(close):
+            close()
+
+    def b1(self, calls: int) -> dict[str, Any]:
+        tc, data = self.tc, self.small
+        return measure_calls(lambda: tc.forward(data, LOSS).result(), calls)
+
+    def b2(self, pairs: int) -> dict[str, Any]:
+        return _sync_pipeline(self.tc, self.small, self.adam, pairs)
+
+    def b3(self, calls: int) -> dict[str, Any]:
+        if self.large is None:
+            self.large = tinker_batch(large_arrays())
+            self.tc.forward_backward(self.large, LOSS).result()
+        tc, data = self.tc, self.large
+        return measure_calls(lambda: tc.forward_backward(data, LOSS).result(), calls)
+
+    def b5(self, futures: int) -> dict[str, Any]:
+        return _sync_many(self.tc, self.small, futures)
+
+
+# --------------------------------------------------------------------------- raw floor
+
+
+class FloorPeer:
+    """Raw aiohttp: the least any client on this stack can do for the same work."""
+
+    is_async = True
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url, self.key = url, key
+
+    async def setup(self) -> None:
+        import aiohttp
+        import orjson
+
+        from firetitan import _wire
+
+        self._loads = orjson.loads
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=60.0),
+            headers={"X-API-Key": self.key, "Content-Type": "application/json"},
+        )
+        api = self.url + "/api/v1/"
+        self.urls = {
+            name: api + name
+            for name in ("forward", "forward_backward", "optim_step", "retrieve_future")
+        }
+        session = await self._post(
+            api + "create_session", _wire.dumps({"tags": [], "user_metadata": {},
+                                                 "sdk_version": "0.23.0",
+                                                 "type": "create_session"})
+        )  # fmt: skip
+        create = _wire.encode_request(
+            _wire.CreateModelRequest(
+                session_id=session["session_id"], model_seq_id=0, base_model=BASE_MODEL
+            )
+        )
+        ack = await self._post(api + "create_model", _wire.dumps(create))
+        await self._poll(ack["request_id"])
+        self.model_id = ack["model_id"]
+        self.seq = 0
+
+        def template(request: Any) -> bytes:
+            body = _wire.encode_request(request)
+            del body["seq_id"]
+            # Everything but the seq_id is encoded once; each call splices its seq_id in.
+            return _wire.dumps(body)[1:]
+
+        import tinker
+
+        def forward(arrays: Arrays, forward_only: bool) -> bytes:
+            return template(
+                _wire.ForwardRequest(
+                    model_id=self.model_id, seq_id=0, data=tinker_batch(arrays), loss_fn=LOSS,
+                    forward_only=forward_only, comms="v2",
+                )
+            )  # fmt: skip
+
+        self.forward_body = forward(small_arrays(), True)
+        self.fb_body = forward(small_arrays(), False)
+        self.large_body: bytes | None = None
+        self._large_template = lambda: forward(large_arrays(), False)
+        self.optim_body = template(
+            _wire.OptimStepRequest(
+                model_id=self.model_id, seq_id=0, adam_params=tinker.AdamParams(learning_rate=1e-4)
+            )
+        )
+        await self._call("forward", self.forward_body)
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    async def _post(self, url: str, data: bytes) -> Any:
+        async with self.http.post(url, data=data) as response:
+            body = await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"{url}: HTTP {response.status}: {body[:200]!r}")
+        return self._loads(body)
+
+    async def _submit(self, endpoint: str, template: bytes) -> str:
+        self.seq += 1
+        ack = await self._post(self.urls[endpoint], b'{"seq_id":%d,' % self.seq + template)
+        request_id: str = ack["request_id"]
+        return request_id
+
+    async def _poll(self, request_id: str) -> None:
+        body = b'{"request_id":"%s","allow_metadata_only":true}' % request_id.encode()
+        while True:
+            async with self.http.post(self.urls["retrieve_future"], data=body) as response:
+                answer = await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"retrieve_future: HTTP {response.status}")
+            # The trainer writes the outcome's discriminator first; a result needs no
+            # further reading to know it arrived.
+            if b'"try_again"' not in answer[:40]:
+                if answer.startswith(b'{"error"'):
+                    raise RuntimeError(answer[:200].decode())
+                return
+
+    async def _call(self, endpoint: str, template: bytes) -> None:
+        await self._poll(await self._submit(endpoint, template))
+
+    async def _pipeline(self, bodies: list[tuple[str, bytes]]) -> None:
+        """Submit in order, each after the previous ACK; poll the oldest POLLS at once."""
+        ids: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def submit() -> None:
+            for endpoint, template in bodies:
+                ids.put_nowait(await self._submit(endpoint, template))
+            for _ in range(POLLS):
+                ids.put_nowait(None)
+
+        async def poll() -> None:
+            while (request_id := await ids.get()) is not None:
+                await self._poll(request_id)
+
+        await asyncio.gather(submit(), *(poll() for _ in range(POLLS)))
+
+    async def b1(self, calls: int) -> dict[str, Any]:
+        body = self.forward_body
+        return await measure_calls_async(lambda: self._call("forward", body), calls)
+
+    async def b2(self, pairs: int) -> dict[str, Any]:
+        bodies = [("forward_backward", self.fb_body), ("optim_step", self.optim_body)] * pairs
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        await self._pipeline(bodies)
+        return {"wall": time.perf_counter() - t0, "cpu": cpu_seconds() - c0}
+
+    async def b3(self, calls: int) -> dict[str, Any]:
+        if self.large_body is None:
+            self.large_body = self._large_template()
+            await self._call("forward_backward", self.large_body)
+        body = self.large_body
+        return await measure_calls_async(lambda: self._call("forward_backward", body), calls)
+
+    async def b5(self, futures: int) -> dict[str, Any]:
+        base = rss_mb()
+        t0 = time.perf_counter()
+        # The floor's "futures in flight" are its pre-encoded bodies and poll tasks.
+        bodies = [("forward", self.forward_body)] * futures
+        in_flight = rss_mb()
+        await self._pipeline(bodies)
+        return _rss_result(base, in_flight, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- B4: facade
+
+
+class FacadePeer:
+    """The same call through firetitan's async core and its facade, in one process,
+    alternating in short blocks, so both see the same machine state (B4)."""
+
+    is_async = False
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url, self.key = url, key
+        self.small = tinker_batch(small_arrays())
+
+    def setup(self) -> None:
+        from firetitan import AsyncFiretitanServiceClient, FiretitanServiceClient
+
+        self.runner = asyncio.Runner()
+
+        async def open_async() -> Any:
+            service = AsyncFiretitanServiceClient(base_url=self.url, api_key=self.key)
+            await service.__aenter__()
+            tc = await service.create_training_client(BASE_MODEL, lora_rank=0)
+            await tc.forward(self.small, LOSS)
+            return service, tc
+
+        self.async_service, self.async_tc = self.runner.run(open_async())
+        self.service = FiretitanServiceClient(base_url=self.url, api_key=self.key)
+        # A second model of the same base needs another seed on one service client;
+        # here each surface has its own service client, so the defaults do.
+        self.tc = self.service.create_training_client(BASE_MODEL, lora_rank=0)
+        self.tc.forward(self.small, LOSS).result()
+
+    def close(self) -> None:
+        self.service.close()
+        self.runner.run(self.async_service.aclose())
+        self.runner.close()
+
+    def b4(self, calls: int, block: int = 10) -> dict[str, Any]:
+        """Per-call seconds of each surface, in alternating blocks: call to result
+        (wall and CPU), and until the call returned its future (``submit``)."""
+        data, tc, atc = self.small, self.tc, self.async_tc
+        out: dict[str, list[float]] = {
+            f"{surface}_{what}": []
+            for surface in ("async", "sync")
+            for what in ("wall", "cpu", "submit")
+        }
+
+        async def async_block(n: int) -> None:
+            for _ in range(n):
+                c0, t0 = cpu_seconds(), time.perf_counter()
+                future = atc.forward(data, LOSS)
+                t1 = time.perf_counter()
+                await future
+                t2, c2 = time.perf_counter(), cpu_seconds()
+                out["async_submit"].append(t1 - t0)
+                out["async_wall"].append(t2 - t0)
+                out["async_cpu"].append(c2 - c0)
+
+        def sync_block(n: int) -> None:
+            for _ in range(n):
+                c0, t0 = cpu_seconds(), time.perf_counter()
+                future = tc.forward(data, LOSS)
+                t1 = time.perf_counter()
+                future.result()
+                t2, c2 = time.perf_counter(), cpu_seconds()
+                out["sync_submit"].append(t1 - t0)
+                out["sync_wall"].append(t2 - t0)
+                out["sync_cpu"].append(c2 - c0)
+
+        done = 0
+        while done < calls:
+            n = min(block, calls - done)
+            self.runner.run(async_block(n))
+            sync_block(n)
+            done += n
+        return {**out, **self._hop(calls)}
+
+    @staticmethod
+    def _hop(calls: int) -> dict[str, list[float]]:
+        """The facade's own machinery alone: a call whose async future is already
+        resolved when the loop makes it, waited for with ``result()`` (one hop each way)."""
+        from firetitan._async.futures import AsyncAPIFuture
+        from firetitan._portal import get_portal
+
+        portal = get_portal()
+
+        def resolved() -> AsyncAPIFuture[int]:
+            future: AsyncAPIFuture[int] = AsyncAPIFuture(kind="noop", deadline=None)
+            future._set_result(1)
+            return future
+
+        for _ in range(20):
+            portal.start(resolved).result()
+        timed = measure_calls(lambda: portal.start(resolved).result(), calls)
+        return {"hop_wall": timed["wall"], "hop_cpu": timed["cpu"]}
+
+
+# --------------------------------------------------------------------------- codec
+
+
+class CodecPeer:
+    """firetitan's codec on the B3 batch, without network, against bare orjson."""
+
+    is_async = False
+
+    def __init__(self, url: str, key: str) -> None:
+        del url, key
+
+    def setup(self) -> None:
+        import tinker
+
+        from firetitan import _wire
+
+        batch = tinker_batch(large_arrays())
+        self.request = _wire.ForwardRequest(
+            model_id="m", seq_id=1, data=batch, loss_fn=LOSS, comms="v2"
+        )
+        rng = np.random.default_rng(5)
+        output = tinker.ForwardBackwardOutput(
+            loss_fn_output_type="TorchLossReturn",
+            loss_fn_outputs=[
+                {"logprobs": tinker.TensorData.from_numpy(
+                    -rng.exponential(2.0, B3_TOKENS).astype(np.float32))}
+                for _ in range(B3_DATUMS)
+            ],
+            metrics={"loss:sum": 1234.5},
+        )  # fmt: skip
+        self.output = output
+        self.request_bytes = _wire.dumps(_wire.encode_request(self.request))
+        self.result_bytes = _wire.dumps(_wire.encode_forward_backward_output(output, v2=True))
+        # The floor: the same JSON documents, already built, through orjson alone.
+        self.request_doc = _wire.loads(self.request_bytes)
+        self.result_doc = _wire.loads(self.result_bytes)
+        for _ in range(2):
+            self.codec(repeats=1)
+
+    def close(self) -> None:
+        pass
+
+    def codec(self, repeats: int) -> dict[str, Any]:
+        """MB/s of each direction, per repeat: firetitan and bare orjson."""
+        import orjson
+
+        from firetitan import _wire
+
+        req, out = self.request, self.output
+        req_mb, res_mb = len(self.request_bytes) / 1e6, len(self.result_bytes) / 1e6
+        cases = {
+            # client side
+            "encode_request": (req_mb, lambda: _wire.dumps(_wire.encode_request(req))),
+            "decode_result": (res_mb, lambda: _wire.combine_outputs(
+                [_wire.decode_forward_backward_output(_wire.loads(self.result_bytes))])),
+            # trainer side
+            "decode_request": (req_mb, lambda: _wire.decode_request(
+                "forward_backward", _wire.loads(self.request_bytes))),
+            "encode_result": (res_mb, lambda: _wire.dumps(
+                _wire.encode_forward_backward_output(out, v2=True))),
+            # floors: bare orjson on the same documents
+            "orjson_dumps_request": (req_mb, lambda: orjson.dumps(self.request_doc)),
+            "orjson_loads_result": (res_mb, lambda: orjson.loads(self.result_bytes)),
+        }  # fmt: skip
+        result: dict[str, Any] = {"request_mb": req_mb, "result_mb": res_mb}
+        for name, (mb, fn) in cases.items():
+            speeds = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                speeds.append(mb / (time.perf_counter() - t0))
+            result[name] = speeds
+        return result
+
+
+# --------------------------------------------------------------------------- B6: torch
+
+
+def sft_arrays() -> Arrays:
+    return batch_arrays(B6_DATUMS, B6_TOKENS, seed=6, vocab=B6_VOCAB)
+
+
+class TorchSdkPeer:
+    """B6: SFT steps (``forward_backward`` + ``optim_step``) through firetitan's async
+    core against the torch engine in the trainer process."""
+
+    is_async = True
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url, self.key = url, key
+        self.batch = tinker_batch(sft_arrays())
+
+    async def setup(self) -> None:
+        import tinker
+
+        from firetitan import AsyncFiretitanServiceClient
+
+        self.adam = tinker.AdamParams(learning_rate=1e-4)
+        self.service = AsyncFiretitanServiceClient(base_url=self.url, api_key=self.key)
+        await self.service.__aenter__()
+        self.tc = await self.service.create_training_client(BASE_MODEL, lora_rank=0)
+        await self.step()
+
+    async def close(self) -> None:
+        await self.service.aclose()
+
+    async def step(self) -> None:
+        fb = self.tc.forward_backward(self.batch, LOSS)
+        opt = self.tc.optim_step(self.adam)
+        await fb
+        await opt
+
+    async def b6(self, steps: int) -> dict[str, Any]:
+        return await measure_calls_async(self.step, steps)
+
+
+class TorchPlainPeer:
+    """B6: the same SFT steps in a plain PyTorch loop in this process: the same
+    stand-in model (architecture and seeded weights), log-softmax cross-entropy on the
+    same tokens and weights, and ``torch.optim.AdamW`` with the same hyperparameters."""
+
+    is_async = False
+
+    def __init__(self, url: str, key: str) -> None:
+        del url, key
+
+    def setup(self) -> None:
+        import torch
+
+        from firetitan.local.torch.models import build_standin, clone_trainable
+
+        arrays = sft_arrays()
+        self.tokens = torch.from_numpy(np.stack([a[0] for a in arrays]))
+        self.targets = torch.from_numpy(np.stack([a[1] for a in arrays]))
+        self.weights = torch.from_numpy(np.stack([a[2] for a in arrays]))
+        # The trainer's engine builds its stand-in with seed 0 and this size.
+        # Left in eval mode, as the engine runs it (no dropout either way).
+        self.model = clone_trainable(build_standin(BASE_MODEL, "small", 0))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0, foreach=True
+        )
+        self.step()
+
+    def close(self) -> None:
+        pass
+
+    def step(self) -> None:
+        import torch
+
+        logits = self.model(input_ids=self.tokens, use_cache=False).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        picked = logprobs.gather(-1, self.targets.unsqueeze(-1)).squeeze(-1)
+        loss = -(picked * self.weights).sum()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=False)
+        # What the SDK's caller gets back: the loss and per-token logprobs on the CPU.
+        float(loss.detach())
+        picked.detach().numpy()
+
+    def b6(self, steps: int) -> dict[str, Any]:
+        return measure_calls(self.step, steps)

@@ -1,0 +1,36 @@
+"""The benchmark harness still runs: its quickest mode, one benchmark, two peers.
+
+It checks that a report with the table comes out, never what the figures are (tests
+never time anything).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_b1_writes_a_table(tmp_path: Path) -> None:
+    report = tmp_path / "RESULTS.md"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks", "--quick", "--only", "B1",
+            "--peers", "floor,firetitan-async", "--rounds", "1",
+            "--output", str(report), "--log-dir", str(tmp_path / "logs"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = report.read_text(encoding="utf-8")
+    assert "## B1 latency" in text
+    rows = [line for line in text.splitlines() if line.startswith("| raw aiohttp floor |")]
+    assert rows, text
+    assert any(line.startswith("| firetitan async |") for line in text.splitlines())
+    assert "## Targets" in text and "B1 firetitan async × floor" in text
+    assert "could not run" not in text  # both peers ran
