@@ -67,8 +67,31 @@ class CheckpointStore:
         self.job_id = validate_name(job_id, "job id")
         self._lock = threading.Lock()
         self._job_dir.mkdir(parents=True, exist_ok=True)
+        self._restore_replaced()
         # Debris of writes that a crash interrupted: never valid, safe to drop.
         shutil.rmtree(self._job_dir / ".tmp", ignore_errors=True)
+
+    def _restore_replaced(self) -> None:
+        """Undo a replacement that a crash cut between its two renames.
+
+        Replacing checkpoint ``name`` moves the old folder to ``.tmp/old-<hex>`` and
+        then the new one into place. A crash between the two leaves the name empty and
+        the old, committed checkpoint in ``.tmp``, which the start-up clean-up would
+        delete: put it back instead, so that a crash never loses a committed checkpoint.
+        (The new one was never acknowledged; it is debris.)
+        """
+        for aside in sorted((self._job_dir / ".tmp").glob("old-*")):
+            try:
+                raw = json.loads((aside / MANIFEST_NAME).read_text())
+                kind, name = raw["kind"], raw["name"]
+                if kind not in ("state", "sampler"):
+                    continue
+                final = self._dir(kind, name)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not a committed checkpoint
+            if not final.exists():
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(aside, final)
 
     @property
     def _job_dir(self) -> Path:

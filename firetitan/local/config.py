@@ -46,6 +46,9 @@ class ServerConfig:
         shutdown_grace_seconds: How long a graceful stop waits for open connections.
         execution_log_path: When set, every executed request is also appended to this
             file as one JSON line.
+        max_execution_log_entries: How many executed requests the in-memory execution
+            log keeps; the oldest are dropped first, so a trainer that runs for days
+            stays flat in memory. The file at ``execution_log_path`` keeps them all.
         debug_endpoints: Serve ``GET /api/v1/debug/execution_log`` (authenticated).
     """
 
@@ -62,6 +65,7 @@ class ServerConfig:
     execution_log_path: Path | None = attrs.field(
         default=None, converter=attrs.converters.optional(Path)
     )
+    max_execution_log_entries: int = attrs.field(default=100_000, validator=_positive)
     debug_endpoints: bool = False
 
     @classmethod

@@ -15,7 +15,8 @@ The server decodes a request, hands the executor a coroutine function that does 
 * **Gaps never deadlock** (wire.md §5.5). A missing ``seq_id`` is skipped at once when a
   higher request of a kind that the client only sends after every lower one was
   acknowledged or definitively failed (anything but forward/forward_backward chunks) is
-  queued, when the server rejected that ``seq_id``'s POST, or after
+  queued, when the server rejected that ``seq_id``'s POST and later work waits (until
+  then a new request may still take that ``seq_id``), or after
   ``gap_wait_seconds`` with later work waiting. A request whose ``seq_id`` arrives
   after the queue moved past it fails with category ``user`` instead of running out of
   order.
@@ -227,7 +228,11 @@ class Executor:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="firetitan-engine"
         )
-        self._log: list[ExecutionRecord] = []
+        # Bounded (see ServerConfig.max_execution_log_entries): a list would grow by
+        # every request for the trainer's whole life.
+        self._log: collections.deque[ExecutionRecord] = collections.deque(
+            maxlen=config.max_execution_log_entries
+        )
         self._log_file: IO[str] | None = None
         self._closed = False
 
@@ -278,7 +283,8 @@ class Executor:
 
     @property
     def execution_log(self) -> list[ExecutionRecord]:
-        """A copy of the requests executed so far, in execution order (thread-safe)."""
+        """A copy of the requests executed so far (the most recent
+        ``max_execution_log_entries``), in execution order (thread-safe)."""
         return list(self._log)
 
     # ------------------------------------------------------------------ models
@@ -347,6 +353,11 @@ class Executor:
 
     def lookup_seq(self, model_id: str, seq_id: int) -> str | None:
         """The request id already accepted for ``(model_id, seq_id)``, if any."""
+        if seq_id < 1:
+            # seq_id 0 is the model's creation: an ordered request claiming it is
+            # invalid, not a retry of the creation (it would be answered with the
+            # creation's result).
+            return None
         queue = self._models.get(model_id)
         return None if queue is None else queue.seen.get(seq_id)
 
@@ -522,7 +533,10 @@ class Executor:
                 queue.gap_since = None
                 await self._execute(job)
                 continue
-            if queue.next_seq in queue.holes:
+            if queue.next_seq in queue.holes and queue.pending:
+                # Skipped only once later work waits: a client may resend a refused
+                # call's seq_id with its next call (firetitan's does), which then
+                # fills the hole instead of arriving after the queue moved past it.
                 queue.holes.discard(queue.next_seq)
                 queue.next_seq += 1
                 continue

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,14 @@ SIZES: dict[str, StandInSize] = {
 }
 
 
+# Engines of several trainers in one process build models on their own threads. Two
+# things in a build are process-wide and not thread-safe: transformers imports its
+# classes lazily (concurrent first imports fail with "cannot import name"), and a seeded
+# build draws from torch's global RNG (concurrent builds would interleave their draws and
+# get other weights). Builds and those imports therefore run under this lock.
+_BUILD_LOCK = threading.RLock()
+
+
 def family_for(base_model: str) -> str:
     """``"llama"`` for Llama names, ``"qwen3"`` for everything else."""
     return "llama" if "llama" in base_model.lower() else "qwen3"
@@ -96,13 +105,14 @@ def standin_config(base_model: str, size: str) -> Any:
         "pad_token_id": tok.pad_token_id,
         "tie_word_embeddings": False,
     }
-    if family_for(base_model) == "llama":
-        from transformers import LlamaConfig
+    with _BUILD_LOCK:
+        if family_for(base_model) == "llama":
+            from transformers import LlamaConfig
 
-        return LlamaConfig(**common)
-    from transformers import Qwen3Config
+            return LlamaConfig(**common)
+        from transformers import Qwen3Config
 
-    return Qwen3Config(**common)
+        return Qwen3Config(**common)
 
 
 def derive_seed(*parts: object) -> int:
@@ -124,12 +134,13 @@ def model_from_config(config: Any, seed: int = 0) -> nn.Module:
     The global RNG is forked, so building a model neither depends on nor disturbs the
     caller's random state.
     """
-    from transformers import AutoModelForCausalLM
+    with _BUILD_LOCK:
+        from transformers import AutoModelForCausalLM
 
-    auto: Any = AutoModelForCausalLM  # transformers is untyped
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module = auto.from_config(config, dtype=torch.float32)
+        auto: Any = AutoModelForCausalLM  # transformers is untyped
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = auto.from_config(config, dtype=torch.float32)
     return _frozen(module)
 
 
@@ -152,13 +163,14 @@ def load_pretrained(directory: Path) -> nn.Module:
     Raises:
         ValueError: The directory holds no loadable causal-LM checkpoint.
     """
-    from transformers import AutoModelForCausalLM
-
-    auto: Any = AutoModelForCausalLM  # transformers is untyped
     try:
-        module = auto.from_pretrained(
-            str(directory), local_files_only=True, use_safetensors=True, dtype=torch.float32
-        )
+        with _BUILD_LOCK:
+            from transformers import AutoModelForCausalLM
+
+            auto: Any = AutoModelForCausalLM  # transformers is untyped
+            module = auto.from_pretrained(
+                str(directory), local_files_only=True, use_safetensors=True, dtype=torch.float32
+            )
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"cannot load a causal LM from {directory}: {exc}") from exc
     return _frozen(module)
