@@ -142,7 +142,13 @@ class AsyncFiretitanServiceClient:
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> AsyncFiretitanServiceClient:
-        await self._open()
+        try:
+            await self._open()
+        except BaseException:
+            # No __aexit__ follows a failed __aenter__: close the half-open client here,
+            # or its connection pools would be left unclosed.
+            await self.aclose()
+            raise
         return self
 
     async def __aexit__(
