@@ -1,0 +1,94 @@
+"""Scales and figures of the reliability suite.
+
+* `scales` turns a short and a long parameter set into two pytest params: ``short`` runs
+  in the normal CI run, ``long`` carries the ``reliability`` marker (``nox -s
+  reliability``) and a longer timeout.
+* The `figures` fixture records what a test measured (faults injected, requests checked,
+  fuzz cases, latency, memory). Each record is printed as one line with ``-s`` and all
+  of them are listed in a "reliability figures" section of the terminal summary;
+  ``FIRETITAN_RELIABILITY_FIGURES=<path>`` also writes them to a JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_FIGURES = pytest.StashKey[list[dict[str, Any]]]()
+
+
+class Scale:
+    """The sizes one test runs at: attribute access to the parameters given."""
+
+    def __init__(self, name: str, values: dict[str, Any]) -> None:
+        self.name = name
+        self._values = dict(values)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __repr__(self) -> str:
+        return f"Scale({self.name})"
+
+
+def scales(short: dict[str, Any], long: dict[str, Any], *, long_timeout: float = 600) -> Any:
+    """``@pytest.mark.parametrize("scale", scales(...))`` for a short and a long size."""
+    return [
+        pytest.param(Scale("short", short), id="short"),
+        pytest.param(
+            Scale("long", long),
+            id="long",
+            marks=[pytest.mark.reliability, pytest.mark.timeout(long_timeout)],
+        ),
+    ]
+
+
+class Figures:
+    """What one test measured; see the module docstring."""
+
+    def __init__(self, test: str, sink: list[dict[str, Any]]) -> None:
+        self._test = test
+        self._sink = sink
+
+    def record(self, topic: str, **values: Any) -> None:
+        """Record (and print) one line of figures under ``topic``."""
+        entry = {"test": self._test, "topic": topic, **values}
+        self._sink.append(entry)
+        print(f"[figures] {topic}: {_format(values)}")
+
+
+def _format(values: dict[str, Any]) -> str:
+    def one(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k}: {one(v)}" for k, v in sorted(value.items())) + "}"
+        return str(value)
+
+    return ", ".join(f"{key}={one(value)}" for key, value in values.items())
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Figures:
+    sink = request.config.stash.setdefault(_FIGURES, [])
+    return Figures(request.node.name, sink)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    rows = config.stash.get(_FIGURES, [])
+    if not rows:
+        return
+    terminalreporter.section("reliability figures")
+    for row in rows:
+        values = {k: v for k, v in row.items() if k not in ("test", "topic")}
+        terminalreporter.write_line(f"{row['topic']} [{row['test']}]: {_format(values)}")
+    target = os.environ.get("FIRETITAN_RELIABILITY_FIGURES")
+    if target:
+        Path(target).write_text(json.dumps(rows, indent=1, default=str) + "\n")
