@@ -18,6 +18,7 @@ from tinker.types.topk_logprobs import TopkLogprobs
 
 from firetitan import _wire as w
 from firetitan._types import GradAccNormalization
+from firetitan._wire.tensors import _stored_values
 
 # --------------------------------------------------------------------------- helpers
 
@@ -607,7 +608,7 @@ def _fw_datum(datum: tinker.Datum) -> Any:
     inputs = {}
     for name, tensor in datum.loss_fn_inputs.items():
         inputs[name] = fw.TensorData(
-            data=w._stored_values(tensor),
+            data=_stored_values(tensor),
             dtype=tensor.dtype,
             shape=tensor.shape,
             sparse_crow_indices=tensor.sparse_crow_indices,

@@ -1,0 +1,405 @@
+"""The request classes, one attrs type per endpoint (`Request` is their union), and
+`encode_request`, which writes each as the body the reference client sends (§3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+import attrs
+import tinker
+
+from firetitan._wire._json import JSON
+from firetitan._wire.tensors import encode_datum, encode_model_input, encode_tensor
+
+__all__ = [
+    "CreateModelRequest",
+    "CreateSamplingSessionRequest",
+    "CreateSessionRequest",
+    "ForwardRequest",
+    "LoadWeightsRequest",
+    "OptimStepRequest",
+    "Request",
+    "RetrieveFutureRequest",
+    "SampleRequest",
+    "SaveWeightsForSamplerRequest",
+    "SaveWeightsRequest",
+    "encode_request",
+]
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@attrs.frozen(kw_only=True)
+class CreateSessionRequest:
+    """``POST /api/v1/create_session`` (§3.2)."""
+
+    tags: list[str] = attrs.field(factory=list)
+    user_metadata: dict[str, str] = attrs.field(factory=dict)
+    sdk_version: str = "0.23.0"
+
+
+@attrs.frozen(kw_only=True)
+class CreateModelRequest:
+    """``POST /api/v1/create_model`` (§3.7). ``lora_rank == 0`` is full-parameter.
+
+    ``lora_alpha`` and ``lora_init_method`` apply to LoRA only and are not sent for
+    full-parameter models. ``base_only`` creates a frozen reference model; its body
+    carries no ``lora_config``.
+    """
+
+    session_id: str
+    model_seq_id: int
+    base_model: str
+    lora_rank: int = 0
+    lora_alpha: int | None = None
+    lora_seed: int | None = None
+    train_mlp: bool = True
+    train_attn: bool = True
+    train_unembed: bool = True
+    base_only: bool = False
+    user_metadata: dict[str, str] | None = None
+    lora_init_method: str | None = None
+    projection_head_dim: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ForwardRequest:
+    """``POST /api/v1/forward`` (``forward_only``) or ``/api/v1/forward_backward``
+    (§3.9, §3.10). The body key is ``forward_input`` or ``forward_backward_input``."""
+
+    model_id: str
+    seq_id: int
+    data: Sequence[tinker.Datum]
+    loss_fn: str
+    loss_fn_config: Mapping[str, Any] | None = None
+    forward_only: bool = False
+    comms: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class OptimStepRequest:
+    """``POST /api/v1/optim_step`` (§3.11).
+
+    ``emit_grad_norm_metrics`` (``"off"``, ``"basic"``, ``"detailed"`` or a bool) travels
+    inside ``adam_params``, as the Fireworks client sends it.
+    """
+
+    model_id: str
+    seq_id: int
+    adam_params: tinker.AdamParams
+    grad_accumulation_normalization: str | None = None
+    emit_grad_norm_metrics: str | bool | None = None
+
+
+@attrs.frozen(kw_only=True)
+class SaveWeightsRequest:
+    """``POST /api/v1/save_weights`` (§3.12), used by ``save_state``."""
+
+    model_id: str
+    seq_id: int
+    path: str
+    overwrite: bool = False
+    ttl_seconds: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class LoadWeightsRequest:
+    """``POST /api/v1/load_weights`` (§3.13). ``optimizer`` restores Adam state too.
+
+    Two forms: an ordinary load into ``model_id`` at ``seq_id``; or tinker's
+    create-via-load (§12.1), which has no ``model_id``/``seq_id`` but ``session_id`` and
+    ``model_seq_id`` (plus optional ``base_model`` and ``user_metadata``) and creates the
+    model ``"<session_id>:train:<model_seq_id>"`` from the checkpoint.
+    """
+
+    model_id: str | None = None
+    seq_id: int | None = None
+    path: str
+    optimizer: bool = False
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    base_model: str | None = None
+    user_metadata: dict[str, str] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        ordinary = self.model_id is not None and self.seq_id is not None
+        create = self.session_id is not None and self.model_seq_id is not None
+        if ordinary == create:
+            raise ValueError(
+                "LoadWeightsRequest needs either model_id and seq_id, or (to create the "
+                "model) session_id and model_seq_id"
+            )
+
+    @property
+    def creates_model(self) -> bool:
+        """Whether this is tinker's create-via-load form."""
+        return self.model_id is None
+
+    @property
+    def target_model_id(self) -> str:
+        """The model the load goes into (derived for create-via-load)."""
+        if self.model_id is not None:
+            return self.model_id
+        return f"{self.session_id}:train:{self.model_seq_id}"
+
+
+@attrs.frozen(kw_only=True)
+class SaveWeightsForSamplerRequest:
+    """``POST /api/v1/save_weights_for_sampler`` (§3.14).
+
+    ``export_precision`` (``merged_base`` only) and ``metadata`` are Fireworks extensions.
+    """
+
+    model_id: str
+    seq_id: int
+    path: str | None = None
+    checkpoint_type: str | None = None
+    ttl_seconds: int | None = None
+    sampling_session_seq_id: int | None = None
+    export_precision: str | None = None
+    metadata: Mapping[str, Any] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class RetrieveFutureRequest:
+    """``POST /api/v1/retrieve_future`` (§4.2)."""
+
+    request_id: str
+    allow_metadata_only: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class CreateSamplingSessionRequest:
+    """``POST /api/v1/create_sampling_session`` (tinker sampling)."""
+
+    session_id: str
+    sampling_session_seq_id: int
+    base_model: str | None = None
+    model_path: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class SampleRequest:
+    """``POST /api/v1/asample`` (tinker sampling).
+
+    ``target_prompt_logprobs`` is decoded dense, with ``-1`` ("nothing requested") in
+    cells a sparse request leaves out.
+    """
+
+    prompt: tinker.ModelInput
+    num_samples: int
+    sampling_params: tinker.SamplingParams
+    model_path: str | None = None
+    base_model: str | None = None
+    sampling_session_id: str | None = None
+    seq_id: int | None = None
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    target_prompt_logprobs: tinker.TensorData | None = None
+    prompt_alt_tokens_k: int = 0
+    prompt_logprobs_last_n: int | None = None
+    record_stability_info: bool = False
+
+
+Request = (
+    CreateSessionRequest
+    | CreateModelRequest
+    | ForwardRequest
+    | OptimStepRequest
+    | SaveWeightsRequest
+    | LoadWeightsRequest
+    | SaveWeightsForSamplerRequest
+    | RetrieveFutureRequest
+    | CreateSamplingSessionRequest
+    | SampleRequest
+)
+
+
+def _enum_value(value: Any) -> Any:
+    """The plain value of a str enum (e.g. `GradAccNormalization`), else the value."""
+    return getattr(value, "value", value)
+
+
+def _encode_create_session(r: CreateSessionRequest) -> JSON:
+    return {
+        "tags": list(r.tags),
+        "user_metadata": dict(r.user_metadata),
+        "sdk_version": r.sdk_version,
+        "type": "create_session",
+    }
+
+
+def _encode_create_model(r: CreateModelRequest) -> JSON:
+    body: JSON = {}
+    if r.projection_head_dim:
+        body["projection_head_dim"] = r.projection_head_dim
+    body.update(session_id=r.session_id, model_seq_id=r.model_seq_id, base_model=r.base_model)
+    if r.user_metadata is not None:
+        body["user_metadata"] = dict(r.user_metadata)
+    if not r.base_only:
+        lora: JSON = {}
+        if r.lora_rank > 0 and r.lora_alpha is not None:
+            lora["alpha"] = r.lora_alpha
+        if r.lora_rank > 0 and r.lora_init_method is not None:
+            lora["init_method"] = r.lora_init_method
+        lora["rank"] = r.lora_rank
+        if r.lora_seed is not None:
+            lora["seed"] = r.lora_seed
+        lora.update(train_unembed=r.train_unembed, train_mlp=r.train_mlp, train_attn=r.train_attn)
+        body["lora_config"] = lora
+    body["type"] = "create_model"
+    if r.base_only:
+        body["base_only"] = True
+    return body
+
+
+def _encode_forward(r: ForwardRequest) -> JSON:
+    v2 = r.comms == "v2"
+    inner: JSON = {"data": [encode_datum(d, v2=v2) for d in r.data], "loss_fn": r.loss_fn}
+    if r.loss_fn_config is not None:
+        inner["loss_fn_config"] = dict(r.loss_fn_config)
+    key = "forward_input" if r.forward_only else "forward_backward_input"
+    body: JSON = {key: inner, "model_id": r.model_id, "seq_id": r.seq_id}
+    if r.comms is not None:
+        body["comms"] = r.comms
+    return body
+
+
+def _encode_optim_step(r: OptimStepRequest) -> JSON:
+    p = r.adam_params
+    adam: JSON = {}
+    if r.emit_grad_norm_metrics is not None:
+        adam["emit_grad_norm_metrics"] = _enum_value(r.emit_grad_norm_metrics)
+    adam.update(
+        learning_rate=float(p.learning_rate),
+        beta1=float(p.beta1),
+        beta2=float(p.beta2),
+        eps=float(p.eps),
+        weight_decay=float(p.weight_decay),
+        grad_clip_norm=float(p.grad_clip_norm),
+    )
+    body: JSON = {"adam_params": adam, "model_id": r.model_id, "seq_id": r.seq_id}
+    body["type"] = "optim_step"
+    if r.grad_accumulation_normalization is not None:
+        body["grad_accumulation_normalization"] = str(
+            _enum_value(r.grad_accumulation_normalization)
+        )
+    return body
+
+
+def _encode_save_weights(r: SaveWeightsRequest) -> JSON:
+    body: JSON = {"model_id": r.model_id, "path": r.path, "seq_id": r.seq_id}
+    if r.ttl_seconds is not None:
+        body["ttl_seconds"] = r.ttl_seconds
+    body.update(overwrite=r.overwrite, type="save_weights")
+    return body
+
+
+def _encode_load_weights(r: LoadWeightsRequest) -> JSON:
+    if r.model_id is not None:
+        return {
+            "model_id": r.model_id,
+            "path": r.path,
+            "optimizer": r.optimizer,
+            "seq_id": r.seq_id,
+            "type": "load_weights",
+        }
+    body: JSON = {"session_id": r.session_id, "model_seq_id": r.model_seq_id}
+    if r.base_model is not None:
+        body["base_model"] = r.base_model
+    if r.user_metadata is not None:
+        body["user_metadata"] = dict(r.user_metadata)
+    body.update(path=r.path, optimizer=r.optimizer, type="load_weights")
+    return body
+
+
+def _encode_save_for_sampler(r: SaveWeightsForSamplerRequest) -> JSON:
+    body: JSON = {"model_id": r.model_id}
+    if r.path is not None:
+        body["path"] = r.path
+    if r.sampling_session_seq_id is not None:
+        body["sampling_session_seq_id"] = r.sampling_session_seq_id
+    body["seq_id"] = r.seq_id
+    if r.ttl_seconds is not None:
+        body["ttl_seconds"] = r.ttl_seconds
+    body["type"] = "save_weights_for_sampler"
+    if r.checkpoint_type is not None:
+        body["checkpoint_type"] = r.checkpoint_type
+    if r.export_precision is not None:
+        body["export_precision"] = r.export_precision
+    if r.metadata is not None:
+        body["metadata"] = dict(r.metadata)
+    return body
+
+
+def _encode_retrieve_future(r: RetrieveFutureRequest) -> JSON:
+    return {"request_id": r.request_id, "allow_metadata_only": r.allow_metadata_only}
+
+
+def _encode_create_sampling_session(r: CreateSamplingSessionRequest) -> JSON:
+    body: JSON = {"session_id": r.session_id, "sampling_session_seq_id": r.sampling_session_seq_id}
+    if r.base_model is not None:
+        body["base_model"] = r.base_model
+    if r.model_path is not None:
+        body["model_path"] = r.model_path
+    body["type"] = "create_sampling_session"
+    return body
+
+
+def _encode_sample(r: SampleRequest) -> JSON:
+    body: JSON = {
+        "num_samples": r.num_samples,
+        "prompt": encode_model_input(r.prompt),
+        "sampling_params": r.sampling_params.model_dump(mode="json", exclude_none=True),
+    }
+    optional: dict[str, Any] = {
+        "base_model": r.base_model,
+        "model_path": r.model_path,
+        "sampling_session_id": r.sampling_session_id,
+        "seq_id": r.seq_id,
+    }
+    body.update((k, v) for k, v in optional.items() if v is not None)
+    body.update(
+        prompt_logprobs=r.prompt_logprobs,
+        topk_prompt_logprobs=r.topk_prompt_logprobs,
+        topk_sample_logprobs=r.topk_sample_logprobs,
+    )
+    if r.target_prompt_logprobs is not None:
+        body["target_prompt_logprobs"] = encode_tensor(r.target_prompt_logprobs)
+    body["prompt_alt_tokens_k"] = r.prompt_alt_tokens_k
+    if r.prompt_logprobs_last_n is not None:
+        body["prompt_logprobs_last_n"] = r.prompt_logprobs_last_n
+    body.update(record_stability_info=r.record_stability_info, type="sample")
+    return body
+
+
+_ENCODERS: Final[dict[type, Callable[[Any], JSON]]] = {
+    CreateSessionRequest: _encode_create_session,
+    CreateModelRequest: _encode_create_model,
+    ForwardRequest: _encode_forward,
+    OptimStepRequest: _encode_optim_step,
+    SaveWeightsRequest: _encode_save_weights,
+    LoadWeightsRequest: _encode_load_weights,
+    SaveWeightsForSamplerRequest: _encode_save_for_sampler,
+    RetrieveFutureRequest: _encode_retrieve_future,
+    CreateSamplingSessionRequest: _encode_create_sampling_session,
+    SampleRequest: _encode_sample,
+}
+
+
+def encode_request(request: Request) -> JSON:
+    """Encode any request above as the body the reference client sends
+    (including ``"type"`` discriminators where it sends them).
+
+    Raises:
+        TypeError: ``request`` is not one of the request classes.
+        WireError: A tensor or chunk the wire cannot carry.
+    """
+    encoder = _ENCODERS.get(type(request))
+    if encoder is None:
+        raise TypeError(f"not a request: {type(request).__name__}")
+    return encoder(request)
