@@ -187,24 +187,27 @@ class FiretitanJsonPeer(FiretitanAsyncPeer):
         await self.tc.forward(self.small, LOSS)
 
 
-class FiretitanSyncPeer:
-    """firetitan's blocking facade (its own event-loop thread does the I/O)."""
+class _FuturesPeer:
+    """A client whose training calls return futures with ``result()``: firetitan's facade
+    and the public SDKs. Subclasses say how to connect and how to build a batch."""
 
     is_async = False
 
     def __init__(self, url: str, key: str) -> None:
         self.url, self.key = url, key
-        self.small = tinker_batch(small_arrays())
+        self.small = self._batch(small_arrays())
         self.large: list[Any] | None = None
 
+    def _batch(self, arrays: Arrays) -> list[Any]:
+        return tinker_batch(arrays)
+
+    def _connect(self) -> tuple[Any, Any, Any]:
+        """Return ``(service, training client, Adam parameters)``."""
+        raise NotImplementedError
+
     def setup(self) -> None:
-        import tinker
-
-        from firetitan import FiretitanServiceClient
-
-        self.adam = tinker.AdamParams(learning_rate=1e-4)
-        self.service = FiretitanServiceClient(base_url=self.url, api_key=self.key)
-        self.tc = self.service.create_training_client(BASE_MODEL, lora_rank=0)
+        self.service, self.tc, self.adam = self._connect()
+        # Warm every path measured below, so no peer pays first-call costs in a round.
         self.tc.forward(self.small, LOSS).result()
         self.tc.forward_backward(self.small, LOSS).result()
         self.tc.optim_step(self.adam).result()
@@ -217,57 +220,52 @@ class FiretitanSyncPeer:
         return measure_calls(lambda: tc.forward(data, LOSS).result(), calls)
 
     def b2(self, pairs: int) -> dict[str, Any]:
-        return _sync_pipeline(self.tc, self.small, self.adam, pairs)
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        futures: list[Any] = []
+        for _ in range(pairs):
+            futures.append(self.tc.forward_backward(self.small, LOSS))
+            futures.append(self.tc.optim_step(self.adam))
+        for future in futures:
+            future.result()
+        return {"wall": time.perf_counter() - t0, "cpu": cpu_seconds() - c0}
 
     def b3(self, calls: int) -> dict[str, Any]:
         if self.large is None:
-            self.large = tinker_batch(large_arrays())
+            self.large = self._batch(large_arrays())
             self.tc.forward_backward(self.large, LOSS).result()
         tc, data = self.tc, self.large
         return measure_calls(lambda: tc.forward_backward(data, LOSS).result(), calls)
 
     def b5(self, futures: int) -> dict[str, Any]:
-        return _sync_many(self.tc, self.small, futures)
+        base = rss_mb()
+        t0 = time.perf_counter()
+        pending = [self.tc.forward(self.small, LOSS) for _ in range(futures)]
+        in_flight = rss_mb()
+        for future in pending:
+            future.result()
+        return _rss_result(base, in_flight, time.perf_counter() - t0)
 
 
-def _sync_pipeline(tc: Any, data: list[Any], adam: Any, pairs: int) -> dict[str, Any]:
-    """B2 through any client whose calls return futures with ``result()``."""
-    c0, t0 = cpu_seconds(), time.perf_counter()
-    futures: list[Any] = []
-    for _ in range(pairs):
-        futures.append(tc.forward_backward(data, LOSS))
-        futures.append(tc.optim_step(adam))
-    for future in futures:
-        future.result()
-    return {"wall": time.perf_counter() - t0, "cpu": cpu_seconds() - c0}
+class FiretitanSyncPeer(_FuturesPeer):
+    """firetitan's blocking facade (its own event-loop thread does the I/O)."""
 
+    def _connect(self) -> tuple[Any, Any, Any]:
+        import tinker
 
-def _sync_many(tc: Any, data: list[Any], count: int) -> dict[str, Any]:
-    """B5 through any client whose calls return futures with ``result()``."""
-    base = rss_mb()
-    t0 = time.perf_counter()
-    pending = [tc.forward(data, LOSS) for _ in range(count)]
-    in_flight = rss_mb()
-    for future in pending:
-        future.result()
-    return _rss_result(base, in_flight, time.perf_counter() - t0)
+        from firetitan import FiretitanServiceClient
+
+        service = FiretitanServiceClient(base_url=self.url, api_key=self.key)
+        tc = service.create_training_client(BASE_MODEL, lora_rank=0)
+        return service, tc, tinker.AdamParams(learning_rate=1e-4)
 
 
 # --------------------------------------------------------------------------- public SDKs
 
 
-class FireworksPeer:
-    """The public fireworks-ai training SDK (``fireworks.training.sdk``)."""
+class FireworksPeer(_FuturesPeer):
+    """The public fireworks-ai training SDK (``fireworks.training.sdk``), with its own types."""
 
-    is_async = False
-
-    def __init__(self, url: str, key: str) -> None:
-        self.url, self.key = url, key
-        self.small = self._batch(small_arrays())
-        self.large: list[Any] | None = None
-
-    @staticmethod
-    def _batch(arrays: Arrays) -> list[Any]:
+    def _batch(self, arrays: Arrays) -> list[Any]:
         from fireworks.training.sdk import types as fw
 
         return [
@@ -281,78 +279,28 @@ class FireworksPeer:
             for tokens, targets, weights in arrays
         ]
 
-    def setup(self) -> None:
+    def _connect(self) -> tuple[Any, Any, Any]:
         from fireworks.training.sdk import AdamParams, FiretitanServiceClient
 
-        self.adam = AdamParams(learning_rate=1e-4)
-        self.service = FiretitanServiceClient(base_url=self.url, api_key=self.key)
-        self.tc = self.service.create_training_client(BASE_MODEL, lora_rank=0)
-        self.tc.forward(self.small, LOSS).result()
-        self.tc.forward_backward(self.small, LOSS).result()
-        self.tc.optim_step(self.adam).result()
-
-    def close(self) -> None:
-        self.service.close()
-
-    def b1(self, calls: int) -> dict[str, Any]:
-        tc, data = self.tc, self.small
-        return measure_calls(lambda: tc.forward(data, LOSS).result(), calls)
-
-    def b2(self, pairs: int) -> dict[str, Any]:
-        return _sync_pipeline(self.tc, self.small, self.adam, pairs)
-
-    def b3(self, calls: int) -> dict[str, Any]:
-        if self.large is None:
-            self.large = self._batch(large_arrays())
-            self.tc.forward_backward(self.large, LOSS).result()
-        tc, data = self.tc, self.large
-        return measure_calls(lambda: tc.forward_backward(data, LOSS).result(), calls)
-
-    def b5(self, futures: int) -> dict[str, Any]:
-        return _sync_many(self.tc, self.small, futures)
+        service = FiretitanServiceClient(base_url=self.url, api_key=self.key)
+        tc = service.create_training_client(BASE_MODEL, lora_rank=0)
+        return service, tc, AdamParams(learning_rate=1e-4)
 
 
-class TinkerPeer:
+class TinkerPeer(_FuturesPeer):
     """The public tinker SDK (its ``ServiceClient``, futures with ``result()``)."""
 
-    is_async = False
-
-    def __init__(self, url: str, key: str) -> None:
-        self.url, self.key = url, key
-        self.small = tinker_batch(small_arrays())
-        self.large: list[Any] | None = None
-
-    def setup(self) -> None:
+    def _connect(self) -> tuple[Any, Any, Any]:
         import tinker
 
-        self.adam = tinker.AdamParams(learning_rate=1e-4)
-        self.service = tinker.ServiceClient(base_url=self.url, api_key=self.key)
-        self.tc = self.service.create_lora_training_client(BASE_MODEL, rank=8)
-        self.tc.forward(self.small, LOSS).result()
-        self.tc.forward_backward(self.small, LOSS).result()
-        self.tc.optim_step(self.adam).result()
+        service = tinker.ServiceClient(base_url=self.url, api_key=self.key)
+        tc = service.create_lora_training_client(BASE_MODEL, rank=8)
+        return service, tc, tinker.AdamParams(learning_rate=1e-4)
 
     def close(self) -> None:
         close = getattr(self.service, "close", None)
         if callable(close):
             close()
-
-    def b1(self, calls: int) -> dict[str, Any]:
-        tc, data = self.tc, self.small
-        return measure_calls(lambda: tc.forward(data, LOSS).result(), calls)
-
-    def b2(self, pairs: int) -> dict[str, Any]:
-        return _sync_pipeline(self.tc, self.small, self.adam, pairs)
-
-    def b3(self, calls: int) -> dict[str, Any]:
-        if self.large is None:
-            self.large = tinker_batch(large_arrays())
-            self.tc.forward_backward(self.large, LOSS).result()
-        tc, data = self.tc, self.large
-        return measure_calls(lambda: tc.forward_backward(data, LOSS).result(), calls)
-
-    def b5(self, futures: int) -> dict[str, Any]:
-        return _sync_many(self.tc, self.small, futures)
 
 
 # --------------------------------------------------------------------------- raw floor
