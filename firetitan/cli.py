@@ -129,7 +129,7 @@ async def _serve(args: argparse.Namespace) -> int:
     generated = not api_key
     if generated:
         api_key = generate_api_key()
-    limits = {}
+    limits: dict[str, object] = {"access_log": args.access_log}
     if args.max_request_bytes is not None:
         limits["max_request_bytes"] = args.max_request_bytes
     try:

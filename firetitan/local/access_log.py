@@ -32,7 +32,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def note(**ids: object) -> None:
     """Name ids (``model_id=``, ``seq_id=``, ...) on the current request's access line.
 
-    Does nothing outside a request or when the access log is off.
+    Does nothing outside a request or when the access log is off (a server installs
+    `middleware` only when its ``access_log`` option is set).
     """
     current = _ids.get()
     if current is not None:
@@ -43,8 +44,6 @@ def note(**ids: object) -> None:
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Log the request once it is answered; install it outermost, so that the status is
     the one sent (errors already turned into their JSON answers)."""
-    if not log.isEnabledFor(logging.INFO):
-        return await handler(request)
     ids: dict[str, object] = {}
     token = _ids.set(ids)
     started = time.monotonic()

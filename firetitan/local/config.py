@@ -50,6 +50,8 @@ class ServerConfig:
             log keeps; the oldest are dropped first, so a trainer that runs for days
             stays flat in memory. The file at ``execution_log_path`` keeps them all.
         debug_endpoints: Serve ``GET /api/v1/debug/execution_log`` (authenticated).
+        access_log: Log one INFO line per request to the ``firetitan.access`` logger
+            (`firetitan.local.access_log`); ``firetitan serve --access-log`` sets it.
     """
 
     max_request_bytes: int = attrs.field(default=64 * MiB, validator=_positive)
@@ -67,6 +69,7 @@ class ServerConfig:
     )
     max_execution_log_entries: int = attrs.field(default=100_000, validator=_positive)
     debug_endpoints: bool = False
+    access_log: bool = False
 
     @classmethod
     def field_names(cls) -> frozenset[str]:

@@ -301,10 +301,13 @@ class TrainerServer:
     # ------------------------------------------------------------------ app
 
     def make_app(self) -> web.Application:
-        """The aiohttp application (middlewares: the access log outermost, then JSON
-        errors, then auth)."""
+        """The aiohttp application (middlewares: the access log outermost when it is on,
+        then JSON errors, then auth)."""
+        middlewares = [self._errors_middleware, self._auth_middleware]
+        if self.config.access_log:
+            middlewares.insert(0, access_log.middleware)
         app = web.Application(
-            middlewares=[access_log.middleware, self._errors_middleware, self._auth_middleware],
+            middlewares=middlewares,
             client_max_size=self.config.max_request_bytes,
         )
         app.on_shutdown.append(self._on_shutdown)
