@@ -82,6 +82,14 @@ class RetryPolicy:
         deadline: Overall seconds for one request and all its retries; no retry starts
             after it.
         max_retry_after: Cap on a trainer's ``Retry-After``.
+        first_contact_deadline: Overall seconds for which the first request of a
+            client retries a refused connection or a host name that does not resolve,
+            instead of ``deadline``. Before the trainer has ever answered, these almost
+            always mean a wrong ``base_url`` or a trainer that is not running, so the
+            error comes in seconds and says what to check. Once it has answered, an
+            outage is retried patiently (a trainer restarting mid-run).
+        warn_after: A call still retrying after this many seconds logs one WARNING
+            (each retry logs an INFO line).
     """
 
     max_attempts: int = attrs.field(default=10, validator=_POSITIVE_INT)
@@ -90,6 +98,8 @@ class RetryPolicy:
     jitter: float = attrs.field(default=0.25, validator=_fraction)
     deadline: float = attrs.field(default=300.0, validator=_positive)
     max_retry_after: float = attrs.field(default=60.0, validator=_positive)
+    first_contact_deadline: float = attrs.field(default=5.0, validator=_positive)
+    warn_after: float = attrs.field(default=30.0, validator=_positive)
 
     def backoff(self, retry_number: int, rand: float) -> float:
         """Return the delay before retry ``retry_number`` (1-based).

@@ -14,6 +14,10 @@ Responsibilities, each in one place:
   timeouts, 408, 409, 429 (honouring ``Retry-After``, capped), 5xx and
   ``x-should-retry: true``; exponential backoff with jitter; an overall deadline;
   ``reraise`` so callers see our exception types, never ``tenacity.RetryError``.
+  Until the trainer has answered once, a refused connection or an unknown host is
+  retried only for ``RetryPolicy.first_contact_deadline`` and then explained (wrong
+  URL, trainer not running); afterwards outages are retried patiently. Every retry
+  logs one INFO line, and a call retrying for ``warn_after`` one WARNING (`_RetryLog`).
 * **Errors.** aiohttp, timeout and JSON errors are translated into
   `firetitan._errors` classes here and chained with ``from``. Error messages carry the
   trainer's ``detail``. Exceptions that hold request headers (aiohttp's
@@ -43,8 +47,6 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
-    stop_after_attempt,
-    stop_before_delay,
 )
 
 from firetitan import _wire
@@ -92,12 +94,47 @@ class _Secret:
 
 
 class _Retry(Exception):
-    """Internal carrier: ``error`` may be retried, after at least ``retry_after`` s."""
+    """Internal carrier: ``error`` may be retried, after at least ``retry_after`` s.
 
-    def __init__(self, error: APIError, retry_after: float | None = None) -> None:
+    ``unreachable`` marks a failure to reach anyone at all (connection refused, host
+    name not resolved), as opposed to a trainer that answered or timed out.
+    """
+
+    def __init__(
+        self, error: APIError, retry_after: float | None = None, *, unreachable: bool = False
+    ) -> None:
         super().__init__(error.message)
         self.error = error
         self.retry_after = retry_after
+        self.unreachable = unreachable
+
+
+class _RetryLog:
+    """The log lines of one call's retries: one INFO line per retry, and one WARNING
+    once the call has been retrying for ``warn_after`` seconds. Lines name the call and
+    the failure's message, never headers or bodies (and so never the key)."""
+
+    __slots__ = ("_method", "_path", "_started", "_warn_after", "_warned")
+
+    def __init__(self, method: str, path: str, started: float, warn_after: float) -> None:
+        self._method = method
+        self._path = path
+        self._started = started
+        self._warn_after = warn_after
+        self._warned = False
+
+    def retrying(self, attempt: int, delay: float, reason: BaseException | None) -> None:
+        method, path = self._method, self._path
+        log.info(
+            "retrying %s %s (attempt %d) in %.2f s after: %s", method, path, attempt, delay, reason
+        )
+        elapsed = time.monotonic() - self._started
+        if not self._warned and elapsed >= self._warn_after:
+            self._warned = True
+            log.warning(
+                "%s %s has been retrying for %.1f s (%d attempts so far); last failure: %s",
+                method, path, elapsed, attempt - 1, reason,
+            )
 
 
 @attrs.frozen
@@ -149,6 +186,9 @@ class Transport:
         # next answer of any kind. See _request: once that lasts a whole retry deadline,
         # further requests get one attempt each instead of a deadline of retries.
         self._unreachable_since: float | None = None
+        # Whether the trainer has ever answered this client; until it has, a refused
+        # connection fails within RetryPolicy.first_contact_deadline (see _deadline_for).
+        self._answered = False
         # Built once: every request copies this dict rather than rebuilding it.
         self._base_headers = {
             **self._extra_headers,
@@ -347,17 +387,21 @@ class Transport:
         except _Retry as first:
             failure = first
         policy = self._policy(pool, retry)
+        retries = _RetryLog(method, path, started, policy.warn_after)
 
         def wait(exc: BaseException | None, retry_number: int) -> float:
             if isinstance(exc, _Retry) and exc.retry_after is not None:
                 return min(exc.retry_after, policy.max_retry_after)
             return policy.backoff(retry_number, self._rng.random())
 
+        def out_of_time(exc: BaseException | None, delay: float) -> bool:
+            return time.monotonic() - started + delay >= self._deadline_for(policy, exc)
+
         # The checks tenacity makes after every failed attempt, made here for the first.
         delay = wait(failure, 1)
-        remaining = policy.deadline - (time.monotonic() - started)
-        if policy.max_attempts <= 1 or delay >= remaining:
-            raise failure.error from failure.error.__cause__
+        if policy.max_attempts <= 1 or out_of_time(failure, delay):
+            error = self._final_error(failure, 1, started)
+            raise error from error.__cause__
         down = self._unreachable_for()
         if down >= policy.deadline:
             # The trainer has been unreachable for a whole retry deadline already (it
@@ -368,26 +412,39 @@ class Transport:
                 f"{failure.error.message} (the trainer has been unreachable for "
                 f"{down:.0f} s; not retrying)"
             ) from failure.error.__cause__
-        self._log_retry_in(method, path, 2, delay, failure)
+        retries.retrying(2, delay, failure)
         await asyncio.sleep(delay)
+        attempts = 1
+
+        def stop(state: RetryCallState) -> bool:
+            # Attempt numbers count from the second attempt of the request.
+            exc = state.outcome.exception() if state.outcome else None
+            return state.attempt_number + 1 >= policy.max_attempts or out_of_time(
+                exc, state.upcoming_sleep
+            )
+
         retrying = AsyncRetrying(
-            # Attempt numbers below count from the second attempt of the request.
-            stop=stop_after_attempt(policy.max_attempts - 1)
-            | stop_before_delay(policy.deadline - (time.monotonic() - started)),
+            stop=stop,
             wait=lambda state: wait(
                 state.outcome.exception() if state.outcome else None, state.attempt_number + 1
             ),
             retry=retry_if_exception_type(_Retry),
             reraise=True,
-            before_sleep=lambda state: self._log_retry(method, path, state),
+            before_sleep=lambda state: retries.retrying(
+                state.attempt_number + 2,
+                state.next_action.sleep if state.next_action else 0.0,
+                state.outcome.exception() if state.outcome else None,
+            ),
         )
         try:
             async for attempt in retrying:
                 with attempt:
+                    attempts += 1
                     exchange = await self._once(method, path, data, headers, pool, attempt_timeout)
                     return await self._decode(exchange, method, path, offload)
         except _Retry as exhausted:
-            raise exhausted.error from exhausted.error.__cause__
+            error = self._final_error(exhausted, attempts, started)
+            raise error from error.__cause__
         raise AssertionError("unreachable: tenacity either returns or reraises")
 
     def _unreachable_for(self) -> float:
@@ -395,19 +452,40 @@ class Transport:
         since = self._unreachable_since
         return 0.0 if since is None else time.monotonic() - since
 
-    def _log_retry(self, method: str, path: str, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        delay = state.next_action.sleep if state.next_action else 0.0
-        # tenacity counts from the request's second attempt (see `_request`).
-        self._log_retry_in(method, path, state.attempt_number + 2, delay, exc)
+    def _deadline_for(self, policy: RetryPolicy, exc: BaseException | None) -> float:
+        """The overall retry deadline after failure ``exc``: short while nobody has ever
+        answered at the URL (first contact), the patient one otherwise."""
+        if isinstance(exc, _Retry) and exc.unreachable and not self._answered:
+            return min(policy.deadline, policy.first_contact_deadline)
+        return policy.deadline
 
-    @staticmethod
-    def _log_retry_in(
-        method: str, path: str, attempt: int, delay: float, exc: BaseException | None
-    ) -> None:
-        log.info(
-            "retrying %s %s (attempt %d) in %.2f s after: %s", method, path, attempt, delay, exc
+    def _final_error(self, failure: _Retry, attempts: int, started: float) -> APIError:
+        """The error a call raises once it stops retrying ``failure``: its own, or on
+        first contact one that says what was tried and what to check."""
+        error = failure.error
+        if not failure.unreachable or self._answered:
+            return error
+        cause = error.__cause__
+        if isinstance(cause, aiohttp.ClientConnectorDNSError):
+            host = getattr(cause, "host", None) or self._base_url
+            check = (
+                f"check the host name {host!r} in base_url: it did not resolve from this "
+                "machine"
+            )
+        else:
+            check = (
+                "check that base_url is right (scheme, host, port and path prefix) and that "
+                "the trainer is running and listening there (`firetitan serve` prints the URL "
+                "it serves at)"
+            )
+        attempts_text = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+        first_contact = APIConnectionError(
+            f"cannot reach the trainer at {self._base_url}: {error.message} "
+            f"({attempts_text} in {time.monotonic() - started:.1f} s); {check}. The first "
+            "request of a client gives up after RetryPolicy.first_contact_deadline; once "
+            "the trainer has answered, outages are retried patiently."
         )
+        return _chain(first_contact, cause) if cause is not None else first_contact
 
     def _client_timeout(self, pool: Pool, attempt_timeout: float | None) -> aiohttp.ClientTimeout:
         cached = self._timeouts.get((pool, attempt_timeout))
@@ -450,6 +528,7 @@ class Transport:
                 allow_redirects=False,
             ) as response:
                 self._unreachable_since = None  # it answered
+                self._answered = True
                 body = await response.read()
                 status = response.status
                 # Headers are only read on errors (Retry-After, x-should-retry).
@@ -470,10 +549,11 @@ class Transport:
             # Carries the request headers (and so the key): never chained.
             raise _Retry(APIConnectionError(f"{method} {path} failed: {exc.message}")) from None
         except aiohttp.ClientError as exc:
-            if isinstance(exc, aiohttp.ClientConnectorError) and self._unreachable_since is None:
+            unreachable = isinstance(exc, aiohttp.ClientConnectorError)
+            if unreachable and self._unreachable_since is None:
                 self._unreachable_since = time.monotonic()
             error = APIConnectionError(f"{method} {path} failed: {type(exc).__name__}: {exc}")
-            raise _Retry(_chain(error, exc)) from None
+            raise _Retry(_chain(error, exc), unreachable=unreachable) from None
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s %s -> %d (%d bytes, %.1f ms)",
