@@ -9,9 +9,10 @@ another job's checkpoints::
 
 A checkpoint is valid only once its folder sits under ``state/`` or ``sampler/`` with a
 ``MANIFEST_NAME`` file in it. An engine writes into a fresh folder under ``.tmp/``; the
-store then writes the manifest and renames the folder into place. A rename within one
-file system is atomic, so a crash mid-write leaves only debris in ``.tmp/`` (removed at
-the next start), never a checkpoint that lists as valid.
+store then fsyncs its files and folders, writes the manifest and renames the folder
+into place. A rename within one file system is atomic, so a crash mid-write leaves only
+debris in ``.tmp/`` (removed at the next start), never a checkpoint that lists as valid,
+and a power loss never leaves a manifest naming files whose data was not on disk.
 
 Every name passes `firetitan._names.validate_name` before it touches the file system.
 Nothing here unpickles: manifests are JSON.
@@ -137,6 +138,9 @@ class CheckpointStore:
         tmp.mkdir(parents=True)
         try:
             yield tmp
+            # Durable before it can list as valid: after a power loss, a manifest must
+            # never name files whose data never reached the disk.
+            _fsync_tree(tmp)
             now = time.time()
             manifest = Manifest(
                 kind=kind,
@@ -148,6 +152,7 @@ class CheckpointStore:
                 metadata=dict(metadata or {}),
             )
             _write_json(tmp / MANIFEST_NAME, attrs.asdict(manifest))
+            _fsync(tmp)
             final.parent.mkdir(parents=True, exist_ok=True)
             with self._lock:
                 if final.exists():
@@ -157,6 +162,7 @@ class CheckpointStore:
                     shutil.rmtree(trash, ignore_errors=True)
                 else:
                     os.rename(tmp, final)
+                _fsync(final.parent)  # the rename itself
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -264,3 +270,20 @@ def _write_json(path: Path, obj: Any) -> None:
         json.dump(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder`` to disk, and every folder's entries."""
+    for directory, _subdirs, files in os.walk(folder):
+        for name in files:
+            _fsync(os.path.join(directory, name))
+        _fsync(directory)
+
+
+def _fsync(path: Path | str) -> None:
+    """Flush a file, or a folder's entries (new names, renames), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
