@@ -43,7 +43,8 @@ class ServerConfig:
             long is ended and its models are unloaded.
         maintenance_interval_seconds: How often expiry, eviction and the checkpoint TTL
             sweep run.
-        shutdown_grace_seconds: How long a graceful stop waits for open connections.
+        shutdown_grace_seconds: How long a graceful stop waits for clients to collect
+            the outcomes of the work it cancelled, then for open connections.
         execution_log_path: When set, every executed request is also appended to this
             file as one JSON line.
         max_execution_log_entries: How many executed requests the in-memory execution

@@ -76,6 +76,8 @@ Encoding = Literal["json", "protobuf"]
 CHUNK_KINDS = frozenset({"forward", "forward_backward"})
 
 _MAX_ERROR_CHARS = 2000
+#: What a request that a graceful stop cancels, or refuses, is told.
+SHUTTING_DOWN = "the trainer is shutting down"
 
 
 class UnknownRequestError(LookupError):
@@ -194,6 +196,8 @@ class _Job:
     completed_at: float = 0.0
     # Where this job is registered for deduplication; undone when it is evicted.
     keys: list[Hashable] = attrs.field(factory=list)
+    # Whether a poll has been answered with its result (a graceful stop waits for it).
+    delivered: bool = False
 
 
 @attrs.define(eq=False)
@@ -236,6 +240,10 @@ class Executor:
         )
         self._log_file: IO[str] | None = None
         self._closed = False
+        self._pool_closed = False
+        # What a graceful stop left unfinished, and a signal that a poll got a result.
+        self._stopped_jobs: list[_Job] = []
+        self._delivery = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -247,17 +255,43 @@ class Executor:
             # Line-buffered: one small write per executed request, readable while running.
             self._log_file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
 
-    async def close(self, final: Callable[[], None] | None = None) -> None:
-        """Stop: refuse new work, fail queued requests, let running ones finish, then run
-        ``final`` (e.g. the engine's ``close``) on the engine thread and stop the thread."""
+    async def stop(self) -> None:
+        """Refuse new work, fail every queued request with "the trainer is shutting
+        down", and let running ones finish. Results stay retrievable."""
         if self._closed:
             return
         self._closed = True
+        self._stopped_jobs = [job for job in self._jobs.values() if job.result is None]
         for queue in list(self._models.values()):
-            self._close_queue(queue, "the trainer is shutting down", "server")
+            self._close_queue(queue, SHUTTING_DOWN, "server", "TrainerShuttingDown")
         waits = [q.task for q in self._models.values() if q.task is not None]
         await asyncio.gather(*waits, *self._tasks, return_exceptions=True)
         self._models.clear()
+
+    async def delivered(self, within: float, idle: float) -> None:
+        """Wait until polls have collected the outcome of everything `stop` found
+        unfinished, for at most ``within`` seconds, and no longer than ``idle`` seconds
+        without a poll collecting one (nobody is asking any more)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while any(not job.delivered for job in self._stopped_jobs):
+            wait = min(idle, deadline - loop.time())
+            if wait <= 0:
+                return
+            self._delivery.clear()
+            try:
+                async with asyncio.timeout(wait):
+                    await self._delivery.wait()
+            except TimeoutError:
+                return
+
+    async def close(self, final: Callable[[], None] | None = None) -> None:
+        """`stop`, then run ``final`` (e.g. the engine's ``close``) on the engine thread
+        and stop the thread."""
+        if self._pool_closed:
+            return
+        self._pool_closed = True
+        await self.stop()
         try:
             if final is not None:
                 await asyncio.get_running_loop().run_in_executor(self._pool, final)
@@ -280,7 +314,7 @@ class Executor:
         try:
             return asyncio.get_running_loop().run_in_executor(self._pool, fn)
         except RuntimeError as exc:  # the pool refuses work after shutdown
-            raise ExecutorClosedError("the trainer is shutting down") from exc
+            raise ExecutorClosedError(SHUTTING_DOWN) from exc
 
     @property
     def execution_log(self) -> list[ExecutionRecord]:
@@ -461,7 +495,10 @@ class Executor:
             except TimeoutError:
                 pass
         if job.result is not None:
-            return await self._encoded(job, job.result, encoding)
+            answer = await self._encoded(job, job.result, encoding)
+            job.delivered = True
+            self._delivery.set()
+            return answer
         pending = _wire.TryAgain(request_id, queue_state="active")
         return _wire.dumps(_wire.encode_future_outcome(pending)), "json"
 
@@ -505,7 +542,7 @@ class Executor:
         self, kind: str, model_id: str | None, seq_id: int | None, run: Run | None
     ) -> _Job:
         if self._closed:
-            raise ExecutorClosedError("the trainer is shutting down")
+            raise ExecutorClosedError(SHUTTING_DOWN)
         if run is not None and self._pending >= self._config.max_pending_requests:
             raise OverloadedError(
                 f"{self._pending} requests are pending; the limit is "
@@ -579,10 +616,12 @@ class Executor:
         queue.next_seq = seq_id
         queue.gap_since = None
 
-    def _close_queue(self, queue: _ModelQueue, reason: str, category: str) -> None:
+    def _close_queue(
+        self, queue: _ModelQueue, reason: str, category: str, error_class: str = "ModelUnloaded"
+    ) -> None:
         queue.closed = True
         for job in queue.pending.values():
-            self._finish(job, failure_result(reason, category, "ModelUnloaded"))
+            self._finish(job, failure_result(reason, category, error_class))
         queue.pending.clear()
         queue.wake.set()
 

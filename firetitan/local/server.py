@@ -78,6 +78,9 @@ CLIENT_CONFIG_FLAGS = {
     "custom_loss_server_side": False,
     "sample_join_sampling_session": False,
 }
+#: A graceful stop stops waiting for clients to collect outcomes once no poll has come
+#: for this long: a client that polls comes back within milliseconds of an answer.
+_POLL_IDLE_SECONDS = 1.0
 #: Most datums tinker puts in one forward_backward chunk.
 FWDBWD_MAX_CHUNK_LEN = 1024
 #: tinker's own default for a chunk's estimated protobuf size.
@@ -243,10 +246,16 @@ class TrainerServer:
         return self.base_url
 
     async def close(self) -> None:
-        """Stop gracefully: stop accepting, fail queued work, finish running work, close
-        the engine, then close connections."""
+        """Stop gracefully: refuse new work (503), fail queued work with "the trainer is
+        shutting down", finish running work, and keep answering polls until clients
+        have collected those outcomes (at most ``shutdown_grace_seconds``, and not once
+        polls stop coming); then stop listening, close the engine and connections."""
         if self._runner is not None:
             runner, self._runner = self._runner, None
+            await self._executor.stop()
+            await self._executor.delivered(
+                within=self.config.shutdown_grace_seconds, idle=_POLL_IDLE_SECONDS
+            )
             await runner.cleanup()  # calls _on_shutdown while handlers can still answer
         await self._shutdown_work()
 
