@@ -27,7 +27,29 @@ from typing import Any
 import attrs
 import tinker
 
-__all__ = ["Engine", "ModelSpec", "SampleSource", "UserError"]
+__all__ = ["Engine", "ModelSpec", "SampleSource", "UserError", "optim_metrics"]
+
+
+def optim_metrics(
+    *, step: int, learning_rate: float, loss_tokens: int, sequences: int,
+    grad_norm: float | None = None,
+) -> dict[str, float]:
+    """The metrics an ``optim_step`` answers, named alike by every engine.
+
+    Every key is ``name:reduction`` (wire.md §6.6) and none is a bare word a training
+    loop uses for its own row (tinker-cookbook merges these into a row keyed by its own
+    integer ``step``, ``learning_rate`` and ``optim/lr``): a key with a colon cannot
+    overwrite them.
+    """
+    metrics = {
+        "optim_step:max": float(step),
+        "learning_rate:unique": float(learning_rate),
+        "loss_tokens:sum": float(loss_tokens),
+        "sequences:sum": float(sequences),
+    }
+    if grad_norm is not None:
+        metrics["grad_norm:max"] = float(grad_norm)
+    return metrics
 
 
 class UserError(Exception):
@@ -126,7 +148,7 @@ class Engine(abc.ABC):
         grad_accumulation_normalization: str | None,
     ) -> dict[str, float]:
         """Apply one AdamW step to the accumulated gradient, zero it, and return metrics
-        (e.g. ``grad_norm:global``, ``lr``)."""
+        (`optim_metrics`)."""
 
     @abc.abstractmethod
     def save_state(self, model_id: str, directory: Path) -> None:
