@@ -101,6 +101,8 @@ class Engine(abc.ABC):
 
     #: Short name, reported by ``get_server_capabilities`` and ``firetitan serve``.
     name: str = "engine"
+    #: The ``checkpoint_type`` values `save_for_sampler` exports.
+    checkpoint_types: tuple[str, ...] = ("base", "delta")
 
     @abc.abstractmethod
     def supported_models(self) -> list[dict[str, Any]]:
@@ -177,8 +179,10 @@ class Engine(abc.ABC):
         Args:
             model_id: The model.
             directory: Empty target directory, committed by the store afterwards.
-            checkpoint_type: ``"base"`` (full weights) or ``"delta"`` (bitwise XOR against
-                the export in ``previous``).
+            checkpoint_type: One of `checkpoint_types`: ``"base"`` (full weights),
+                ``"delta"`` (bitwise XOR against the export in ``previous``) or, where
+                the engine has it, ``"merged_base"`` (a LoRA model's adapter merged into
+                full weights).
             previous: The previous export of this model, for ``delta``.
 
         Returns:
