@@ -239,7 +239,8 @@ async def test_a_refused_submission_fails_only_its_call(trainer: LocalTrainer) -
             await refused
         await accepted
         metrics = (await step).metrics
-        assert metrics is not None and metrics["loss_tokens:sum"] == 8.0  # without the refused batch
+        # Without the refused batch:
+        assert metrics is not None and metrics["loss_tokens:sum"] == 8.0
         # The refused call's seq_id was reused: no gap for the trainer to wait on.
         assert executed(trainer, tc.model_id) == [(1, "forward_backward"), (2, "optim_step")]
 
