@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--job-id", default=None, metavar="ID", help="this trainer's job id")
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     serve.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="on CUDA, use deterministic algorithms process-wide (bit-identical reruns, slower)",
+    )
+    serve.add_argument(
         "--max-request-bytes",
         type=int,
         default=None,
@@ -144,6 +149,7 @@ async def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             weights=args.weights,
             device=args.device,
+            deterministic=args.deterministic,
             **limits,
         )
     except (ImportError, ValueError) as exc:

@@ -48,6 +48,7 @@ def engine_factory(
     weights: str | Path | None,
     device: str,
     seed: int,
+    deterministic: bool = False,
 ) -> Callable[[], Engine]:
     """A function that builds the engine (called on the engine thread at start).
 
@@ -68,7 +69,12 @@ def engine_factory(
                 "`pip install 'firetitan[local]'`"
             ) from exc
         return lambda: TorchEngine(
-            base_model=base_model, size=size, weights=weights, device=device, seed=seed
+            base_model=base_model,
+            size=size,
+            weights=weights,
+            device=device,
+            seed=seed,
+            deterministic=deterministic,
         )
     raise ValueError(f"engine must be 'torch', 'null' or an Engine instance, got {engine!r}")
 
@@ -91,7 +97,10 @@ class LocalTrainer:
         host: Interface to bind; loopback by default.
         port: Port to bind; 0 picks a free one.
         weights: A Hugging Face model folder for the torch engine.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (torch engine).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (torch engine). No device choice
+            changes process-wide torch settings.
+        deterministic: On CUDA, switch the process to deterministic algorithms
+            (bit-identical reruns, slower); see `TorchEngine`.
         seed: Seeds the engine.
         **limits: `ServerConfig` fields (``long_poll_seconds=...``, ...).
 
@@ -113,6 +122,7 @@ class LocalTrainer:
         weights: str | Path | None = None,
         device: str = "auto",
         seed: int = 0,
+        deterministic: bool = False,
         **limits: Any,
     ) -> None:
         unknown = set(limits) - ServerConfig.field_names()
@@ -120,7 +130,13 @@ class LocalTrainer:
             raise TypeError(f"unknown LocalTrainer options: {', '.join(sorted(unknown))}")
         self.config = ServerConfig(**limits)
         self._factory = engine_factory(
-            engine, base_model=base_model, size=size, weights=weights, device=device, seed=seed
+            engine,
+            base_model=base_model,
+            size=size,
+            weights=weights,
+            device=device,
+            seed=seed,
+            deterministic=deterministic,
         )
         self._engine_name = engine if isinstance(engine, str) else type(engine).__name__
         self._requested_dir = None if checkpoint_dir is None else Path(checkpoint_dir)

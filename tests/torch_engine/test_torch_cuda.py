@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _train(tmp: Path) -> tuple[TorchEngine, dict[str, dict[str, torch.Tensor]], list[object]]:
-    engine = TorchEngine(device="cuda", seed=0)
+    engine = TorchEngine(device="cuda", seed=0, deterministic=True)
     models = [full_model(engine, "full"), lora_model(engine, "lora")]
     outs: list[object] = []
     for m in models:

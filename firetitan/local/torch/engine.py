@@ -129,9 +129,15 @@ class TorchEngine(Engine):
             when present) from instead of stand-ins; every base model name then maps
             to these weights.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ...
+            Choosing a device changes no process-wide torch setting.
         seed: Seeds stand-in weights, LoRA initialisation and unseeded sampling.
         threads: torch intra-op threads for the whole process; None means one thread
             for the ``tiny`` stand-in on CPU and torch's default otherwise.
+        deterministic: On CUDA, switch the whole process to deterministic algorithms
+            (``torch.use_deterministic_algorithms``, no cuDNN autotuning, no TF32), so
+            that repeated runs are bit-identical at some cost in speed; these settings
+            are process-wide, so they are only made when asked for. CPU runs are
+            reproducible without them. The CUDA path has not yet run on a GPU.
 
     Raises:
         ValueError: Unknown ``size``, or ``weights`` is not a directory.
@@ -148,6 +154,7 @@ class TorchEngine(Engine):
         device: str = "auto",
         seed: int = 0,
         threads: int | None = None,
+        deterministic: bool = False,
     ) -> None:
         if size not in SIZES:
             raise ValueError(f"unknown stand-in size {size!r}; choose one of {sorted(SIZES)}")
@@ -155,7 +162,7 @@ class TorchEngine(Engine):
         self.size = size
         self.seed = seed
         self.device = _pick_device(device)
-        if self.device.type == "cuda":
+        if deterministic and self.device.type == "cuda":
             _deterministic_cuda()
         # The tiny stand-in gains nothing from intra-op parallelism, while spinning
         # OpenMP workers compete with the event loop (and an in-process client) for a
