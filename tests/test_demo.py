@@ -132,16 +132,16 @@ def test_corpus_is_seeded_and_noisy() -> None:
 
 
 def test_sft_datum_trains_on_the_answer_only() -> None:
-    datum = task.sft_datum(task.Example(3, "three"))
-    tokens = task.prompt_ids(3) + task.completion_ids("three")
+    datum = task.BYTES.sft_datum(task.Example(3, "three"))
+    tokens = task.BYTES.prompt_ids(3) + task.BYTES.completion_ids("three")
     assert datum.model_input.to_ints() == tokens[:-1]
     targets = datum.loss_fn_inputs["target_tokens"].to_numpy()
     weights = datum.loss_fn_inputs["weights"].to_numpy()
     assert targets.tolist() == tokens[1:]
     # Weighted targets are exactly the answer's bytes and the EOS.
-    assert targets[weights == 1.0].tolist() == task.completion_ids("three")
+    assert targets[weights == 1.0].tolist() == task.BYTES.completion_ids("three")
     assert set(np.unique(weights).tolist()) == {0.0, 1.0}
-    assert task.completion_text(task.completion_ids("three")) == "three"
+    assert task.BYTES.completion_text(task.BYTES.completion_ids("three")) == "three"
 
 
 def test_first_last_means() -> None:
@@ -157,3 +157,83 @@ def test_config_validation() -> None:
         DemoConfig(rl_steps=1)
     with pytest.raises(ValueError, match="substeps"):
         DemoConfig(substeps=len(task.DIGITS) + 1)
+
+
+# ------------------------------------------------------------- a Hugging Face tokenizer
+
+
+def _bpe_standin(directory: Path) -> None:
+    """A tiny Llama stand-in with a BPE tokenizer trained on the task's text (offline),
+    both saved with ``save_pretrained`` as a Hugging Face model folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    inner = Tokenizer(models.BPE(unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    inner.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    inner.train_from_iterator([f"{d}={w}" for d in task.DIGITS for w in task.WORDS], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=inner, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.save_pretrained(str(directory))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(directory))
+
+
+def test_vocabulary_speaks_a_hugging_face_tokenizer(tmp_path: Path) -> None:
+    from firetitan.tokenizers import load_tokenizer
+
+    _bpe_standin(tmp_path)
+    vocab = task.Vocabulary(load_tokenizer(tmp_path))
+    tokenizer = vocab.tokenizer
+    prompt, answer = vocab.prompt_ids(7), vocab.completion_ids("seven")
+    assert prompt[0] == tokenizer.bos_token_id and answer[-1] == tokenizer.eos_token_id
+    assert max(prompt + answer) >= 256  # merged BPE tokens, not bytes
+    assert vocab.completion_text(answer) == "seven"
+    datum = vocab.sft_datum(task.Example(7, "seven"))
+    weights = datum.loss_fn_inputs["weights"].to_numpy()
+    assert datum.loss_fn_inputs["target_tokens"].to_numpy()[weights == 1.0].tolist() == answer
+
+
+def test_vocabulary_refuses_a_tokenizer_without_eos() -> None:
+    class NoEos:
+        name = "no-eos"
+        eos_token_id = None
+
+    with pytest.raises(ValueError, match="'no-eos' has no end-of-sequence token"):
+        task.Vocabulary(NoEos())
+
+
+def test_quick_demo_on_a_stand_in_with_a_hugging_face_tokenizer(tmp_path: Path) -> None:
+    """The demo reads the tokenizer the trainer reports (here the weights folder, as
+    ``firetitan serve --weights DIR`` reports it) and speaks its ids."""
+    weights = tmp_path / "standin"
+    _bpe_standin(weights)
+    with LocalTrainer("torch", weights=weights) as trainer:
+        cfg = DemoConfig(
+            out_dir=tmp_path / "out",
+            progress=False,
+            base_url=trainer.base_url,
+            api_key=trainer.api_key,
+        ).quick()
+        run_demo(cfg, out=io.StringIO())
+        trained = [r for r in trainer.execution_log if r.kind == "forward_backward"]
+    _check_outputs(tmp_path / "out", cfg)
+    assert trained  # it trained on the stand-in through the BPE ids

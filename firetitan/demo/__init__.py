@@ -68,7 +68,7 @@ def run_demo(cfg: DemoConfig, *, out: TextIO | None = None) -> DemoResult:
     """Run the demo to the end (blocking) and print a summary to ``out`` (stdout).
 
     Raises:
-        DemoError: A remote model does not use the byte-level vocabulary.
+        DemoError: The tokenizer the trainer reports cannot be loaded here.
         FiretitanError: A request to the trainer failed.
         RuntimeError: Called from a running event loop (use `run_demo_async`).
     """

@@ -44,6 +44,7 @@ from firetitan import (
 )
 from firetitan.demo import task
 from firetitan.demo.config import DemoConfig
+from firetitan.tokenizers import load_tokenizer
 
 __all__ = ["DemoError", "ResumeDrill", "StepSink", "TrainingOutcome", "train"]
 
@@ -95,15 +96,15 @@ class TrainingOutcome:
 @attrs.frozen
 class _Rollout:
     digit: int
+    prompt: list[int]
     tokens: list[int]
     logprobs: np.ndarray  # the sampler's, one per sampled token
     reward: float
 
     def datum_parts(self) -> tuple[tinker.ModelInput, np.ndarray, int]:
         """Model input, targets, and how many target positions belong to the prompt."""
-        prompt = task.prompt_ids(self.digit)
-        model_input, targets = task.shifted(prompt + self.tokens)
-        return model_input, targets, len(prompt) - 1
+        model_input, targets = task.shifted(self.prompt + self.tokens)
+        return model_input, targets, len(self.prompt) - 1
 
 
 class _Policy:
@@ -115,6 +116,8 @@ class _Policy:
         self._client: AsyncFiretitanTrainingClient | None = None
         self.exports = 0  # exports by this client: a delta needs one of its own before it
         self._sampler: AsyncSamplingClient | None = None
+        # The task in the model's tokenizer; the same for every session of one run.
+        self.vocab = task.BYTES
 
     @property
     def client(self) -> AsyncFiretitanTrainingClient:
@@ -164,15 +167,16 @@ async def train(
     """Run the warm-up and the RL loop against the trainer at ``base_url``.
 
     Raises:
-        DemoError: The trainer's model does not use the byte-level vocabulary.
+        DemoError: The tokenizer the trainer reports cannot be loaded here, or has no
+            end-of-sequence token.
         FiretitanError: A request failed.
     """
     async with contextlib.AsyncExitStack() as stack:
         policy = _Policy(_service(base_url, api_key))
         stack.push_async_callback(policy.aclose)  # whichever session is current then
         client = await policy.start(cfg.base_model)
-        await _check_vocabulary(client)
-        await _warm_up(client, cfg, sink)
+        vocab = policy.vocab = await _vocabulary(client)
+        await _warm_up(client, cfg, sink, vocab)
         warm = await client.save_state("sft-warmup")
 
         ref_service = await stack.enter_async_context(_service(base_url, api_key))
@@ -180,7 +184,7 @@ async def train(
         await reference.load_state(warm.path)
 
         await policy.publish("rl-000", cfg.rebase_every)
-        before = await _greedy_answers(policy.sampler, cfg)
+        before = await _greedy_answers(policy.sampler, cfg, vocab)
         drill: ResumeDrill | None = None
         for step in range(cfg.rl_steps):
             extra: dict[str, Any] = {}
@@ -189,19 +193,26 @@ async def train(
                 extra = {"resumed_from": drill.checkpoint}
             sink({**await _rl_step(policy, reference, cfg, step), **extra})
         assert drill is not None  # rl_steps >= 2, so the drill ran
-        after = await _greedy_answers(policy.sampler, cfg)
+        after = await _greedy_answers(policy.sampler, cfg, vocab)
         outcome = TrainingOutcome(policy.sampler.model_path or "", drill, before, after)
     return outcome
 
 
-async def _check_vocabulary(client: AsyncFiretitanTrainingClient) -> None:
+async def _vocabulary(client: AsyncFiretitanTrainingClient) -> task.Vocabulary:
+    """The task in the tokenizer the trainer reports for the model (bytes if none)."""
     info = await client.get_info()
-    tokenizer = info.model_data.tokenizer_id
-    if tokenizer is not None and tokenizer != task.tokenizer().name:
+    name = info.model_data.tokenizer_id
+    if name is None or name == task.BYTES.name:
+        return task.BYTES
+    try:
+        # A thread: transformers reads files (or fetches a hub name it has not cached).
+        tokenizer = await asyncio.to_thread(load_tokenizer, name)
+        return task.Vocabulary(tokenizer)
+    except (ImportError, OSError, ValueError) as exc:
         raise DemoError(
-            f"the demo's task is written in the byte-level vocabulary "
-            f"({task.tokenizer().name}); {client.base_model!r} uses {tokenizer!r}"
-        )
+            f"{client.base_model!r} uses the tokenizer {name!r}, which could not be "
+            f"loaded here: {exc}"
+        ) from exc
 
 
 # ---------------------------------------------------------------------------- warm-up
@@ -217,7 +228,9 @@ def _sft_batches(cfg: DemoConfig) -> list[list[task.Example]]:
     return [stream[i * cfg.sft_batch : (i + 1) * cfg.sft_batch] for i in range(cfg.sft_steps)]
 
 
-async def _warm_up(client: AsyncFiretitanTrainingClient, cfg: DemoConfig, sink: StepSink) -> None:
+async def _warm_up(
+    client: AsyncFiretitanTrainingClient, cfg: DemoConfig, sink: StepSink, vocab: task.Vocabulary
+) -> None:
     adam = tinker.AdamParams(learning_rate=cfg.sft_learning_rate, beta1=0.9, beta2=0.95, eps=1e-8)
     in_flight: collections.deque[tuple[int, int, int, AsyncAPIFuture[Any], AsyncAPIFuture[Any]]]
     in_flight = collections.deque()
@@ -235,8 +248,8 @@ async def _warm_up(client: AsyncFiretitanTrainingClient, cfg: DemoConfig, sink: 
         last = now
 
     for step, batch in enumerate(_sft_batches(cfg)):
-        data = [task.sft_datum(e) for e in batch]
-        answer_tokens = sum(len(task.completion_ids(e.word)) for e in batch)
+        data = [vocab.sft_datum(e) for e in batch]
+        answer_tokens = sum(len(vocab.completion_ids(e.word)) for e in batch)
         all_tokens = sum(d.model_input.length for d in data)
         fb = client.forward_backward(data, "cross_entropy")
         opt = client.optim_step(adam, GradAccNormalization.NUM_LOSS_TOKENS)
@@ -252,7 +265,7 @@ async def _warm_up(client: AsyncFiretitanTrainingClient, cfg: DemoConfig, sink: 
 
 
 async def _rollouts(
-    sampler: AsyncSamplingClient, cfg: DemoConfig, step: int
+    sampler: AsyncSamplingClient, cfg: DemoConfig, step: int, vocab: task.Vocabulary
 ) -> list[list[_Rollout]]:
     """One group of ``group_size`` samples per digit, all requests in flight at once."""
 
@@ -262,7 +275,7 @@ async def _rollouts(
             temperature=1.0,  # the sampler's logprobs are then the policy's own
             seed=cfg.seed * 1_000_003 + step * len(task.DIGITS) + digit,
         )
-        prompt = tinker.ModelInput.from_ints(task.prompt_ids(digit))
+        prompt = tinker.ModelInput.from_ints(vocab.prompt_ids(digit))
         return sampler.sample(prompt, cfg.group_size, params)
 
     responses = await asyncio.gather(*(request(d) for d in task.DIGITS))
@@ -272,10 +285,11 @@ async def _rollouts(
         for seq in response.sequences:
             if seq.logprobs is None or len(seq.logprobs) != len(seq.tokens):
                 raise DemoError("the sampler did not return one logprob per sampled token")
-            text = task.completion_text(seq.tokens)
+            text = vocab.completion_text(seq.tokens)
             group.append(
                 _Rollout(
                     digit,
+                    vocab.prompt_ids(digit),
                     list(seq.tokens),
                     np.asarray(seq.logprobs, dtype=np.float32),
                     task.reward(digit, text),
@@ -285,17 +299,19 @@ async def _rollouts(
     return groups
 
 
-async def _greedy_answers(sampler: AsyncSamplingClient, cfg: DemoConfig) -> dict[str, str]:
+async def _greedy_answers(
+    sampler: AsyncSamplingClient, cfg: DemoConfig, vocab: task.Vocabulary
+) -> dict[str, str]:
     """The greedy (temperature 0) answer to every prompt, keyed by prompt text."""
     params = tinker.SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0)
     responses = await asyncio.gather(
         *(
-            sampler.sample(tinker.ModelInput.from_ints(task.prompt_ids(d)), 1, params)
+            sampler.sample(tinker.ModelInput.from_ints(vocab.prompt_ids(d)), 1, params)
             for d in task.DIGITS
         )
     )
     return {
-        task.prompt_text(d): task.completion_text(r.sequences[0].tokens)
+        task.prompt_text(d): vocab.completion_text(r.sequences[0].tokens)
         for d, r in zip(task.DIGITS, responses, strict=True)
     }
 
@@ -333,7 +349,7 @@ async def _rl_step(
     policy: _Policy, reference: AsyncFiretitanTrainingClient, cfg: DemoConfig, step: int
 ) -> dict[str, Any]:
     start = time.perf_counter()
-    groups = await _rollouts(policy.sampler, cfg, step)
+    groups = await _rollouts(policy.sampler, cfg, step, policy.vocab)
     sample_seconds = time.perf_counter() - start
     flat = [r for group in groups for r in group]
     tokens = sum(len(r.tokens) for r in flat)
@@ -399,7 +415,7 @@ async def _resume_drill(
     """Checkpoint, then continue from the checkpoint in a new session, as a restarted
     training script would; the old session is closed."""
     saved = await policy.client.save_state(f"rl-step-{step:03d}")
-    probe = [task.sft_datum(task.Example(d, task.WORDS[d])) for d in task.DIGITS]
+    probe = [policy.vocab.sft_datum(task.Example(d, task.WORDS[d])) for d in task.DIGITS]
     before = await policy.client.forward(probe, "cross_entropy")
 
     fresh = _Policy(_service(base_url, api_key))

@@ -8,15 +8,16 @@ format (a digit, ``=``, one number word, end of sequence) but not reliably which
 reinforcement learning against the verifier then teaches the right one. The rising
 reward is therefore learnt from the reward alone.
 
-Everything is in token ids of the byte-level vocabulary of the local trainer's stand-in
-models (`ByteTokenizer`): ids 0-255 are UTF-8 bytes, then BOS and EOS.
+Prompts and answers are text; a `Vocabulary` turns them into the token ids of the
+tokenizer the trainer's model uses (`BYTES` for the local trainer's stand-ins, whose ids
+0-255 are UTF-8 bytes, then BOS and EOS).
 """
 
 from __future__ import annotations
 
-import functools
 import random
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 import numpy as np
@@ -25,20 +26,17 @@ import tinker
 from firetitan.tokenizers import ByteTokenizer
 
 __all__ = [
+    "BYTES",
     "CORPUS_ACCURACY",
     "DIGITS",
     "WORDS",
     "Example",
-    "completion_ids",
-    "completion_text",
+    "Vocabulary",
     "count_right",
-    "prompt_ids",
     "prompt_text",
     "reward",
     "sft_corpus",
-    "sft_datum",
     "shifted",
-    "tokenizer",
 ]
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -47,12 +45,6 @@ DIGITS = tuple(range(len(WORDS)))
 #: real work (the warmed-up model samples the right word ~20% of the time), high enough
 #: that the right word is among its guesses, so sampled groups carry a signal.
 CORPUS_ACCURACY = 0.3
-
-
-@functools.cache
-def tokenizer() -> ByteTokenizer:
-    """The stand-ins' byte-level tokenizer."""
-    return ByteTokenizer()
 
 
 @attrs.frozen
@@ -68,19 +60,76 @@ def prompt_text(digit: int) -> str:
     return f"{digit}="
 
 
-def prompt_ids(digit: int) -> list[int]:
-    """BOS, then the prompt's bytes."""
-    return tokenizer().encode(prompt_text(digit), add_bos=True)
+class Vocabulary:
+    """The task in the token ids of one tokenizer: the one the trainer's model uses.
+
+    Prompts and answers are text, so any tokenizer with an end-of-sequence token will
+    do: `ByteTokenizer` (the stand-ins'), or a Hugging Face tokenizer.
+
+    Args:
+        tokenizer: A `ByteTokenizer` or a ``transformers`` tokenizer.
+
+    Raises:
+        ValueError: The tokenizer has no end-of-sequence token, which ends every answer
+            (and stops sampling).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is None:
+            raise ValueError(
+                f"the tokenizer {_name(tokenizer)!r} has no end-of-sequence token; the "
+                "demo's answers end with one"
+            )
+        bos = getattr(tokenizer, "bos_token_id", None)
+        self.tokenizer = tokenizer
+        self.name = _name(tokenizer)
+        self._eos = [int(eos)]
+        self._bos = [] if bos is None else [int(bos)]
+
+    def __repr__(self) -> str:
+        return f"Vocabulary({self.name!r})"
+
+    def _ids(self, text: str) -> list[int]:
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return self.tokenizer.encode(text)
+        return [int(i) for i in self.tokenizer.encode(text, add_special_tokens=False)]
+
+    def prompt_ids(self, digit: int) -> list[int]:
+        """BOS (where the tokenizer has one), then the prompt's tokens."""
+        return self._bos + self._ids(prompt_text(digit))
+
+    def completion_ids(self, word: str) -> list[int]:
+        """The answer's tokens, then EOS (where sampling stops)."""
+        return self._ids(word) + self._eos
+
+    def completion_text(self, tokens: Sequence[int]) -> str:
+        """The text of sampled tokens (special ids such as EOS dropped)."""
+        return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
+
+    def sft_datum(self, example: Example) -> tinker.Datum:
+        """A ``cross_entropy`` datum that trains on the answer and its EOS, not the
+        prompt."""
+        prompt = self.prompt_ids(example.digit)
+        completion = self.completion_ids(example.word)
+        model_input, targets = shifted(prompt + completion)
+        weights = np.zeros(len(targets), dtype=np.float32)
+        weights[len(prompt) - 1 :] = 1.0
+        return tinker.Datum(
+            model_input=model_input,
+            loss_fn_inputs={
+                "target_tokens": tinker.TensorData.from_numpy(targets),
+                "weights": tinker.TensorData.from_numpy(weights),
+            },
+        )
 
 
-def completion_ids(word: str) -> list[int]:
-    """The answer's bytes, then EOS (where sampling stops)."""
-    return tokenizer().encode(word, add_eos=True)
+def _name(tokenizer: Any) -> str:
+    return str(getattr(tokenizer, "name", None) or getattr(tokenizer, "name_or_path", "?"))
 
 
-def completion_text(tokens: Sequence[int]) -> str:
-    """The text of sampled tokens (special ids such as EOS dropped)."""
-    return tokenizer().decode(tokens)
+#: The task in the byte-level vocabulary of the local trainer's stand-in models.
+BYTES = Vocabulary(ByteTokenizer())
 
 
 def reward(digit: int, completion: str) -> float:
@@ -115,19 +164,3 @@ def shifted(tokens: Sequence[int]) -> tuple[tinker.ModelInput, np.ndarray]:
     """
     ids = np.asarray(tokens, dtype=np.int64)
     return tinker.ModelInput.from_ints(ids[:-1].tolist()), ids[1:]
-
-
-def sft_datum(example: Example) -> tinker.Datum:
-    """A ``cross_entropy`` datum that trains on the answer and its EOS, not the prompt."""
-    prompt = prompt_ids(example.digit)
-    completion = completion_ids(example.word)
-    model_input, targets = shifted(prompt + completion)
-    weights = np.zeros(len(targets), dtype=np.float32)
-    weights[len(prompt) - 1 :] = 1.0
-    return tinker.Datum(
-        model_input=model_input,
-        loss_fn_inputs={
-            "target_tokens": tinker.TensorData.from_numpy(targets),
-            "weights": tinker.TensorData.from_numpy(weights),
-        },
-    )

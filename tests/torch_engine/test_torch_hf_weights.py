@@ -107,7 +107,7 @@ def test_loads_a_saved_checkpoint(tmp_path: Path, tokenizer: bool) -> None:
     if tokenizer:
         assert engine.tokenizer.encode("hello world") == [3, 4]
         assert engine.tokenizer.eos_token_id == 2
-        assert engine.get_info("m")["model_data"]["tokenizer_id"] == "hf"
+        assert engine.get_info("m")["model_data"]["tokenizer_id"] == str(ckpt.resolve())
 
 
 def test_missing_or_unloadable_weights_are_refused(tmp_path: Path) -> None:

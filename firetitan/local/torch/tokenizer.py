@@ -68,11 +68,13 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 def load_hf_tokenizer(directory: Path) -> HFTokenizer | None:
     """Load the tokenizer stored next to Hugging Face weights, or None if there is none.
 
-    Only local files are read (``local_files_only``); nothing is downloaded.
+    Only local files are read (``local_files_only``); nothing is downloaded. Its name
+    (what ``get_info`` reports as ``tokenizer_id``) is the folder's absolute path, which
+    a client on this machine can load as it is (``firetitan.tokenizers.load_tokenizer``).
     """
     if not any((directory / f).is_file() for f in _TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 
     inner = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    return HFTokenizer(inner, directory.name)
+    return HFTokenizer(inner, str(directory.resolve()))
