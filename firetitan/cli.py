@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from firetitan.cli_logging import add_logging_arguments, configure_logging
 from firetitan.demo import command as demo_command
@@ -134,7 +135,7 @@ async def _serve(args: argparse.Namespace) -> int:
     generated = not api_key
     if generated:
         api_key = generate_api_key()
-    limits: dict[str, object] = {"access_log": args.access_log}
+    limits: dict[str, Any] = {"access_log": args.access_log}
     if args.max_request_bytes is not None:
         limits["max_request_bytes"] = args.max_request_bytes
     try:
