@@ -35,8 +35,8 @@ class DemoConfig:
         out_dir: Where ``metrics.jsonl``, ``curves.png`` and ``summary.json`` go.
         base_url: A remote trainer's URL; None starts the embedded local trainer.
         api_key: The remote trainer's key (None reads the usual environment variables).
-        base_model: The model to train. A remote model must use the byte-level
-            vocabulary of the local trainer's stand-ins (the task is written in it).
+        base_model: The model to train. The task is text, written in whatever
+            tokenizer the trainer reports for it (`task.Vocabulary`).
         seed: Seeds the corpus, the trainer and every sampling request.
         sft_steps: Supervised warm-up steps.
         sft_batch: Examples per warm-up step.

@@ -19,8 +19,6 @@ from firetitan.local import LocalTrainer
 
 from .helpers import BASE_MODEL, FAST_CLIENT, FAST_TRAINER
 
-pytest.importorskip("fireworks.training.sdk", reason="needs the test extra (fireworks-ai)")
-
 FLOW = Path(__file__).with_name("fireworks_parity_flow.py")
 TOKENS = [[1, 2, 3, 4], [5, 6, 7]]
 KEY = "tml-parity-test-key"

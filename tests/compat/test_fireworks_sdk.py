@@ -18,8 +18,6 @@ from firetitan.local import LocalTrainer
 
 from .sdk_child import run_flow
 
-pytest.importorskip("fireworks.training.sdk", reason="needs the test extra (fireworks-ai)")
-
 
 @pytest.fixture(scope="module")
 def run() -> Iterator[tuple[LocalTrainer, dict[str, Any]]]:

@@ -16,11 +16,9 @@ from typing import Any
 import pytest
 
 from firetitan.local import LocalTrainer
+from firetitan.tokenizers import ByteTokenizer
 
 from .sdk_child import run_flow
-
-pytest.importorskip("fireworks.training.sdk", reason="needs the test extra (fireworks-ai)")
-torch_engine = pytest.importorskip("firetitan.local.torch", reason="needs the local extra")
 
 BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 STEPS = 200
@@ -39,7 +37,7 @@ Run = tuple[LocalTrainer, dict[str, Any]]
 
 
 def _inputs() -> dict[str, Any]:
-    tok = torch_engine.ByteTokenizer()
+    tok = ByteTokenizer()
     return {
         "base_model": BASE_MODEL,
         "corpus": [tok.encode(text, add_bos=True, add_eos=True) for text in CORPUS],

@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 
 from firetitan.local import LocalTrainer
+from firetitan.tokenizers import ByteTokenizer
 
 from .sdk_child import run_flow
-
-torch_engine = pytest.importorskip("firetitan.local.torch", reason="needs the local extra")
 
 BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 # Prompt (weight 0) and completion (weight 1), as tinker-cookbook renders SFT examples.
@@ -34,7 +33,7 @@ Run = tuple[LocalTrainer, dict[str, Any]]
 
 
 def _inputs() -> dict[str, Any]:
-    tok = torch_engine.ByteTokenizer()
+    tok = ByteTokenizer()
     sft = []
     for prompt, completion in SFT_PAIRS:
         head, tail = tok.encode(prompt, add_bos=True), tok.encode(completion, add_eos=True)

@@ -25,8 +25,6 @@ from firetitan.local import LocalTrainer
 from .common import BASE_MODEL, QUICK_TRAINER, digest, export_weights, ordered_log, sft_steps
 from .conftest import Figures, Scale, scales
 
-pytest.importorskip("firetitan.local.torch", reason="needs the local extra (torch engine)")
-
 # Submissions time out after 0.8 s, so a "delay" fault (1.2 s) on a submission is a
 # timeout *after* the trainer received the request: the retry must be deduplicated.
 # Long-polls (held 1 s by the trainer) may take 5 s, so a delayed poll just arrives late.

@@ -58,8 +58,6 @@ from .hostile import (
     unsafe_names,
 )
 
-pytest.importorskip("firetitan.local.torch", reason="needs the local extra (torch engine)")
-
 LIMIT = 256 * 1024  # the fuzzed trainer's request size limit
 
 
