@@ -32,5 +32,12 @@ def test_quick_b1_writes_a_table(tmp_path: Path) -> None:
     rows = [line for line in text.splitlines() if line.startswith("| raw aiohttp floor |")]
     assert rows, text
     assert any(line.startswith("| firetitan async |") for line in text.splitlines())
-    assert "## Targets" in text and "B1 firetitan async × floor" in text
+    assert "## Targets" in text and "B1 firetitan async × raw aiohttp floor" in text
     assert "could not run" not in text  # both peers ran
+    # Stamped with the commit it measured and the machine; targets carry their spread.
+    assert "* commit measured: " in text and "* CPU: " in text
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert head in text
+    assert "| target | median | spread over rounds | goal | status |" in text
