@@ -41,3 +41,27 @@ def test_quick_b1_writes_a_table(tmp_path: Path) -> None:
     ).stdout.strip()
     assert head in text
     assert "| target | median | spread over rounds | goal | status |" in text
+
+
+def test_rl_step_profile_writes_its_section(tmp_path: Path) -> None:
+    report = tmp_path / "RESULTS.md"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks", "--quick", "--only", "RL",
+            "--output", str(report), "--log-dir", str(tmp_path / "logs"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = report.read_text(encoding="utf-8")
+    assert "could not run" not in text, text
+    assert "## RL step profile" in text
+    rows = {line.split(" | ")[0].lstrip("| ") for line in text.splitlines() if "|" in line}
+    for row in ("step wall time", "trainer process CPU (engine, sampler, HTTP)",
+                "client event-loop turns per step"):  # fmt: skip
+        assert row in rows, text
+    assert any(r.startswith("of which firetitan SDK") for r in rows), text
+    assert "| RL step: client CPU share of the step |" in text
