@@ -98,6 +98,7 @@ class Operations:
         """``create_model``: the model's first job (seq_id 0)."""
 
         def work() -> tuple[Result, ModelSpec]:
+            self._check_served(record.spec.base_model)
             self._engine.create_model(record.model_id, record.spec)
             payload = {"type": "create_model", "model_id": record.model_id}
             return success_result({**payload, **CREATE_MODEL_CAPABILITIES}), record.spec
@@ -336,6 +337,7 @@ class Operations:
                 directory, _manifest = self._resolve("sampler", model_path, "model_path")
                 source = SampleSource(export_dir=directory)
             elif base_model is not None:
+                self._check_served(base_model)
                 source = SampleSource(base_model=base_model)
             else:
                 raise UserError("one of model_path, base_model or sampling_session_id is required")
@@ -358,6 +360,19 @@ class Operations:
             return result
 
         return run
+
+    def _check_served(self, base_model: str) -> None:
+        """Refuse a base model the engine does not serve, naming those it does.
+
+        A stand-in of another model would train and sample without complaint, and
+        nothing it produced would mean anything for the model that was asked for.
+        """
+        served = [str(m["model_name"]) for m in self._engine.supported_models()]
+        if base_model not in served:
+            raise UserError(
+                f"base_model {base_model!r} is not served by this trainer; it serves "
+                + ", ".join(repr(name) for name in served)
+            )
 
     def sampler_base_model(self, sampling: SamplingSession) -> str:
         """The base model a sampling session samples from. Reads the export's manifest
