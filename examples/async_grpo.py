@@ -34,9 +34,8 @@ from collections.abc import AsyncIterator
 import numpy as np
 import tinker
 
-from firetitan import AsyncFiretitanServiceClient, GradAccNormalization
+from firetitan import AsyncFiretitanServiceClient, ByteTokenizer, GradAccNormalization
 from firetitan.local import LocalTrainer
-from firetitan.local.torch.tokenizer import ByteTokenizer
 
 BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 PROMPTS = ["a:", "b:", "c:", "d:"]

@@ -27,12 +27,12 @@ import numpy as np
 import tinker
 
 from firetitan import (
+    ByteTokenizer,
     FiretitanServiceClient,
     FiretitanTrainingClient,
     GradAccNormalization,
 )
 from firetitan.local import LocalTrainer
-from firetitan.local.torch.tokenizer import ByteTokenizer
 
 BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 CORPUS = [

@@ -25,9 +25,8 @@ import time
 import numpy as np
 import tinker
 
-from firetitan import APIFuture, FiretitanServiceClient, GradAccNormalization
+from firetitan import APIFuture, ByteTokenizer, FiretitanServiceClient, GradAccNormalization
 from firetitan.local import LocalTrainer
-from firetitan.local.torch.tokenizer import ByteTokenizer
 
 BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 TRAIN = ["one two three four five.", "two three four five six.", "three four five six seven."]
