@@ -604,10 +604,13 @@ class AsyncFiretitanTrainingClient:
         Args:
             name: The export's base name; the client appends its 8-hex `session_id`.
             ttl_seconds: Delete the export after this many seconds; None keeps it.
-            checkpoint_type: ``"base"`` (full weights), ``"delta"`` (difference to
-                the previous export) or ``"merged_base"``; case-insensitive. None
-                picks ``base`` for LoRA, and for full-parameter models ``base`` for
-                this client's first export and ``delta`` afterwards.
+            checkpoint_type: ``"base"`` (full weights), ``"delta"`` (the difference
+                to this model's previous export) or ``"merged_base"``; case-insensitive.
+                A ``delta`` requested as the model's first export (none to differ
+                from, e.g. right after a resume) is written with the full weights, and
+                its metadata says so. None picks ``base`` for LoRA, and for
+                full-parameter models ``base`` for this client's first export and
+                ``delta`` afterwards.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 

@@ -262,8 +262,12 @@ class Operations:
         """``save_weights_for_sampler``: a ``base`` or ``delta`` export under ``name``,
         answered with ``returned_path`` (the name in the session's path style).
 
-        ``delta`` is computed against this model's previous export; with none (or with
-        that export deleted) it falls back to ``base`` and records why in the manifest.
+        ``delta`` is the difference to this model's previous export on this trainer,
+        which the manifest names (``delta_of``). With none (the model's first export, as
+        after a resume, or that export deleted) there is nothing every reader holds to
+        apply a difference to, so the export holds the full weights instead: it loads to
+        exactly the current weights, and the manifest says ``checkpoint_type: base``,
+        ``requested_checkpoint_type: delta`` and why.
         """
         requested = (request.checkpoint_type or "base").lower()
 
@@ -279,10 +283,15 @@ class Operations:
             metadata: dict[str, Any] = {
                 "checkpoint_type": actual,
                 "requested_checkpoint_type": requested,
+                # The export this one is a difference to; None: it holds full weights.
+                "delta_of": previous.name if actual == "delta" and previous else None,
                 **_model_spec_metadata(record.spec),
             }
             if actual != requested:
-                metadata["fallback_reason"] = "no previous export of this model to diff against"
+                metadata["fallback_reason"] = (
+                    "no previous export of this model to diff against: written with the "
+                    "full weights, which load to exactly the current weights"
+                )
             if client_metadata is not None:
                 metadata["client_metadata"] = client_metadata
             # The store reads `metadata` when it commits, after the engine has written.
