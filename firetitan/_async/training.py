@@ -573,8 +573,11 @@ class AsyncFiretitanTrainingClient:
             self._exports_pending -= 1
             if future.state is FutureState.DONE:
                 self._exports_ok += 1
-                if kind != "merged_base":
+                if kind == "base" or (kind == "delta" and self._chain_head is not None):
                     self._chain[snapshot] = self._chain_head if kind == "delta" else None
+                # A delta on an export this client did not make stays out of the chain:
+                # what it applies to is unknown here.
+                if kind != "merged_base":
                     self._chain_head = snapshot
 
         future._on_finish(settle)
