@@ -277,10 +277,14 @@ class AsyncSamplingClient:
             ValueError: ``num_samples`` below 1.
             ClientClosedError: The client (or its service client) was closed.
         """
-        if not isinstance(sampling_params, tinker.SamplingParams):
-            raise TypeError("sampling_params must be a tinker.SamplingParams")
-        positive_int(num_samples, "num_samples")
-        positive_int(topk_prompt_logprobs, "topk_prompt_logprobs", zero=True)
+        self._check_sample(
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+            deadline=deadline,
+        )
         return self._submit(
             "sample",
             prompt,
@@ -291,6 +295,22 @@ class AsyncSamplingClient:
             deadline,
             _as_is,
         )
+
+    def _check_sample(
+        self,
+        prompt: tinker.ModelInput,
+        num_samples: int,
+        sampling_params: tinker.SamplingParams,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+        *,
+        deadline: float | None = None,
+    ) -> None:
+        self._check_compute_logprobs(prompt, deadline=deadline)
+        positive_int(num_samples, "num_samples")
+        positive_int(topk_prompt_logprobs, "topk_prompt_logprobs", zero=True)
+        if not isinstance(sampling_params, tinker.SamplingParams):
+            raise TypeError("sampling_params must be a tinker.SamplingParams")
 
     def compute_logprobs(
         self, prompt: tinker.ModelInput, *, deadline: float | None = None
@@ -309,10 +329,18 @@ class AsyncSamplingClient:
             TypeError: ``prompt`` is not a `tinker.ModelInput`.
             ClientClosedError: The client (or its service client) was closed.
         """
+        self._check_compute_logprobs(prompt, deadline=deadline)
         params = tinker.SamplingParams(max_tokens=1)
         return self._submit(
             "compute_logprobs", prompt, 1, params, True, 0, deadline, _prompt_logprobs
         )
+
+    def _check_compute_logprobs(
+        self, prompt: tinker.ModelInput, *, deadline: float | None = None
+    ) -> None:
+        if not isinstance(prompt, tinker.ModelInput):
+            raise TypeError("prompt must be a tinker.ModelInput")
+        resolve_deadline(deadline, self._config)
 
     def _submit(
         self,
@@ -326,8 +354,6 @@ class AsyncSamplingClient:
         transform: Callable[[tinker.SampleResponse], T],
     ) -> AsyncAPIFuture[T]:
         self._check_usable()
-        if not isinstance(prompt, tinker.ModelInput):
-            raise TypeError("prompt must be a tinker.ModelInput")
         future: AsyncAPIFuture[T] = AsyncAPIFuture(
             kind=kind, deadline=resolve_deadline(deadline, self._config)
         )
