@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="on CUDA, use deterministic algorithms process-wide (bit-identical reruns, slower)",
     )
     serve.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seeds the stand-in weights, the default LoRA initialisation and unseeded "
+        "sampling, as LocalTrainer's seed does (default: %(default)s)",
+    )
+    serve.add_argument(
         "--max-request-bytes",
         type=int,
         default=None,
@@ -151,6 +159,7 @@ async def _serve(args: argparse.Namespace) -> int:
             weights=args.weights,
             device=args.device,
             deterministic=args.deterministic,
+            seed=args.seed,
             **limits,
         )
     except (ImportError, ValueError) as exc:
