@@ -518,6 +518,7 @@ class Transport:
         data = await self.encode(body)
         request_headers = {**self._body_headers, "Accept": "text/event-stream", **(headers or {})}
         policy = self._config.retry
+        retries = _RetryLog("POST", path, time.monotonic(), policy.warn_after)
         first_failure: float | None = None
         attempt = 0
         while True:
@@ -545,7 +546,7 @@ class Transport:
                     limit.overloaded(delay)
                 if attempt >= policy.max_attempts or now - first_failure + delay > policy.deadline:
                     raise error from error.__cause__
-                self._log_retry_in("POST", path, attempt + 1, delay, failure)
+                retries.retrying(attempt + 1, delay, failure)
                 await asyncio.sleep(delay)
 
     async def _stream_once(
