@@ -50,9 +50,18 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def reliability(session: nox.Session) -> None:
-    """The long reliability suite: faults, crashes, fuzzing, load."""
+    """The long reliability suite: faults, crashes, fuzzing, load; writes its figures to
+    tests/reliability/RESULTS.md, stamped with the commit and the machine."""
     _install(session, "local,test")
-    session.run("python", "-m", "pytest", "-m", "reliability", *session.posargs)
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-m",
+        "reliability",
+        *session.posargs,
+        env={"FIRETITAN_RELIABILITY_RESULTS": "tests/reliability/RESULTS.md"},
+    )
 
 
 @nox.session(python="3.11")

@@ -229,9 +229,9 @@ def machine_details() -> dict[str, str]:
     }
 
 
-def commit_measured(root: Path) -> str:
+def commit_measured(root: Path, report: str = "benchmarks/RESULTS.md") -> str:
     """The commit the figures measure: ``git rev-parse HEAD``, and whether the working
-    tree differs from it (files other than the report itself)."""
+    tree differs from it (files other than ``report``, the report itself)."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -243,7 +243,7 @@ def commit_measured(root: Path) -> str:
         changed = [
             line[3:]
             for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
-            if not line[3:].endswith("benchmarks/RESULTS.md")
+            if not line[3:].endswith(report)
         ]
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"

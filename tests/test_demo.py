@@ -81,18 +81,34 @@ def test_quick_demo_against_a_remote_trainer(tmp_path: Path) -> None:
     _check_outputs(tmp_path, cfg)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_full_demo_learns(tmp_path: Path) -> None:
-    # The issue's bar: the last five RL steps' mean reward beats the first five's by
-    # 0.3, or doubles it. The run is seeded, so this is a fixed outcome, not a flake.
-    cfg = DemoConfig(out_dir=tmp_path, progress=False)
-    result = run_demo(cfg, out=io.StringIO())
-    _check_outputs(tmp_path, cfg)
-    assert (
+def _learned(result: Any) -> bool:
+    """The issue's bar: the last five RL steps' mean reward beats the first five's by
+    0.3, or doubles it."""
+    return bool(
         result.reward_last >= result.reward_first + 0.3
         or result.reward_last >= 2 * result.reward_first
     )
+
+
+@pytest.mark.timeout(900)
+def test_the_reward_rises_in_a_short_run_on_the_torch_engine(tmp_path: Path) -> None:
+    """CI's check of the demo's headline claim: the full warm-up and 20 RL steps instead
+    of 50. Seeded, so the outcome is fixed on a given machine; on this project's it
+    clears the bar widely (mean reward 0.21 over the first five steps, 0.65 over the
+    last five)."""
+    cfg = DemoConfig(out_dir=tmp_path, progress=False, rl_steps=20)
+    result = run_demo(cfg, out=io.StringIO())
+    assert _learned(result), (result.reward_first, result.reward_last)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_full_demo_learns(tmp_path: Path) -> None:
+    # The run is seeded, so this is a fixed outcome, not a flake.
+    cfg = DemoConfig(out_dir=tmp_path, progress=False)
+    result = run_demo(cfg, out=io.StringIO())
+    _check_outputs(tmp_path, cfg)
+    assert _learned(result)
     assert task.count_right(result.answers_after) > task.count_right(result.answers_before)
 
 

@@ -6,13 +6,17 @@
 * The `figures` fixture records what a test measured (faults injected, requests checked,
   fuzz cases, latency, memory). Each record is printed as one line with ``-s`` and all
   of them are listed in a "reliability figures" section of the terminal summary;
-  ``FIRETITAN_RELIABILITY_FIGURES=<path>`` also writes them to a JSON file.
+  ``FIRETITAN_RELIABILITY_FIGURES=<path>`` also writes them to a JSON file, and
+  ``FIRETITAN_RELIABILITY_RESULTS=<path>`` to a Markdown report stamped with the commit
+  measured and the machine (``nox -s reliability`` writes `RESULTS.md` beside this file).
+  Every record names the engine its trainer ran (``torch`` or ``null``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +61,12 @@ class Figures:
         self._test = test
         self._sink = sink
 
-    def record(self, topic: str, **values: Any) -> None:
-        """Record (and print) one line of figures under ``topic``."""
-        entry = {"test": self._test, "topic": topic, **values}
+    def record(self, topic: str, *, engine: str, **values: Any) -> None:
+        """Record (and print) one line of figures under ``topic``, measured on a trainer
+        running ``engine``."""
+        entry = {"test": self._test, "topic": topic, "engine": engine, **values}
         self._sink.append(entry)
-        print(f"[figures] {topic}: {_format(values)}")
+        print(f"[figures] {topic} ({engine} engine): {_format(values)}")
 
 
 def _format(values: dict[str, Any]) -> str:
@@ -87,8 +92,50 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         return
     terminalreporter.section("reliability figures")
     for row in rows:
-        values = {k: v for k, v in row.items() if k not in ("test", "topic")}
-        terminalreporter.write_line(f"{row['topic']} [{row['test']}]: {_format(values)}")
+        terminalreporter.write_line(
+            f"{row['topic']} [{row['test']}, {row['engine']} engine]: {_format(_values(row))}"
+        )
     target = os.environ.get("FIRETITAN_RELIABILITY_FIGURES")
     if target:
         Path(target).write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    report = os.environ.get("FIRETITAN_RELIABILITY_RESULTS")
+    if report:
+        Path(report).write_text(_markdown(rows, Path(report), exitstatus), encoding="utf-8")
+
+
+def _values(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in ("test", "topic", "engine")}
+
+
+def _markdown(rows: list[dict[str, Any]], report: Path, exitstatus: int) -> str:
+    """The figures as a Markdown report, stamped with what they measured."""
+    from benchmarks._report import commit_measured, machine_details
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        name = report.resolve().relative_to(root).as_posix()
+    except ValueError:
+        name = report.name
+    stamp = {
+        "commit measured": commit_measured(root, report=name),
+        "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "outcome": "all tests passed" if exitstatus == 0 else f"pytest exit status {exitstatus}",
+        **machine_details(),
+    }
+    lines = [
+        "# Reliability figures",
+        "",
+        "Written by `nox -s reliability` (the long forms of `tests/reliability/`); do not "
+        "edit by hand. Each line is one test's figures, on a trainer running the engine "
+        "named: `torch` trains the tiny stand-in model on the CPU, `null` serves the "
+        "protocol with no model compute.",
+        "",
+        *(f"- {key}: {value}" for key, value in stamp.items()),
+        "",
+        "| figures | test | engine | values |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        values = _format(_values(row)).replace("|", "\\|")
+        lines.append(f"| {row['topic']} | `{row['test']}` | {row['engine']} | {values} |")
+    return "\n".join(lines) + "\n"

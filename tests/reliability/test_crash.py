@@ -149,6 +149,7 @@ async def test_killed_mid_run_then_resumed_is_bit_identical(
     assert weights == expected, "resumed run differs from the uninterrupted run"
     figures.record(
         f"crash (stopped mid-run, resumed, {scale.name})",
+        engine="torch",
         **record,
         weights_sha256=digest(weights),
         bit_identical=True,
@@ -332,6 +333,7 @@ async def test_kill_inside_a_checkpoint_write_never_lists_a_partial_checkpoint(
                 np.testing.assert_array_equal(a, b)
     figures.record(
         f"crash (kill inside checkpoint writes, {scale.name})",
+        engine="null",
         kills=kills,
         partial_checkpoints_listed=0,
         committed_checkpoints_lost=0,

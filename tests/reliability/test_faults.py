@@ -172,6 +172,7 @@ async def test_sft_through_faults_is_bit_identical_and_exactly_once(
 
     figures.record(
         f"faults ({scale.name})",
+        engine="torch",
         runs=len(scale.runs),
         steps_per_run=scale.steps,
         rates=sorted({rate for rate, _ in scale.runs}),

@@ -112,6 +112,7 @@ async def test_sigterm_flushes_the_running_write_and_fails_queued_work_clearly(
             assert await child.wait() == 0
     figures.record(
         f"graceful stop (SIGTERM, {scale.name})",
+        engine="null",
         stops=scale.rounds,
         running_writes_flushed=scale.rounds,
         queued_requests_failed_cleanly=sum(
@@ -162,6 +163,7 @@ async def test_a_dead_trainer_fails_every_pending_future_promptly(
     assert fast >= len(outcomes) - 3 * polls, (fast, len(outcomes))
     figures.record(
         f"dead trainer (SIGKILL, {scale.name})",
+        engine="null",
         pending_futures=len(outcomes),
         failed_with_connection_error=len(outcomes),
         failed_without_retrying=fast,

@@ -278,6 +278,7 @@ def test_every_endpoint_refuses_hostile_bodies(
     endpoints = {key.split(":")[0] for key in fields}
     figures.record(
         f"fuzz: endpoint bodies ({scale.name})",
+        engine="torch",
         cases=sum(fields.values()) + sum(structural.values()),
         field_cases=sum(fields.values()),
         structural_cases=sum(structural.values()),
@@ -618,6 +619,7 @@ def test_client_refuses_hostile_arguments_with_typed_errors(
         assert sum(tally.values()) == count
     figures.record(
         f"fuzz: client arguments ({scale.name})",
+        engine="torch",
         cases=count,
         raised_at_call=sum(n for k, n in tally.items() if "raised" in k),
         failed_through_future=sum(n for k, n in tally.items() if "future" in k),

@@ -1,9 +1,11 @@
 """Load: 32 concurrent clients, each keeping 8 futures in flight, against one trainer.
 
-The trainer is a ``firetitan serve`` child process (null engine: the protocol, queues and
-futures are what is loaded, not a model), so that its memory is measured apart from the
-clients'. Every call must succeed; the figures are throughput, p50/p99 latency from call
-to resolved future, and resident memory of the trainer and of the client process over
+The trainer is a ``firetitan serve`` child process, so that its memory is measured apart
+from the clients'. It runs once on the null engine (the protocol, queues and futures are
+what is loaded, not a model) and once on the torch engine (the tiny stand-in, trained on
+the CPU: every call does real compute, one at a time). Each client trains a LoRA model.
+Every call must succeed; the figures are throughput, p50/p99 latency from call to
+resolved future, and resident memory of the trainer and of the client process over
 time, which must stay flat once warmed up.
 """
 
@@ -93,15 +95,19 @@ def _flat(series: list[float]) -> tuple[float, float]:
     return warm, end
 
 
+ENGINE_ARGS = {"null": ("--engine", "null"), "torch": ("--engine", "torch", "--device", "cpu")}
+
+
 @pytest.mark.asyncio
 @pytest.mark.skipif(not HAS_PROC, reason="reads process memory from /proc (Linux)")
+@pytest.mark.parametrize("engine", sorted(ENGINE_ARGS))
 @pytest.mark.parametrize(
     "scale", scales(short={"seconds": 4.0}, long={"seconds": 30.0}, long_timeout=300)
 )
 async def test_32_clients_with_8_futures_in_flight(
-    scale: Scale, tmp_path: Path, figures: Figures
+    scale: Scale, engine: str, tmp_path: Path, figures: Figures
 ) -> None:
-    args = ("--engine", "null", "--api-key", KEY, "--checkpoint-dir", str(tmp_path))
+    args = (*ENGINE_ARGS[engine], "--api-key", KEY, "--checkpoint-dir", str(tmp_path))
     async with serve(*args) as child, contextlib.AsyncExitStack() as stack:
         services = [
             await stack.enter_async_context(
@@ -111,7 +117,9 @@ async def test_32_clients_with_8_futures_in_flight(
             )
             for _ in range(CLIENTS)
         ]
-        tcs = await asyncio.gather(*(s.create_training_client(BASE_MODEL) for s in services))
+        tcs = await asyncio.gather(
+            *(s.create_lora_training_client(BASE_MODEL, rank=8) for s in services)
+        )
         workers = [Worker(tc) for tc in tcs]
         samples: list[tuple[float, float, float]] = []
         sampler = asyncio.ensure_future(sample_memory(child.pid, samples))
@@ -138,6 +146,7 @@ async def test_32_clients_with_8_futures_in_flight(
     assert client_end <= client_warm * 1.15 + 16, (client_warm, client_end)
     figures.record(
         f"load ({scale.name})",
+        engine=engine,
         clients=CLIENTS,
         in_flight_per_client=IN_FLIGHT,
         seconds=round(elapsed, 1),

@@ -149,6 +149,7 @@ async def test_every_route_refuses_a_missing_or_wrong_key(
     assert len(checks) >= with_header + len(routes)
     figures.record(
         "security: authentication",
+        engine="null",
         routes=len(routes),
         refused_401=refused,
         constant_time_compares=len(checks),
@@ -307,6 +308,7 @@ def test_unsafe_checkpoint_names_never_touch_the_file_system(
             api.close()
     figures.record(
         f"security: unsafe names at the trainer ({scale.name})",
+        engine="null",
         names=scale.cases,
         attempts=sum(tally.values()),
         fields=len(tally),
@@ -366,6 +368,7 @@ async def test_the_client_refuses_unsafe_names_before_sending(
             await service.create_sampling_client(model_path="../x")
     figures.record(
         f"security: unsafe names at the client ({scale.name})",
+        engine="null",
         names=scale.cases,
         refused_before_sending=refused,
         requests_sent=0,
@@ -410,7 +413,10 @@ async def test_the_request_size_limit_holds_on_every_route(figures: Figures) -> 
         async with http.get(trainer.base_url + "/api/v1/healthz", headers=headers) as r:
             assert r.status == 200
     figures.record(
-        "security: request size limit", post_routes=len(posts), oversize_refused=2 * len(posts)
+        "security: request size limit",
+        engine="null",
+        post_routes=len(posts),
+        oversize_refused=2 * len(posts),
     )
 
 
@@ -510,6 +516,7 @@ async def test_the_key_appears_in_no_log_repr_exception_or_pickle(
         assert WRONG_KEY not in text
     figures.record(
         "security: key never shown",
+        engine="null",
         texts_checked=len(texts),
         log_records=len(caplog.records),
         faults_injected=injected,
@@ -613,7 +620,7 @@ async def test_the_client_verifies_tls_by_default(tmp_path: Path, figures: Figur
     finally:
         server.close()
         await server.wait_closed()
-    figures.record("security: TLS", untrusted_certificate_refused=True, attempts=1)
+    figures.record("security: TLS", engine="null", untrusted_certificate_refused=True, attempts=1)
 
 
 @pytest.mark.asyncio
@@ -650,7 +657,7 @@ async def test_redirects_are_not_followed(figures: Figures) -> None:
         await redirecting.cleanup()
         await other.cleanup()
     assert seen == [], "a request (and the key) went to the redirect target"
-    figures.record("security: redirects", followed=0)
+    figures.record("security: redirects", engine="null", followed=0)
 
 
 # --------------------------------------------------------------------------- binding
@@ -713,4 +720,6 @@ def test_firetitan_serve_binds_loopback_unless_told_and_warns_when_told(
     # The in-process trainer binds loopback too.
     with LocalTrainer("null") as trainer:
         assert trainer.host == "127.0.0.1" and trainer.base_url.startswith("http://127.0.0.1:")
-    figures.record("security: binding", default_listen="127.0.0.1 only", warns_otherwise=True)
+    figures.record(
+        "security: binding", engine="null", default_listen="127.0.0.1 only", warns_otherwise=True
+    )
