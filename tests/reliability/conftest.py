@@ -100,14 +100,16 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         Path(target).write_text(json.dumps(rows, indent=1, default=str) + "\n")
     report = os.environ.get("FIRETITAN_RELIABILITY_RESULTS")
     if report:
-        Path(report).write_text(_markdown(rows, Path(report), exitstatus), encoding="utf-8")
+        args = " ".join(config.invocation_params.args)
+        markdown = _markdown(rows, Path(report), f"pytest {args}", exitstatus)
+        Path(report).write_text(markdown, encoding="utf-8")
 
 
 def _values(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in ("test", "topic", "engine")}
 
 
-def _markdown(rows: list[dict[str, Any]], report: Path, exitstatus: int) -> str:
+def _markdown(rows: list[dict[str, Any]], report: Path, command: str, exitstatus: int) -> str:
     """The figures as a Markdown report, stamped with what they measured."""
     from benchmarks._report import commit_measured, machine_details
 
@@ -119,6 +121,7 @@ def _markdown(rows: list[dict[str, Any]], report: Path, exitstatus: int) -> str:
     stamp = {
         "commit measured": commit_measured(root, report=name),
         "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": f"`{command}`",
         "outcome": "all tests passed" if exitstatus == 0 else f"pytest exit status {exitstatus}",
         **machine_details(),
     }
