@@ -236,7 +236,7 @@ def commit_measured(root: Path, report: str = "benchmarks/RESULTS.md") -> str:
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", "-C", str(root), *args], capture_output=True, text=True, check=True, timeout=30
-        ).stdout.strip()
+        ).stdout.rstrip()  # not strip(): porcelain lines start with a status column
 
     try:
         head = git("rev-parse", "HEAD")
