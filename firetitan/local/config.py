@@ -11,6 +11,8 @@ from typing import Any
 
 import attrs
 
+from firetitan.local.connections import ConnectionLimits
+
 __all__ = ["ServerConfig"]
 
 MiB = 1024 * 1024
@@ -50,6 +52,12 @@ class ServerConfig:
             log keeps; the oldest are dropped first, so a trainer that runs for days
             stays flat in memory. The file at ``execution_log_path`` keeps them all.
         debug_endpoints: Serve ``GET /api/v1/debug/execution_log`` (authenticated).
+        head_timeout_seconds: Time a connection has to deliver a complete request head;
+            then it gets 408 and is closed.
+        body_timeout_seconds: Time a request body has to arrive after its head; then the
+            request gets 408 and its connection is closed.
+        max_connections: Open connections at most; a new one beyond gets 503 and is
+            closed at once, so a flood of idle sockets cannot exhaust descriptors.
     """
 
     max_request_bytes: int = attrs.field(default=64 * MiB, validator=_positive)
@@ -67,6 +75,17 @@ class ServerConfig:
     )
     max_execution_log_entries: int = attrs.field(default=100_000, validator=_positive)
     debug_endpoints: bool = False
+    head_timeout_seconds: float = attrs.field(default=15.0, validator=_positive)
+    body_timeout_seconds: float = attrs.field(default=120.0, validator=_positive)
+    max_connections: int = attrs.field(default=512, validator=_positive)
+
+    @property
+    def connection_limits(self) -> ConnectionLimits:
+        return ConnectionLimits(
+            head_timeout_seconds=self.head_timeout_seconds,
+            body_timeout_seconds=self.body_timeout_seconds,
+            max_connections=self.max_connections,
+        )
 
     @classmethod
     def field_names(cls) -> frozenset[str]:

@@ -43,6 +43,7 @@ from firetitan._names import parse_checkpoint_path, validate_name
 from firetitan.local import dialect, tinker_compat, tinker_wire
 from firetitan.local.checkpoints import CheckpointStore, Kind
 from firetitan.local.config import ServerConfig
+from firetitan.local.connections import BodyTimeoutError, ConnectionGuard
 from firetitan.local.engine import Engine, ModelSpec, UserError
 from firetitan.local.executor import (
     Encoding,
@@ -187,6 +188,7 @@ class TrainerServer:
         self._engine_factory = engine_factory
         self._key = api_key.encode("utf-8")
         self._executor = Executor(self.config)
+        self._guard = ConnectionGuard(self.config.connection_limits, log)
         self._registry = Registry()
         self._engine: Engine | None = None
         self._ops: Operations | None = None
@@ -230,10 +232,10 @@ class TrainerServer:
                 # Bodies are decompressed by `_read`, under the size limit and with zstd
                 # (which aiohttp would refuse with a plain-text 400).
                 auto_decompress=False,
+                **self._guard.runner_options(),
             )
             await self._runner.setup()
-            site = web.TCPSite(self._runner, host, port)
-            await site.start()
+            await self._guard.site(self._runner, host, port).start()
         except BaseException:
             await self.close()
             raise
@@ -306,6 +308,7 @@ class TrainerServer:
             middlewares=[self._errors_middleware, self._auth_middleware],
             client_max_size=self.config.max_request_bytes,
         )
+        self._guard.install(app)
         app.on_shutdown.append(self._on_shutdown)
         p = API_PREFIX
         routes = [
@@ -349,6 +352,8 @@ class TrainerServer:
             return _error_response(_bad_request(exc))
         except web.HTTPRequestEntityTooLarge:
             return _error_response(self._too_large())
+        except BodyTimeoutError as exc:
+            return _error_response(Problem(408, str(exc), "RequestTimeoutError"))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
