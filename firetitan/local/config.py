@@ -58,6 +58,10 @@ class ServerConfig:
             request gets 408 and its connection is closed.
         max_connections: Open connections at most; a new one beyond gets 503 and is
             closed at once, so a flood of idle sockets cannot exhaust descriptors.
+        max_seq_id_lead: How far ahead of a model's next expected ``seq_id`` a request
+            may be; further is refused (422). A client is only ahead by the requests it
+            has in flight, so this is sized like ``max_pending_requests``; without a
+            bound one stray request far ahead makes every later one "arrive late".
     """
 
     max_request_bytes: int = attrs.field(default=64 * MiB, validator=_positive)
@@ -78,6 +82,7 @@ class ServerConfig:
     head_timeout_seconds: float = attrs.field(default=15.0, validator=_positive)
     body_timeout_seconds: float = attrs.field(default=120.0, validator=_positive)
     max_connections: int = attrs.field(default=512, validator=_positive)
+    max_seq_id_lead: int = attrs.field(default=100_000, validator=_positive)
 
     @property
     def connection_limits(self) -> ConnectionLimits:

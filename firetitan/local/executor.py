@@ -56,6 +56,7 @@ __all__ = [
     "RequestExpiredError",
     "Result",
     "Run",
+    "SequenceLeadError",
     "UnknownModelError",
     "UnknownRequestError",
     "failure_result",
@@ -87,6 +88,10 @@ class RequestExpiredError(LookupError):
 
 class UnknownModelError(LookupError):
     """The model does not exist, or it was unloaded (404)."""
+
+
+class SequenceLeadError(ValueError):
+    """A ``seq_id`` implausibly far ahead of the model's next expected one (422)."""
 
 
 class OverloadedError(RuntimeError):
@@ -324,6 +329,8 @@ class Executor:
 
         Raises:
             UnknownModelError: The model has no queue (never created, or unloaded).
+            SequenceLeadError: ``seq_id`` is more than ``max_seq_id_lead`` ahead of the
+                next expected one.
             OverloadedError: Too many requests are pending.
             ExecutorClosedError: The trainer is shutting down.
         """
@@ -343,6 +350,12 @@ class Executor:
             )
             self._finish(job, failure_result(message, "user", "SequenceError"))
             return job.request_id
+        lead = self._config.max_seq_id_lead
+        if seq_id - queue.next_seq > lead:
+            raise SequenceLeadError(
+                f"seq_id {seq_id} is more than {lead} ahead of the next expected seq_id "
+                f"{queue.next_seq} of model {model_id!r} (the limit max_seq_id_lead)"
+            )
         job = self._new_job(kind, model_id, seq_id, run)
         job.keys.append(key)
         queue.holes.discard(seq_id)

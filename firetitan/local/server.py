@@ -54,6 +54,7 @@ from firetitan.local.executor import (
     RequestExpiredError,
     Result,
     Run,
+    SequenceLeadError,
     UnknownRequestError,
 )
 from firetitan.local.operations import Operations
@@ -363,6 +364,8 @@ class TrainerServer:
             return _error_response(Problem(503, str(exc), "ServiceUnavailable", retry_after=1))
         except OverloadedError as exc:
             return _error_response(Problem(429, str(exc), "RateLimitError", retry_after=1))
+        except SequenceLeadError as exc:
+            return _error_response(_unprocessable(f"seq_id: {exc}"))
         except Exception as exc:
             # Headers (and so the key) are never logged; the traceback stays server-side.
             log.debug("error handling %s %s", request.method, request.path, exc_info=True)
@@ -470,11 +473,26 @@ class TrainerServer:
         if not self._registry.touch(session_id, self._now()):
             raise _not_found(f"session_id: unknown session {session_id!r}")
 
+    def _check_owner(self, request: web.Request, model_id: str) -> None:
+        """Refuse a request for a model of another session (403), when the sender says
+        which session it is (``X-Firetitan-Session-Id``, sent by firetitan's client;
+        tinker and the Fireworks SDK name no session, so their requests pass)."""
+        sender = request.headers.get(_wire.SESSION_HEADER)
+        record = self._registry.models.get(model_id)
+        if sender is None or record is None or sender == record.session_id:
+            return
+        raise Problem(
+            403,
+            f"model_id: model {model_id!r} belongs to another session than {sender!r}",
+            "PermissionDeniedError",
+        )
+
     # ------------------------------------------------------------------ ordered requests
 
     async def _ordered(
         self,
         endpoint: str,
+        request: web.Request,
         address: tuple[str, int] | None,
         decode: Callable[[], Awaitable[Any]],
         build: Callable[[Any, ModelRecord], Run],
@@ -483,18 +501,21 @@ class TrainerServer:
 
         Args:
             endpoint: The endpoint, for the execution log.
+            request: The HTTP request (for the sender's session).
             address: ``(model_id, seq_id)`` if the body has them (see `_address`).
             decode: Decodes the body (raising `WireError`).
             build: ``build(decoded, record)`` validates what the codec cannot and
                 returns the request's work; it raises `Problem` to refuse the request.
         """
         if address is not None:
+            self._check_owner(request, address[0])
             known = self._executor.lookup_seq(*address)
             if known is not None:  # a retry (whatever its body): same id, runs once
                 return _ack(known, address[0])
         try:
             decoded = await decode()
             record = self._model(decoded.model_id)
+            self._check_owner(request, record.model_id)
             if decoded.seq_id < 1:
                 raise _unprocessable(f"seq_id must be >= 1, got {decoded.seq_id}")
             run = build(decoded, record)
@@ -517,7 +538,7 @@ class TrainerServer:
     ) -> web.Response:
         raw, obj = await self._object(request)
         decode = functools.partial(self._decode, endpoint, raw, obj)
-        return await self._ordered(endpoint, _address(obj), decode, build)
+        return await self._ordered(endpoint, request, _address(obj), decode, build)
 
     async def _forward(self, endpoint: str, request: web.Request) -> web.Response:
         if dialect.body_is_protobuf(request.headers):
@@ -535,19 +556,24 @@ class TrainerServer:
         try:
             decoded: _wire.ForwardRequest = await self._off_loop(len(raw), decode, raw)
         except tinker_wire.InvalidForwardData as exc:
-            return self._fail_in_turn(exc)
+            return self._fail_in_turn(request, exc)
         if endpoint == "forward" and not decoded.forward_only:
             decoded = attrs.evolve(decoded, forward_only=True)
         address = (decoded.model_id, decoded.seq_id)
         decoded_already = functools.partial(_ready, decoded)
-        return await self._ordered(endpoint, address, decoded_already, self._forward_work)
+        return await self._ordered(
+            endpoint, request, address, decoded_already, self._forward_work
+        )
 
     def _forward_work(self, req: _wire.ForwardRequest, record: ModelRecord) -> Run:
         return self._operations.forward(req, self._likely_encoding(record.session_id))
 
-    def _fail_in_turn(self, exc: tinker_wire.InvalidForwardData) -> web.Response:
+    def _fail_in_turn(
+        self, request: web.Request, exc: tinker_wire.InvalidForwardData
+    ) -> web.Response:
         """Accept a forward call whose data is invalid and fail it in its turn: its
         future fails (category ``user``) and the model's later requests still run."""
+        self._check_owner(request, exc.model_id)
         known = self._executor.lookup_seq(exc.model_id, exc.seq_id)
         if known is not None:
             return _ack(known, exc.model_id)
@@ -586,7 +612,7 @@ class TrainerServer:
             return self._operations.load_weights(req, self._store_path(req.path, "state", "path"))
 
         decode = functools.partial(self._decode, "load_weights", raw, obj)
-        return await self._ordered("load_weights", _address(obj), decode, build)
+        return await self._ordered("load_weights", request, _address(obj), decode, build)
 
     async def _save_for_sampler(self, request: web.Request) -> web.Response:
         def build(req: _wire.SaveWeightsForSamplerRequest, record: ModelRecord) -> Run:
@@ -662,6 +688,7 @@ class TrainerServer:
     async def _get_info(self, request: web.Request) -> web.Response:
         _raw, obj = await self._object(request)
         record = self._model(_field(obj, "model_id", str))
+        self._check_owner(request, record.model_id)
         if record.state == "failed":
             raise _unprocessable(
                 f"model {record.model_id!r} could not be created: {record.failure}"
@@ -671,6 +698,7 @@ class TrainerServer:
     async def _unload_model(self, request: web.Request) -> web.Response:
         _raw, obj = await self._object(request)
         model_id = _field(obj, "model_id", str)
+        self._check_owner(request, model_id)
         keys = self._idempotency_keys(request, "unload_model")
         # A retry may arrive after the unload finished and the model is gone.
         known = next((k for k in map(self._executor.lookup, keys) if k is not None), None)
