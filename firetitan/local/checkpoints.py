@@ -208,25 +208,56 @@ class CheckpointStore:
                 names.append(child.name)
         return sorted(names, key=_natural_key)
 
-    def sweep(self) -> list[str]:
-        """Delete this job's expired checkpoints; return their names."""
-        removed = []
+    def dependents(self, name: str) -> list[str]:
+        """Names of this job's unexpired sampler exports that are deltas on the sampler
+        export ``name`` (recorded as ``delta_of`` in their manifests)."""
         now = time.time()
-        for kind in ("state", "sampler"):
-            base = self._job_dir / kind
-            if not base.is_dir():
+        return sorted(
+            m.name
+            for m in self._manifests("sampler")
+            if m.metadata.get("delta_of") == name and not m.expired(now)
+        )
+
+    def sweep(self) -> list[str]:
+        """Delete this job's expired checkpoints; return their names.
+
+        An expired sampler export that an unexpired one builds on (through a chain of
+        ``delta_of`` links) is kept until nothing live needs it: deleting it would break
+        every export diffed against it.
+        """
+        now = time.time()
+        sampler = {m.name: m for m in self._manifests("sampler")}
+        needed: set[str] = set()
+        for manifest in sampler.values():
+            if manifest.expired(now):
                 continue
-            for child in base.iterdir():
-                try:
-                    raw = json.loads((child / MANIFEST_NAME).read_text())
-                except (OSError, ValueError):
-                    continue
-                expires = raw.get("expires_at")
-                if isinstance(expires, int | float) and now >= expires:
+            link = manifest.metadata.get("delta_of")
+            while isinstance(link, str) and link not in needed and link in sampler:
+                needed.add(link)
+                link = sampler[link].metadata.get("delta_of")
+        removed = []
+        for kind in ("state", "sampler"):
+            for manifest in self._manifests(kind):
+                if manifest.expired(now) and not (kind == "sampler" and manifest.name in needed):
                     with self._lock:
-                        shutil.rmtree(child, ignore_errors=True)
-                    removed.append(child.name)
+                        shutil.rmtree(self._dir(kind, manifest.name), ignore_errors=True)
+                    removed.append(manifest.name)
         return removed
+
+    def _manifests(self, kind: Kind) -> list[Manifest]:
+        """The manifests of this job's committed checkpoints of ``kind``, expired or not."""
+        base = self._job_dir / kind
+        if not base.is_dir():
+            return []
+        found = []
+        for child in base.iterdir():
+            try:
+                manifest = Manifest(**json.loads((child / MANIFEST_NAME).read_text()))
+            except (OSError, ValueError, TypeError):
+                continue
+            if manifest.name == child.name:
+                found.append(manifest)
+        return found
 
 
 def _valid(child: Path) -> bool:

@@ -37,8 +37,10 @@ import collections
 import concurrent.futures
 import json
 import logging
+import os
 import secrets
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
 
 import attrs
@@ -220,8 +222,11 @@ class Executor:
     event loop that runs the server.
     """
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, private_root: Path | None = None) -> None:
         self._config = config
+        # Failure messages name checkpoints relative to this folder: a client never
+        # learns where the trainer keeps its files.
+        self._private_root = None if private_root is None else str(private_root)
         self._nonce = secrets.token_hex(4)
         self._counter = 0
         self._jobs: dict[str, _Job] = {}
@@ -606,7 +611,7 @@ class Executor:
         try:
             result = await run()
         except (UserError, _wire.WireError) as exc:
-            result = failure_result(str(exc), "user", type(exc).__name__)
+            result = failure_result(self._redact(str(exc)), "user", type(exc).__name__)
         except asyncio.CancelledError:
             self._finish(job, failure_result(f"{job.kind} was cancelled", "server", "Cancelled"))
             raise
@@ -615,8 +620,14 @@ class Executor:
             log.debug("request %s (%s) failed", job.request_id, job.kind, exc_info=True)
             log.warning("request %s (%s) failed: %s", job.request_id, job.kind, type(exc).__name__)
             message = f"{job.kind} failed on the trainer: {type(exc).__name__}: {exc}"
-            result = failure_result(message, "server", type(exc).__name__)
+            result = failure_result(self._redact(message), "server", type(exc).__name__)
         self._finish(job, result)
+
+    def _redact(self, message: str) -> str:
+        root = self._private_root
+        if root is None:
+            return message
+        return message.replace(root + os.sep, "").replace(root, "<checkpoint root>")
 
     def _record(self, job: _Job) -> None:
         record = ExecutionRecord(job.model_id, job.seq_id, job.request_id, job.kind)

@@ -262,7 +262,9 @@ class Operations:
         answered with ``returned_path`` (the name in the session's path style).
 
         ``delta`` is computed against this model's previous export; with none (or with
-        that export deleted) it falls back to ``base`` and records why in the manifest.
+        that export deleted, or when ``name`` is that export, which the delta would then
+        reference itself through) it falls back to ``base`` and records why in the
+        manifest. A name that live delta exports are built on is never replaced.
         """
         requested = (request.checkpoint_type or "base").lower()
 
@@ -272,8 +274,23 @@ class Operations:
                     f"checkpoint_type {requested!r} is not supported by the local trainer; "
                     f"use one of {list(SAMPLER_CHECKPOINT_TYPES)}"
                 )
+            dependents = [d for d in self._store.dependents(name) if d != name]
+            if dependents:
+                raise UserError(
+                    f"sampler export {name!r} cannot be replaced: the delta export(s) "
+                    f"{', '.join(map(repr, dependents))} are built on it; save under "
+                    "another name"
+                )
+            fallback = None
             if previous is not None and not (previous / MANIFEST_NAME).is_file():
                 previous = None  # expired or deleted since
+                fallback = "no previous export of this model to diff against"
+            elif previous is None:
+                fallback = "no previous export of this model to diff against"
+            elif previous.name == name:
+                # A delta on the export it replaces would reference itself once committed.
+                previous = None
+                fallback = f"it replaces {name!r}, the export it would be a delta of"
             actual = "delta" if requested == "delta" and previous is not None else "base"
             metadata: dict[str, Any] = {
                 "checkpoint_type": actual,
@@ -281,7 +298,9 @@ class Operations:
                 **_model_spec_metadata(record.spec),
             }
             if actual != requested:
-                metadata["fallback_reason"] = "no previous export of this model to diff against"
+                metadata["fallback_reason"] = fallback
+            if actual == "delta" and previous is not None:
+                metadata["delta_of"] = previous.name  # what the TTL sweep must keep
             if client_metadata is not None:
                 metadata["client_metadata"] = client_metadata
             # The store reads `metadata` when it commits, after the engine has written.

@@ -188,7 +188,7 @@ class TrainerServer:
         self.store = store
         self._engine_factory = engine_factory
         self._key = api_key.encode("utf-8")
-        self._executor = Executor(self.config)
+        self._executor = Executor(self.config, private_root=store.root)
         self._guard = ConnectionGuard(self.config.connection_limits, log)
         self._registry = Registry()
         self._engine: Engine | None = None
