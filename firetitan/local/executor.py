@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
@@ -608,6 +609,7 @@ class Executor:
         if run is None or job.result is not None:
             return
         self._record(job)
+        started = time.monotonic()
         try:
             result = await run()
         except (UserError, _wire.WireError) as exc:
@@ -621,6 +623,12 @@ class Executor:
             log.warning("request %s (%s) failed: %s", job.request_id, job.kind, type(exc).__name__)
             message = f"{job.kind} failed on the trainer: {type(exc).__name__}: {exc}"
             result = failure_result(self._redact(message), "server", type(exc).__name__)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "ran %s (model %s, seq %s, request %s) in %.1f ms",
+                job.kind, job.model_id, job.seq_id, job.request_id,
+                1e3 * (time.monotonic() - started),
+            )
         self._finish(job, result)
 
     def _redact(self, message: str) -> str:

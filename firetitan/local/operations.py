@@ -52,7 +52,6 @@ CREATE_MODEL_CAPABILITIES: dict[str, Any] = {
     "supports_rdma_weight_sync": False,
 }
 
-SAMPLER_CHECKPOINT_TYPES = ("base", "delta")
 
 # The two result types tinker 0.38 reads only as protobuf, and how each is encoded.
 _FORWARD_ENCODERS: Final[dict[Encoding, Callable[[Any], bytes]]] = {
@@ -269,10 +268,10 @@ class Operations:
         requested = (request.checkpoint_type or "base").lower()
 
         def work(previous: Path | None) -> tuple[Result, Path]:
-            if requested not in SAMPLER_CHECKPOINT_TYPES:
+            if requested not in self._engine.checkpoint_types:
                 raise UserError(
-                    f"checkpoint_type {requested!r} is not supported by the local trainer; "
-                    f"use one of {list(SAMPLER_CHECKPOINT_TYPES)}"
+                    f"checkpoint_type {requested!r} is not supported by the {self._engine.name} "
+                    f"engine; use one of {list(self._engine.checkpoint_types)}"
                 )
             dependents = [d for d in self._store.dependents(name) if d != name]
             if dependents:
@@ -281,17 +280,14 @@ class Operations:
                     f"{', '.join(map(repr, dependents))} are built on it; save under "
                     "another name"
                 )
-            fallback = None
+            fallback = "no previous export of this model to diff against"
             if previous is not None and not (previous / MANIFEST_NAME).is_file():
                 previous = None  # expired or deleted since
-                fallback = "no previous export of this model to diff against"
-            elif previous is None:
-                fallback = "no previous export of this model to diff against"
-            elif previous.name == name:
+            elif previous is not None and previous.name == name:
                 # A delta on the export it replaces would reference itself once committed.
                 previous = None
                 fallback = f"it replaces {name!r}, the export it would be a delta of"
-            actual = "delta" if requested == "delta" and previous is not None else "base"
+            actual = "base" if requested == "delta" and previous is None else requested
             metadata: dict[str, Any] = {
                 "checkpoint_type": actual,
                 "requested_checkpoint_type": requested,

@@ -40,7 +40,7 @@ def test_gradients_too_large_to_use_are_refused_at_forward_backward(
     batch = sft_batch()
     tested.forward_backward(m, batch[:2], "cross_entropy", None)
     before, counts = grads(tested, m), tested.window_counts(m)
-    with pytest.raises(UserError, match="too large to use.*'weights'.*unchanged"):
+    with pytest.raises(UserError, match=r"too large to use.*'weights'.*unchanged"):
         tested.forward_backward(m, [HUGE_WEIGHTS], "cross_entropy", None)
     assert bit_equal(grads(tested, m), before)
     assert tested.window_counts(m) == counts
@@ -64,7 +64,7 @@ def test_an_update_that_would_make_weights_non_finite_changes_nothing(
         engine.forward_backward(m, sft_batch(), "cross_entropy", None)
     before, counts = weights(tested, m), tested.window_counts(m)
     gradients = grads(tested, m)
-    with pytest.raises(UserError, match="would make the weights non-finite.*learning_rate=1e\\+38"):
+    with pytest.raises(UserError, match=r"would make the weights non-finite.*learning_rate=1e\+38"):
         tested.optim_step(m, tinker.AdamParams(learning_rate=1e38), "num_loss_tokens")
     assert bit_equal(weights(tested, m), before)
     assert bit_equal(grads(tested, m), gradients)
