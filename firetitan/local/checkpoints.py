@@ -163,15 +163,41 @@ class CheckpointStore:
 
     def manifest(self, kind: Kind, ref: CheckpointRef) -> Manifest | None:
         """Return the manifest of a valid, unexpired checkpoint, or None."""
-        path = self._dir(kind, ref.name, ref.job_id) / MANIFEST_NAME
-        try:
-            raw = json.loads(path.read_text())
-            manifest = Manifest(**raw)
-        except (OSError, ValueError, TypeError):
-            return None
-        if manifest.expired(time.time()):
+        manifest = self._committed(kind, ref.name, ref.job_id)
+        if manifest is None or manifest.expired(time.time()):
             return None
         return manifest
+
+    def _committed(self, kind: Kind, name: str, job_id: str | None = None) -> Manifest | None:
+        """The manifest of a committed checkpoint, expired or not, or None.
+
+        Committed here means: the folder and everything in it stay inside the root once
+        links are resolved (a link out of the root is never followed), and the manifest
+        names the kind, job and name of the place it sits in (a folder copied or linked
+        elsewhere is not a checkpoint there).
+        """
+        folder = self._dir(kind, name, job_id)
+        if not self._contained(folder):
+            return None
+        try:
+            manifest = Manifest(**json.loads((folder / MANIFEST_NAME).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        where = (kind, self.job_id if job_id is None else job_id, name)
+        return manifest if (manifest.kind, manifest.job_id, manifest.name) == where else None
+
+    def _contained(self, folder: Path) -> bool:
+        """Whether ``folder`` and its entries resolve to places inside the root."""
+        try:
+            if not folder.resolve().is_relative_to(self.root):
+                return False
+            return all(
+                child.resolve().is_relative_to(self.root)
+                for child in folder.iterdir()
+                if child.is_symlink()
+            )
+        except OSError:  # missing, or a link loop
+            return False
 
     def resolve(self, kind: Kind, path: str) -> tuple[Path, Manifest]:
         """Find a valid checkpoint by the path a client sent.
@@ -197,15 +223,8 @@ class CheckpointStore:
     def names(self, kind: Kind = "state") -> list[str]:
         """Names of this job's valid, unexpired checkpoints, sorted naturally
         (``step-2`` before ``step-10``)."""
-        base = self._job_dir / kind
-        if not base.is_dir():
-            return []
         now = time.time()
-        names = []
-        for child in base.iterdir():
-            manifest = self.manifest(kind, CheckpointRef(child.name)) if _valid(child) else None
-            if manifest is not None and not manifest.expired(now):
-                names.append(child.name)
+        names = [m.name for m in self._manifests(kind) if not m.expired(now)]
         return sorted(names, key=_natural_key)
 
     def dependents(self, name: str) -> list[str]:
@@ -249,15 +268,8 @@ class CheckpointStore:
         base = self._job_dir / kind
         if not base.is_dir():
             return []
-        found = []
-        for child in base.iterdir():
-            try:
-                manifest = Manifest(**json.loads((child / MANIFEST_NAME).read_text()))
-            except (OSError, ValueError, TypeError):
-                continue
-            if manifest.name == child.name:
-                found.append(manifest)
-        return found
+        found = (self._committed(kind, c.name) for c in base.iterdir() if _valid(c))
+        return [m for m in found if m is not None]
 
 
 def _valid(child: Path) -> bool:
