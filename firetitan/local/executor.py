@@ -189,6 +189,10 @@ def failure_result(message: str, category: str, error_class: str | None) -> Resu
     return Result.of_json(_wire.dumps(_wire.encode_future_outcome(outcome)))
 
 
+def _cancelled(job: _Job) -> Result:
+    return failure_result(f"{job.kind} was cancelled by the client", "user", "Cancelled")
+
+
 @attrs.define(eq=False)
 class _Job:
     request_id: str
@@ -201,6 +205,8 @@ class _Job:
     completed_at: float = 0.0
     # Where this job is registered for deduplication; undone when it is evicted.
     keys: list[Hashable] = attrs.field(factory=list)
+    # The task running an unordered job (what `Executor.cancel` cancels).
+    task: asyncio.Task[None] | None = None
 
 
 @attrs.define(eq=False)
@@ -434,9 +440,42 @@ class Executor:
             self._keys[key] = job.request_id
             job.keys.append(key)
         task = asyncio.get_running_loop().create_task(self._execute(job))
+        job.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job.request_id
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a request the client abandoned, unless it already ran.
+
+        An ordered request still queued is removed and its ``seq_id`` skipped, so the
+        model's later requests run. An unordered one (sampling) is cancelled: if the
+        engine has not started it, it never runs; if it has, its result is discarded.
+        Either way the request's future fails with category ``user``, so a retried
+        poll learns what happened.
+
+        Returns:
+            True if the request was cancelled; False if it had finished, or is an
+            ordered request that is running.
+
+        Raises:
+            UnknownRequestError, RequestExpiredError: As for `retrieve`.
+        """
+        job = self._job(request_id)
+        if job.result is not None:
+            return False
+        if job.task is not None:
+            job.task.cancel()
+            self._finish(job, _cancelled(job))  # also when the task never got to start
+            return True
+        queue = self._models.get(job.model_id or "")
+        if queue is None or job.seq_id is None or queue.pending.get(job.seq_id) is not job:
+            return False  # running now
+        del queue.pending[job.seq_id]
+        queue.holes.add(job.seq_id)
+        queue.wake.set()
+        self._finish(job, _cancelled(job))
+        return True
 
     def lookup(self, key: Hashable) -> str | None:
         """The request id registered under a deduplication key, if any."""
@@ -462,15 +501,7 @@ class Executor:
             UnknownRequestError: The id was never issued here.
             RequestExpiredError: The result was evicted.
         """
-        job = self._jobs.get(request_id)
-        if job is None:
-            if self._was_issued(request_id):
-                raise RequestExpiredError(
-                    f"the result of request {request_id!r} has expired; results are kept "
-                    f"for {self._config.result_retention_seconds:g} s and at most "
-                    f"{self._config.max_retained_results} of them"
-                )
-            raise UnknownRequestError(f"unknown request_id {request_id!r}")
+        job = self._job(request_id)
         if not job.done.is_set():
             wait = self._config.long_poll_seconds if hold is None else hold
             try:
@@ -512,6 +543,18 @@ class Executor:
         return count
 
     # ------------------------------------------------------------------ internals
+
+    def _job(self, request_id: str) -> _Job:
+        job = self._jobs.get(request_id)
+        if job is None:
+            if self._was_issued(request_id):
+                raise RequestExpiredError(
+                    f"the result of request {request_id!r} has expired; results are kept "
+                    f"for {self._config.result_retention_seconds:g} s and at most "
+                    f"{self._config.max_retained_results} of them"
+                )
+            raise UnknownRequestError(f"unknown request_id {request_id!r}")
+        return job
 
     def _queue(self, model_id: str) -> _ModelQueue:
         queue = self._models.get(model_id)
@@ -614,8 +657,8 @@ class Executor:
             result = await run()
         except (UserError, _wire.WireError) as exc:
             result = failure_result(self._redact(str(exc)), "user", type(exc).__name__)
-        except asyncio.CancelledError:
-            self._finish(job, failure_result(f"{job.kind} was cancelled", "server", "Cancelled"))
+        except asyncio.CancelledError:  # `cancel`: the client abandoned it
+            self._finish(job, _cancelled(job))
             raise
         except Exception as exc:
             # The client gets what failed, never a traceback; the traceback stays here.

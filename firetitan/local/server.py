@@ -333,6 +333,7 @@ class TrainerServer:
             web.get(f"{p}/list_checkpoints", self._list_checkpoints, allow_head=False),
             web.post(f"{p}/unload_model", self._unload_model),
             web.post(f"{p}/retrieve_future", self._retrieve_future),
+            web.post(f"{p}/cancel_future", self._cancel_future),
             web.post(f"{p}/create_sampling_session", self._create_sampling_session),
             web.post(f"{p}/asample", self._asample),
             web.get(f"{p}/samplers/{{sampling_session_id}}", self._sampler, allow_head=False),
@@ -734,6 +735,19 @@ class TrainerServer:
         if encoding == "protobuf":
             return web.Response(body=body, content_type=tinker_wire.PROTOBUF_CONTENT_TYPE)
         return web.Response(body=body, content_type="application/json")
+
+    async def _cancel_future(self, request: web.Request) -> web.Response:
+        """tinker's ``cancel_future`` (and firetitan's, for abandoned samples): drop a
+        request that has not run (`Executor.cancel`)."""
+        _raw, obj = await self._object(request)
+        request_id = _field(obj, "request_id", str)
+        try:
+            cancelled = self._executor.cancel(request_id)
+        except UnknownRequestError as exc:
+            raise _not_found(f"request_id: {exc}") from None
+        except RequestExpiredError as exc:
+            raise Problem(410, f"request_id: {exc}", "GoneError") from None
+        return json_response({"type": "cancel_future", "cancelled": cancelled})
 
     # ------------------------------------------------------------------ sampling
 
