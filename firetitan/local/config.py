@@ -39,6 +39,15 @@ class ServerConfig:
             for re-polls.
         max_retained_results: How many finished results are kept at most; the oldest are
             evicted first, and a poll for an evicted one gets 410.
+        max_retained_result_bytes: How many bytes of finished results are kept at most
+            (their encodings, estimated); beyond it the oldest are evicted first, as
+            above. The newest result is always kept, however large.
+        max_samples_per_request: Most ``num_samples`` one sampling request may ask for.
+        max_sampled_tokens_per_request: Most tokens one sampling request may generate,
+            ``num_samples * max_tokens`` (an unset ``max_tokens`` counts as
+            `firetitan.local.engine.DEFAULT_MAX_TOKENS`): one request holds the single
+            engine thread while it runs, so this bounds how long every other model
+            waits behind it.
         max_pending_requests: Accepted-but-unfinished requests allowed at once; beyond
             that a new request gets 429 with ``Retry-After``.
         session_expiry_seconds: A session with no heartbeat (or other activity) for this
@@ -70,6 +79,9 @@ class ServerConfig:
     gap_wait_seconds: float = attrs.field(default=60.0, validator=_positive)
     result_retention_seconds: float = attrs.field(default=15 * 60.0, validator=_positive)
     max_retained_results: int = attrs.field(default=10_000, validator=_positive)
+    max_retained_result_bytes: int = attrs.field(default=512 * MiB, validator=_positive)
+    max_samples_per_request: int = attrs.field(default=128, validator=_positive)
+    max_sampled_tokens_per_request: int = attrs.field(default=65_536, validator=_positive)
     max_pending_requests: int = attrs.field(default=100_000, validator=_positive)
     session_expiry_seconds: float = attrs.field(default=5 * 60.0, validator=_positive)
     maintenance_interval_seconds: float = attrs.field(default=5.0, validator=_positive)

@@ -24,8 +24,9 @@ The server decodes a request, hands the executor a coroutine function that does 
   outcome, encoded as JSON, or, for results that also have a protobuf form (tinker
   0.38 reads forward and sampling results only as protobuf), the result object and
   each encoding once made, so that every poll gets what its ``Accept`` header asks for.
-* **Bounded memory.** Finished results stay for ``result_retention_seconds`` and at most
-  ``max_retained_results`` of them; an evicted result answers 410. Request ids carry a
+* **Bounded memory.** Finished results stay for ``result_retention_seconds``, at most
+  ``max_retained_results`` of them and ``max_retained_result_bytes`` in all (oldest
+  evicted first, the newest always kept); an evicted result answers 410. Request ids carry a
   per-process nonce and a counter, so "evicted" is told apart from "never issued" (404)
   without remembering evicted ids.
 """
@@ -140,6 +141,16 @@ class Result:
         result._encoded["json"] = body
         return result
 
+    @property
+    def nbytes(self) -> int:
+        """An estimate of the memory this result holds: its encodings, plus, while it
+        keeps its result object for another encoding, that object (estimated as large
+        as its first encoding)."""
+        made = sum(len(b) for b in self._encoded.values())
+        if self._encoders.keys() - self._encoded.keys() and self._encoded:
+            made += min(len(b) for b in self._encoded.values())
+        return made
+
     def offers(self, encoding: Encoding) -> bool:
         return encoding in self._encoded or encoding in self._encoders
 
@@ -203,6 +214,7 @@ class _Job:
     done: asyncio.Event = attrs.field(factory=asyncio.Event)
     result: Result | None = None
     completed_at: float = 0.0
+    nbytes: int = 0  # of its result, as counted in Executor._retained_bytes
     # Where this job is registered for deduplication; undone when it is evicted.
     keys: list[Hashable] = attrs.field(factory=list)
     # The task running an unordered job (what `Executor.cancel` cancels).
@@ -238,6 +250,7 @@ class Executor:
         self._counter = 0
         self._jobs: dict[str, _Job] = {}
         self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._retained_bytes = 0
         self._pending = 0
         self._models: dict[str, _ModelQueue] = {}
         self._keys: dict[Hashable, str] = {}
@@ -521,7 +534,10 @@ class Executor:
             return made, encoding
         try:
             # Not the engine thread: encoding an old result must not wait behind compute.
-            return await asyncio.to_thread(result.encode, encoding), encoding
+            made = await asyncio.to_thread(result.encode, encoding)
+            if job.request_id in self._finished:
+                self._account(job, result)
+            return made, encoding
         except Exception as exc:
             # The result passed the encoding made when it finished; this one refused it.
             log.debug("request %s: %s encoding failed", job.request_id, encoding, exc_info=True)
@@ -548,10 +564,12 @@ class Executor:
         job = self._jobs.get(request_id)
         if job is None:
             if self._was_issued(request_id):
+                config = self._config
                 raise RequestExpiredError(
-                    f"the result of request {request_id!r} has expired; results are kept "
-                    f"for {self._config.result_retention_seconds:g} s and at most "
-                    f"{self._config.max_retained_results} of them"
+                    f"the result of request {request_id!r} is no longer kept; results are "
+                    f"kept for {config.result_retention_seconds:g} s, at most "
+                    f"{config.max_retained_results} of them and at most "
+                    f"{config.max_retained_result_bytes} bytes in all (the oldest go first)"
                 )
             raise UnknownRequestError(f"unknown request_id {request_id!r}")
         return job
@@ -695,7 +713,20 @@ class Executor:
         self._pending -= 1
         self._finished[job.request_id] = None
         job.done.set()
-        while len(self._finished) > self._config.max_retained_results:
+        self._account(job, result)
+
+    def _account(self, job: _Job, result: Result) -> None:
+        """Count a finished job's result (again, after it made another encoding), then
+        evict the oldest results beyond the count and byte limits. The newest result
+        stays whatever its size: evicting it would only turn its poll into a 410."""
+        size = result.nbytes
+        self._retained_bytes += size - job.nbytes
+        job.nbytes = size
+        config = self._config
+        while len(self._finished) > 1 and (
+            len(self._finished) > config.max_retained_results
+            or self._retained_bytes > config.max_retained_result_bytes
+        ):
             self._evict(next(iter(self._finished)))
 
     def _evict(self, request_id: str) -> None:
@@ -703,6 +734,7 @@ class Executor:
         job = self._jobs.pop(request_id, None)
         if job is None:
             return
+        self._retained_bytes -= job.nbytes
         for key in job.keys:
             if isinstance(key, tuple) and len(key) == 3 and key[0] == "seq":
                 queue = self._models.get(key[1])

@@ -44,7 +44,7 @@ from firetitan.local import access_log, dialect, tinker_compat, tinker_wire
 from firetitan.local.checkpoints import CheckpointStore, Kind
 from firetitan.local.config import ServerConfig
 from firetitan.local.connections import BodyTimeoutError, ConnectionGuard
-from firetitan.local.engine import Engine, ModelSpec, UserError
+from firetitan.local.engine import DEFAULT_MAX_TOKENS, Engine, ModelSpec, UserError
 from firetitan.local.executor import (
     Encoding,
     ExecutionRecord,
@@ -788,6 +788,7 @@ class TrainerServer:
             raise _unprocessable("one of model_path, base_model or sampling_session_id is required")
         if req.num_samples < 1:
             raise _unprocessable(f"num_samples must be >= 1, got {req.num_samples}")
+        self._check_sample_budget(req)
         expect = self._likely_encoding(sampling.session_id if sampling else None)
         run = self._operations.sample(
             req, model_path=model_path, base_model=base_model, expect=expect
@@ -798,6 +799,24 @@ class TrainerServer:
         ids = tinker_compat.sample_sequence_ids(request_id, req.num_samples)
         ack = _wire.FutureAck(request_id=request_id, sample_sequence_ids=ids)
         return json_response(_wire.encode_future_ack(ack))
+
+    def _check_sample_budget(self, req: _wire.SampleRequest) -> None:
+        """Refuse (422) a sampling request larger than one request may be."""
+        most = self.config.max_samples_per_request
+        if req.num_samples > most:
+            raise _unprocessable(
+                f"num_samples is {req.num_samples}; one request may ask for at most {most} "
+                "(max_samples_per_request): send several requests"
+            )
+        max_tokens = req.sampling_params.max_tokens
+        per_sample = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        budget = self.config.max_sampled_tokens_per_request
+        if req.num_samples * per_sample > budget:
+            raise _unprocessable(
+                f"num_samples * max_tokens is {req.num_samples} * {per_sample} = "
+                f"{req.num_samples * per_sample} tokens; one request may generate at most "
+                f"{budget} (max_sampled_tokens_per_request): send several requests"
+            )
 
     async def _sampler(self, request: web.Request) -> web.Response:
         """tinker's ``GET samplers/{id}``: what a sampling session samples from."""
