@@ -202,8 +202,8 @@ class AdamW:
 
         # Commit: nothing above touched the model's state.
         torch._foreach_copy_(params, new_params)
-        torch._foreach_copy_(list(self.exp_avg.values()), exp_avg)
-        torch._foreach_copy_(list(self.exp_avg_sq.values()), exp_avg_sq)
+        self.exp_avg = dict(zip(self.exp_avg, exp_avg, strict=True))
+        self.exp_avg_sq = dict(zip(self.exp_avg_sq, exp_avg_sq, strict=True))
         self.step = step
         self.zero_grad()
         metrics = optim_metrics(
@@ -226,7 +226,10 @@ def _non_finite_update(adam: tinker.AdamParams) -> UserError:
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    # Min and max show any inf and propagate NaN: two small reductions per tensor
+    # instead of a boolean copy of each (several times faster on CPU).
+    ends = [end for t in tensors if t.numel() for end in torch.aminmax(t)]
+    return not ends or bool(torch.isfinite(torch.stack(ends)).all())
 
 
 def _global_norm(tensors: list[torch.Tensor]) -> float:
