@@ -121,7 +121,7 @@ class Limits:
             batch estimated at 100 kB takes about 1 ms (v2 float encoding), and the
             time grows linearly from there (about 90-175 ms at 10 MB).
         protobuf_result_bytes: Forward and forward_backward calls whose request is
-            estimated above this size ask for their results as protobuf (wire.md §4.7),
+            estimated above this size ask for their results as protobuf,
             which decodes in a fraction of the time JSON takes (measured: 0.1 ms instead
             of 6 ms for 32 × 2048 logprobs). A trainer may still answer JSON, which is
             read as usual. None always asks for JSON.

@@ -212,12 +212,23 @@ class AsyncSamplingClient:
             ValueError: ``num_samples`` below 1.
             ClientClosedError: The client (or its service client) was closed.
         """
-        if not isinstance(sampling_params, tinker.SamplingParams):
-            raise TypeError("sampling_params must be a tinker.SamplingParams")
-        positive_int(num_samples, "num_samples")
+        self._check_sample(prompt, num_samples, sampling_params, deadline=deadline)
         return self._submit(
             "sample", prompt, num_samples, sampling_params, False, deadline, _as_is
         )
+
+    def _check_sample(
+        self,
+        prompt: tinker.ModelInput,
+        num_samples: int,
+        sampling_params: tinker.SamplingParams,
+        *,
+        deadline: float | None = None,
+    ) -> None:
+        self._check_compute_logprobs(prompt, deadline=deadline)
+        positive_int(num_samples, "num_samples")
+        if not isinstance(sampling_params, tinker.SamplingParams):
+            raise TypeError("sampling_params must be a tinker.SamplingParams")
 
     def compute_logprobs(
         self, prompt: tinker.ModelInput, *, deadline: float | None = None
@@ -236,10 +247,18 @@ class AsyncSamplingClient:
             TypeError: ``prompt`` is not a `tinker.ModelInput`.
             ClientClosedError: The client (or its service client) was closed.
         """
+        self._check_compute_logprobs(prompt, deadline=deadline)
         params = tinker.SamplingParams(max_tokens=1)
         return self._submit(
             "compute_logprobs", prompt, 1, params, True, deadline, _prompt_logprobs
         )
+
+    def _check_compute_logprobs(
+        self, prompt: tinker.ModelInput, *, deadline: float | None = None
+    ) -> None:
+        if not isinstance(prompt, tinker.ModelInput):
+            raise TypeError("prompt must be a tinker.ModelInput")
+        resolve_deadline(deadline, self._config)
 
     def _submit(
         self,
@@ -252,8 +271,6 @@ class AsyncSamplingClient:
         transform: Callable[[tinker.SampleResponse], T],
     ) -> AsyncAPIFuture[T]:
         self._check_usable()
-        if not isinstance(prompt, tinker.ModelInput):
-            raise TypeError("prompt must be a tinker.ModelInput")
         in_session = self._sampling_session_id is not None
         body = _wire.encode_request(
             _wire.SampleRequest(

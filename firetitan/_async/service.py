@@ -264,7 +264,10 @@ class AsyncFiretitanServiceClient:
             lora_rank: 0 trains every parameter; a positive rank trains a LoRA adapter.
             user_metadata: String pairs recorded with the model; None uses the
                 service client's.
-            seed: Seed of the LoRA initialisation; None lets the trainer choose.
+            seed: Seed of the LoRA initialisation; None uses the trainer's seed. A
+                full-parameter model starts from the base weights whatever its seed;
+                there a seed only tells apart two otherwise identical models on one
+                service client.
             train_mlp: Put LoRA adapters on the MLP layers.
             train_attn: Put LoRA adapters on the attention layers.
             train_unembed: Put a LoRA adapter on the output layer.
@@ -295,8 +298,8 @@ class AsyncFiretitanServiceClient:
         if key in self._training_keys:
             raise ValueError(
                 f"A training client for {base_model!r} (lora_rank={lora_rank}) already exists "
-                "on this service client; reuse it, or change seed/lora_alpha to create "
-                "another model"
+                "on this service client; reuse it, or pass a different seed (or, for "
+                "LoRA, lora_alpha) to create another model"
             )
         # Reserved before the first await, so two concurrent calls cannot both pass.
         self._training_keys[key] = None
@@ -342,7 +345,10 @@ class AsyncFiretitanServiceClient:
             rank: The LoRA rank (positive).
             user_metadata: String pairs recorded with the model; None uses the
                 service client's.
-            seed: Seed of the LoRA initialisation; None lets the trainer choose.
+            seed: Seed of the LoRA initialisation; None uses the trainer's seed. A
+                full-parameter model starts from the base weights whatever its seed;
+                there a seed only tells apart two otherwise identical models on one
+                service client.
             train_mlp: Put LoRA adapters on the MLP layers.
             train_attn: Put LoRA adapters on the attention layers.
             train_unembed: Put a LoRA adapter on the output layer.

@@ -72,6 +72,13 @@ class AsyncFiretitanTrainingClient:
     base-only variants). RPC methods return an `AsyncAPIFuture` at once and run on the
     trainer in call order, pipelined: no call waits for an earlier result before it is
     sent. They must be called on the event loop that runs the service client.
+
+    Invalid arguments (an empty batch, an unknown normalization, a dict for
+    `tinker.AdamParams`, ...) raise ValueError or TypeError at the call, before anything
+    is sent, on the blocking facade exactly as here; what fails on the trainer arrives
+    through the future. The coroutine methods (``save_weights_for_sampler_ext``,
+    ``save_weights_and_get_sampling_client``) take their place in the call order when
+    their coroutine starts running (awaited, or scheduled as a task), not when called.
     """
 
     def __init__(
@@ -188,9 +195,21 @@ class AsyncFiretitanTrainingClient:
             TypeError: ``data`` is not a sequence of `tinker.Datum`.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._check_forward(data, loss_fn, loss_fn_config, deadline=deadline)
         return self._forward_call(
             "forward", data, loss_fn, loss_fn_config, self._resolve_deadline(deadline)
         )
+
+    def _check_forward(
+        self,
+        data: Sequence[tinker.Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> None:
+        _check_forward_args(data, loss_fn, loss_fn_config)
+        self._resolve_deadline(deadline)
 
     def forward_backward(
         self,
@@ -221,9 +240,20 @@ class AsyncFiretitanTrainingClient:
             TypeError: ``data`` is not a sequence of `tinker.Datum`.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._check_forward_backward(data, loss_fn, loss_fn_config, deadline=deadline)
         return self._forward_call(
             "forward_backward", data, loss_fn, loss_fn_config, self._resolve_deadline(deadline)
         )
+
+    def _check_forward_backward(
+        self,
+        data: Sequence[tinker.Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> None:
+        self._check_forward(data, loss_fn, loss_fn_config, deadline=deadline)
 
     def forward_backward_custom(
         self,
@@ -263,16 +293,13 @@ class AsyncFiretitanTrainingClient:
             TypeError: ``loss_fn`` is not callable.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._check_forward_backward_custom(
+            data, loss_fn, precomputed_forward, deadline=deadline
+        )
         self._check_usable()
-        batch = _check_data(data)
-        if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable: loss_fn(data, logprobs_list)")
+        batch = list(data)
         resolved_deadline = self._resolve_deadline(deadline)
-        forward_batch: list[tinker.Datum] | None = None
-        if precomputed_forward is not None:
-            custom_loss.check_precomputed(precomputed_forward, batch)
-        else:
-            forward_batch = custom_loss.forward_data(batch)
+        forward_batch = None if precomputed_forward is not None else custom_loss.forward_data(batch)
         # The internal forward has no deadline of its own: the custom future's
         # deadline (or cancellation) ends it, through abandon() below.
         forward_future = (
@@ -309,6 +336,23 @@ class AsyncFiretitanTrainingClient:
 
         future._on_finish(abandon)
         return future
+
+    def _check_forward_backward_custom(
+        self,
+        data: Sequence[tinker.Datum],
+        loss_fn: custom_loss.CustomLossFn,
+        precomputed_forward: tinker.ForwardBackwardOutput | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> None:
+        batch = _check_data(data)
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable: loss_fn(data, logprobs_list)")
+        if precomputed_forward is not None:
+            custom_loss.check_precomputed(precomputed_forward, batch)
+        else:
+            custom_loss.check_targets(batch)
+        self._resolve_deadline(deadline)
 
     async def _drive_custom(
         self,
@@ -374,11 +418,8 @@ class AsyncFiretitanTrainingClient:
             TypeError: ``adam_params`` is not a `tinker.AdamParams`.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._check_optim_step(adam_params, grad_accumulation_normalization, deadline=deadline)
         self._check_usable()
-        if not isinstance(adam_params, tinker.AdamParams):
-            raise TypeError(
-                f"adam_params must be a tinker.AdamParams, got {type(adam_params).__name__}"
-            )
         request = _wire.OptimStepRequest(
             model_id=self._model_id,
             seq_id=0,
@@ -388,6 +429,20 @@ class AsyncFiretitanTrainingClient:
         return self._simple_call(
             "optim_step", "OptimStep", request, ttypes.OptimStepResponse, deadline
         )
+
+    def _check_optim_step(
+        self,
+        adam_params: tinker.AdamParams,
+        grad_accumulation_normalization: GradAccNormalization | str | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> None:
+        if not isinstance(adam_params, tinker.AdamParams):
+            raise TypeError(
+                f"adam_params must be a tinker.AdamParams, got {type(adam_params).__name__}"
+            )
+        _normalization(grad_accumulation_normalization)
+        self._resolve_deadline(deadline)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -410,6 +465,7 @@ class AsyncFiretitanTrainingClient:
             ValueError: An invalid name or TTL.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._check_save_state(name, ttl_seconds, deadline=deadline)
         self._check_usable()
         request = _wire.SaveWeightsRequest(
             model_id=self._model_id,
@@ -420,6 +476,13 @@ class AsyncFiretitanTrainingClient:
         return self._simple_call(
             "save_weights", "SaveWeights", request, ttypes.SaveWeightsResponse, deadline
         )
+
+    def _check_save_state(
+        self, name: str, ttl_seconds: int | None = None, *, deadline: float | None = None
+    ) -> None:
+        _names.validate_name(name)
+        _check_ttl(ttl_seconds)
+        self._resolve_deadline(deadline)
 
     def load_state(
         self, path: str, *, deadline: float | None = None
@@ -439,7 +502,12 @@ class AsyncFiretitanTrainingClient:
             ValueError: An invalid path (checked before anything is sent).
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._check_load_state(path, deadline=deadline)
         return self._load(path, optimizer=False, deadline=deadline)
+
+    def _check_load_state(self, path: str, *, deadline: float | None = None) -> None:
+        _names.parse_checkpoint_path(path)
+        self._resolve_deadline(deadline)
 
     def load_state_with_optimizer(
         self, path: str, *, deadline: float | None = None
@@ -459,7 +527,13 @@ class AsyncFiretitanTrainingClient:
             ValueError: An invalid path (checked before anything is sent).
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._check_load_state_with_optimizer(path, deadline=deadline)
         return self._load(path, optimizer=True, deadline=deadline)
+
+    def _check_load_state_with_optimizer(
+        self, path: str, *, deadline: float | None = None
+    ) -> None:
+        self._check_load_state(path, deadline=deadline)
 
     def _load(
         self, path: str, *, optimizer: bool, deadline: float | None
@@ -495,6 +569,10 @@ class AsyncFiretitanTrainingClient:
     async def list_checkpoints(self) -> list[str]:
         """List the trainer's saved training-state checkpoints.
 
+        This is a plain request, not part of the call order: it lists what the trainer
+        has saved when the request arrives, so a `save_state` still in flight may be
+        missing. Wait for the `save_state` future first to see it.
+
         Returns:
             The checkpoint names, sorted.
 
@@ -526,10 +604,13 @@ class AsyncFiretitanTrainingClient:
         Args:
             name: The export's base name; the client appends its 8-hex `session_id`.
             ttl_seconds: Delete the export after this many seconds; None keeps it.
-            checkpoint_type: ``"base"`` (full weights), ``"delta"`` (difference to
-                the previous export) or ``"merged_base"``; case-insensitive. None
-                picks ``base`` for LoRA, and for full-parameter models ``base`` for
-                this client's first export and ``delta`` afterwards.
+            checkpoint_type: ``"base"`` (full weights), ``"delta"`` (the difference
+                to this model's previous export) or ``"merged_base"``; case-insensitive.
+                A ``delta`` requested as the model's first export (none to differ
+                from, e.g. right after a resume) is written with the full weights, and
+                its metadata says so. None picks ``base`` for LoRA, and for
+                full-parameter models ``base`` for this client's first export and
+                ``delta`` afterwards.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 
@@ -540,6 +621,9 @@ class AsyncFiretitanTrainingClient:
             ValueError: An invalid name, TTL or checkpoint type.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._check_save_weights_for_sampler(
+            name, ttl_seconds, checkpoint_type=checkpoint_type, deadline=deadline
+        )
         self._check_usable()
         snapshot = self._snapshot_name(name)
         request = _wire.SaveWeightsForSamplerRequest(
@@ -568,10 +652,28 @@ class AsyncFiretitanTrainingClient:
         future._on_finish(settle)
         return future
 
+    def _check_save_weights_for_sampler(
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        *,
+        checkpoint_type: str | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        self._snapshot_name(name)
+        _check_ttl(ttl_seconds)
+        if checkpoint_type is not None:
+            _explicit_checkpoint_type(checkpoint_type)
+        self._resolve_deadline(deadline)
+
     async def save_weights_for_sampler_ext(
         self, name: str, checkpoint_type: str | None = None, ttl_seconds: int | None = None
     ) -> SaveSamplerResult:
         """Export the current weights for sampling and wait until the export exists.
+
+        The export is queued when the coroutine starts running (on the blocking facade:
+        at the call), so it follows every call made before that and precedes every
+        call made after.
 
         Args:
             name: The export's base name; the client appends its 8-hex `session_id`.
@@ -620,15 +722,7 @@ class AsyncFiretitanTrainingClient:
 
     def _checkpoint_type(self, checkpoint_type: str | None) -> str:
         if checkpoint_type is not None:
-            if not isinstance(checkpoint_type, str):
-                raise TypeError("checkpoint_type must be a string")
-            value = checkpoint_type.strip().lower()
-            if value not in _CHECKPOINT_TYPES:
-                raise ValueError(
-                    f"checkpoint_type must be one of {', '.join(_CHECKPOINT_TYPES)}; "
-                    f"got {checkpoint_type!r}"
-                )
-            return value
+            return _explicit_checkpoint_type(checkpoint_type)
         if self.is_lora:
             return "base"
         # Full-parameter: a delta needs a previous export to apply to.
@@ -732,10 +826,7 @@ class AsyncFiretitanTrainingClient:
         deadline: float | None,
     ) -> AsyncAPIFuture[tinker.ForwardBackwardOutput]:
         self._check_usable()
-        batch = _check_data(data)
-        non_empty_str(loss_fn, "loss_fn")
-        if loss_fn_config is not None and not isinstance(loss_fn_config, Mapping):
-            raise TypeError("loss_fn_config must be a mapping or None")
+        batch = list(data)
         prepared = self._prepare_forward_bodies(kind, batch, loss_fn, loss_fn_config)
         offload = prepared.offload
         tokens = _response_tokens(batch) if loss_fn == "cross_entropy" else None
@@ -878,6 +969,27 @@ def _check_data(data: Sequence[tinker.Datum]) -> list[tinker.Datum]:
         if not isinstance(datum, tinker.Datum):
             raise TypeError(f"data[{i}] is a {type(datum).__name__}, not a tinker.Datum")
     return batch
+
+
+def _check_forward_args(
+    data: Sequence[tinker.Datum], loss_fn: str, loss_fn_config: Mapping[str, Any] | None
+) -> None:
+    _check_data(data)
+    non_empty_str(loss_fn, "loss_fn")
+    if loss_fn_config is not None and not isinstance(loss_fn_config, Mapping):
+        raise TypeError("loss_fn_config must be a mapping or None")
+
+
+def _explicit_checkpoint_type(checkpoint_type: object) -> str:
+    if not isinstance(checkpoint_type, str):
+        raise TypeError("checkpoint_type must be a string")
+    value = checkpoint_type.strip().lower()
+    if value not in _CHECKPOINT_TYPES:
+        raise ValueError(
+            f"checkpoint_type must be one of {', '.join(_CHECKPOINT_TYPES)}; "
+            f"got {checkpoint_type!r}"
+        )
+    return value
 
 
 def _tensor_size(tensor: tinker.TensorData) -> int:

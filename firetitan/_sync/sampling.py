@@ -145,6 +145,7 @@ class SamplingClient:
             ValueError: ``num_samples`` below 1.
             ClientClosedError: The client (or its service client) was closed.
         """
+        self._inner._check_sample(prompt, num_samples, sampling_params, deadline=deadline)
         return self._portal.start(
             self._inner.sample,
             prompt,
@@ -173,6 +174,7 @@ class SamplingClient:
             TypeError: ``prompt`` is not a `tinker.ModelInput`.
             ClientClosedError: The client (or its service client) was closed.
         """
+        self._inner._check_compute_logprobs(prompt, deadline=deadline)
         return self._portal.start(self._inner.compute_logprobs, prompt, deadline=deadline)
 
     def close(self) -> None:

@@ -148,7 +148,10 @@ class FiretitanServiceClient:
             lora_rank: 0 trains every parameter; a positive rank trains a LoRA adapter.
             user_metadata: String pairs recorded with the model; None uses the
                 service client's.
-            seed: Seed of the LoRA initialisation; None lets the trainer choose.
+            seed: Seed of the LoRA initialisation; None uses the trainer's seed. A
+                full-parameter model starts from the base weights whatever its seed;
+                there a seed only tells apart two otherwise identical models on one
+                service client.
             train_mlp: Put LoRA adapters on the MLP layers.
             train_attn: Put LoRA adapters on the attention layers.
             train_unembed: Put a LoRA adapter on the output layer.
@@ -197,7 +200,10 @@ class FiretitanServiceClient:
             rank: The LoRA rank (positive).
             user_metadata: String pairs recorded with the model; None uses the
                 service client's.
-            seed: Seed of the LoRA initialisation; None lets the trainer choose.
+            seed: Seed of the LoRA initialisation; None uses the trainer's seed. A
+                full-parameter model starts from the base weights whatever its seed;
+                there a seed only tells apart two otherwise identical models on one
+                service client.
             train_mlp: Put LoRA adapters on the MLP layers.
             train_attn: Put LoRA adapters on the attention layers.
             train_unembed: Put a LoRA adapter on the output layer.

@@ -60,7 +60,10 @@ async def test_saving_a_delta_under_its_own_base_name_writes_a_base(
             assert "sequences" in await sample_outcome(api, "latest", seq)
         meta = metadata(trainer, "latest")
         assert meta["checkpoint_type"] == "base"
-        assert meta["fallback_reason"] == "it replaces 'latest', the export it would be a delta of"
+        assert meta["fallback_reason"] == (
+            "it replaces 'latest', the export it would be a difference to: written with the "
+            "full weights, which load to exactly the current weights"
+        )
         # A delta on another name is still a delta.
         save = export_body(model, seq + 1, "next", "delta")
         await api.result(await api.submit("save_weights_for_sampler", save))
