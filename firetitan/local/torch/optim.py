@@ -104,6 +104,10 @@ class AdamW:
             n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()
         }
         self.step = 0
+        # What `apply` computes the new weights and moments into before it commits them;
+        # the replaced moments become the next step's. Kept, because allocating fresh
+        # tensors every step costs several times the arithmetic on a CPU.
+        self._spare: tuple[list[torch.Tensor], ...] | None = None
 
     def grads(self) -> list[torch.Tensor]:
         """The gradient buffers, allocating zeros for parameters that have none yet."""
@@ -155,8 +159,8 @@ class AdamW:
         """Run steps 1-5 of the module docstring and return the step's metrics.
 
         All or nothing: the new weights and moments are computed aside and checked
-        finite before any of them (or the step counter, gradients and window) changes,
-        which costs a few transient copies of the trainable parameters.
+        finite before any of them (or the step counter, gradients and window) changes.
+        That keeps four spare tensors per trainable parameter.
 
         Raises:
             UserError: The updated weights or moments would not be finite. Nothing
@@ -188,12 +192,22 @@ class AdamW:
         largest = min(torch.finfo(p.dtype).max for p in params) if params else math.inf
         if max(abs(decay), step_size) > largest:  # torch refuses such scalars outright
             raise _non_finite_update(adam)
-        # Out of place, so the model's own tensors stay untouched (x * 1.0 is exactly x).
-        new_params = torch._foreach_mul(params, decay)
-        exp_avg = torch._foreach_lerp(list(self.exp_avg.values()), grads, 1.0 - beta1)
-        exp_avg_sq = torch._foreach_mul(list(self.exp_avg_sq.values()), beta2)
+        # Into spare tensors, so the model's own stay untouched (x * 1.0 is exactly x).
+        old_avg, old_sq = list(self.exp_avg.values()), list(self.exp_avg_sq.values())
+        if self._spare is None:
+            self._spare = tuple(
+                [torch.empty_like(t) for t in ts] for ts in (params, old_avg, old_sq, old_sq)
+            )
+        new_params, exp_avg, exp_avg_sq, denom = self._spare
+        torch._foreach_copy_(new_params, params)
+        torch._foreach_mul_(new_params, decay)
+        torch._foreach_copy_(exp_avg, old_avg)
+        torch._foreach_lerp_(exp_avg, grads, 1.0 - beta1)
+        torch._foreach_copy_(exp_avg_sq, old_sq)
+        torch._foreach_mul_(exp_avg_sq, beta2)
         torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
-        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_copy_(denom, exp_avg_sq)
+        torch._foreach_sqrt_(denom)
         torch._foreach_div_(denom, math.sqrt(bias2))
         torch._foreach_add_(denom, adam.eps)
         torch._foreach_addcdiv_(new_params, exp_avg, denom, -step_size)
@@ -204,6 +218,7 @@ class AdamW:
         torch._foreach_copy_(params, new_params)
         self.exp_avg = dict(zip(self.exp_avg, exp_avg, strict=True))
         self.exp_avg_sq = dict(zip(self.exp_avg_sq, exp_avg_sq, strict=True))
+        self._spare = (new_params, old_avg, old_sq, denom)
         self.step = step
         self.zero_grad()
         metrics = optim_metrics(
