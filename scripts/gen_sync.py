@@ -767,7 +767,7 @@ def generate_module(module: AsyncModule, twins: dict[str, tuple[str, str]], dst_
         head += [INDENT + line if line else "" for line in sort_imports(checking, first_party)]
     head += [
         "",
-        "__all__ = [" + ", ".join(f'"{n}"' for n in sorted(facade_names)) + "]",
+        *all_lines(facade_names),
         "",
         "# Frames of this module are skipped when a warning points at the caller's line.",
         "_FACADE_INTERNAL = True",
@@ -849,8 +849,17 @@ def generate_init(modules: list[AsyncModule], dst_pkg: str, src_display: str) ->
         facade = sorted(cls.facade_name for cls in module.classes.values())
         names += facade
         lines.append(f"from {dst_pkg}.{module.path.stem} import {', '.join(facade)}")
-    lines += ["", "__all__ = [" + ", ".join(f'"{n}"' for n in sorted(names)) + "]", ""]
+    lines += ["", *all_lines(names), ""]
     return "\n".join(lines)
+
+
+def all_lines(names: Iterable[str]) -> list[str]:
+    """An ``__all__`` assignment, one name a line when one line would be too long."""
+    quoted = [f'"{n}"' for n in sorted(names)]
+    line = "__all__ = [" + ", ".join(quoted) + "]"
+    if len(line) <= LINE_LENGTH:
+        return [line]
+    return ["__all__ = [", *(f"{INDENT}{q}," for q in quoted), "]"]
 
 
 def generate(src: Path, dst: Path) -> dict[Path, str]:

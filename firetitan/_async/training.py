@@ -31,6 +31,7 @@ from firetitan import _names, _wire
 from firetitan._async import custom_loss
 from firetitan._async._checks import non_empty_str, positive_int
 from firetitan._async._tasks import TaskSet
+from firetitan._async.deployment import AsyncDeployment
 from firetitan._async.futures import AsyncAPIFuture, FutureState, resolve_deadline
 from firetitan._async.ordering import (
     JSON,
@@ -113,6 +114,13 @@ class AsyncFiretitanTrainingClient:
         self._exports_ok = 0
         self._exports_pending = 0
         self._sampler_names = 0
+        # The sampler-export chain as the trainer builds it: each finished base or delta
+        # export's snapshot name -> the snapshot it is a delta on (None for a base). The
+        # trainer diffs a delta against its previous base/delta export (merged_base
+        # exports are not part of the chain), so that is what a deployment must hold
+        # before it may load the delta.
+        self._chain: dict[str, str | None] = {}
+        self._chain_head: str | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -648,11 +656,18 @@ class AsyncFiretitanTrainingClient:
         # Track exports for the base/delta default: an export counts once it is in
         # flight, and stops counting if it fails.
         self._exports_pending += 1
+        kind = request.checkpoint_type
 
         def settle() -> None:
             self._exports_pending -= 1
             if future.state is FutureState.DONE:
                 self._exports_ok += 1
+                if kind == "base" or (kind == "delta" and self._chain_head is not None):
+                    self._chain[snapshot] = self._chain_head if kind == "delta" else None
+                # A delta on an export this client did not make stays out of the chain:
+                # what it applies to is unknown here.
+                if kind != "merged_base":
+                    self._chain_head = snapshot
 
         future._on_finish(settle)
         return future
@@ -706,6 +721,10 @@ class AsyncFiretitanTrainingClient:
     ) -> AsyncSamplingClient:
         """Export the current weights and return a sampling client for them.
 
+        With a deployment configured on the service client, the export is a delta
+        only when the deployment holds the export it applies to (a base otherwise),
+        and it is hot-loaded before the client is returned.
+
         Args:
             name: The export's base name; None picks ``sampler-<n>``.
 
@@ -714,13 +733,65 @@ class AsyncFiretitanTrainingClient:
 
         Raises:
             RequestFailedError: The trainer could not export.
+            HotLoadError: The deployment did not load it.
             ClientClosedError: The client was closed or its model unloaded.
         """
         if name is None:
             self._sampler_names += 1
             name = f"sampler-{self._sampler_names}"
-        result = await self.save_weights_for_sampler_ext(name)
+        deployment = self._service.deployment
+        checkpoint_type = None
+        if deployment is not None:
+            checkpoint_type = await self.next_checkpoint_type(deployment)
+        result = await self.save_weights_for_sampler_ext(name, checkpoint_type)
         return await self._service.create_sampling_client(model_path=result.path)
+
+    async def create_sampling_client(self, model_path: str) -> AsyncSamplingClient:
+        """A sampling client on a sampler export: the service client's
+        `create_sampling_client`, on a deployment when one is configured."""
+        return await self._service.create_sampling_client(model_path=model_path)
+
+    @property
+    def last_sampler_snapshot(self) -> str | None:
+        """The snapshot name of this client's latest finished base or delta export: the
+        one the trainer diffs its next delta against."""
+        return self._chain_head
+
+    def delta_base(self, snapshot: str) -> tuple[bool, str | None]:
+        """Whether ``snapshot`` is one of this client's exports, and if so the snapshot
+        it is a delta on (None for a base export)."""
+        if snapshot in self._chain:
+            return True, self._chain[snapshot]
+        return False, None
+
+    async def next_checkpoint_type(self, deployment: AsyncDeployment) -> str:
+        """``delta`` if the next export may be a delta for ``deployment``, else ``base``.
+
+        A delta is possible only for full-parameter training, and only when every
+        replica serves the export the trainer will diff it against; anything else (a
+        fresh client, an export the deployment never loaded, a replica elsewhere)
+        needs a base. Asking the deployment, not remembering, is what lets a loop
+        resume after a restart.
+
+        Raises:
+            APIError: The deployment could not answer.
+        """
+        head = self._chain_head
+        if self.is_lora or head is None:
+            return "base"
+        serving = await deployment.serving(base_model=self._base_model)
+        return "delta" if serving == head else "base"
+
+    async def get_tokenizer(self) -> Any:
+        """The tokenizer of this model: the one configured on the service client (or
+        its deployment), else the one the trainer names (`ByteTokenizer` for the local
+        trainer's stand-ins). Loaded once.
+
+        Raises:
+            ImportError: A Hugging Face tokenizer without ``transformers`` installed.
+            OSError: ``transformers`` could not find it.
+        """
+        return await self._service._tokenizer_for(self)
 
     def _snapshot_name(self, name: str) -> str:
         _names.validate_name(name, "sampler export name")

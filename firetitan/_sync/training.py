@@ -478,6 +478,10 @@ class FiretitanTrainingClient:
     def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
         """Export the current weights and return a sampling client for them.
 
+        With a deployment configured on the service client, the export is a delta
+        only when the deployment holds the export it applies to (a base otherwise),
+        and it is hot-loaded before the client is returned.
+
         Args:
             name: The export's base name; None picks ``sampler-<n>``.
 
@@ -486,10 +490,53 @@ class FiretitanTrainingClient:
 
         Raises:
             RequestFailedError: The trainer could not export.
+            HotLoadError: The deployment did not load it.
             ClientClosedError: The client was closed or its model unloaded.
         """
         result = self._portal.call(self._inner.save_weights_and_get_sampling_client, name)
         return SamplingClient._wrap(self._portal, result)
+
+    def create_sampling_client(self, model_path: str) -> SamplingClient:
+        """A sampling client on a sampler export: the service client's
+        `create_sampling_client`, on a deployment when one is configured."""
+        result = self._portal.call(self._inner.create_sampling_client, model_path)
+        return SamplingClient._wrap(self._portal, result)
+
+    @property
+    def last_sampler_snapshot(self) -> str | None:
+        """The snapshot name of this client's latest finished base or delta export: the
+        one the trainer diffs its next delta against."""
+        return self._inner.last_sampler_snapshot
+
+    def delta_base(self, snapshot: str) -> tuple[bool, str | None]:
+        """Whether ``snapshot`` is one of this client's exports, and if so the snapshot
+        it is a delta on (None for a base export)."""
+        return self._inner.delta_base(snapshot)
+
+    def next_checkpoint_type(self, deployment: Deployment) -> str:
+        """``delta`` if the next export may be a delta for ``deployment``, else ``base``.
+
+        A delta is possible only for full-parameter training, and only when every
+        replica serves the export the trainer will diff it against; anything else (a
+        fresh client, an export the deployment never loaded, a replica elsewhere)
+        needs a base. Asking the deployment, not remembering, is what lets a loop
+        resume after a restart.
+
+        Raises:
+            APIError: The deployment could not answer.
+        """
+        return self._portal.call(self._inner.next_checkpoint_type, deployment._inner)
+
+    def get_tokenizer(self) -> Any:
+        """The tokenizer of this model: the one configured on the service client (or
+        its deployment), else the one the trainer names (`ByteTokenizer` for the local
+        trainer's stand-ins). Loaded once.
+
+        Raises:
+            ImportError: A Hugging Face tokenizer without ``transformers`` installed.
+            OSError: ``transformers`` could not find it.
+        """
+        return self._portal.call(self._inner.get_tokenizer)
 
     def get_info(self) -> ttypes.GetInfoResponse:
         """Describe the model (architecture, name, tokenizer, LoRA rank).
@@ -520,5 +567,6 @@ class FiretitanTrainingClient:
 
 # Twins from sibling modules are imported last, so that facade modules that
 # refer to each other can be imported in either order.
+from firetitan._sync.deployment import Deployment  # noqa: E402
 from firetitan._sync.sampling import SamplingClient  # noqa: E402
 from firetitan._sync.service import FiretitanServiceClient  # noqa: E402
