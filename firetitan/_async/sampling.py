@@ -346,6 +346,7 @@ class AsyncSamplingClient:
     def _check_compute_logprobs(
         self, prompt: tinker.ModelInput, *, deadline: float | None = None
     ) -> None:
+        self._check_open()
         if not isinstance(prompt, tinker.ModelInput):
             raise TypeError("prompt must be a tinker.ModelInput")
         resolve_deadline(deadline, self._config)
@@ -472,12 +473,16 @@ class AsyncSamplingClient:
     # ------------------------------------------------------------------ lifecycle
 
     def _check_usable(self) -> None:
+        self._check_open()
+        if self._transport is not None:
+            self._transport.check_loop()
+
+    def _check_open(self) -> None:
+        # Plain reads, so the argument checks can run it on the facade's calling thread.
         if self._closed:
             raise ClientClosedError("the sampling client was closed")
         if self._owner is not None:
             self._owner._check_open()
-        if self._transport is not None:
-            self._transport.check_loop()
 
     def _connect(self) -> Transport:
         if self._transport is None:
