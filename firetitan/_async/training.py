@@ -79,11 +79,12 @@ class AsyncFiretitanTrainingClient:
     sent. They must be called on the event loop that runs the service client.
 
     Invalid arguments (an empty batch, an unknown normalization, a dict for
-    `tinker.AdamParams`, ...) raise ValueError or TypeError at the call, before anything
-    is sent, on the blocking facade exactly as here; what fails on the trainer arrives
-    through the future. The coroutine methods (``save_weights_for_sampler_ext``,
-    ``save_weights_and_get_sampling_client``) take their place in the call order when
-    their coroutine starts running (awaited, or scheduled as a task), not when called.
+    `tinker.AdamParams`, ...) raise ValueError or TypeError at the call, and a closed
+    client ClientClosedError, before anything is sent, on the blocking facade exactly as
+    here; what fails on the trainer arrives through the future. The coroutine methods
+    (``save_weights_for_sampler_ext``, ``save_weights_and_get_sampling_client``) take
+    their place in the call order when their coroutine starts running (awaited, or
+    scheduled as a task), not when called.
     """
 
     def __init__(
@@ -220,6 +221,7 @@ class AsyncFiretitanTrainingClient:
         *,
         deadline: float | None = None,
     ) -> None:
+        self._check_open()
         _check_forward_args(data, loss_fn, loss_fn_config)
         self._resolve_deadline(deadline)
 
@@ -357,6 +359,7 @@ class AsyncFiretitanTrainingClient:
         *,
         deadline: float | None = None,
     ) -> None:
+        self._check_open()
         batch = _check_data(data)
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable: loss_fn(data, logprobs_list)")
@@ -449,6 +452,7 @@ class AsyncFiretitanTrainingClient:
         *,
         deadline: float | None = None,
     ) -> None:
+        self._check_open()
         if not isinstance(adam_params, tinker.AdamParams):
             raise TypeError(
                 f"adam_params must be a tinker.AdamParams, got {type(adam_params).__name__}"
@@ -492,6 +496,7 @@ class AsyncFiretitanTrainingClient:
     def _check_save_state(
         self, name: str, ttl_seconds: int | None = None, *, deadline: float | None = None
     ) -> None:
+        self._check_open()
         _names.validate_name(name)
         _check_ttl(ttl_seconds)
         self._resolve_deadline(deadline)
@@ -518,6 +523,7 @@ class AsyncFiretitanTrainingClient:
         return self._load(path, optimizer=False, deadline=deadline)
 
     def _check_load_state(self, path: str, *, deadline: float | None = None) -> None:
+        self._check_open()
         _names.parse_checkpoint_path(path)
         self._resolve_deadline(deadline)
 
@@ -679,6 +685,7 @@ class AsyncFiretitanTrainingClient:
         checkpoint_type: str | None = None,
         deadline: float | None = None,
     ) -> None:
+        self._check_open()
         self._snapshot_name(name)
         _check_ttl(ttl_seconds)
         if checkpoint_type is not None:
@@ -849,6 +856,10 @@ class AsyncFiretitanTrainingClient:
 
     def _check_usable(self) -> None:
         self._transport.check_loop()
+        self._check_open()
+
+    def _check_open(self) -> None:
+        # Plain reads, so the argument checks can run it on the facade's calling thread.
         self._service._check_open()
         if self._closed_reason is not None:
             raise ClientClosedError(f"{self._closed_reason}; create a new training client")
