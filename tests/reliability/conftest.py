@@ -128,8 +128,9 @@ def _markdown(rows: list[dict[str, Any]], report: Path, command: str, exitstatus
     lines = [
         "# Reliability figures",
         "",
-        "Written by `nox -s reliability` (the long forms of `tests/reliability/`); do not "
-        "edit by hand. Each line is one test's figures, on a trainer running the engine "
+        "Written by `nox -s reliability` (the long forms of `tests/reliability/`; any "
+        "pytest run with `FIRETITAN_RELIABILITY_RESULTS` set writes it the same way); do "
+        "not edit by hand. Each line is one test's figures, on a trainer running the engine "
         "named: `torch` trains the tiny stand-in model on the CPU, `null` serves the "
         "protocol with no model compute.",
         "",
