@@ -86,6 +86,31 @@ def figures(request: pytest.FixtureRequest) -> Figures:
     return Figures(request.node.name, sink)
 
 
+_STAMP = pytest.StashKey[dict[str, str]]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # The code measured is the code this run loaded: stamp it now, not when the run ends
+    # (the checkout may have moved on by then).
+    if os.environ.get("FIRETITAN_RELIABILITY_RESULTS"):
+        session.config.stash[_STAMP] = _stamp(Path(os.environ["FIRETITAN_RELIABILITY_RESULTS"]))
+
+
+def _stamp(report: Path) -> dict[str, str]:
+    from benchmarks._report import commit_measured, machine_details
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        name = report.resolve().relative_to(root).as_posix()
+    except ValueError:
+        name = report.name
+    return {
+        "commit measured": commit_measured(root, report=name),
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **machine_details(),
+    }
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     rows = config.stash.get(_FIGURES, [])
     if not rows:
@@ -101,7 +126,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     report = os.environ.get("FIRETITAN_RELIABILITY_RESULTS")
     if report:
         args = " ".join(config.invocation_params.args)
-        markdown = _markdown(rows, Path(report), f"pytest {args}", exitstatus)
+        stamp = config.stash.get(_STAMP, None) or _stamp(Path(report))
+        markdown = _markdown(rows, stamp, f"pytest {args}", exitstatus)
         Path(report).write_text(markdown, encoding="utf-8")
 
 
@@ -109,21 +135,15 @@ def _values(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in ("test", "topic", "engine")}
 
 
-def _markdown(rows: list[dict[str, Any]], report: Path, command: str, exitstatus: int) -> str:
+def _markdown(
+    rows: list[dict[str, Any]], stamp: dict[str, str], command: str, exitstatus: int
+) -> str:
     """The figures as a Markdown report, stamped with what they measured."""
-    from benchmarks._report import commit_measured, machine_details
-
-    root = Path(__file__).resolve().parents[2]
-    try:
-        name = report.resolve().relative_to(root).as_posix()
-    except ValueError:
-        name = report.name
-    stamp = {
-        "commit measured": commit_measured(root, report=name),
-        "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    facts = {
+        **stamp,
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": f"`{command}`",
         "outcome": "all tests passed" if exitstatus == 0 else f"pytest exit status {exitstatus}",
-        **machine_details(),
     }
     lines = [
         "# Reliability figures",
@@ -134,7 +154,7 @@ def _markdown(rows: list[dict[str, Any]], report: Path, command: str, exitstatus
         "named: `torch` trains the tiny stand-in model on the CPU, `null` serves the "
         "protocol with no model compute.",
         "",
-        *(f"- {key}: {value}" for key, value in stamp.items()),
+        *(f"- {key}: {value}" for key, value in facts.items()),
         "",
         "| figures | test | engine | values |",
         "|---|---|---|---|",
