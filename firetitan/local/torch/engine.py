@@ -112,7 +112,8 @@ class _Model:
     last_export: tuple[str, dict[str, torch.Tensor]] | None = None
 
 
-def _pick_device(device: str) -> torch.device:
+def pick_device(device: str) -> torch.device:
+    """``\"auto\"``: CUDA when available, else the CPU; any other name as given."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -152,7 +153,7 @@ class TorchEngine(Engine):
         self.base_model = base_model
         self.size = size
         self.seed = seed
-        self.device = _pick_device(device)
+        self.device = pick_device(device)
         if self.device.type == "cuda":
             _deterministic_cuda()
         # The tiny stand-in gains nothing from intra-op parallelism, while spinning

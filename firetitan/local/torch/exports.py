@@ -222,7 +222,7 @@ def apply_delta(
             # The library wraps zstd's read-only output in a tensor that it only reads
             # (XOR into a new tensor); torch warns about the buffer regardless.
             warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
-            tensors = delta_decompress_dict_from_file(
+            tensors: dict[str, torch.Tensor] = delta_decompress_dict_from_file(
                 src=dict(previous),
                 diff_file=str(export_dir / _DELTA_FILE),
                 compression_format=COMPRESSION_FORMAT,
