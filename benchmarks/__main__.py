@@ -29,6 +29,7 @@ from typing import IO, Any
 
 import attrs
 
+from benchmarks._b7 import run_b7
 from benchmarks._common import (
     B1_TOKENS,
     B3_DATUMS,
@@ -56,7 +57,7 @@ from benchmarks._trainer import Trainer, serve
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "B6")
+BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7")
 PEERS = ("floor", "firetitan-async", "firetitan-sync", "fireworks", "tinker")
 #: B6 runs torch with one intra-op thread on both sides. With two, a core busy with
 #: anything else stalls every OpenMP barrier, and step times swing by several times
@@ -81,6 +82,7 @@ class Plan:
         codec_repeats: Timed repeats of each codec step (B3).
         b6_rounds: Interleaved rounds of B6.
         b6_steps: SFT steps per path and round (B6).
+        b7_rounds: Interleaved rounds of B7 (each path once per round).
     """
 
     rounds: int
@@ -93,16 +95,17 @@ class Plan:
     codec_repeats: int
     b6_rounds: int
     b6_steps: int
+    b7_rounds: int
 
 
 # The full plan takes about 3 minutes on 2 cores (4 under load); the issue allows 10.
 FULL = Plan(
     rounds=9, b1_calls=120, b2_pairs=200, b3_calls=2, b4_calls=500, b5_rounds=3,
-    b5_futures=1000, codec_repeats=9, b6_rounds=12, b6_steps=1,
+    b5_futures=1000, codec_repeats=9, b6_rounds=12, b6_steps=1, b7_rounds=3,
 )  # fmt: skip
 QUICK = Plan(
     rounds=2, b1_calls=15, b2_pairs=200, b3_calls=1, b4_calls=40, b5_rounds=1,
-    b5_futures=1000, codec_repeats=2, b6_rounds=3, b6_steps=1,
+    b5_futures=1000, codec_repeats=2, b6_rounds=3, b6_steps=1, b7_rounds=1,
 )  # fmt: skip
 
 
@@ -457,7 +460,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds and calls")
     parser.add_argument(
-        "--only", default=",".join(BENCHMARKS), help="comma-separated: B1,B2,B3,B4,B5,B6"
+        "--only", default=",".join(BENCHMARKS), help="comma-separated: B1,B2,...,B7"
     )
     parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers")
     parser.add_argument("--rounds", type=int, default=None, help="override the rounds")
@@ -534,6 +537,9 @@ def run(args: argparse.Namespace, plan: Plan, log_dir: Path) -> Report:
         torch = ("--size", "small", "--device", "cpu")
         with serve("torch", log_dir, extra=torch, env=B6_ENV) as trainer:
             run_b6(report, plan, trainer, failed, log_dir)
+    if "B7" in only:
+        _progress("B7: the local deployment (tiny stand-in, CPU)")
+        run_b7(report, plan.b7_rounds, failed)
     for peer, why in failed.items():
         report.note(f"{peer_label(peer)} could not run: {why.splitlines()[0][:300]}")
     return report

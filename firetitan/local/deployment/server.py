@@ -4,7 +4,8 @@ Routes (deployment.md §2, §7):
 
 * ``GET /v1/accounts?pageSize=N``: the one account;
 * ``GET /v1/accounts/{acct}/deployments/{dep}``: the deployment resource, 404 otherwise;
-* ``POST /hot_load/v1/models/hot_load``: start loading a snapshot (answers at once);
+* ``POST /hot_load/v1/models/hot_load``: load a snapshot (answers when loaded, or
+  after at most `HOT_LOAD_ANSWER_WAIT_SECONDS` with the load going on);
 * ``GET /hot_load/v1/models/hot_load``: the replica's state;
 * ``POST /inference/v1/completions``: SSE stream or one JSON body.
 
@@ -61,6 +62,8 @@ HOT_LOAD_PATH = "/hot_load/v1/models/hot_load"
 COMPLETIONS_PATH = "/inference/v1/completions"
 _HOT_LOAD_KEYS = frozenset({"identity", "reset_prompt_cache", "incremental_snapshot_metadata"})
 _METADATA_KEYS = frozenset({"previous_snapshot_identity", "compression_format", "checksum_format"})
+#: How long a hot-load POST waits for the load before answering "loading".
+HOT_LOAD_ANSWER_WAIT_SECONDS = 2.0
 _COMPRESSION = "arc_v2"
 _CHECKSUM = "alder32"
 
@@ -288,8 +291,15 @@ class DeploymentServer:
                 retry_after=1,
             )
         self._loading_state = {"stage": "loading", "target_snapshot_identity": identity}
-        self._load_task = asyncio.get_running_loop().create_task(self._load(identity, previous))
-        return _json({"identity": identity, "stage": "loading"})
+        task = asyncio.get_running_loop().create_task(self._load(identity, previous))
+        self._load_task = task
+        # Clients poll every 5 s after a first immediate status check; a local load
+        # mostly takes well under a second, so answering once it is done (or after a
+        # short wait) saves each hot-load that poll interval.
+        await asyncio.wait([task], timeout=HOT_LOAD_ANSWER_WAIT_SECONDS)
+        state = self._loading_state
+        stage = state["stage"] if task.done() and state is not None else "loading"
+        return _json({"identity": identity, "stage": stage})
 
     async def _load(self, identity: str, previous: str | None) -> None:
         try:
@@ -410,6 +420,18 @@ class DeploymentServer:
             }
         )
         await response.prepare(request)
+        try:
+            await self._write_stream(response, req, queue)
+        except ConnectionResetError:  # the client left; its generations are cancelled
+            log.debug("client left during a stream")
+        return response
+
+    async def _write_stream(
+        self,
+        response: web.StreamResponse,
+        req: CompletionRequest,
+        queue: asyncio.Queue[tuple[int, Event]],
+    ) -> None:
         completion_id = f"cmpl-{secrets.token_hex(8)}"
         rows = [Rows(i, req, self.loader.tokenizer) for i in range(req.n)]
         open_rows = req.n
@@ -426,7 +448,7 @@ class DeploymentServer:
                     error = {"error": {"status_code": 503, "code": "unavailable",
                                        "message": event.message}}  # fmt: skip
                     await response.write(_sse(error, event="error"))
-                    return response
+                    return
                 finishes.append(event)
                 choice = row.final(event)
                 if open_rows == 0:
@@ -436,7 +458,6 @@ class DeploymentServer:
             await response.write(_sse(envelope(completion_id, req.model, [choice], **extra)))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
-        return response
 
     async def _whole(
         self, req: CompletionRequest, queue: asyncio.Queue[tuple[int, Event]], request_id: str
