@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import tinker
 
-from firetitan.local.engine import Engine, ModelSpec, SampleSource, UserError
+from firetitan.local.engine import Engine, ModelSpec, SampleSource, UserError, optim_metrics
 
 __all__ = ["NullEngine"]
 
@@ -152,12 +152,12 @@ class NullEngine(Engine):
                 f"grad_accumulation_normalization must be one of {sorted(_NORMALIZATIONS)}, "
                 f"got {norm!r}"
             )
-        metrics = {
-            "step": float(model.step + 1),
-            "lr": float(adam_params.learning_rate),
-            "loss_tokens": float(model.window_tokens),
-            "sequences": float(model.window_sequences),
-        }
+        metrics = optim_metrics(
+            step=model.step + 1,
+            learning_rate=adam_params.learning_rate,
+            loss_tokens=model.window_tokens,
+            sequences=model.window_sequences,
+        )
         model.step += 1
         model.adam_step += 1
         model.window_tokens = model.window_sequences = 0
