@@ -28,10 +28,12 @@ disturbs the snapshot being served: a failed load leaves it in place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import secrets
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -128,6 +130,7 @@ class DeploymentServer:
         self._loading_state: dict[str, Any] | None = None
         self._load_task: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
+        self._mailbox: _Mailbox | None = None
         self.base_url = ""
 
     def __repr__(self) -> str:
@@ -141,6 +144,7 @@ class DeploymentServer:
         Raises:
             OSError: The address cannot be bound.
         """
+        self._mailbox = _Mailbox(asyncio.get_running_loop())
         self.batcher.start()
         self._runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
         try:
@@ -391,10 +395,11 @@ class DeploymentServer:
         if plan.seed is not None:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(plan.seed)
-        loop = asyncio.get_running_loop()
+        mailbox = self._mailbox
+        assert mailbox is not None
 
         def listener(event: Event) -> None:  # runs on the batcher thread
-            loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+            mailbox.post(queue, (index, event))
 
         return Generation(
             prompt=req.prompt,
@@ -437,25 +442,31 @@ class DeploymentServer:
         open_rows = req.n
         finishes: list[Finish] = []
         while open_rows:
-            index, event = await queue.get()
-            row = rows[index]
-            extra: dict[str, Any] = {}
-            if isinstance(event, PromptRows):
-                choice = row.prompt(event)
-            elif isinstance(event, Finish):
-                open_rows -= 1
-                if event.reason == "error":
-                    error = {"error": {"status_code": 503, "code": "unavailable",
-                                       "message": event.message}}  # fmt: skip
-                    await response.write(_sse(error, event="error"))
-                    return
-                finishes.append(event)
-                choice = row.final(event)
-                if open_rows == 0:
-                    extra = self._summary(req, rows, finishes)
-            else:
-                choice = row.token(event)
-            await response.write(_sse(envelope(completion_id, req.model, [choice], **extra)))
+            # Everything already queued goes out in one write.
+            events = [await queue.get()]
+            while not queue.empty():
+                events.append(queue.get_nowait())
+            out = bytearray()
+            for index, event in events:
+                row = rows[index]
+                extra: dict[str, Any] = {}
+                if isinstance(event, PromptRows):
+                    choice = row.prompt(event)
+                elif isinstance(event, Finish):
+                    open_rows -= 1
+                    if event.reason == "error":
+                        error = {"error": {"status_code": 503, "code": "unavailable",
+                                           "message": event.message}}  # fmt: skip
+                        await response.write(bytes(out) + _sse(error, event="error"))
+                        return
+                    finishes.append(event)
+                    choice = row.final(event)
+                    if open_rows == 0:
+                        extra = self._summary(req, rows, finishes)
+                else:
+                    choice = row.token(event)
+                out += _sse(envelope(completion_id, req.model, [choice], **extra))
+            await response.write(bytes(out))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
 
@@ -506,6 +517,32 @@ class DeploymentServer:
                 "deployment": self.model,
             }
         return extra
+
+
+class _Mailbox:
+    """Hands the batcher thread's events to the event loop: one loop wake-up for all
+    events posted before it runs (a decode step yields one event per sequence), not
+    one per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue[Any], Any]] = []
+
+    def post(self, queue: asyncio.Queue[Any], item: Any) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            if len(self._items) > 1:
+                return  # a drain is already scheduled
+        # A closed loop (the server stopped) has nobody left to listen.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 def _sse(obj: Any, event: str | None = None) -> bytes:
