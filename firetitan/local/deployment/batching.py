@@ -392,11 +392,7 @@ class Batcher:
             else:
                 plan = rows[members[0]].plan
                 dist = torch.log_softmax(sampling_logits(logits.index_select(0, index), plan), -1)
-                probs = dist.exp().cpu()
-                picks = [
-                    int(torch.multinomial(probs[j], 1, generator=rows[i].generator or self._rng))
-                    for j, i in enumerate(members)
-                ]
+                picks = self._draw(dist.exp().cpu(), [rows[i].generator for i in members])
                 sampled = dist.cpu()[torch.arange(len(members)), picks].tolist()
             lps = raw.index_select(0, index).cpu()[torch.arange(len(members)), picks].tolist()
             for j, i in enumerate(members):
@@ -404,6 +400,21 @@ class Batcher:
                 top = _top(raw[i], k) if k > 0 else None
                 out[i] = Token(picks[j], lps[j], sampled[j], top)
         return out
+
+    def _draw(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
+        """One token per row of ``probs``: rows of seeded requests from their own
+        generator, all the others in one draw from the shared one."""
+        picks = [0] * len(generators)
+        shared = [j for j, g in enumerate(generators) if g is None]
+        if shared:
+            index = torch.tensor(shared, dtype=torch.int64)
+            drawn = torch.multinomial(probs.index_select(0, index), 1, generator=self._rng)
+            for j, tok in zip(shared, drawn.squeeze(-1).tolist(), strict=True):
+                picks[j] = tok
+        for j, generator in enumerate(generators):
+            if generator is not None:
+                picks[j] = int(torch.multinomial(probs[j], 1, generator=generator))
+        return picks
 
     def prompt_rows(self, logits: torch.Tensor, ids: torch.Tensor, k: int) -> PromptRows:
         """Prompt log-probabilities from a prefill's (P, V) logits."""

@@ -11,9 +11,10 @@ for all of them would make them identical.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -22,7 +23,14 @@ import tinker
 from firetitan.local.deployment.batching import Finish, PromptRows, Token, TopLogprobs
 from firetitan.local.torch.tokenizer import Tokenizer
 
-__all__ = ["CompletionRequest", "RequestError", "Rows", "envelope", "parse_completion_request"]
+__all__ = [
+    "CompletionRequest",
+    "RequestError",
+    "Rows",
+    "TokenText",
+    "envelope",
+    "parse_completion_request",
+]
 
 #: Most samples one request may ask for (``n``).
 MAX_N = 128
@@ -161,13 +169,26 @@ def _stop(value: object) -> str | list[str] | list[int] | None:
     raise RequestError("stop: must be a string, a list of strings or a list of token ids")
 
 
+class TokenText:
+    """The text of token ids, single tokens cached (every streamed token needs its own)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.piece: Callable[[int], str] = functools.lru_cache(maxsize=1 << 16)(
+            lambda token_id: tokenizer.decode([token_id])
+        )
+
+    def text(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids)
+
+
 class Rows:
     """Renders one sample's events as completion choices."""
 
-    def __init__(self, index: int, request: CompletionRequest, tokenizer: Tokenizer) -> None:
+    def __init__(self, index: int, request: CompletionRequest, text: TokenText) -> None:
         self.index = index
         self._req = request
-        self._tok = tokenizer
+        self._tok = text
         self.tokens: list[int] = []
         self.content: list[dict[str, Any]] = []
         self.text: list[str] = []
@@ -179,14 +200,14 @@ class Rows:
             value = rows.logprobs[i]
             top = rows.top[i] if rows.top is not None else None
             entries.append(self._entry(token_id, 0.0 if math.isnan(value) else value, None, top))
-        text = self._tok.decode(self._req.prompt)
+        text = self._tok.text(self._req.prompt)
         return self._choice(text, entries)
 
     def token(self, token: Token) -> dict[str, Any]:
         """The choice that carries one generated token."""
         self.tokens.append(token.token_id)
         entry = self._entry(token.token_id, token.logprob, token.sampling_logprob, token.top)
-        return self._choice(self._tok.decode([token.token_id]), [entry])
+        return self._choice(self._tok.piece(token.token_id), [entry])
 
     def final(self, finish: Finish) -> dict[str, Any]:
         """The last choice: finish reason and every id in ``raw_output``."""
@@ -219,14 +240,14 @@ class Rows:
         self, token_id: int, logprob: float, sampling: float | None, top: TopLogprobs | None
     ) -> dict[str, Any]:
         entry: dict[str, Any] = {
-            "token": self._tok.decode([token_id]),
+            "token": self._tok.piece(token_id),
             "token_id": token_id,
             "logprob": logprob,
             "sampling_logprob": sampling,
         }
         if top is not None:
             entry["top_logprobs"] = [
-                {"token": self._tok.decode([i]), "token_id": i, "logprob": v} for i, v in top
+                {"token": self._tok.piece(i), "token_id": i, "logprob": v} for i, v in top
             ]
         return entry
 

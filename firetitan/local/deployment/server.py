@@ -37,6 +37,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 import torch
 from aiohttp import web
 
@@ -45,6 +46,7 @@ from firetitan.local.deployment.completions import (
     CompletionRequest,
     RequestError,
     Rows,
+    TokenText,
     envelope,
     parse_completion_request,
 )
@@ -126,6 +128,7 @@ class DeploymentServer:
         self._max_request_bytes = max_request_bytes
         self._max_queued = max_queued
         self.batcher = Batcher(loader.tokenizer, loader.device, max_batch=max_batch)
+        self._text = TokenText(loader.tokenizer)
         self.snapshot: Snapshot = loader.base
         self._loading_state: dict[str, Any] | None = None
         self._load_task: asyncio.Task[None] | None = None
@@ -438,7 +441,7 @@ class DeploymentServer:
         queue: asyncio.Queue[tuple[int, Event]],
     ) -> None:
         completion_id = f"cmpl-{secrets.token_hex(8)}"
-        rows = [Rows(i, req, self.loader.tokenizer) for i in range(req.n)]
+        rows = [Rows(i, req, self._text) for i in range(req.n)]
         open_rows = req.n
         finishes: list[Finish] = []
         while open_rows:
@@ -473,7 +476,7 @@ class DeploymentServer:
     async def _whole(
         self, req: CompletionRequest, queue: asyncio.Queue[tuple[int, Event]], request_id: str
     ) -> web.Response:
-        rows = [Rows(i, req, self.loader.tokenizer) for i in range(req.n)]
+        rows = [Rows(i, req, self._text) for i in range(req.n)]
         finishes: dict[int, Finish] = {}
         while len(finishes) < req.n:
             index, event = await queue.get()
@@ -546,8 +549,8 @@ class _Mailbox:
 
 
 def _sse(obj: Any, event: str | None = None) -> bytes:
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(obj)}\n\n".encode()
+    head = b"event: " + event.encode() + b"\n" if event else b""
+    return head + b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 def _hot_load_body(body: object) -> tuple[str, str | None]:
