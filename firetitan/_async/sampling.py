@@ -1,6 +1,6 @@
 """`AsyncSamplingClient`: sampling through the trainer's tinker sampling endpoints.
 
-``sample`` POSTs ``/api/v1/asample`` and long-polls the answer like any future.
+``sample`` calls the ``asample`` endpoint and long-polls the answer like any future.
 Samples are not ordered, so each call runs as its own task; hundreds of concurrent
 calls share the service client's connection pools, and at most
 ``Limits.max_sample_polls`` of them long-poll at a time.
@@ -35,6 +35,7 @@ from firetitan._async.polling import Poller
 from firetitan._config import ClientConfig, resolve_api_key, resolve_base_url
 from firetitan._errors import APIResponseValidationError, ClientClosedError, ClientUsageError
 from firetitan._transport import Transport
+from firetitan._wire import endpoints
 
 if TYPE_CHECKING:
     from firetitan._async.service import AsyncFiretitanServiceClient
@@ -158,8 +159,10 @@ class AsyncSamplingClient:
         self._api_key = api_key
 
     def __repr__(self) -> str:
-        source = f"model_path={self._model_path!r}" if self._model_path else (
-            f"base_model={self._base_model!r}"
+        source = (
+            f"model_path={self._model_path!r}"
+            if self._model_path
+            else (f"base_model={self._base_model!r}")
         )
         return f"<AsyncSamplingClient {source} base_url={self._base_url!r}>"
 
@@ -207,9 +210,7 @@ class AsyncSamplingClient:
         if not isinstance(sampling_params, tinker.SamplingParams):
             raise TypeError("sampling_params must be a tinker.SamplingParams")
         positive_int(num_samples, "num_samples")
-        return self._submit(
-            "sample", prompt, num_samples, sampling_params, False, deadline, _as_is
-        )
+        return self._submit("sample", prompt, num_samples, sampling_params, False, deadline, _as_is)
 
     def compute_logprobs(
         self, prompt: tinker.ModelInput, *, deadline: float | None = None
@@ -229,9 +230,7 @@ class AsyncSamplingClient:
             ClientClosedError: The client (or its service client) was closed.
         """
         params = tinker.SamplingParams(max_tokens=1)
-        return self._submit(
-            "compute_logprobs", prompt, 1, params, True, deadline, _prompt_logprobs
-        )
+        return self._submit("compute_logprobs", prompt, 1, params, True, deadline, _prompt_logprobs)
 
     def _submit(
         self,
@@ -279,11 +278,11 @@ class AsyncSamplingClient:
             if self._poller is None:
                 self._poller = Poller(transport, self._config.limits.max_sample_polls)
             future._set_state(FutureState.SENDING)
-            answer = await transport.post("/api/v1/asample", body)
+            answer = await transport.post(endpoints.ASAMPLE.path, body)
             request_id = ack_request_id(answer, "asample")
             future._add_request_id(request_id)
             future._set_state(FutureState.SENT)
-            payload = await self._poller.wait(request_id, "Sample")
+            payload = await self._poller.wait(request_id, endpoints.ASAMPLE.request_type)
             try:
                 response = _wire.decode_sample_response(payload)
             except ValueError as exc:
@@ -357,4 +356,3 @@ def _prompt_logprobs(response: tinker.SampleResponse) -> list[float | None]:
     if logprobs is None:
         raise APIResponseValidationError("the trainer answered without prompt_logprobs")
     return list(logprobs)
-

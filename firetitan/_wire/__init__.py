@@ -16,6 +16,10 @@ public name, so import from ``firetitan._wire``):
 * `results`: forward/backward results, metric reductions, batch chunking, sampling
   results.
 * `proto`: tinker's protobuf results.
+* `endpoints`: the one endpoint table (name, method, path, request decoder, ordered or
+  not, future or not, poll request type) that the client calls through and the local
+  trainer builds its routes from. Import it as a module:
+  ``from firetitan._wire import endpoints``.
 
 Conventions:
 

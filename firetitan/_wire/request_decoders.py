@@ -43,9 +43,7 @@ from firetitan._wire.requests import (
 )
 from firetitan._wire.tensors import _Budget, _decode_datum, _decode_tensor, decode_model_input
 
-__all__ = [
-    "decode_request",
-]
+__all__ = ["DECODERS", "RequestDecoder", "decode_request"]
 
 _MAX_NUM_SAMPLES: Final = 1 << 16
 _MAX_LORA_RANK: Final = 1 << 16  # also bounds projection_head_dim
@@ -361,7 +359,11 @@ def _decode_sample(body: dict[str, Any], budget: _Budget) -> SampleRequest:
     )
 
 
-_DECODERS: Final[dict[str, Callable[[dict[str, Any], _Budget], Request]]] = {
+#: Decodes one request body; the budget bounds the tensor elements of the whole body.
+RequestDecoder = Callable[[dict[str, Any], _Budget], Request]
+
+#: The request decoder of each endpoint that takes a body (by `endpoints.Endpoint.name`).
+DECODERS: Final[dict[str, RequestDecoder]] = {
     "create_session": _decode_create_session,
     "create_model": _decode_create_model,
     "forward": _decode_forward,
@@ -373,7 +375,6 @@ _DECODERS: Final[dict[str, Callable[[dict[str, Any], _Budget], Request]]] = {
     "retrieve_future": _decode_retrieve_future,
     "create_sampling_session": _decode_create_sampling_session,
     "asample": _decode_sample,
-    "sample": _decode_sample,
 }
 
 
@@ -381,7 +382,7 @@ def decode_request(endpoint: str, body: Any) -> Request:
     """Decode a request body for an endpoint name (``"forward"``, ``"forward_backward"``,
     ``"optim_step"``, ``"create_model"``, ...).
 
-    ``endpoint`` may also be the path (``"/api/v1/forward"``). Fields the reference
+    ``endpoint`` may also be the path (`endpoints.Endpoint.path`). Fields the reference
     client or tinker 0.38 send that the trainer does not use (``optimizer_config``,
     ``display_name``, ``kind``, ``weights_access_token``, ...) are ignored.
 
@@ -390,7 +391,7 @@ def decode_request(endpoint: str, body: Any) -> Request:
         ValueError: ``endpoint`` names no known endpoint.
     """
     name = endpoint.strip("/").removeprefix("api/v1/")
-    decoder = _DECODERS.get(name)
+    decoder = DECODERS.get(name)
     if decoder is None:
         raise ValueError(f"unknown endpoint {endpoint!r}")
     return decoder(_obj(body, ""), _Budget())

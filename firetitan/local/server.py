@@ -1,9 +1,11 @@
 """The local trainer's HTTP face: routes, authentication, body limits, JSON errors.
 
-Serves every endpoint of wire.md §11 under ``/api/v1/``, plus what tinker 0.38 needs
-(wire.md §12): protobuf ``forward_backward`` bodies (optionally zstd), protobuf
-results, ``tinker://`` paths, the sampling endpoints (``create_sampling_session``,
-``asample``, ``samplers/{id}``), ``client/dynamic_config`` and ``sessions/{id}/finish``.
+Serves every endpoint of the endpoint table (`firetitan._wire.endpoints`, routes built
+from it, one handler per endpoint name in `TrainerServer.handlers`): wire.md §11, plus
+what tinker 0.38 needs (wire.md §12): protobuf ``forward_backward`` bodies (optionally
+zstd), protobuf results, ``tinker://`` paths, the sampling endpoints
+(``create_sampling_session``, ``asample``, ``get_sampler``), ``dynamic_config`` and
+``finish_session``.
 Where the two client populations differ, `firetitan.local.dialect` decides. Handlers
 only parse, validate and register work; the executor (``executor.py``) decides when
 it runs and ``operations.py`` what it does.
@@ -40,6 +42,7 @@ from aiohttp import web
 
 from firetitan import _wire
 from firetitan._names import parse_checkpoint_path, validate_name
+from firetitan._wire import endpoints
 from firetitan.local import dialect, tinker_compat, tinker_wire
 from firetitan.local.checkpoints import CheckpointStore, Kind
 from firetitan.local.config import ServerConfig
@@ -58,11 +61,10 @@ from firetitan.local.executor import (
 from firetitan.local.operations import Operations
 from firetitan.local.sessions import ModelRecord, Registry, SamplingSession, model_id_for
 
-__all__ = ["API_PREFIX", "TrainerServer"]
+__all__ = ["TrainerServer"]
 
 log = logging.getLogger("firetitan.local")
 
-API_PREFIX = "/api/v1"
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -307,35 +309,48 @@ class TrainerServer:
             client_max_size=self.config.max_request_bytes,
         )
         app.on_shutdown.append(self._on_shutdown)
-        p = API_PREFIX
+        handlers = self.handlers()
+        # GET routes answer GET only (aiohttp would add HEAD to each).
         routes = [
-            web.post(f"{p}/client/config", self._client_config),
-            web.post(f"{p}/client/dynamic_config", self._dynamic_config),
-            web.post(f"{p}/create_session", self._create_session),
-            web.post(f"{p}/session_heartbeat", self._heartbeat),
-            web.post(f"{p}/sessions/{{session_id}}/finish", self._finish_session),
-            web.post(f"{p}/telemetry", self._telemetry),
-            web.get(f"{p}/healthz", self._healthz, allow_head=False),
-            web.get(f"{p}/get_server_capabilities", self._capabilities_handler, allow_head=False),
-            web.post(f"{p}/create_model", self._create_model),
-            web.post(f"{p}/get_info", self._get_info),
-            web.post(f"{p}/forward", functools.partial(self._forward, "forward")),
-            web.post(f"{p}/forward_backward", functools.partial(self._forward, "forward_backward")),
-            web.post(f"{p}/optim_step", self._optim_step),
-            web.post(f"{p}/save_weights", self._save_weights),
-            web.post(f"{p}/load_weights", self._load_weights),
-            web.post(f"{p}/save_weights_for_sampler", self._save_for_sampler),
-            web.get(f"{p}/list_checkpoints", self._list_checkpoints, allow_head=False),
-            web.post(f"{p}/unload_model", self._unload_model),
-            web.post(f"{p}/retrieve_future", self._retrieve_future),
-            web.post(f"{p}/create_sampling_session", self._create_sampling_session),
-            web.post(f"{p}/asample", self._asample),
-            web.get(f"{p}/samplers/{{sampling_session_id}}", self._sampler, allow_head=False),
+            web.route(
+                endpoint.method,
+                endpoint.path,
+                handlers[endpoint.name],
+                **({"allow_head": False} if endpoint.method == "GET" else {}),
+            )
+            for endpoint in endpoints.ALL
+            if endpoint is not endpoints.DEBUG_EXECUTION_LOG or self.config.debug_endpoints
         ]
-        if self.config.debug_endpoints:
-            routes.append(web.get(f"{p}/debug/execution_log", self._debug_log, allow_head=False))
         app.add_routes(routes)
         return app
+
+    def handlers(self) -> dict[str, Handler]:
+        """The handler of every endpoint of `endpoints.ALL`, by endpoint name."""
+        return {
+            "client_config": self._client_config,
+            "dynamic_config": self._dynamic_config,
+            "create_session": self._create_session,
+            "session_heartbeat": self._heartbeat,
+            "finish_session": self._finish_session,
+            "telemetry": self._telemetry,
+            "healthz": self._healthz,
+            "get_server_capabilities": self._capabilities_handler,
+            "create_model": self._create_model,
+            "get_info": self._get_info,
+            "forward": functools.partial(self._forward, "forward"),
+            "forward_backward": functools.partial(self._forward, "forward_backward"),
+            "optim_step": self._optim_step,
+            "save_weights": self._save_weights,
+            "load_weights": self._load_weights,
+            "save_weights_for_sampler": self._save_for_sampler,
+            "list_checkpoints": self._list_checkpoints,
+            "unload_model": self._unload_model,
+            "retrieve_future": self._retrieve_future,
+            "create_sampling_session": self._create_sampling_session,
+            "asample": self._asample,
+            "get_sampler": self._sampler,
+            "debug_execution_log": self._debug_log,
+        }
 
     @web.middleware
     async def _errors_middleware(
