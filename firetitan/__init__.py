@@ -35,6 +35,7 @@ from firetitan._futures import APIFuture
 from firetitan._sync import FiretitanServiceClient, FiretitanTrainingClient, SamplingClient
 from firetitan._types import GradAccNormalization, SaveSamplerResult
 from firetitan._version import __version__
+from firetitan.tokenizers import ByteTokenizer
 
 __all__ = [
     "APIConnectionError",
@@ -50,6 +51,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "BlockingCallInLoopError",
+    "ByteTokenizer",
     "ClientClosedError",
     "ClientConfig",
     "ClientUsageError",

@@ -18,6 +18,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from firetitan.cli_logging import add_logging_arguments, configure_logging
 from firetitan.demo import command as demo_command
 
 __all__ = ["build_parser", "main"]
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="largest accepted request body",
     )
+    add_logging_arguments(serve)
     serve.set_defaults(func=_cmd_serve)
 
     demo = commands.add_parser(
@@ -104,6 +106,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level, args.access_log)
     if not _is_loopback(args.host):
         print(
             f"WARNING: binding {args.host}: the trainer is reachable from other machines. "

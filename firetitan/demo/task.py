@@ -17,14 +17,12 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import attrs
 import numpy as np
 import tinker
 
-if TYPE_CHECKING:
-    from firetitan.local.torch.tokenizer import ByteTokenizer
+from firetitan.tokenizers import ByteTokenizer
 
 __all__ = [
     "CORPUS_ACCURACY",
@@ -53,13 +51,7 @@ CORPUS_ACCURACY = 0.3
 
 @functools.cache
 def tokenizer() -> ByteTokenizer:
-    """The stand-ins' byte-level tokenizer.
-
-    Imported on first use: its package loads the torch engine, which needs the
-    ``local`` extra, and ``firetitan --help`` must work without it.
-    """
-    from firetitan.local.torch.tokenizer import ByteTokenizer
-
+    """The stand-ins' byte-level tokenizer."""
     return ByteTokenizer()
 
 

@@ -38,6 +38,7 @@ import concurrent.futures
 import json
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import IO, Any, Literal, TypeVar
 
@@ -590,6 +591,7 @@ class Executor:
         if run is None or job.result is not None:
             return
         self._record(job)
+        started = time.monotonic()
         try:
             result = await run()
         except (UserError, _wire.WireError) as exc:
@@ -603,6 +605,12 @@ class Executor:
             log.warning("request %s (%s) failed: %s", job.request_id, job.kind, type(exc).__name__)
             message = f"{job.kind} failed on the trainer: {type(exc).__name__}: {exc}"
             result = failure_result(message, "server", type(exc).__name__)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "ran %s (model %s, seq %s, request %s) in %.1f ms",
+                job.kind, job.model_id, job.seq_id, job.request_id,
+                1e3 * (time.monotonic() - started),
+            )
         self._finish(job, result)
 
     def _record(self, job: _Job) -> None:

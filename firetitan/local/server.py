@@ -43,7 +43,7 @@ from aiohttp import web
 from firetitan import _wire
 from firetitan._names import parse_checkpoint_path, validate_name
 from firetitan._wire import endpoints
-from firetitan.local import dialect, tinker_compat, tinker_wire
+from firetitan.local import access_log, dialect, tinker_compat, tinker_wire
 from firetitan.local.checkpoints import CheckpointStore, Kind
 from firetitan.local.config import ServerConfig
 from firetitan.local.engine import Engine, ModelSpec, UserError
@@ -303,9 +303,10 @@ class TrainerServer:
     # ------------------------------------------------------------------ app
 
     def make_app(self) -> web.Application:
-        """The aiohttp application (middlewares: JSON errors outermost, then auth)."""
+        """The aiohttp application (middlewares: the access log outermost, then JSON
+        errors, then auth)."""
         app = web.Application(
-            middlewares=[self._errors_middleware, self._auth_middleware],
+            middlewares=[access_log.middleware, self._errors_middleware, self._auth_middleware],
             client_max_size=self.config.max_request_bytes,
         )
         app.on_shutdown.append(self._on_shutdown)
@@ -499,11 +500,13 @@ class TrainerServer:
                 returns the request's work; it raises `Problem` to refuse the request.
         """
         if address is not None:
+            access_log.note(model_id=address[0], seq_id=address[1])
             known = self._executor.lookup_seq(*address)
             if known is not None:  # a retry (whatever its body): same id, runs once
                 return _ack(known, address[0])
         try:
             decoded = await decode()
+            access_log.note(model_id=decoded.model_id, seq_id=decoded.seq_id)
             record = self._model(decoded.model_id)
             if decoded.seq_id < 1:
                 raise _unprocessable(f"seq_id must be >= 1, got {decoded.seq_id}")
@@ -702,6 +705,7 @@ class TrainerServer:
     async def _retrieve_future(self, request: web.Request) -> web.Response:
         raw, obj = await self._object(request)
         req: _wire.RetrieveFutureRequest = await self._decode("retrieve_future", raw, obj)
+        access_log.note(request_id=req.request_id)
         wanted = dialect.result_encoding(request.headers)
         try:
             body, encoding = await self._executor.retrieve(req.request_id, encoding=wanted)
@@ -757,6 +761,7 @@ class TrainerServer:
             req, model_path=model_path, base_model=base_model, expect=expect
         )
         request_id = self._executor.submit("asample", run, keys=keys)
+        access_log.note(request_id=request_id)
         # tinker requires one id per sample; a retry gets the same request id, so the same ids.
         ids = tinker_compat.sample_sequence_ids(request_id, req.num_samples)
         ack = _wire.FutureAck(request_id=request_id, sample_sequence_ids=ids)
@@ -861,6 +866,7 @@ def _address(obj: dict[str, Any]) -> tuple[str, int] | None:
 
 
 def _ack(request_id: str, model_id: str) -> web.Response:
+    access_log.note(model_id=model_id, request_id=request_id)
     return json_response({"request_id": request_id, "model_id": model_id})
 
 

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,3 +124,48 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "serve" in out and "demo" in out
+
+
+def test_serve_access_log_and_debug_engine_steps(processes: list[subprocess.Popen[str]]) -> None:
+    """``--access-log`` prints one line per request with its ids, never the key;
+    ``--log-level debug`` adds a line per engine step."""
+    key = "tml-access-log-secret"
+    proc = start_serve("--api-key", key, "--access-log", "--log-level", "debug")
+    processes.append(proc)
+    match, _ = read_until(proc, r"serving at (\S+)")
+    base_url = match.group(1)
+    script = (
+        "import sys, tinker\n"
+        "from firetitan import FiretitanServiceClient\n"
+        "with FiretitanServiceClient(base_url=sys.argv[1], api_key=sys.argv[2]) as sc:\n"
+        "    tc = sc.create_lora_training_client('accounts/fireworks/models/qwen3-8b')\n"
+        "    datum = tinker.Datum(model_input=tinker.ModelInput.from_ints([1, 2, 3]),\n"
+        "        loss_fn_inputs={'target_tokens': [2, 3, 4]})\n"
+        "    tc.forward_backward([datum], 'cross_entropy').result()\n"
+    )
+    subprocess.run([sys.executable, "-c", script, base_url, key], check=True, timeout=120)
+    with pytest.raises(urllib.error.HTTPError):
+        healthz(base_url, "tml-wrong-key")
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert key not in err
+    access = [line for line in err.splitlines() if "firetitan.access" in line]
+    fwdbwd = [line for line in access if "POST /api/v1/forward_backward 200" in line]
+    assert len(fwdbwd) == 1, access
+    assert re.search(r" \d+\.\d ms model_id=\S+:train:\d+ seq_id=1 request_id=\S+$", fwdbwd[0])
+    assert any("POST /api/v1/create_session 200" in line for line in access)
+    assert any("GET /api/v1/healthz 401" in line for line in access)
+    assert re.search(r"DEBUG firetitan\.local: ran forward_backward \(model \S+, seq 1,", err)
+
+
+def test_serve_without_access_log_prints_no_request_lines(
+    processes: list[subprocess.Popen[str]],
+) -> None:
+    proc = start_serve("--api-key", "tml-k", "--log-level", "debug")
+    processes.append(proc)
+    match, _ = read_until(proc, r"serving at (\S+)")
+    assert healthz(match.group(1), "tml-k") == {"status": "ok"}
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert "healthz" not in err

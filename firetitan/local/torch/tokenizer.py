@@ -1,5 +1,6 @@
-"""Tokenizers for the torch engine: a byte-level one for stand-in models, an adapter for
-Hugging Face tokenizers that come with real weights.
+"""Tokenizers for the torch engine: the byte-level one for stand-in models (its home is
+the public, torch-free `firetitan.tokenizers`), an adapter for Hugging Face tokenizers
+that come with real weights.
 
 The engine itself works on token ids only. It needs a tokenizer for two things: decoding
 generated text to look for string ``stop`` sequences, and naming the end-of-sequence token
@@ -11,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+from firetitan.tokenizers import ByteTokenizer
 
 __all__ = ["ByteTokenizer", "HFTokenizer", "Tokenizer", "load_hf_tokenizer"]
 
@@ -30,50 +33,6 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
-
-
-class ByteTokenizer:
-    """Bytes are tokens: ids 0-255 are the UTF-8 bytes of the text, then a few specials.
-
-    Text in and out is readable and needs no vocabulary file, which is what the seeded
-    stand-in models want. ``decode`` drops special tokens and replaces invalid UTF-8.
-
-    Attributes:
-        bos_token_id: Beginning of sequence (256).
-        eos_token_id: End of sequence (257); sampling stops on it by default.
-        pad_token_id: Padding (258); never a training target by convention.
-    """
-
-    BYTE_COUNT = 256
-    bos_token_id = 256
-    eos_token_id = 257
-    pad_token_id = 258
-    #: 256 bytes + BOS/EOS/PAD + 5 reserved ids, a multiple of 8 for friendly matmul shapes.
-    VOCAB_SIZE = 264
-
-    @property
-    def vocab_size(self) -> int:
-        return self.VOCAB_SIZE
-
-    @property
-    def name(self) -> str:
-        return "firetitan/byte"
-
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Return the UTF-8 bytes of ``text`` as ids, optionally framed by BOS/EOS."""
-        ids = list(text.encode("utf-8"))
-        if add_bos:
-            ids.insert(0, self.bos_token_id)
-        if add_eos:
-            ids.append(self.eos_token_id)
-        return ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Return the text of the byte ids in ``ids``; special ids are skipped."""
-        return bytes(i for i in ids if 0 <= i < self.BYTE_COUNT).decode("utf-8", errors="replace")
-
-    def __repr__(self) -> str:
-        return "ByteTokenizer()"
 
 
 class HFTokenizer:
