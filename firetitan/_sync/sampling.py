@@ -15,7 +15,7 @@ import tinker
 from firetitan._async.sampling import AsyncSamplingClient
 from firetitan._config import ClientConfig
 from firetitan._futures import APIFuture
-from firetitan._portal import Portal, get_portal, rewrap
+from firetitan._portal import Portal, get_portal, register_twin, rewrap
 
 __all__ = ["SamplingClient"]
 
@@ -26,11 +26,11 @@ _FACADE_INTERNAL = True
 class SamplingClient:
     """Samples completions (and prompt logprobs) from saved weights or a base model.
 
-    Usually created by `AsyncFiretitanServiceClient.create_sampling_client` or
-    `AsyncFiretitanTrainingClient.save_weights_and_get_sampling_client`, and then
+    Usually created by `FiretitanServiceClient.create_sampling_client` or
+    `FiretitanTrainingClient.save_weights_and_get_sampling_client`, and then
     sharing that service client's connections. It can also be built directly (for
     example in a worker process), in which case it opens its own connections on first
-    use and must be closed with `aclose`.
+    use and must be closed with `close`.
 
     Picklable; the pickle never contains the API key (see `set_api_key`).
     """
@@ -187,3 +187,7 @@ class SamplingClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self._portal.close(self._inner.__aexit__, *exc_info)
+
+
+# Lets sibling facade modules wrap these classes without importing this one.
+register_twin(AsyncSamplingClient, SamplingClient)

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self, cast
 
 from tinker import types as ttypes
 
 from firetitan._async.service import AsyncFiretitanServiceClient
 from firetitan._config import ClientConfig
-from firetitan._portal import Portal, get_portal, rewrap
+from firetitan._portal import Portal, get_portal, register_twin, rewrap, wrap_twin
+
+if TYPE_CHECKING:
+    from firetitan._sync.sampling import SamplingClient
+    from firetitan._sync.training import FiretitanTrainingClient
 
 __all__ = ["FiretitanServiceClient"]
 
@@ -28,7 +32,7 @@ class FiretitanServiceClient:
     """A session on a Firetitan (or Tinker-protocol) trainer.
 
     Creates training clients (full-parameter, LoRA or frozen base models) and sampling
-    clients. Use it as an async context manager, or call `aclose` when done.
+    clients. Use it in a ``with`` block, or call `close` when done.
 
     Args:
         base_url: The trainer's URL; None reads ``FIRETITAN_BASE_URL``, then
@@ -107,7 +111,7 @@ class FiretitanServiceClient:
 
     @property
     def closed(self) -> bool:
-        """Whether `aclose` was called."""
+        """Whether `close` was called."""
         return self._inner.closed
 
     def __enter__(self) -> Self:
@@ -176,7 +180,7 @@ class FiretitanServiceClient:
             train_unembed=train_unembed,
             lora_alpha=lora_alpha,
         )
-        return FiretitanTrainingClient._wrap(self._portal, result)
+        return cast("FiretitanTrainingClient", wrap_twin(self._portal, result))
 
     def create_lora_training_client(
         self,
@@ -223,7 +227,7 @@ class FiretitanServiceClient:
             train_unembed=train_unembed,
             alpha=alpha,
         )
-        return FiretitanTrainingClient._wrap(self._portal, result)
+        return cast("FiretitanTrainingClient", wrap_twin(self._portal, result))
 
     def create_base_training_client(self, base_model: str) -> FiretitanTrainingClient:
         """Create a frozen base model (for ``forward`` only, e.g. reference logprobs).
@@ -240,7 +244,7 @@ class FiretitanServiceClient:
             ClientClosedError: The service client was closed.
         """
         result = self._portal.call(self._inner.create_base_training_client, base_model)
-        return FiretitanTrainingClient._wrap(self._portal, result)
+        return cast("FiretitanTrainingClient", wrap_twin(self._portal, result))
 
     def create_sampling_client(
         self,
@@ -263,7 +267,7 @@ class FiretitanServiceClient:
             ClientClosedError: The service client was closed.
         """
         result = self._portal.call(self._inner.create_sampling_client, model_path, base_model)
-        return SamplingClient._wrap(self._portal, result)
+        return cast("SamplingClient", wrap_twin(self._portal, result))
 
     def get_server_capabilities(self) -> ttypes.GetServerCapabilitiesResponse:
         """Ask the trainer which models it serves.
@@ -278,7 +282,5 @@ class FiretitanServiceClient:
         return self._portal.call(self._inner.get_server_capabilities)
 
 
-# Twins from sibling modules are imported last, so that facade modules that
-# refer to each other can be imported in either order.
-from firetitan._sync.sampling import SamplingClient  # noqa: E402
-from firetitan._sync.training import FiretitanTrainingClient  # noqa: E402
+# Lets sibling facade modules wrap these classes without importing this one.
+register_twin(AsyncFiretitanServiceClient, FiretitanServiceClient)
