@@ -218,7 +218,7 @@ class AsyncFiretitanServiceClient:
     async def _heartbeat(self, session_id: str) -> None:
         loop = asyncio.get_running_loop()
         last_ok = loop.time()
-        body = {"session_id": session_id, "type": "session_heartbeat"}
+        body = _wire.encode_request(_wire.SessionHeartbeatRequest(session_id=session_id))
         while True:
             await asyncio.sleep(self._config.heartbeat_interval)
             try:

@@ -645,7 +645,8 @@ class AsyncFiretitanTrainingClient:
         """
         self._check_usable()
         answer = await self._transport.post(
-            endpoints.GET_INFO.path, {"model_id": self._model_id, "type": "get_info"}
+            endpoints.GET_INFO.path,
+            _wire.encode_request(_wire.GetInfoRequest(model_id=self._model_id)),
         )
         return validate_model(ttypes.GetInfoResponse, answer)
 
@@ -665,7 +666,8 @@ class AsyncFiretitanTrainingClient:
         self._closed_reason = "the model was unloaded"
         await self._drain()
         answer = await self._transport.post(
-            endpoints.UNLOAD_MODEL.path, {"model_id": self._model_id, "type": "unload_model"}
+            endpoints.UNLOAD_MODEL.path,
+            _wire.encode_request(_wire.UnloadModelRequest(model_id=self._model_id)),
         )
         request_id = ack_request_id(answer, "unload_model")
         payload = await self._poller.wait(request_id, endpoints.UNLOAD_MODEL.request_type)

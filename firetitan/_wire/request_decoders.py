@@ -33,6 +33,7 @@ from firetitan._wire.requests import (
     CreateSamplingSessionRequest,
     CreateSessionRequest,
     ForwardRequest,
+    GetInfoRequest,
     LoadWeightsRequest,
     OptimStepRequest,
     Request,
@@ -40,6 +41,8 @@ from firetitan._wire.requests import (
     SampleRequest,
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
+    SessionHeartbeatRequest,
+    UnloadModelRequest,
 )
 from firetitan._wire.tensors import _Budget, _decode_datum, _decode_tensor, decode_model_input
 
@@ -278,6 +281,21 @@ def _decode_save_for_sampler(body: dict[str, Any], _: _Budget) -> SaveWeightsFor
     )
 
 
+def _decode_session_heartbeat(body: dict[str, Any], _: _Budget) -> SessionHeartbeatRequest:
+    _check_type(body, "session_heartbeat", "")
+    return SessionHeartbeatRequest(session_id=_str(_required(body, "session_id", ""), "session_id"))
+
+
+def _decode_get_info(body: dict[str, Any], _: _Budget) -> GetInfoRequest:
+    _check_type(body, "get_info", "")
+    return GetInfoRequest(model_id=_str(_required(body, "model_id", ""), "model_id"))
+
+
+def _decode_unload_model(body: dict[str, Any], _: _Budget) -> UnloadModelRequest:
+    _check_type(body, "unload_model", "")
+    return UnloadModelRequest(model_id=_str(_required(body, "model_id", ""), "model_id"))
+
+
 def _decode_retrieve_future(body: dict[str, Any], _: _Budget) -> RetrieveFutureRequest:
     return RetrieveFutureRequest(
         request_id=_str(_required(body, "request_id", ""), "request_id"),
@@ -373,6 +391,9 @@ DECODERS: Final[dict[str, RequestDecoder]] = {
     "load_weights": _decode_load_weights,
     "save_weights_for_sampler": _decode_save_for_sampler,
     "retrieve_future": _decode_retrieve_future,
+    "session_heartbeat": _decode_session_heartbeat,
+    "get_info": _decode_get_info,
+    "unload_model": _decode_unload_model,
     "create_sampling_session": _decode_create_sampling_session,
     "asample": _decode_sample,
 }

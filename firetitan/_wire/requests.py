@@ -18,6 +18,7 @@ __all__ = [
     "CreateSamplingSessionRequest",
     "CreateSessionRequest",
     "ForwardRequest",
+    "GetInfoRequest",
     "LoadWeightsRequest",
     "OptimStepRequest",
     "Request",
@@ -25,6 +26,8 @@ __all__ = [
     "SampleRequest",
     "SaveWeightsForSamplerRequest",
     "SaveWeightsRequest",
+    "SessionHeartbeatRequest",
+    "UnloadModelRequest",
     "encode_request",
 ]
 
@@ -164,6 +167,27 @@ class SaveWeightsForSamplerRequest:
 
 
 @attrs.frozen(kw_only=True)
+class SessionHeartbeatRequest:
+    """The body of the ``session_heartbeat`` endpoint."""
+
+    session_id: str
+
+
+@attrs.frozen(kw_only=True)
+class GetInfoRequest:
+    """The body of the ``get_info`` endpoint."""
+
+    model_id: str
+
+
+@attrs.frozen(kw_only=True)
+class UnloadModelRequest:
+    """The body of the ``unload_model`` endpoint."""
+
+    model_id: str
+
+
+@attrs.frozen(kw_only=True)
 class RetrieveFutureRequest:
     """The body of the ``retrieve_future`` endpoint (§4.2)."""
 
@@ -214,6 +238,9 @@ Request = (
     | LoadWeightsRequest
     | SaveWeightsForSamplerRequest
     | RetrieveFutureRequest
+    | SessionHeartbeatRequest
+    | GetInfoRequest
+    | UnloadModelRequest
     | CreateSamplingSessionRequest
     | SampleRequest
 )
@@ -336,6 +363,18 @@ def _encode_save_for_sampler(r: SaveWeightsForSamplerRequest) -> JSON:
     return body
 
 
+def _encode_session_heartbeat(r: SessionHeartbeatRequest) -> JSON:
+    return {"session_id": r.session_id, "type": "session_heartbeat"}
+
+
+def _encode_get_info(r: GetInfoRequest) -> JSON:
+    return {"model_id": r.model_id, "type": "get_info"}
+
+
+def _encode_unload_model(r: UnloadModelRequest) -> JSON:
+    return {"model_id": r.model_id, "type": "unload_model"}
+
+
 def _encode_retrieve_future(r: RetrieveFutureRequest) -> JSON:
     return {"request_id": r.request_id, "allow_metadata_only": r.allow_metadata_only}
 
@@ -386,6 +425,9 @@ _ENCODERS: Final[dict[type, Callable[[Any], JSON]]] = {
     LoadWeightsRequest: _encode_load_weights,
     SaveWeightsForSamplerRequest: _encode_save_for_sampler,
     RetrieveFutureRequest: _encode_retrieve_future,
+    SessionHeartbeatRequest: _encode_session_heartbeat,
+    GetInfoRequest: _encode_get_info,
+    UnloadModelRequest: _encode_unload_model,
     CreateSamplingSessionRequest: _encode_create_sampling_session,
     SampleRequest: _encode_sample,
 }

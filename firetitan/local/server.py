@@ -135,17 +135,6 @@ _JSON_TYPES = {
 }
 
 
-def _field(obj: dict[str, Any], name: str, kind: type[T]) -> T:
-    if name not in obj:
-        raise _wire.WireError(name, "required field is missing")
-    value = obj[name]
-    # bool is an int subclass; a JSON true is never a valid integer field.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        expected = _JSON_TYPES.get(kind, kind.__name__)
-        raise _wire.WireError(name, f"must be a JSON {expected}, got {_json_type(value)}")
-    return value
-
-
 def _json_type(value: object) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
@@ -673,8 +662,9 @@ class TrainerServer:
         return _ack(record.create_request_id, record.model_id)
 
     async def _get_info(self, request: web.Request) -> web.Response:
-        _raw, obj = await self._object(request)
-        record = self._model(_field(obj, "model_id", str))
+        raw, obj = await self._object(request)
+        req: _wire.GetInfoRequest = await self._decode("get_info", raw, obj)
+        record = self._model(req.model_id)
         if record.state == "failed":
             raise _unprocessable(
                 f"model {record.model_id!r} could not be created: {record.failure}"
@@ -682,8 +672,9 @@ class TrainerServer:
         return json_response(await self._operations.get_info(record.model_id))
 
     async def _unload_model(self, request: web.Request) -> web.Response:
-        _raw, obj = await self._object(request)
-        model_id = _field(obj, "model_id", str)
+        raw, obj = await self._object(request)
+        unload: _wire.UnloadModelRequest = await self._decode("unload_model", raw, obj)
+        model_id = unload.model_id
         keys = self._idempotency_keys(request, "unload_model")
         # A retry may arrive after the unload finished and the model is gone.
         known = next((k for k in map(self._executor.lookup, keys) if k is not None), None)
@@ -813,8 +804,9 @@ class TrainerServer:
         return json_response({"type": "create_session", "session_id": session_id})
 
     async def _heartbeat(self, request: web.Request) -> web.Response:
-        _raw, obj = await self._object(request)
-        self._session(_field(obj, "session_id", str))
+        raw, obj = await self._object(request)
+        req: _wire.SessionHeartbeatRequest = await self._decode("session_heartbeat", raw, obj)
+        self._session(req.session_id)
         return json_response({"type": "session_heartbeat"})
 
     async def _finish_session(self, request: web.Request) -> web.Response:
