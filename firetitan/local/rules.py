@@ -178,12 +178,21 @@ _CLIP = (
         doc="Upper bound `hi` of the ratio itself (not ε); at least `clip_low_threshold`.",
     ),
 )
-_RL_INPUTS = ("target_tokens", "logprobs", "advantages")
-_RL_WEIGHTS = (
-    "Optional mask: multiplies each position's term (1 when absent). Positions with "
-    "`A_t = 0` carry no gradient whatever their weight."
-)
-_RL_TOKENS = "Positions with `A_t ≠ 0` (and `w_t ≠ 0` when `weights` is given)."
+
+
+def _rl_loss(name: str, formula: str, config: tuple[ConfigKey, ...] = ()) -> LossSpec:
+    """An RL loss: sampler logprobs and advantages in, ``weights`` a mask."""
+    return LossSpec(
+        name=name,
+        formula=formula,
+        required=("target_tokens", "logprobs", "advantages"),
+        optional=("weights",),
+        weights="Optional mask: multiplies each position's term (1 when absent). "
+        "Positions with `A_t = 0` carry no gradient whatever their weight.",
+        loss_tokens="Positions with `A_t ≠ 0` (and `w_t ≠ 0` when `weights` is given).",
+        config=config,
+    )
+
 
 #: The built-in losses, by ``loss_fn`` name.
 LOSSES: Final[dict[str, LossSpec]] = {
@@ -200,40 +209,17 @@ LOSSES: Final[dict[str, LossSpec]] = {
             "every position when `weights` is absent.",
             top_k_targets=True,
         ),
-        LossSpec(
-            name="importance_sampling",
-            formula="L = −Σ_t exp(lp_t − q_t) · A_t",
-            required=_RL_INPUTS,
-            optional=("weights",),
-            weights=_RL_WEIGHTS,
-            loss_tokens=_RL_TOKENS,
+        _rl_loss("importance_sampling", "L = −Σ_t exp(lp_t − q_t) · A_t"),
+        _rl_loss(
+            "ppo",
+            "r_t = exp(lp_t − q_t); L = −Σ_t min(r_t · A_t, clip(r_t, lo, hi) · A_t)",
+            _CLIP,
         ),
-        LossSpec(
-            name="ppo",
-            formula="r_t = exp(lp_t − q_t); L = −Σ_t min(r_t · A_t, clip(r_t, lo, hi) · A_t)",
-            required=_RL_INPUTS,
-            optional=("weights",),
-            weights=_RL_WEIGHTS,
-            loss_tokens=_RL_TOKENS,
-            config=_CLIP,
-        ),
-        LossSpec(
-            name="cispo",
-            formula="L = −Σ_t sg(clip(r_t, lo, hi)) · lp_t · A_t (sg: stop-gradient)",
-            required=_RL_INPUTS,
-            optional=("weights",),
-            weights=_RL_WEIGHTS,
-            loss_tokens=_RL_TOKENS,
-            config=_CLIP,
-        ),
-        LossSpec(
-            name="dro",
-            formula="L = −Σ_t [lp_t · A_t − ½ · β · (lp_t − q_t)²]",
-            required=_RL_INPUTS,
-            optional=("weights",),
-            weights=_RL_WEIGHTS,
-            loss_tokens=_RL_TOKENS,
-            config=(
+        _rl_loss("cispo", "L = −Σ_t sg(clip(r_t, lo, hi)) · lp_t · A_t (sg: stop-gradient)", _CLIP),
+        _rl_loss(
+            "dro",
+            "L = −Σ_t [lp_t · A_t − ½ · β · (lp_t − q_t)²]",
+            (
                 ConfigKey(
                     name="beta",
                     default=0.05,
