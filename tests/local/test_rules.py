@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import tinker
 import torch
+from shared import BASE_MODEL as BASE
 
 from firetitan.local.engine import Engine, ModelSpec, SampleSource, UserError
 from firetitan.local.null_engine import NullEngine
 from firetitan.local.rules import LOSSES, Interval
 from firetitan.local.torch import TorchEngine
 
-BASE = "accounts/fireworks/models/qwen3-8b"
 TOKENS = [1, 2, 3, 4]
 N = len(TOKENS)
 
