@@ -35,7 +35,41 @@ import tinker
 from firetitan.local import rules
 from firetitan.local.rules import Limits, LossRequest, UserError
 
-__all__ = ["Engine", "Limits", "LossRequest", "ModelSpec", "SampleSource", "UserError"]
+__all__ = [
+    "Engine",
+    "Limits",
+    "LossRequest",
+    "ModelSpec",
+    "SampleSource",
+    "UserError",
+    "optim_metrics",
+]
+
+
+def optim_metrics(
+    *,
+    step: int,
+    learning_rate: float,
+    loss_tokens: int,
+    sequences: int,
+    grad_norm: float | None = None,
+) -> dict[str, float]:
+    """The metrics an ``optim_step`` answers, named alike by every engine.
+
+    Every key is ``name:reduction`` (wire.md §6.6) and none is a bare word a training
+    loop uses for its own row (tinker-cookbook merges these into a row keyed by its own
+    integer ``step``, ``learning_rate`` and ``optim/lr``): a key with a colon cannot
+    overwrite them.
+    """
+    metrics = {
+        "optim_step:max": float(step),
+        "learning_rate:unique": float(learning_rate),
+        "loss_tokens:sum": float(loss_tokens),
+        "sequences:sum": float(sequences),
+    }
+    if grad_norm is not None:
+        metrics["grad_norm:max"] = float(grad_norm)
+    return metrics
 
 
 @attrs.frozen(kw_only=True)
@@ -83,6 +117,8 @@ class Engine(abc.ABC):
 
     #: Short name, reported by ``get_server_capabilities`` and ``firetitan serve``.
     name: str = "engine"
+    #: The ``checkpoint_type`` values `save_for_sampler` exports.
+    checkpoint_types: tuple[str, ...] = ("base", "delta")
 
     @abc.abstractmethod
     def supported_models(self) -> list[dict[str, Any]]:
@@ -154,7 +190,7 @@ class Engine(abc.ABC):
         grad_accumulation_normalization: str | None,
     ) -> dict[str, float]:
         """Apply one AdamW step to the accumulated gradient, zero it, and return metrics
-        (e.g. ``grad_norm:global``, ``lr``)."""
+        (`optim_metrics`)."""
         self._require_trainable(model_id, "take an optimizer step")
         rules.check_adam_params(adam_params)
         mode = rules.normalization_mode(grad_accumulation_normalization)
@@ -254,8 +290,10 @@ class Engine(abc.ABC):
         Args:
             model_id: The model.
             directory: Empty target directory, committed by the store afterwards.
-            checkpoint_type: ``"base"`` (full weights) or ``"delta"`` (bitwise XOR against
-                the export in ``previous``).
+            checkpoint_type: One of `checkpoint_types`: ``"base"`` (full weights),
+                ``"delta"`` (bitwise XOR against the export in ``previous``) or, where
+                the engine has it, ``"merged_base"`` (a LoRA model's adapter merged into
+                full weights).
             previous: The previous export of this model, for ``delta``.
 
         Returns:

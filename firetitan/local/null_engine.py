@@ -26,7 +26,15 @@ import numpy as np
 import numpy.typing as npt
 import tinker
 
-from firetitan.local.engine import Engine, Limits, LossRequest, ModelSpec, SampleSource, UserError
+from firetitan.local.engine import (
+    Engine,
+    Limits,
+    LossRequest,
+    ModelSpec,
+    SampleSource,
+    UserError,
+    optim_metrics,
+)
 from firetitan.local.rules import DatumArrays, LossConfig, non_finite_loss, unknown_model
 
 __all__ = ["NullEngine"]
@@ -141,12 +149,12 @@ class NullEngine(Engine):
         self, model_id: str, adam_params: tinker.AdamParams, normalization: str
     ) -> dict[str, float]:
         model = self._model(model_id)
-        metrics = {
-            "step": float(model.step + 1),
-            "lr": float(adam_params.learning_rate),
-            "loss_tokens": float(model.window_tokens),
-            "sequences": float(model.window_sequences),
-        }
+        metrics = optim_metrics(
+            step=model.step + 1,
+            learning_rate=adam_params.learning_rate,
+            loss_tokens=model.window_tokens,
+            sequences=model.window_sequences,
+        )
         model.step += 1
         model.adam_step += 1
         model.window_tokens = model.window_sequences = 0

@@ -52,7 +52,6 @@ CREATE_MODEL_CAPABILITIES: dict[str, Any] = {
     "supports_rdma_weight_sync": False,
 }
 
-SAMPLER_CHECKPOINT_TYPES = ("base", "delta")
 
 # The two result types tinker 0.38 reads only as protobuf, and how each is encoded.
 _FORWARD_ENCODERS: Final[dict[Encoding, Callable[[Any], bytes]]] = {
@@ -267,14 +266,14 @@ class Operations:
         requested = (request.checkpoint_type or "base").lower()
 
         def work(previous: Path | None) -> tuple[Result, Path]:
-            if requested not in SAMPLER_CHECKPOINT_TYPES:
+            if requested not in self._engine.checkpoint_types:
                 raise UserError(
-                    f"checkpoint_type {requested!r} is not supported by the local trainer; "
-                    f"use one of {list(SAMPLER_CHECKPOINT_TYPES)}"
+                    f"checkpoint_type {requested!r} is not supported by the {self._engine.name} "
+                    f"engine; use one of {list(self._engine.checkpoint_types)}"
                 )
             if previous is not None and not (previous / MANIFEST_NAME).is_file():
                 previous = None  # expired or deleted since
-            actual = "delta" if requested == "delta" and previous is not None else "base"
+            actual = "base" if requested == "delta" and previous is None else requested
             metadata: dict[str, Any] = {
                 "checkpoint_type": actual,
                 "requested_checkpoint_type": requested,

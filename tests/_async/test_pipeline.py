@@ -57,8 +57,12 @@ async def test_fifty_pipelined_pairs_match_the_sequential_run() -> None:
     ]
     assert log_a == expected and log_b == expected
     assert pipelined == sequential
-    assert pipelined[-1] == {"step": float(PAIRS), "lr": 1e-3, "loss_tokens": 16.0,
-                             "sequences": 2.0}
+    assert pipelined[-1] == {
+        "optim_step:max": float(PAIRS),
+        "learning_rate:unique": 1e-3,
+        "loss_tokens:sum": 16.0,
+        "sequences:sum": 2.0,
+    }
 
 
 @pytest.mark.asyncio
@@ -118,7 +122,7 @@ async def test_a_sent_call_cancelled_still_runs_and_later_calls_proceed() -> Non
         assert first.state is FutureState.SENT  # the trainer is still on it
         assert first.cancel()
         step = await tc.optim_step(ADAM)
-        assert step.metrics and step.metrics["loss_tokens"] == 16.0  # the batch was applied
+        assert step.metrics and step.metrics["loss_tokens:sum"] == 16.0  # the batch was applied
         kinds = [k for _, k in executed(trainer, tc.model_id)]
         assert kinds == ["forward_backward", "optim_step"]
 
@@ -155,7 +159,7 @@ async def test_a_failed_call_does_not_stall_later_calls(
     assert bad.state is FutureState.FAILED
     await good
     metrics = (await step).metrics
-    assert metrics is not None and metrics["loss_tokens"] == 8.0
+    assert metrics is not None and metrics["loss_tokens:sum"] == 8.0
 
 
 @pytest.mark.asyncio
@@ -235,7 +239,8 @@ async def test_a_refused_submission_fails_only_its_call(trainer: LocalTrainer) -
             await refused
         await accepted
         metrics = (await step).metrics
-        assert metrics is not None and metrics["loss_tokens"] == 8.0  # without the refused batch
+        # Without the refused batch:
+        assert metrics is not None and metrics["loss_tokens:sum"] == 8.0
         # The refused call's seq_id was reused: no gap for the trainer to wait on.
         assert executed(trainer, tc.model_id) == [(1, "forward_backward"), (2, "optim_step")]
 
@@ -256,7 +261,7 @@ async def test_a_partly_refused_chunked_call_spends_its_seq_ids(trainer: LocalTr
             await partial
         # Two of the three chunks ran; the step after them is not stalled by the gap.
         metrics = (await asyncio.wait_for(step.result_async(), timeout=15)).metrics
-        assert metrics is not None and metrics["loss_tokens"] == 16.0
+        assert metrics is not None and metrics["loss_tokens:sum"] == 16.0
         log = executed(trainer, tc.model_id)
         assert [k for _, k in log] == ["forward_backward", "forward_backward", "optim_step"]
         assert log[-1][0] == 4 and len({s for s, _ in log}) == 3

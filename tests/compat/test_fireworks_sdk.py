@@ -40,7 +40,7 @@ def test_documented_flow(run: tuple[LocalTrainer, dict[str, Any]]) -> None:
     assert all(v <= 0 for lp in logprobs for v in lp)
     assert flow["fb_metrics"]["loss:sum"] == pytest.approx(flow["forward_metrics"]["loss:sum"])
     assert flow["fb_metrics"]["response_tokens"] == 7.0
-    assert flow["optim_metrics"]["loss_tokens"] == 7.0
+    assert flow["optim_metrics"]["loss_tokens:sum"] == 7.0
     assert flow["custom_metrics"]["user_loss"] > 0
     assert flow["save_path"] == "step-1"
     assert flow["checkpoints"] == ["step-1"]

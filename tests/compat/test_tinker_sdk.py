@@ -66,7 +66,7 @@ def test_training_client(run: Run) -> None:
     first, second = flow["fb_losses"]
     assert second < first  # the second forward_backward ran after the first optim_step
     assert flow["forward_loss"] < second
-    assert flow["optim_metrics"]["step"] == 1.0
+    assert flow["optim_metrics"]["optim_step:max"] == 1.0
     assert [len(lp) for lp in flow["forward_logprobs"]] == [4, 3]
     assert all(v < 0 for lp in flow["forward_logprobs"] for v in lp)
     assert executed(trainer, flow["model_id"])[:7] == [

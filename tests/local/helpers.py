@@ -128,7 +128,9 @@ class Api:
         assert isinstance(session_id, str)
         return session_id
 
-    async def model(self, session_id: str | None = None, model_seq_id: int = 0) -> str:
+    async def model(
+        self, session_id: str | None = None, model_seq_id: int = 0, lora_rank: int = 0
+    ) -> str:
         session_id = session_id or await self.session()
         request_id = await self.submit(
             "create_model",
@@ -137,7 +139,7 @@ class Api:
                 "model_seq_id": model_seq_id,
                 "base_model": BASE_MODEL,
                 "lora_config": {
-                    "rank": 0,
+                    "rank": lora_rank,
                     "train_unembed": True,
                     "train_mlp": True,
                     "train_attn": True,

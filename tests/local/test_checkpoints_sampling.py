@@ -9,6 +9,7 @@ import pytest
 
 from firetitan._names import CheckpointRef
 
+from .conftest import TrainerFactory
 from .helpers import Api, forward_body, optim_body
 
 
@@ -154,6 +155,20 @@ async def test_sampler_exports_base_then_delta(trainer_api: tuple[Any, Api]) -> 
     outcome = await api.outcome(await api.submit("save_weights_for_sampler", merged))
     assert outcome["category"] == "user"
     assert "merged_base" in outcome["error"]
+
+
+@pytest.mark.asyncio
+async def test_merged_base_export_over_http(make_trainer: TrainerFactory) -> None:
+    pytest.importorskip("firetitan.local.torch", reason="needs the local extra")
+    async with make_trainer(engine="torch", size="tiny", device="cpu") as (trainer, api):
+        model = await api.model(lora_rank=4)
+        merged = sampler_body(model, 1, "merged", "merged_base")
+        result = await api.result(await api.submit("save_weights_for_sampler", merged))
+        assert result["path"] == "merged"
+        manifest = trainer.server.store.manifest("sampler", CheckpointRef("merged"))
+        assert manifest is not None
+        assert manifest.metadata["checkpoint_type"] == "merged_base"
+        assert manifest.metadata["engine"]["format"] != "peft"  # full weights, not an adapter
 
 
 @pytest.mark.asyncio

@@ -79,7 +79,12 @@ def test_optim_step_changes_outputs_and_counts(engine: NullEngine) -> None:
     before = engine.forward(MODEL, [d], "cross_entropy", None).loss_fn_outputs[0]["logprobs"]
     engine.forward_backward(MODEL, [d], "cross_entropy", None)
     metrics = engine.optim_step(MODEL, tinker.AdamParams(learning_rate=1e-3), "num_loss_tokens")
-    assert metrics == {"step": 1.0, "lr": 1e-3, "loss_tokens": 2.0, "sequences": 1.0}
+    assert metrics == {
+        "optim_step:max": 1.0,
+        "learning_rate:unique": 1e-3,
+        "loss_tokens:sum": 2.0,
+        "sequences:sum": 1.0,
+    }
     after = engine.forward(MODEL, [d], "cross_entropy", None).loss_fn_outputs[0]["logprobs"]
     assert not np.array_equal(before.to_numpy(), after.to_numpy())
 
@@ -102,7 +107,7 @@ def test_validation_names_datum_and_field(
         engine.forward_backward(MODEL, data, loss_fn, None)
     # Nothing was accumulated by the failed request.
     metrics = engine.optim_step(MODEL, tinker.AdamParams(), None)
-    assert metrics["loss_tokens"] == 0.0
+    assert metrics["loss_tokens:sum"] == 0.0
 
 
 def test_missing_target_tokens() -> None:

@@ -22,7 +22,7 @@ async def test_chunks_arriving_out_of_order_run_in_seq_order(make_trainer: Train
             result = await api.result(ids[seq])
             assert len(result["loss_fn_outputs"]) == 1
         step = await api.result(ids[4])
-        assert step["metrics"]["loss_tokens"] == 9.0  # all three chunks were accumulated
+        assert step["metrics"]["loss_tokens:sum"] == 9.0  # all three chunks were accumulated
         assert executed(trainer, model) == [
             (0, "create_model"),
             (1, "forward_backward"),
@@ -48,7 +48,7 @@ async def test_duplicate_post_runs_once_and_returns_the_same_request_id(
         # Late retries after completion still get the same id and do not run again.
         assert await api.submit("forward_backward", forward_body(model, 1, backward=True)) == first
         step = await api.result(await api.submit("optim_step", optim_body(model, 2)))
-        assert step["metrics"]["loss_tokens"] == 3.0  # accumulated once, not three times
+        assert step["metrics"]["loss_tokens:sum"] == 3.0  # accumulated once, not three times
         assert executed(trainer, model) == [
             (0, "create_model"),
             (1, "forward_backward"),

@@ -46,7 +46,7 @@ def test_normalization_divides_by_the_window_count(
     assert engine.window_counts(m) == (_LOSS_TOKENS, _SEQUENCES)
     raw = _norm(grads(engine, m))
     metrics = engine.optim_step(m, tinker.AdamParams(learning_rate=1e-3), mode)
-    assert metrics["grad_norm:global"] == pytest.approx(raw / divisor, rel=1e-5)
+    assert metrics["grad_norm:max"] == pytest.approx(raw / divisor, rel=1e-5)
     assert all(torch.count_nonzero(g) == 0 for g in grads(engine, m).values())
     assert engine.window_counts(m) == (0, 0)
 
@@ -72,7 +72,7 @@ def test_a_window_without_loss_tokens_leaves_a_zero_gradient(engine: TorchEngine
     before = weights(engine, m)
     engine.forward_backward(m, [sft_datum("masked", [0.0] * 7)], "cross_entropy", None)
     metrics = engine.optim_step(m, tinker.AdamParams(learning_rate=1e-2), "num_loss_tokens")
-    assert metrics["grad_norm:global"] == 0.0
+    assert metrics["grad_norm:max"] == 0.0
     after = weights(engine, m)
     # fresh moments and a zero gradient: Adam moves nothing
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -109,8 +109,8 @@ def test_adamw_matches_torch_with_per_step_hyperparameters(engine: TorchEngine) 
         g = {n: t / _LOSS_TOKENS for n, t in g.items()}
         norm = _norm(g)
         metrics = engine.optim_step(m, adam, "num_loss_tokens")
-        assert metrics["grad_norm:global"] == pytest.approx(norm, rel=1e-5)
-        assert metrics["lr"] == adam.learning_rate
+        assert metrics["grad_norm:max"] == pytest.approx(norm, rel=1e-5)
+        assert metrics["learning_rate:unique"] == adam.learning_rate
         scale = adam.grad_clip_norm / norm if 0 < adam.grad_clip_norm < norm else 1.0
         for n, p in ref.items():
             p.grad = g[n] * scale
@@ -125,7 +125,7 @@ def test_adamw_matches_torch_with_per_step_hyperparameters(engine: TorchEngine) 
         got = dict(engine.module(m).named_parameters())
         for n, p in ref.items():
             torch.testing.assert_close(got[n].detach(), p.detach(), rtol=1e-6, atol=1e-7)
-    assert metrics["step"] == 2.0
+    assert metrics["optim_step:max"] == 2.0
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import tinker
 
 from firetitan.local.engine import ModelSpec, SampleSource, UserError
 from firetitan.local.torch import TorchEngine
+from firetitan.local.torch.sampling import plan_sampling
 
 from .helpers import QWEN, TOK, export, full_model, lora_model, sft_datum
 
@@ -66,6 +67,18 @@ def test_stop_token_and_stop_string(engine: TorchEngine) -> None:
     got = by_string.sequences[0]
     assert got.stop_reason == "stop" and text in TOK.decode(got.tokens)
     assert text not in TOK.decode(got.tokens[:-1])
+
+
+@pytest.mark.parametrize(
+    ("stop", "eos_stops"),
+    [(None, True), (["\n\n"], True), ("x", True), ([7], True), ([], False)],
+    ids=["none", "strings", "string", "ids", "empty"],
+)
+def test_only_an_empty_stop_list_turns_eos_off(stop: object, eos_stops: bool) -> None:
+    # tinker's SamplingParams: None keeps EOS stopping, [] disables every stop, EOS too.
+    params = tinker.SamplingParams(max_tokens=4, stop=stop)  # type: ignore[arg-type]
+    plan = plan_sampling(PROMPT, params, tokenizer=TOK, context=64)
+    assert (TOK.eos_token_id in plan.stop_ids) is eos_stops
 
 
 def test_sampled_logprobs_equal_forward_logprobs(engine: TorchEngine) -> None:

@@ -72,7 +72,6 @@ __all__ = ["TorchEngine"]
 MAX_LOGIT_CELLS = 1 << 26
 #: Sampler exports kept loaded for sampling.
 EXPORT_CACHE_SIZE = 4
-CHECKPOINT_TYPES = ("base", "delta", "merged_base")
 #: Names reported by ``supported_models`` for stand-ins (any name is accepted).
 _ADVERTISED = (
     "accounts/fireworks/models/qwen3-8b",
@@ -135,6 +134,7 @@ class TorchEngine(Engine):
     """
 
     name = "torch"
+    checkpoint_types = ("base", "delta", "merged_base")
 
     def __init__(
         self,
@@ -445,9 +445,10 @@ class TorchEngine(Engine):
         with self._lock:
             model = self._model(model_id)
             kind = str(checkpoint_type).lower()
-            if kind not in CHECKPOINT_TYPES:
+            if kind not in self.checkpoint_types:
                 raise UserError(
-                    f"checkpoint_type {checkpoint_type!r} is not one of {list(CHECKPOINT_TYPES)}"
+                    f"checkpoint_type {checkpoint_type!r} is not one of "
+                    f"{list(self.checkpoint_types)}"
                 )
             if kind == "merged_base" and model.lora is None:
                 raise UserError("checkpoint_type 'merged_base' needs a LoRA model")

@@ -27,6 +27,8 @@ import attrs
 import tinker
 import torch
 
+from firetitan.local.engine import optim_metrics
+
 __all__ = ["AdamW", "Window"]
 
 
@@ -111,13 +113,13 @@ class AdamW:
         torch._foreach_addcdiv_(params, exp_avg, denom, -lr / bias1)
 
         torch._foreach_zero_(grads)
-        metrics = {
-            "grad_norm:global": norm,
-            "lr": lr,
-            "step": float(self.step),
-            "loss_tokens:sum": float(window.loss_tokens),
-            "sequences:sum": float(window.sequences),
-        }
+        metrics = optim_metrics(
+            step=self.step,
+            learning_rate=lr,
+            loss_tokens=window.loss_tokens,
+            sequences=window.sequences,
+            grad_norm=norm,
+        )
         window.reset()
         return metrics
 

@@ -10,9 +10,10 @@ unmodified logits, whatever ``temperature``, ``top_k`` and ``top_p`` do to the c
 They therefore equal what `forward` computes for the same tokens, which is what an RL
 loss needs as ``logprobs`` when sampling at temperature 1.
 
-Stopping: ``stop=None`` stops at the tokenizer's end-of-sequence token; ``[]`` never
-stops early; token ids stop when generated; strings stop once the decoded text of the
-generated tokens contains them. The token that completes a stop is kept in the output
+Stopping, as tinker's ``SamplingParams`` documents it: only ``stop=[]`` turns the
+tokenizer's end-of-sequence token off (and then nothing stops early); ``None`` and every
+non-empty ``stop`` keep it. Token ids stop when generated; strings stop once the decoded
+text of the generated tokens contains them. The token that completes a stop is kept in the output
 and the reason is ``"stop"``; running out of ``max_tokens`` (or of context) gives
 ``"length"``.
 """
@@ -65,10 +66,10 @@ def plan_sampling(
     stop_ids: set[int] = set()
     stop_strings: list[str] = []
     stop = params.stop
-    if stop is None:
-        if tokenizer.eos_token_id is not None:
-            stop_ids.add(tokenizer.eos_token_id)
-    else:
+    keeps_eos = stop is None or isinstance(stop, str) or len(stop) > 0
+    if keeps_eos and tokenizer.eos_token_id is not None:
+        stop_ids.add(tokenizer.eos_token_id)
+    if stop is not None:
         for item in [stop] if isinstance(stop, str) else list(stop):
             if isinstance(item, str):
                 stop_strings.append(item)
