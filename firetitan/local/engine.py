@@ -33,7 +33,7 @@ import attrs
 import tinker
 
 from firetitan.local import rules
-from firetitan.local.rules import Limits, LossRequest, UserError
+from firetitan.local.rules import Limits, LossRequest, SamplingRequest, UserError
 
 __all__ = [
     "Engine",
@@ -41,6 +41,7 @@ __all__ = [
     "LossRequest",
     "ModelSpec",
     "SampleSource",
+    "SamplingRequest",
     "UserError",
     "optim_metrics",
 ]
@@ -211,10 +212,11 @@ class Engine(abc.ABC):
             raise UserError("sample needs exactly one of export_dir, model_id, base_model")
         if source.model_id is not None:
             self._require_model(source.model_id)
-        rules.check_sampling(prompt, num_samples, params, self.source_limits(source))
-        return self.compute_sample(
-            source, prompt, num_samples, params, prompt_logprobs=prompt_logprobs
+        limits = self.source_limits(source)
+        request = rules.check_sampling(
+            prompt, num_samples, params, limits, prompt_logprobs=prompt_logprobs
         )
+        return self.compute_sample(source, request)
 
     def _require_model(self, model_id: str) -> ModelSpec:
         spec = self.model_spec(model_id)
@@ -251,15 +253,9 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def compute_sample(
-        self,
-        source: SampleSource,
-        prompt: Sequence[int],
-        num_samples: int,
-        params: tinker.SamplingParams,
-        *,
-        prompt_logprobs: bool,
+        self, source: SampleSource, request: SamplingRequest
     ) -> tinker.SampleResponse:
-        """Generate from checked inputs."""
+        """Generate from a checked request."""
 
     # ------------------------------------------------------------------ checkpoints
 

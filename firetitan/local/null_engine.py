@@ -32,6 +32,7 @@ from firetitan.local.engine import (
     LossRequest,
     ModelSpec,
     SampleSource,
+    SamplingRequest,
     UserError,
     optim_metrics,
 )
@@ -215,16 +216,11 @@ class NullEngine(Engine):
     # ------------------------------------------------------------------ sampling
 
     def compute_sample(
-        self,
-        source: SampleSource,
-        prompt: Sequence[int],
-        num_samples: int,
-        params: tinker.SamplingParams,
-        *,
-        prompt_logprobs: bool,
+        self, source: SampleSource, request: SamplingRequest
     ) -> tinker.SampleResponse:
         step = self._source_step(source)
-        tokens = np.asarray(prompt, dtype=np.int64)
+        params, num_samples = request.params, request.num_samples
+        tokens = np.asarray(request.prompt, dtype=np.int64)
         max_tokens = 16 if params.max_tokens is None else params.max_tokens
         stops = _stop_tokens(params.stop)
         sequences = []
@@ -247,7 +243,7 @@ class NullEngine(Engine):
                 )
             )
         prompt_lp: F32 | None = None
-        if prompt_logprobs:
+        if request.prompt_logprobs:
             rng = self._rng("prompt", step, tokens.tobytes())
             prompt_lp = _fake_logprobs(rng, tokens.shape)
             if prompt_lp.size:

@@ -38,6 +38,7 @@ __all__ = [
     "LossConfig",
     "LossRequest",
     "LossSpec",
+    "SamplingRequest",
     "UserError",
     "check_adam_params",
     "check_loss_request",
@@ -599,9 +600,31 @@ def normalization_mode(value: object) -> str:
 # --------------------------------------------------------------------------- sampling
 
 
+@attrs.frozen(kw_only=True)
+class SamplingRequest:
+    """A checked sampling request, what engines generate from.
+
+    Attributes:
+        prompt: The prompt's token ids (in the vocabulary, shorter than the context).
+        num_samples: How many sequences, at least 1.
+        params: Checked sampling parameters.
+        prompt_logprobs: Also score the prompt.
+    """
+
+    prompt: list[int]
+    num_samples: int
+    params: tinker.SamplingParams
+    prompt_logprobs: bool = False
+
+
 def check_sampling(
-    prompt: Sequence[int], num_samples: int, params: tinker.SamplingParams, limits: Limits
-) -> None:
+    prompt: Sequence[int],
+    num_samples: int,
+    params: tinker.SamplingParams,
+    limits: Limits,
+    *,
+    prompt_logprobs: bool = False,
+) -> SamplingRequest:
     """Check a sampling request against the model it samples from.
 
     Raises:
@@ -639,3 +662,9 @@ def check_sampling(
                     f"sampling_params.stop entries must be token ids or non-empty strings, "
                     f"got {item!r}"
                 )
+    return SamplingRequest(
+        prompt=list(prompt),
+        num_samples=num_samples,
+        params=params,
+        prompt_logprobs=prompt_logprobs,
+    )

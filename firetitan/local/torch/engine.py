@@ -32,7 +32,15 @@ import tinker
 import torch
 from torch import nn
 
-from firetitan.local.engine import Engine, Limits, LossRequest, ModelSpec, SampleSource, UserError
+from firetitan.local.engine import (
+    Engine,
+    Limits,
+    LossRequest,
+    ModelSpec,
+    SampleSource,
+    SamplingRequest,
+    UserError,
+)
 from firetitan.local.rules import DatumArrays, LossConfig, non_finite_loss, unknown_model
 from firetitan.local.torch import exports, state
 from firetitan.local.torch.inputs import collate, split_by_budget
@@ -504,31 +512,25 @@ class TorchEngine(Engine):
     # ----------------------------------------------------------------- sampling
 
     def compute_sample(
-        self,
-        source: SampleSource,
-        prompt: Sequence[int],
-        num_samples: int,
-        params: tinker.SamplingParams,
-        *,
-        prompt_logprobs: bool,
+        self, source: SampleSource, request: SamplingRequest
     ) -> tinker.SampleResponse:
         with self._lock:
             module, default_rng = self._sample_module(source)
-            plan = plan_sampling(
-                prompt, params, tokenizer=self._tokenizer, context=_limits(module).context_length
-            )
+            context = _limits(module).context_length
+            prompt = request.prompt
+            plan = plan_sampling(prompt, request.params, tokenizer=self._tokenizer, context=context)
             generator = default_rng if plan.seed is None else self._generator(plan.seed)
             self._sample_calls += 1
             return generate(
                 module,
                 prompt,
-                num_samples,
+                request.num_samples,
                 plan,
                 generator=generator,
                 tokenizer=self._tokenizer,
                 device=self.device,
                 autocast=self._autocast(),
-                prompt_logprobs=prompt_logprobs,
+                prompt_logprobs=request.prompt_logprobs,
                 id_prefix=f"s{self._sample_calls}",
             )
 
