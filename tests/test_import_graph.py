@@ -1,6 +1,8 @@
 """No import circles in firetitan: the modules' run-time imports form a DAG.
 
-Imports under ``if TYPE_CHECKING:`` are left out (annotations only, never executed);
+Imports under ``if TYPE_CHECKING:`` are left out: they are never executed, and the async
+clients need them to annotate each other (the facade generator reads those annotations
+to wrap results into their twins);
 imports inside functions are left out too (they run after every module is loaded).
 ``from package import name`` counts as importing ``package.name`` when that is a module.
 """
