@@ -21,6 +21,7 @@ from firetitan._portal import Portal, get_portal, register_twin, rewrap, wrap_tw
 from firetitan._types import GradAccNormalization, SaveSamplerResult
 
 if TYPE_CHECKING:
+    from firetitan._sync.deployment import Deployment
     from firetitan._sync.sampling import SamplingClient
 
 __all__ = ["FiretitanTrainingClient"]
@@ -37,6 +38,13 @@ class FiretitanTrainingClient:
     base-only variants). RPC methods return an `APIFuture` at once and run on the
     trainer in call order, pipelined: no call waits for an earlier result before it is
     sent. They may be called from any thread.
+
+    Invalid arguments (an empty batch, an unknown normalization, a dict for
+    `tinker.AdamParams`, ...) raise ValueError or TypeError at the call, before anything
+    is sent, on the blocking facade exactly as here; what fails on the trainer arrives
+    through the future. The coroutine methods (``save_weights_for_sampler_ext``,
+    ``save_weights_and_get_sampling_client``) take their place in the call order when
+    their coroutine starts running (awaited, or scheduled as a task), not when called.
     """
 
     __slots__ = ("__weakref__", "_inner", "_portal")
@@ -131,6 +139,7 @@ class FiretitanTrainingClient:
             TypeError: ``data`` is not a sequence of `tinker.Datum`.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._inner._check_forward(data, loss_fn, loss_fn_config, deadline=deadline)
         return self._portal.start(
             self._inner.forward,
             data,
@@ -168,6 +177,7 @@ class FiretitanTrainingClient:
             TypeError: ``data`` is not a sequence of `tinker.Datum`.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._inner._check_forward_backward(data, loss_fn, loss_fn_config, deadline=deadline)
         return self._portal.start(
             self._inner.forward_backward,
             data,
@@ -214,6 +224,12 @@ class FiretitanTrainingClient:
             TypeError: ``loss_fn`` is not callable.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._inner._check_forward_backward_custom(
+            data,
+            loss_fn,
+            precomputed_forward,
+            deadline=deadline,
+        )
         return self._portal.start(
             self._inner.forward_backward_custom,
             data,
@@ -248,6 +264,11 @@ class FiretitanTrainingClient:
             TypeError: ``adam_params`` is not a `tinker.AdamParams`.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._inner._check_optim_step(
+            adam_params,
+            grad_accumulation_normalization,
+            deadline=deadline,
+        )
         return self._portal.start(
             self._inner.optim_step,
             adam_params,
@@ -278,6 +299,7 @@ class FiretitanTrainingClient:
             ValueError: An invalid name or TTL.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._inner._check_save_state(name, ttl_seconds, deadline=deadline)
         return self._portal.start(self._inner.save_state, name, ttl_seconds, deadline=deadline)
 
     def load_state(
@@ -301,6 +323,7 @@ class FiretitanTrainingClient:
             ValueError: An invalid path (checked before anything is sent).
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._inner._check_load_state(path, deadline=deadline)
         return self._portal.start(self._inner.load_state, path, deadline=deadline)
 
     def load_state_with_optimizer(
@@ -324,6 +347,7 @@ class FiretitanTrainingClient:
             ValueError: An invalid path (checked before anything is sent).
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._inner._check_load_state_with_optimizer(path, deadline=deadline)
         return self._portal.start(self._inner.load_state_with_optimizer, path, deadline=deadline)
 
     def resolve_checkpoint_path(self, name: str, source_job_id: str | None = None) -> str:
@@ -343,6 +367,10 @@ class FiretitanTrainingClient:
 
     def list_checkpoints(self) -> list[str]:
         """List the trainer's saved training-state checkpoints.
+
+        This is a plain request, not part of the call order: it lists what the trainer
+        has saved when the request arrives, so a `save_state` still in flight may be
+        missing. Wait for the `save_state` future first to see it.
 
         Returns:
             The checkpoint names, sorted.
@@ -366,10 +394,13 @@ class FiretitanTrainingClient:
         Args:
             name: The export's base name; the client appends its 8-hex `session_id`.
             ttl_seconds: Delete the export after this many seconds; None keeps it.
-            checkpoint_type: ``"base"`` (full weights), ``"delta"`` (difference to
-                the previous export) or ``"merged_base"``; case-insensitive. None
-                picks ``base`` for LoRA, and for full-parameter models ``base`` for
-                this client's first export and ``delta`` afterwards.
+            checkpoint_type: ``"base"`` (full weights), ``"delta"`` (the difference
+                to this model's previous export) or ``"merged_base"``; case-insensitive.
+                A ``delta`` requested as the model's first export (none to differ
+                from, e.g. right after a resume) is written with the full weights, and
+                its metadata says so. None picks ``base`` for LoRA, and for
+                full-parameter models ``base`` for this client's first export and
+                ``delta`` afterwards.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 
@@ -380,6 +411,12 @@ class FiretitanTrainingClient:
             ValueError: An invalid name, TTL or checkpoint type.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._inner._check_save_weights_for_sampler(
+            name,
+            ttl_seconds,
+            checkpoint_type=checkpoint_type,
+            deadline=deadline,
+        )
         return self._portal.start(
             self._inner.save_weights_for_sampler,
             name,
@@ -395,6 +432,10 @@ class FiretitanTrainingClient:
         ttl_seconds: int | None = None,
     ) -> SaveSamplerResult:
         """Export the current weights for sampling and wait until the export exists.
+
+        The export is queued when the coroutine starts running (on the blocking facade:
+        at the call), so it follows every call made before that and precedes every
+        call made after.
 
         Args:
             name: The export's base name; the client appends its 8-hex `session_id`.
@@ -420,6 +461,10 @@ class FiretitanTrainingClient:
     def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
         """Export the current weights and return a sampling client for them.
 
+        With a deployment configured on the service client, the export is a delta
+        only when the deployment holds the export it applies to (a base otherwise),
+        and it is hot-loaded before the client is returned.
+
         Args:
             name: The export's base name; None picks ``sampler-<n>``.
 
@@ -428,10 +473,53 @@ class FiretitanTrainingClient:
 
         Raises:
             RequestFailedError: The trainer could not export.
+            HotLoadError: The deployment did not load it.
             ClientClosedError: The client was closed or its model unloaded.
         """
         result = self._portal.call(self._inner.save_weights_and_get_sampling_client, name)
         return cast("SamplingClient", wrap_twin(self._portal, result))
+
+    def create_sampling_client(self, model_path: str) -> SamplingClient:
+        """A sampling client on a sampler export: the service client's
+        `create_sampling_client`, on a deployment when one is configured."""
+        result = self._portal.call(self._inner.create_sampling_client, model_path)
+        return cast("SamplingClient", wrap_twin(self._portal, result))
+
+    @property
+    def last_sampler_snapshot(self) -> str | None:
+        """The snapshot name of this client's latest finished base or delta export: the
+        one the trainer diffs its next delta against."""
+        return self._inner.last_sampler_snapshot
+
+    def delta_base(self, snapshot: str) -> tuple[bool, str | None]:
+        """Whether ``snapshot`` is one of this client's exports, and if so the snapshot
+        it is a delta on (None for a base export)."""
+        return self._inner.delta_base(snapshot)
+
+    def next_checkpoint_type(self, deployment: Deployment) -> str:
+        """``delta`` if the next export may be a delta for ``deployment``, else ``base``.
+
+        A delta is possible only for full-parameter training, and only when every
+        replica serves the export the trainer will diff it against; anything else (a
+        fresh client, an export the deployment never loaded, a replica elsewhere)
+        needs a base. Asking the deployment, not remembering, is what lets a loop
+        resume after a restart.
+
+        Raises:
+            APIError: The deployment could not answer.
+        """
+        return self._portal.call(self._inner.next_checkpoint_type, deployment._inner)
+
+    def get_tokenizer(self) -> Any:
+        """The tokenizer of this model: the one configured on the service client (or
+        its deployment), else the one the trainer names (`ByteTokenizer` for the local
+        trainer's stand-ins). Loaded once.
+
+        Raises:
+            ImportError: A Hugging Face tokenizer without ``transformers`` installed.
+            OSError: ``transformers`` could not find it.
+        """
+        return self._portal.call(self._inner.get_tokenizer)
 
     def get_info(self) -> ttypes.GetInfoResponse:
         """Describe the model (architecture, name, tokenizer, LoRA rank).

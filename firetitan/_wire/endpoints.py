@@ -1,10 +1,14 @@
 """The one endpoint table: every HTTP endpoint of the trainer protocol, named once.
 
 The client core calls endpoints through this table (``endpoints.FORWARD.path``) and the
-local trainer builds its routes from it (`ALL`), with one handler per `Endpoint.name`;
-``tests/test_endpoints.py`` fails when an endpoint has no handler or, for those the
-client calls, no client call. Adding an RPC: a row here, its request class and decoder
-(``requests.py``, ``request_decoders.py``), a client method, a server handler.
+local trainer builds its routes from the trainer's rows (`TRAINER`), with one handler
+per `Endpoint.name`; ``tests/test_endpoints.py`` fails when a trainer endpoint has no
+handler or, for those the client calls, no client call. The rows served by an
+inference deployment (`Endpoint.server` ``"deployment"``, spec/deployment.md) are the
+hot-load, completions and account endpoints the deployment client calls.
+
+Adding an RPC: a row here, its request class and decoder (``requests.py``,
+``request_decoders.py``), a client method, a server handler.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ __all__ = [
     "ASAMPLE",
     "BY_NAME",
     "CLIENT_CONFIG",
+    "COMPLETIONS",
     "CREATE_MODEL",
     "CREATE_SAMPLING_SESSION",
     "CREATE_SESSION",
@@ -33,6 +38,9 @@ __all__ = [
     "GET_SAMPLER",
     "GET_SERVER_CAPABILITIES",
     "HEALTHZ",
+    "HOT_LOAD",
+    "HOT_LOAD_STATUS",
+    "LIST_ACCOUNTS",
     "LIST_CHECKPOINTS",
     "LOAD_WEIGHTS",
     "OPTIM_STEP",
@@ -41,6 +49,7 @@ __all__ = [
     "SAVE_WEIGHTS_FOR_SAMPLER",
     "SESSION_HEARTBEAT",
     "TELEMETRY",
+    "TRAINER",
     "UNLOAD_MODEL",
     "Endpoint",
 ]
@@ -62,6 +71,7 @@ class Endpoint:
             (futures only).
         client: The firetitan client calls it (the others serve tinker, operators or
             tests).
+        server: Who serves it: the ``"trainer"`` or an inference ``"deployment"``.
     """
 
     name: str
@@ -71,6 +81,7 @@ class Endpoint:
     future: bool = False
     request_type: str = ""
     client: bool = True
+    server: Literal["trainer", "deployment"] = "trainer"
 
     @property
     def decode(self) -> RequestDecoder | None:
@@ -119,7 +130,24 @@ GET_SAMPLER: Final = _get("get_sampler", "samplers/{sampling_session_id}", clien
 # The local trainer's own (served only with ``debug_endpoints``).
 DEBUG_EXECUTION_LOG: Final = _get("debug_execution_log", "debug/execution_log", client=False)
 
+# An inference deployment's (spec/deployment.md): hot-loading snapshots, completions,
+# and the control plane's account lookup.
+HOT_LOAD: Final = Endpoint(
+    name="hot_load", method="POST", path="/hot_load/v1/models/hot_load", server="deployment"
+)
+HOT_LOAD_STATUS: Final = Endpoint(
+    name="hot_load_status", method="GET", path="/hot_load/v1/models/hot_load", server="deployment"
+)
+COMPLETIONS: Final = Endpoint(
+    name="completions", method="POST", path="/inference/v1/completions", server="deployment"
+)
+LIST_ACCOUNTS: Final = Endpoint(
+    name="list_accounts", method="GET", path="/v1/accounts", server="deployment"
+)
+
 ALL: Final[tuple[Endpoint, ...]] = tuple(
     value for value in list(globals().values()) if isinstance(value, Endpoint)
 )
+#: The endpoints the trainer serves (the local trainer's routes).
+TRAINER: Final[tuple[Endpoint, ...]] = tuple(e for e in ALL if e.server == "trainer")
 BY_NAME: Final[dict[str, Endpoint]] = {endpoint.name: endpoint for endpoint in ALL}

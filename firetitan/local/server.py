@@ -308,14 +308,14 @@ class TrainerServer:
                 handlers[endpoint.name],
                 **({"allow_head": False} if endpoint.method == "GET" else {}),
             )
-            for endpoint in endpoints.ALL
+            for endpoint in endpoints.TRAINER
             if endpoint is not endpoints.DEBUG_EXECUTION_LOG or self.config.debug_endpoints
         ]
         app.add_routes(routes)
         return app
 
     def handlers(self) -> dict[str, Handler]:
-        """The handler of every endpoint of `endpoints.ALL`, by endpoint name."""
+        """The handler of every endpoint of `endpoints.TRAINER`, by endpoint name."""
         return {
             "client_config": self._client_config,
             "dynamic_config": self._dynamic_config,
