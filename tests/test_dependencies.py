@@ -32,7 +32,8 @@ def _imported_distributions() -> dict[str, set[str]]:
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if top == "firetitan" or top in sys.stdlib_module_names:
+                # _typeshed: the standard library's type stubs (for annotations only)
+                if top in ("firetitan", "_typeshed") or top in sys.stdlib_module_names:
                     continue
                 # google is a namespace that several distributions share
                 dists = ["protobuf"] if name.startswith("google.protobuf") else owners.get(top)

@@ -64,6 +64,10 @@ M = TypeVar("M", bound=pydantic.BaseModel)
 _CHECKPOINT_TYPES = ("base", "delta", "merged_base")
 # Rough JSON size of one number in a request body; used to decide off-loop encoding.
 _BYTES_PER_NUMBER = 10
+#: A large batch of a model with nothing in flight is encoded on the loop up to this many
+#: times `Limits.offload_bytes` (estimated): a few milliseconds of encoding, short
+#: enough not to hold up other clients' polls on a shared loop.
+_INLINE_WHEN_IDLE = 32
 
 
 class AsyncFiretitanTrainingClient:
@@ -76,11 +80,12 @@ class AsyncFiretitanTrainingClient:
     sent. They must be called on the event loop that runs the service client.
 
     Invalid arguments (an empty batch, an unknown normalization, a dict for
-    `tinker.AdamParams`, ...) raise ValueError or TypeError at the call, before anything
-    is sent, on the blocking facade exactly as here; what fails on the trainer arrives
-    through the future. The coroutine methods (``save_weights_for_sampler_ext``,
-    ``save_weights_and_get_sampling_client``) take their place in the call order when
-    their coroutine starts running (awaited, or scheduled as a task), not when called.
+    `tinker.AdamParams`, ...) raise ValueError or TypeError at the call, and a closed
+    client ClientClosedError, before anything is sent, on the blocking facade exactly as
+    here; what fails on the trainer arrives through the future. The coroutine methods
+    (``save_weights_for_sampler_ext``, ``save_weights_and_get_sampling_client``) take
+    their place in the call order when their coroutine starts running (awaited, or
+    scheduled as a task), not when called.
     """
 
     def __init__(
@@ -217,6 +222,7 @@ class AsyncFiretitanTrainingClient:
         *,
         deadline: float | None = None,
     ) -> None:
+        self._check_open()
         _check_forward_args(data, loss_fn, loss_fn_config)
         self._resolve_deadline(deadline)
 
@@ -353,6 +359,7 @@ class AsyncFiretitanTrainingClient:
         *,
         deadline: float | None = None,
     ) -> None:
+        self._check_open()
         batch = _check_data(data)
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable: loss_fn(data, logprobs_list)")
@@ -443,6 +450,7 @@ class AsyncFiretitanTrainingClient:
         *,
         deadline: float | None = None,
     ) -> None:
+        self._check_open()
         if not isinstance(adam_params, tinker.AdamParams):
             raise TypeError(
                 f"adam_params must be a tinker.AdamParams, got {type(adam_params).__name__}"
@@ -486,6 +494,7 @@ class AsyncFiretitanTrainingClient:
     def _check_save_state(
         self, name: str, ttl_seconds: int | None = None, *, deadline: float | None = None
     ) -> None:
+        self._check_open()
         _names.validate_name(name)
         _check_ttl(ttl_seconds)
         self._resolve_deadline(deadline)
@@ -512,6 +521,7 @@ class AsyncFiretitanTrainingClient:
         return self._load(path, optimizer=False, deadline=deadline)
 
     def _check_load_state(self, path: str, *, deadline: float | None = None) -> None:
+        self._check_open()
         _names.parse_checkpoint_path(path)
         self._resolve_deadline(deadline)
 
@@ -672,6 +682,7 @@ class AsyncFiretitanTrainingClient:
         checkpoint_type: str | None = None,
         deadline: float | None = None,
     ) -> None:
+        self._check_open()
         self._snapshot_name(name)
         _check_ttl(ttl_seconds)
         if checkpoint_type is not None:
@@ -845,6 +856,10 @@ class AsyncFiretitanTrainingClient:
 
     def _check_usable(self) -> None:
         self._transport.check_loop()
+        self._check_open()
+
+    def _check_open(self) -> None:
+        # Plain reads, so the argument checks can run it on the facade's calling thread.
         self._service._check_open()
         if self._closed_reason is not None:
             raise ClientClosedError(f"{self._closed_reason}; create a new training client")
@@ -967,9 +982,23 @@ class AsyncFiretitanTrainingClient:
         def serialise() -> list[bytes]:
             return [template(body) for body in encode()]
 
+        loop = asyncio.get_running_loop()
+        if not self._live and estimate <= _INLINE_WHEN_IDLE * limits.offload_bytes:
+            # Nothing in flight on this model: the worker thread would have no send to
+            # overlap the encoding with, and would only add a hand-off each way (B3's
+            # profile). Failures still reach the call through its future, as from the
+            # thread.
+            failed: asyncio.Future[list[bytes]] = loop.create_future()
+            try:
+                return _Prepared(serialise(), offload=True, protobuf=protobuf)
+            except Exception as exc:
+                failed.set_exception(exc)
+                failed.exception()  # retrieved: the sender reports it through the future
+                return _Prepared(failed, offload=True, protobuf=protobuf)
+
         # Not in self._tasks: a failure here is a user error, reported through the
         # call's future by the sender, and the Call holds the only reference needed.
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(serialise))
+        task = loop.create_task(asyncio.to_thread(serialise))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return _Prepared(task, offload=True, protobuf=protobuf)
 

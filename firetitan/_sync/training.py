@@ -40,11 +40,12 @@ class FiretitanTrainingClient:
     sent. They may be called from any thread.
 
     Invalid arguments (an empty batch, an unknown normalization, a dict for
-    `tinker.AdamParams`, ...) raise ValueError or TypeError at the call, before anything
-    is sent, on the blocking facade exactly as here; what fails on the trainer arrives
-    through the future. The coroutine methods (``save_weights_for_sampler_ext``,
-    ``save_weights_and_get_sampling_client``) take their place in the call order when
-    their coroutine starts running (awaited, or scheduled as a task), not when called.
+    `tinker.AdamParams`, ...) raise ValueError or TypeError at the call, and a closed
+    client ClientClosedError, before anything is sent, on the blocking facade exactly as
+    here; what fails on the trainer arrives through the future. The coroutine methods
+    (``save_weights_for_sampler_ext``, ``save_weights_and_get_sampling_client``) take
+    their place in the call order when their coroutine starts running (awaited, or
+    scheduled as a task), not when called.
     """
 
     __slots__ = ("__weakref__", "_inner", "_portal")

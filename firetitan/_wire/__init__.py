@@ -85,6 +85,8 @@ from firetitan._wire.proto import (
 )
 from firetitan._wire.request_decoders import decode_request
 from firetitan._wire.requests import (
+    SESSION_HEADER,
+    CancelFutureRequest,
     CreateModelRequest,
     CreateSamplingSessionRequest,
     CreateSessionRequest,
@@ -124,6 +126,8 @@ from firetitan._wire.tensors import (
 __all__ = [
     "MAX_DENSE_ELEMENTS",
     "METRIC_REDUCTIONS",
+    "SESSION_HEADER",
+    "CancelFutureRequest",
     "CompleteMetadata",
     "Completion",
     "CompletionStream",

@@ -24,6 +24,7 @@ __all__ = [
     "API_PREFIX",
     "ASAMPLE",
     "BY_NAME",
+    "CANCEL_FUTURE",
     "CLIENT_CONFIG",
     "COMPLETIONS",
     "CREATE_MODEL",
@@ -123,6 +124,7 @@ LIST_CHECKPOINTS: Final = _get("list_checkpoints")
 UNLOAD_MODEL: Final = _post("unload_model", future=True, request_type="Unload model")
 # Futures (§4).
 RETRIEVE_FUTURE: Final = _post("retrieve_future")
+CANCEL_FUTURE: Final = _post("cancel_future")
 # Sampling (tinker's sampling sessions).
 CREATE_SAMPLING_SESSION: Final = _post("create_sampling_session")
 ASAMPLE: Final = _post("asample", future=True, request_type="Sample")

@@ -29,6 +29,7 @@ from firetitan._wire._json import (
     _type_name,
 )
 from firetitan._wire.requests import (
+    CancelFutureRequest,
     CreateModelRequest,
     CreateSamplingSessionRequest,
     CreateSessionRequest,
@@ -281,6 +282,10 @@ def _decode_save_for_sampler(body: dict[str, Any], _: _Budget) -> SaveWeightsFor
     )
 
 
+def _decode_cancel_future(body: dict[str, Any], _: _Budget) -> CancelFutureRequest:
+    return CancelFutureRequest(request_id=_str(_required(body, "request_id", ""), "request_id"))
+
+
 def _decode_session_heartbeat(body: dict[str, Any], _: _Budget) -> SessionHeartbeatRequest:
     _check_type(body, "session_heartbeat", "")
     return SessionHeartbeatRequest(session_id=_str(_required(body, "session_id", ""), "session_id"))
@@ -391,6 +396,7 @@ DECODERS: Final[dict[str, RequestDecoder]] = {
     "load_weights": _decode_load_weights,
     "save_weights_for_sampler": _decode_save_for_sampler,
     "retrieve_future": _decode_retrieve_future,
+    "cancel_future": _decode_cancel_future,
     "session_heartbeat": _decode_session_heartbeat,
     "get_info": _decode_get_info,
     "unload_model": _decode_unload_model,

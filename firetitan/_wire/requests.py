@@ -14,6 +14,8 @@ from firetitan._wire._json import JSON
 from firetitan._wire.tensors import encode_datum, encode_model_input, encode_tensor
 
 __all__ = [
+    "SESSION_HEADER",
+    "CancelFutureRequest",
     "CreateModelRequest",
     "CreateSamplingSessionRequest",
     "CreateSessionRequest",
@@ -30,6 +32,10 @@ __all__ = [
     "UnloadModelRequest",
     "encode_request",
 ]
+
+#: The header in which firetitan's client names its session on every request once the
+#: session is open; the trainer refuses requests for another session's models.
+SESSION_HEADER = "X-Firetitan-Session-Id"
 
 
 # --------------------------------------------------------------------------- requests
@@ -167,6 +173,13 @@ class SaveWeightsForSamplerRequest:
 
 
 @attrs.frozen(kw_only=True)
+class CancelFutureRequest:
+    """The body of the ``cancel_future`` endpoint: drop a request that has not run."""
+
+    request_id: str
+
+
+@attrs.frozen(kw_only=True)
 class SessionHeartbeatRequest:
     """The body of the ``session_heartbeat`` endpoint."""
 
@@ -238,6 +251,7 @@ Request = (
     | LoadWeightsRequest
     | SaveWeightsForSamplerRequest
     | RetrieveFutureRequest
+    | CancelFutureRequest
     | SessionHeartbeatRequest
     | GetInfoRequest
     | UnloadModelRequest
@@ -363,6 +377,10 @@ def _encode_save_for_sampler(r: SaveWeightsForSamplerRequest) -> JSON:
     return body
 
 
+def _encode_cancel_future(r: CancelFutureRequest) -> JSON:
+    return {"request_id": r.request_id}
+
+
 def _encode_session_heartbeat(r: SessionHeartbeatRequest) -> JSON:
     return {"session_id": r.session_id, "type": "session_heartbeat"}
 
@@ -425,6 +443,7 @@ _ENCODERS: Final[dict[type, Callable[[Any], JSON]]] = {
     LoadWeightsRequest: _encode_load_weights,
     SaveWeightsForSamplerRequest: _encode_save_for_sampler,
     RetrieveFutureRequest: _encode_retrieve_future,
+    CancelFutureRequest: _encode_cancel_future,
     SessionHeartbeatRequest: _encode_session_heartbeat,
     GetInfoRequest: _encode_get_info,
     UnloadModelRequest: _encode_unload_model,

@@ -36,6 +36,7 @@ from firetitan.local import rules
 from firetitan.local.rules import Limits, LossRequest, SamplingRequest, UserError
 
 __all__ = [
+    "DEFAULT_MAX_TOKENS",
     "Engine",
     "Limits",
     "LossRequest",
@@ -45,6 +46,9 @@ __all__ = [
     "UserError",
     "optim_metrics",
 ]
+
+#: The ``max_tokens`` a sampling request that leaves it unset gets (and is budgeted as).
+DEFAULT_MAX_TOKENS = 256
 
 
 def optim_metrics(
