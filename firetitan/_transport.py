@@ -217,6 +217,12 @@ class Transport:
     def __reduce__(self) -> NoReturn:
         raise TypeError("a Transport holds live connections and an API key; it cannot be pickled")
 
+    def name_session(self, session_id: str) -> None:
+        """Name the session in every later request (``X-Firetitan-Session-Id``), so that
+        the trainer can refuse this session's model ids coming from anyone else."""
+        self._base_headers[_wire.SESSION_HEADER] = session_id
+        self._body_headers[_wire.SESSION_HEADER] = session_id
+
     # ------------------------------------------------------------------ lifecycle
 
     def check_loop(self) -> asyncio.AbstractEventLoop:

@@ -28,6 +28,7 @@ it with `aclose` when done.
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -42,7 +43,12 @@ from firetitan._async.futures import AsyncAPIFuture, FutureState, resolve_deadli
 from firetitan._async.ordering import ack_request_id
 from firetitan._async.polling import Poller
 from firetitan._config import ClientConfig, resolve_api_key, resolve_base_url
-from firetitan._errors import APIResponseValidationError, ClientClosedError, ClientUsageError
+from firetitan._errors import (
+    APIResponseValidationError,
+    ClientClosedError,
+    ClientUsageError,
+    FiretitanError,
+)
 from firetitan._transport import Transport
 
 if TYPE_CHECKING:
@@ -52,6 +58,8 @@ if TYPE_CHECKING:
 __all__ = ["AsyncSamplingClient"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("firetitan")
 
 _CLONE_STRIDE = 10**9
 
@@ -382,7 +390,8 @@ class AsyncSamplingClient:
         self._live.add(future)
         future._on_finish(lambda: self._live.discard(future))
         task = self._tasks.spawn(run, name=f"firetitan {kind}")
-        future._on_finish(task.cancel)  # cancelling the future stops its request
+        future._on_finish(task.cancel)  # cancelling the future stops its request...
+        future._on_finish(lambda: self._cancel_on_trainer(future))  # ...there too
         return future
 
     def _body(
@@ -419,6 +428,21 @@ class AsyncSamplingClient:
             future._set_result(transform(await sample()))
         except Exception as exc:
             future._set_exception(exc)
+
+    def _cancel_on_trainer(self, future: AsyncAPIFuture[Any]) -> None:
+        """Tell the trainer to drop an abandoned request it acknowledged (best effort:
+        a sample that is already running finishes there, unread)."""
+        if not future.cancelled() or self._transport is None or self._closed:
+            return
+        for request_id in future.request_ids:
+            self._tasks.spawn(self._send_cancel(request_id), name="firetitan cancel_future")
+
+    async def _send_cancel(self, request_id: str) -> None:
+        assert self._transport is not None
+        try:
+            await self._transport.post("/api/v1/cancel_future", {"request_id": request_id})
+        except FiretitanError as exc:  # nothing to undo: the sample stays unread
+            log.debug("firetitan: cancelling %s on the trainer failed: %s", request_id, exc)
 
     async def _run(
         self,

@@ -238,6 +238,7 @@ class AsyncFiretitanServiceClient:
                     "/api/v1/create_session", _wire.encode_request(request)
                 )
                 self._session_id = _session_id(answer)
+                self._transport.name_session(self._session_id)
                 self._check_open()  # closed while opening: no heartbeat for it
                 self._tasks.spawn(self._heartbeat(self._session_id), name="firetitan heartbeat")
                 log.info("firetitan: session %s opened on %s", self._session_id, self.base_url)

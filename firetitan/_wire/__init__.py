@@ -81,6 +81,7 @@ from firetitan._wire.proto import (
 )
 from firetitan._wire.request_decoders import decode_request
 from firetitan._wire.requests import (
+    SESSION_HEADER,
     CreateModelRequest,
     CreateSamplingSessionRequest,
     CreateSessionRequest,
@@ -117,6 +118,7 @@ from firetitan._wire.tensors import (
 __all__ = [
     "MAX_DENSE_ELEMENTS",
     "METRIC_REDUCTIONS",
+    "SESSION_HEADER",
     "CompleteMetadata",
     "Completion",
     "CompletionStream",

@@ -14,6 +14,7 @@ from firetitan._wire._json import JSON
 from firetitan._wire.tensors import encode_datum, encode_model_input, encode_tensor
 
 __all__ = [
+    "SESSION_HEADER",
     "CreateModelRequest",
     "CreateSamplingSessionRequest",
     "CreateSessionRequest",
@@ -27,6 +28,10 @@ __all__ = [
     "SaveWeightsRequest",
     "encode_request",
 ]
+
+#: The header in which firetitan's client names its session on every request once the
+#: session is open; the trainer refuses requests for another session's models.
+SESSION_HEADER = "X-Firetitan-Session-Id"
 
 
 # --------------------------------------------------------------------------- requests

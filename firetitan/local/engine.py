@@ -27,7 +27,17 @@ from typing import Any
 import attrs
 import tinker
 
-__all__ = ["Engine", "ModelSpec", "SampleSource", "UserError", "optim_metrics"]
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "Engine",
+    "ModelSpec",
+    "SampleSource",
+    "UserError",
+    "optim_metrics",
+]
+
+#: The ``max_tokens`` a sampling request that leaves it unset gets (and is budgeted as).
+DEFAULT_MAX_TOKENS = 256
 
 
 def optim_metrics(

@@ -43,7 +43,8 @@ from firetitan._names import parse_checkpoint_path, validate_name
 from firetitan.local import access_log, dialect, tinker_compat, tinker_wire
 from firetitan.local.checkpoints import CheckpointStore, Kind
 from firetitan.local.config import ServerConfig
-from firetitan.local.engine import Engine, ModelSpec, UserError
+from firetitan.local.connections import BodyTimeoutError, ConnectionGuard
+from firetitan.local.engine import DEFAULT_MAX_TOKENS, Engine, ModelSpec, UserError
 from firetitan.local.executor import (
     Encoding,
     ExecutionRecord,
@@ -53,6 +54,7 @@ from firetitan.local.executor import (
     RequestExpiredError,
     Result,
     Run,
+    SequenceLeadError,
     UnknownRequestError,
 )
 from firetitan.local.operations import Operations
@@ -186,7 +188,8 @@ class TrainerServer:
         self.store = store
         self._engine_factory = engine_factory
         self._key = api_key.encode("utf-8")
-        self._executor = Executor(self.config)
+        self._executor = Executor(self.config, private_root=store.root)
+        self._guard = ConnectionGuard(self.config.connection_limits, log)
         self._registry = Registry()
         self._engine: Engine | None = None
         self._ops: Operations | None = None
@@ -230,10 +233,10 @@ class TrainerServer:
                 # Bodies are decompressed by `_read`, under the size limit and with zstd
                 # (which aiohttp would refuse with a plain-text 400).
                 auto_decompress=False,
+                **self._guard.runner_options(),
             )
             await self._runner.setup()
-            site = web.TCPSite(self._runner, host, port)
-            await site.start()
+            await self._guard.site(self._runner, host, port).start()
         except BaseException:
             await self.close()
             raise
@@ -301,12 +304,13 @@ class TrainerServer:
     # ------------------------------------------------------------------ app
 
     def make_app(self) -> web.Application:
-        """The aiohttp application (middlewares: the access log outermost, then JSON
-        errors, then auth)."""
+        """The aiohttp application (middlewares: the connection guard outermost, then
+        the access log, JSON errors, and auth)."""
         app = web.Application(
             middlewares=[access_log.middleware, self._errors_middleware, self._auth_middleware],
             client_max_size=self.config.max_request_bytes,
         )
+        self._guard.install(app)
         app.on_shutdown.append(self._on_shutdown)
         p = API_PREFIX
         routes = [
@@ -329,6 +333,7 @@ class TrainerServer:
             web.get(f"{p}/list_checkpoints", self._list_checkpoints, allow_head=False),
             web.post(f"{p}/unload_model", self._unload_model),
             web.post(f"{p}/retrieve_future", self._retrieve_future),
+            web.post(f"{p}/cancel_future", self._cancel_future),
             web.post(f"{p}/create_sampling_session", self._create_sampling_session),
             web.post(f"{p}/asample", self._asample),
             web.get(f"{p}/samplers/{{sampling_session_id}}", self._sampler, allow_head=False),
@@ -350,6 +355,8 @@ class TrainerServer:
             return _error_response(_bad_request(exc))
         except web.HTTPRequestEntityTooLarge:
             return _error_response(self._too_large())
+        except BodyTimeoutError as exc:
+            return _error_response(Problem(408, str(exc), "RequestTimeoutError"))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -359,6 +366,8 @@ class TrainerServer:
             return _error_response(Problem(503, str(exc), "ServiceUnavailable", retry_after=1))
         except OverloadedError as exc:
             return _error_response(Problem(429, str(exc), "RateLimitError", retry_after=1))
+        except SequenceLeadError as exc:
+            return _error_response(_unprocessable(f"seq_id: {exc}"))
         except Exception as exc:
             # Headers (and so the key) are never logged; the traceback stays server-side.
             log.debug("error handling %s %s", request.method, request.path, exc_info=True)
@@ -466,11 +475,26 @@ class TrainerServer:
         if not self._registry.touch(session_id, self._now()):
             raise _not_found(f"session_id: unknown session {session_id!r}")
 
+    def _check_owner(self, request: web.Request, model_id: str) -> None:
+        """Refuse a request for a model of another session (403), when the sender says
+        which session it is (``X-Firetitan-Session-Id``, sent by firetitan's client;
+        tinker and the Fireworks SDK name no session, so their requests pass)."""
+        sender = request.headers.get(_wire.SESSION_HEADER)
+        record = self._registry.models.get(model_id)
+        if sender is None or record is None or sender == record.session_id:
+            return
+        raise Problem(
+            403,
+            f"model_id: model {model_id!r} belongs to another session than {sender!r}",
+            "PermissionDeniedError",
+        )
+
     # ------------------------------------------------------------------ ordered requests
 
     async def _ordered(
         self,
         endpoint: str,
+        request: web.Request,
         address: tuple[str, int] | None,
         decode: Callable[[], Awaitable[Any]],
         build: Callable[[Any, ModelRecord], Run],
@@ -479,6 +503,7 @@ class TrainerServer:
 
         Args:
             endpoint: The endpoint, for the execution log.
+            request: The HTTP request (for the sender's session).
             address: ``(model_id, seq_id)`` if the body has them (see `_address`).
             decode: Decodes the body (raising `WireError`).
             build: ``build(decoded, record)`` validates what the codec cannot and
@@ -486,6 +511,7 @@ class TrainerServer:
         """
         if address is not None:
             access_log.note(model_id=address[0], seq_id=address[1])
+            self._check_owner(request, address[0])
             known = self._executor.lookup_seq(*address)
             if known is not None:  # a retry (whatever its body): same id, runs once
                 return _ack(known, address[0])
@@ -493,6 +519,7 @@ class TrainerServer:
             decoded = await decode()
             access_log.note(model_id=decoded.model_id, seq_id=decoded.seq_id)
             record = self._model(decoded.model_id)
+            self._check_owner(request, record.model_id)
             if decoded.seq_id < 1:
                 raise _unprocessable(f"seq_id must be >= 1, got {decoded.seq_id}")
             run = build(decoded, record)
@@ -515,7 +542,7 @@ class TrainerServer:
     ) -> web.Response:
         raw, obj = await self._object(request)
         decode = functools.partial(self._decode, endpoint, raw, obj)
-        return await self._ordered(endpoint, _address(obj), decode, build)
+        return await self._ordered(endpoint, request, _address(obj), decode, build)
 
     async def _forward(self, endpoint: str, request: web.Request) -> web.Response:
         if dialect.body_is_protobuf(request.headers):
@@ -533,19 +560,24 @@ class TrainerServer:
         try:
             decoded: _wire.ForwardRequest = await self._off_loop(len(raw), decode, raw)
         except tinker_wire.InvalidForwardData as exc:
-            return self._fail_in_turn(exc)
+            return self._fail_in_turn(request, exc)
         if endpoint == "forward" and not decoded.forward_only:
             decoded = attrs.evolve(decoded, forward_only=True)
         address = (decoded.model_id, decoded.seq_id)
         decoded_already = functools.partial(_ready, decoded)
-        return await self._ordered(endpoint, address, decoded_already, self._forward_work)
+        return await self._ordered(
+            endpoint, request, address, decoded_already, self._forward_work
+        )
 
     def _forward_work(self, req: _wire.ForwardRequest, record: ModelRecord) -> Run:
         return self._operations.forward(req, self._likely_encoding(record.session_id))
 
-    def _fail_in_turn(self, exc: tinker_wire.InvalidForwardData) -> web.Response:
+    def _fail_in_turn(
+        self, request: web.Request, exc: tinker_wire.InvalidForwardData
+    ) -> web.Response:
         """Accept a forward call whose data is invalid and fail it in its turn: its
         future fails (category ``user``) and the model's later requests still run."""
+        self._check_owner(request, exc.model_id)
         known = self._executor.lookup_seq(exc.model_id, exc.seq_id)
         if known is not None:
             return _ack(known, exc.model_id)
@@ -584,7 +616,7 @@ class TrainerServer:
             return self._operations.load_weights(req, self._store_path(req.path, "state", "path"))
 
         decode = functools.partial(self._decode, "load_weights", raw, obj)
-        return await self._ordered("load_weights", _address(obj), decode, build)
+        return await self._ordered("load_weights", request, _address(obj), decode, build)
 
     async def _save_for_sampler(self, request: web.Request) -> web.Response:
         def build(req: _wire.SaveWeightsForSamplerRequest, record: ModelRecord) -> Run:
@@ -660,6 +692,7 @@ class TrainerServer:
     async def _get_info(self, request: web.Request) -> web.Response:
         _raw, obj = await self._object(request)
         record = self._model(_field(obj, "model_id", str))
+        self._check_owner(request, record.model_id)
         if record.state == "failed":
             raise _unprocessable(
                 f"model {record.model_id!r} could not be created: {record.failure}"
@@ -669,6 +702,7 @@ class TrainerServer:
     async def _unload_model(self, request: web.Request) -> web.Response:
         _raw, obj = await self._object(request)
         model_id = _field(obj, "model_id", str)
+        self._check_owner(request, model_id)
         keys = self._idempotency_keys(request, "unload_model")
         # A retry may arrive after the unload finished and the model is gone.
         known = next((k for k in map(self._executor.lookup, keys) if k is not None), None)
@@ -701,6 +735,19 @@ class TrainerServer:
         if encoding == "protobuf":
             return web.Response(body=body, content_type=tinker_wire.PROTOBUF_CONTENT_TYPE)
         return web.Response(body=body, content_type="application/json")
+
+    async def _cancel_future(self, request: web.Request) -> web.Response:
+        """tinker's ``cancel_future`` (and firetitan's, for abandoned samples): drop a
+        request that has not run (`Executor.cancel`)."""
+        _raw, obj = await self._object(request)
+        request_id = _field(obj, "request_id", str)
+        try:
+            cancelled = self._executor.cancel(request_id)
+        except UnknownRequestError as exc:
+            raise _not_found(f"request_id: {exc}") from None
+        except RequestExpiredError as exc:
+            raise Problem(410, f"request_id: {exc}", "GoneError") from None
+        return json_response({"type": "cancel_future", "cancelled": cancelled})
 
     # ------------------------------------------------------------------ sampling
 
@@ -741,6 +788,7 @@ class TrainerServer:
             raise _unprocessable("one of model_path, base_model or sampling_session_id is required")
         if req.num_samples < 1:
             raise _unprocessable(f"num_samples must be >= 1, got {req.num_samples}")
+        self._check_sample_budget(req)
         expect = self._likely_encoding(sampling.session_id if sampling else None)
         run = self._operations.sample(
             req, model_path=model_path, base_model=base_model, expect=expect
@@ -751,6 +799,24 @@ class TrainerServer:
         ids = tinker_compat.sample_sequence_ids(request_id, req.num_samples)
         ack = _wire.FutureAck(request_id=request_id, sample_sequence_ids=ids)
         return json_response(_wire.encode_future_ack(ack))
+
+    def _check_sample_budget(self, req: _wire.SampleRequest) -> None:
+        """Refuse (422) a sampling request larger than one request may be."""
+        most = self.config.max_samples_per_request
+        if req.num_samples > most:
+            raise _unprocessable(
+                f"num_samples is {req.num_samples}; one request may ask for at most {most} "
+                "(max_samples_per_request): send several requests"
+            )
+        max_tokens = req.sampling_params.max_tokens
+        per_sample = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        budget = self.config.max_sampled_tokens_per_request
+        if req.num_samples * per_sample > budget:
+            raise _unprocessable(
+                f"num_samples * max_tokens is {req.num_samples} * {per_sample} = "
+                f"{req.num_samples * per_sample} tokens; one request may generate at most "
+                f"{budget} (max_sampled_tokens_per_request): send several requests"
+            )
 
     async def _sampler(self, request: web.Request) -> web.Response:
         """tinker's ``GET samplers/{id}``: what a sampling session samples from."""

@@ -42,8 +42,10 @@ What tinker expects, and where the trainer serves it:
   token logprobs, stability records) are refused by `check_tinker_options`.
   ``compute_logprobs`` is an ``asample`` with ``prompt_logprobs``; position 0 is NaN.
 
+``cancel_future`` drops a sampling request that has not run (`Executor.cancel`).
+
 Not served, and not called with the flags above: ``retrieve_futures``,
-``cancel_future``, ``join_sampling_session``, ``create_custom_loss``, ``auth/token``,
+``join_sampling_session``, ``create_custom_loss``, ``auth/token``,
 and the REST-only ``training_runs/...``, ``checkpoints``, ``weights_info``,
 ``copy_weights``, ``save_weights_external``, ``sessions/...``.
 """

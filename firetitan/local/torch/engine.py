@@ -349,19 +349,13 @@ class TorchEngine(Engine):
         config = parse_loss_config(loss_fn, loss_fn_config)
         outputs: list[dict[str, tinker.TensorData]] = [{} for _ in datums]
         groups = split_by_budget(datums, MAX_LOGIT_CELLS, vocab)
-        # With several micro-batches, a failure after the first backward must not leave
-        # a partial gradient behind: keep a copy to restore.
-        saved = None
-        if train and len(groups) > 1 and model.optimizer is not None:
-            saved = [g.clone() for g in model.optimizer.grads()]
+        accumulate: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        if train and model.optimizer is not None:
+            accumulate = model.optimizer.accumulating()  # all or nothing
         total = 0.0
-        try:
+        with accumulate:
             for group in groups:
                 total += self._run_group(model, datums, group, loss_fn, config, outputs, train)
-        except BaseException:
-            if saved is not None and model.optimizer is not None:
-                torch._foreach_copy_(model.optimizer.grads(), saved)
-            raise
         tokens = sum(int(d.loss_positions.sum()) for d in datums)
         if train:
             model.window.loss_tokens += tokens
@@ -393,10 +387,16 @@ class TorchEngine(Engine):
             losses = per_datum_loss(loss_fn, lp, batch, config)
             finite = torch.isfinite(losses)
             if not bool(finite.all()):
-                bad = group[int((~finite).nonzero()[0, 0])]
+                row = int((~finite).nonzero()[0, 0])
+                if not bool(torch.isfinite(lp[row]).all()):
+                    raise UserError(
+                        f"datum {group[row]}: the model's log-probabilities are not finite "
+                        "(its weights have grown too large, e.g. from a very large "
+                        "learning_rate; load an earlier checkpoint)"
+                    )
                 raise UserError(
-                    f"datum {bad}: the loss is not finite (check loss_fn_inputs['logprobs'] "
-                    "and ['advantages'])"
+                    f"datum {group[row]}: the loss is not finite (check "
+                    "loss_fn_inputs['logprobs'] and ['advantages'])"
                 )
             loss = losses.sum()
             if train:

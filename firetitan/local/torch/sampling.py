@@ -30,14 +30,12 @@ import tinker
 import torch
 from torch import nn
 
-from firetitan.local.engine import UserError
+from firetitan.local.engine import DEFAULT_MAX_TOKENS, UserError
 from firetitan.local.torch.models import cache_keyword
 from firetitan.local.torch.tokenizer import Tokenizer
 
 __all__ = ["DEFAULT_MAX_TOKENS", "SamplingPlan", "generate", "plan_sampling"]
 
-#: ``max_tokens`` when the request leaves it unset.
-DEFAULT_MAX_TOKENS = 256
 
 
 @attrs.frozen(kw_only=True)
