@@ -36,6 +36,7 @@ from firetitan.local.null_engine import DEFAULT_BASE_MODEL, NullEngine
 from firetitan.local.server import TrainerServer
 
 __all__ = [
+    "DEFAULT_BASE_MODEL",
     "ExecutionRecord",
     "LocalDeployment",
     "LocalTrainer",

@@ -19,12 +19,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["API_KEY_ENV", "READY_PREFIX", "LocalDeployment"]
+from firetitan.cli_keys import API_KEY_ENV
+
+__all__ = ["READY_PREFIX", "LocalDeployment"]
 
 #: The line prefix ``firetitan deploy`` prints before its base URL once it serves.
 READY_PREFIX = "firetitan local deployment serving at "
-#: Where ``firetitan serve`` and ``firetitan deploy`` read the API key from.
-API_KEY_ENV = "FIRETITAN_API_KEY"
 #: How long a start may take (building the model, importing torch) before it fails.
 START_TIMEOUT_SECONDS = 180.0
 #: How long a stop waits for a graceful exit before killing the child.

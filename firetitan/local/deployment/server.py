@@ -41,6 +41,8 @@ import orjson
 import torch
 from aiohttp import web
 
+from firetitan.local import rules
+from firetitan.local.connections import BodyTimeoutError, ConnectionGuard, ConnectionLimits
 from firetitan.local.deployment.batching import Batcher, Event, Finish, Generation, PromptRows
 from firetitan.local.deployment.completions import (
     CompletionRequest,
@@ -105,6 +107,8 @@ class DeploymentServer:
         max_request_bytes: Largest accepted request body.
         max_batch: Most sequences decoded together.
         max_queued: Most sequences waiting or running; beyond, 429.
+        connection_limits: Head and body timeouts and the connection cap (the
+            trainer's defaults when None).
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class DeploymentServer:
         max_request_bytes: int = 8 * 1024 * 1024,
         max_batch: int = 256,
         max_queued: int = 4096,
+        connection_limits: ConnectionLimits | None = None,
     ) -> None:
         if not api_key:
             raise ValueError("api_key must not be empty")
@@ -134,6 +139,7 @@ class DeploymentServer:
         self._load_task: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._mailbox: _Mailbox | None = None
+        self._guard = ConnectionGuard(connection_limits or ConnectionLimits(), log)
         self.base_url = ""
 
     def __repr__(self) -> str:
@@ -149,10 +155,12 @@ class DeploymentServer:
         """
         self._mailbox = _Mailbox(asyncio.get_running_loop())
         self.batcher.start()
-        self._runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self.make_app(), access_log=None, handle_signals=False, **self._guard.runner_options()
+        )
         try:
             await self._runner.setup()
-            await web.TCPSite(self._runner, host, port).start()
+            await self._guard.site(self._runner, host, port).start()
         except BaseException:
             await self.close()
             raise
@@ -173,6 +181,7 @@ class DeploymentServer:
             middlewares=[self._errors_middleware, self._auth_middleware],
             client_max_size=self._max_request_bytes,
         )
+        self._guard.install(app)
         app.add_routes(
             [
                 web.get("/v1/accounts", self._accounts, allow_head=False),
@@ -193,6 +202,8 @@ class DeploymentServer:
             return await handler(request)
         except Problem as problem:
             return _error(problem)
+        except BodyTimeoutError as exc:
+            return _error(Problem(408, str(exc), "request_timeout"))
         except web.HTTPRequestEntityTooLarge:
             limit = self._max_request_bytes
             return _error(Problem(413, f"request body exceeds {limit} bytes", "too_large"))
@@ -383,15 +394,13 @@ class DeploymentServer:
     ) -> Generation:
         module = snapshot.module
         params = req.sample_params(index)
+        limits = rules.Limits(vocab_size=vocab_size(module), context_length=context_length(module))
         try:
+            checked = rules.check_sampling(req.prompt, 1, params, limits)
             plan = plan_sampling(
-                req.prompt,
-                1,
-                params,
-                tokenizer=self.loader.tokenizer,
-                vocab_size=vocab_size(module),
-                context=context_length(module),
-            )
+                checked.prompt, checked.params, tokenizer=self.loader.tokenizer,
+                context=limits.context_length,
+            )  # fmt: skip
         except UserError as exc:
             raise Problem(400, str(exc), "invalid_request_error") from None
         generator = None
