@@ -1,5 +1,5 @@
-"""``POST /inference/v1/completions``: the request as the deployment reads it, and the
-chunks and bodies it answers with (deployment.md §5).
+"""The completions endpoint (``endpoints.COMPLETIONS``): the request as the deployment
+reads it, and the chunks and bodies it answers with (deployment.md §5).
 
 Prompts are token ids. Every float field accepts JSON integers (tinker's defaults arrive
 as ``1``); ``top_k: 0`` means no limit; ``stop`` is a string (one stop, never split into

@@ -1,13 +1,14 @@
 """The deployment's HTTP face: control plane, hot-load and completions on one origin.
 
-Routes (deployment.md §2, §7):
+Routes (deployment.md §2, §7; paths from the endpoint table, `firetitan._wire.endpoints`):
 
-* ``GET /v1/accounts?pageSize=N``: the one account;
-* ``GET /v1/accounts/{acct}/deployments/{dep}``: the deployment resource, 404 otherwise;
-* ``POST /hot_load/v1/models/hot_load``: load a snapshot (answers when loaded, or
-  after at most `HOT_LOAD_ANSWER_WAIT_SECONDS` with the load going on);
-* ``GET /hot_load/v1/models/hot_load``: the replica's state;
-* ``POST /inference/v1/completions``: SSE stream or one JSON body.
+* ``LIST_ACCOUNTS``: the one account;
+* ``LIST_ACCOUNTS`` + ``/{acct}/deployments/{dep}``: the deployment resource, 404
+  otherwise;
+* ``HOT_LOAD``: load a snapshot (answers when loaded, or after at most
+  `HOT_LOAD_ANSWER_WAIT_SECONDS` with the load going on);
+* ``HOT_LOAD_STATUS``: the replica's state;
+* ``COMPLETIONS``: an SSE stream or one JSON body.
 
 Hot-load targets travel in headers: ``fireworks-deployment`` must name this deployment
 (404 otherwise) and ``fireworks-model``, when sent, its base model (400 otherwise).
@@ -41,6 +42,7 @@ import orjson
 import torch
 from aiohttp import web
 
+from firetitan._wire import endpoints
 from firetitan.local import rules
 from firetitan.local.connections import BodyTimeoutError, ConnectionGuard, ConnectionLimits
 from firetitan.local.deployment.batching import Batcher, Event, Finish, Generation, PromptRows
@@ -64,8 +66,8 @@ log = logging.getLogger("firetitan.local.deployment")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-HOT_LOAD_PATH = "/hot_load/v1/models/hot_load"
-COMPLETIONS_PATH = "/inference/v1/completions"
+HOT_LOAD_PATH = endpoints.HOT_LOAD.path
+COMPLETIONS_PATH = endpoints.COMPLETIONS.path
 _HOT_LOAD_KEYS = frozenset({"identity", "reset_prompt_cache", "incremental_snapshot_metadata"})
 _METADATA_KEYS = frozenset({"previous_snapshot_identity", "compression_format", "checksum_format"})
 #: How long a hot-load POST waits for the load before answering "loading".
@@ -182,14 +184,15 @@ class DeploymentServer:
             client_max_size=self._max_request_bytes,
         )
         self._guard.install(app)
+        accounts = endpoints.LIST_ACCOUNTS.path
         app.add_routes(
             [
-                web.get("/v1/accounts", self._accounts, allow_head=False),
-                web.get("/v1/accounts/{account}/deployments/{deployment}", self._deployment,
+                web.get(accounts, self._accounts, allow_head=False),
+                web.get(f"{accounts}/{{account}}/deployments/{{deployment}}", self._deployment,
                         allow_head=False),
-                web.post(HOT_LOAD_PATH, self._hot_load),
-                web.get(HOT_LOAD_PATH, self._hot_load_status, allow_head=False),
-                web.post(COMPLETIONS_PATH, self._completions),
+                web.post(endpoints.HOT_LOAD.path, self._hot_load),
+                web.get(endpoints.HOT_LOAD_STATUS.path, self._hot_load_status, allow_head=False),
+                web.post(endpoints.COMPLETIONS.path, self._completions),
             ]
         )  # fmt: skip
         return app
