@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+from collections.abc import Callable
 from types import TracebackType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import attrs
 
@@ -44,6 +46,7 @@ __all__ = ["AsyncDeployment"]
 log = logging.getLogger("firetitan.deployment")
 
 _HOT_LOAD = "/hot_load/v1/models/hot_load"
+_COMPLETIONS = "/inference/v1/completions"
 _FIRST_POLL_S = 0.1
 
 
@@ -291,6 +294,21 @@ class AsyncDeployment:
                 )
             await asyncio.sleep(min(interval, remaining))
             interval = min(interval * 2, self._config.poll_interval)
+
+    # ------------------------------------------------------------------ sampling
+
+    async def _complete(
+        self, body: dict[str, Any], fold: Callable[[], _wire.CompletionStream]
+    ) -> _wire.Completion:
+        """One streamed completion, retried (under one ``x-request-id``) and limited
+        by the transport; see `AsyncDeploymentSampler`."""
+        return await self._transport.stream(
+            _COMPLETIONS,
+            body,
+            fold,
+            headers={"x-request-id": secrets.token_hex(16)},
+            limit=self._limit,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
