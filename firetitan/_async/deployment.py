@@ -132,11 +132,9 @@ class AsyncDeployment:
             if self._account is None:
                 answer = await self._transport.get("/v1/accounts?pageSize=2")
                 accounts = answer.get("accounts") if isinstance(answer, dict) else None
-                names = (
-                    [a.get("name") for a in accounts or [] if isinstance(a, dict)]
-                    if isinstance(accounts, list)
-                    else []
-                )
+                if not isinstance(accounts, list):
+                    accounts = []
+                names = [a.get("name") for a in accounts if isinstance(a, dict)]
                 if len(names) != 1 or not isinstance(names[0], str):
                     raise APIResponseValidationError(
                         f"the API key belongs to {len(names)} accounts, not exactly one: "
