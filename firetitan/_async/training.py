@@ -49,6 +49,7 @@ from firetitan._errors import (
 )
 from firetitan._transport import ProtobufBody, Transport
 from firetitan._types import GradAccNormalization, SaveSamplerResult
+from firetitan._wire import endpoints
 
 if TYPE_CHECKING:
     from firetitan._async.sampling import AsyncSamplingClient
@@ -79,11 +80,12 @@ class AsyncFiretitanTrainingClient:
     sent. They must be called on the event loop that runs the service client.
 
     Invalid arguments (an empty batch, an unknown normalization, a dict for
-    `tinker.AdamParams`, ...) raise ValueError or TypeError at the call, before anything
-    is sent, on the blocking facade exactly as here; what fails on the trainer arrives
-    through the future. The coroutine methods (``save_weights_for_sampler_ext``,
-    ``save_weights_and_get_sampling_client``) take their place in the call order when
-    their coroutine starts running (awaited, or scheduled as a task), not when called.
+    `tinker.AdamParams`, ...) raise ValueError or TypeError at the call, and a closed
+    client ClientClosedError, before anything is sent, on the blocking facade exactly as
+    here; what fails on the trainer arrives through the future. The coroutine methods
+    (``save_weights_for_sampler_ext``, ``save_weights_and_get_sampling_client``) take
+    their place in the call order when their coroutine starts running (awaited, or
+    scheduled as a task), not when called.
     """
 
     def __init__(
@@ -220,6 +222,7 @@ class AsyncFiretitanTrainingClient:
         *,
         deadline: float | None = None,
     ) -> None:
+        self._check_open()
         _check_forward_args(data, loss_fn, loss_fn_config)
         self._resolve_deadline(deadline)
 
@@ -324,8 +327,7 @@ class AsyncFiretitanTrainingClient:
         )
         gate: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         backward = Call(
-            kind="forward_backward",
-            request_type="ForwardBackward",
+            endpoint=endpoints.FORWARD_BACKWARD,
             future=future,
             finish=unfilled,
             bodies=None,
@@ -357,6 +359,7 @@ class AsyncFiretitanTrainingClient:
         *,
         deadline: float | None = None,
     ) -> None:
+        self._check_open()
         batch = _check_data(data)
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable: loss_fn(data, logprobs_list)")
@@ -438,9 +441,7 @@ class AsyncFiretitanTrainingClient:
             adam_params=adam_params,
             grad_accumulation_normalization=_normalization(grad_accumulation_normalization),
         )
-        return self._simple_call(
-            "optim_step", "OptimStep", request, ttypes.OptimStepResponse, deadline
-        )
+        return self._simple_call(endpoints.OPTIM_STEP, request, ttypes.OptimStepResponse, deadline)
 
     def _check_optim_step(
         self,
@@ -449,6 +450,7 @@ class AsyncFiretitanTrainingClient:
         *,
         deadline: float | None = None,
     ) -> None:
+        self._check_open()
         if not isinstance(adam_params, tinker.AdamParams):
             raise TypeError(
                 f"adam_params must be a tinker.AdamParams, got {type(adam_params).__name__}"
@@ -486,12 +488,13 @@ class AsyncFiretitanTrainingClient:
             ttl_seconds=_check_ttl(ttl_seconds),
         )
         return self._simple_call(
-            "save_weights", "SaveWeights", request, ttypes.SaveWeightsResponse, deadline
+            endpoints.SAVE_WEIGHTS, request, ttypes.SaveWeightsResponse, deadline
         )
 
     def _check_save_state(
         self, name: str, ttl_seconds: int | None = None, *, deadline: float | None = None
     ) -> None:
+        self._check_open()
         _names.validate_name(name)
         _check_ttl(ttl_seconds)
         self._resolve_deadline(deadline)
@@ -518,6 +521,7 @@ class AsyncFiretitanTrainingClient:
         return self._load(path, optimizer=False, deadline=deadline)
 
     def _check_load_state(self, path: str, *, deadline: float | None = None) -> None:
+        self._check_open()
         _names.parse_checkpoint_path(path)
         self._resolve_deadline(deadline)
 
@@ -556,7 +560,7 @@ class AsyncFiretitanTrainingClient:
             model_id=self._model_id, seq_id=0, path=str(ref), optimizer=optimizer
         )
         return self._simple_call(
-            "load_weights", "LoadWeights", request, ttypes.LoadWeightsResponse, deadline
+            endpoints.LOAD_WEIGHTS, request, ttypes.LoadWeightsResponse, deadline
         )
 
     def resolve_checkpoint_path(self, name: str, source_job_id: str | None = None) -> str:
@@ -593,7 +597,7 @@ class AsyncFiretitanTrainingClient:
             APIError: The trainer could not answer.
         """
         self._check_usable()
-        answer = await self._transport.get("/api/v1/list_checkpoints")
+        answer = await self._transport.get(endpoints.LIST_CHECKPOINTS.path)
         names = answer.get("checkpoints") if isinstance(answer, dict) else None
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise APIResponseValidationError(
@@ -646,8 +650,7 @@ class AsyncFiretitanTrainingClient:
             ttl_seconds=_check_ttl(ttl_seconds),
         )
         future = self._simple_call(
-            "save_weights_for_sampler",
-            "SaveWeightsForSampler",
+            endpoints.SAVE_WEIGHTS_FOR_SAMPLER,
             request,
             ttypes.SaveWeightsForSamplerResponse,
             deadline,
@@ -679,6 +682,7 @@ class AsyncFiretitanTrainingClient:
         checkpoint_type: str | None = None,
         deadline: float | None = None,
     ) -> None:
+        self._check_open()
         self._snapshot_name(name)
         _check_ttl(ttl_seconds)
         if checkpoint_type is not None:
@@ -817,7 +821,8 @@ class AsyncFiretitanTrainingClient:
         """
         self._check_usable()
         answer = await self._transport.post(
-            "/api/v1/get_info", {"model_id": self._model_id, "type": "get_info"}
+            endpoints.GET_INFO.path,
+            _wire.encode_request(_wire.GetInfoRequest(model_id=self._model_id)),
         )
         return validate_model(ttypes.GetInfoResponse, answer)
 
@@ -837,9 +842,11 @@ class AsyncFiretitanTrainingClient:
         self._closed_reason = "the model was unloaded"
         await self._drain()
         answer = await self._transport.post(
-            "/api/v1/unload_model", {"model_id": self._model_id, "type": "unload_model"}
+            endpoints.UNLOAD_MODEL.path,
+            _wire.encode_request(_wire.UnloadModelRequest(model_id=self._model_id)),
         )
-        payload = await self._poller.wait(ack_request_id(answer, "unload_model"), "Unload model")
+        request_id = ack_request_id(answer, "unload_model")
+        payload = await self._poller.wait(request_id, endpoints.UNLOAD_MODEL.request_type)
         response = validate_model(ttypes.UnloadModelResponse, payload)
         await self._shutdown("the model was unloaded")
         self._service._forget(self)
@@ -849,6 +856,10 @@ class AsyncFiretitanTrainingClient:
 
     def _check_usable(self) -> None:
         self._transport.check_loop()
+        self._check_open()
+
+    def _check_open(self) -> None:
+        # Plain reads, so the argument checks can run it on the facade's calling thread.
         self._service._check_open()
         if self._closed_reason is not None:
             raise ClientClosedError(f"{self._closed_reason}; create a new training client")
@@ -867,8 +878,7 @@ class AsyncFiretitanTrainingClient:
 
     def _simple_call(
         self,
-        kind: str,
-        request_type: str,
+        endpoint: endpoints.Endpoint,
         request: _wire.Request,
         model: type[M],
         deadline: float | None,
@@ -876,15 +886,14 @@ class AsyncFiretitanTrainingClient:
         resolved = self._resolve_deadline(deadline)
         bodies = templates([_wire.encode_request(request)])
         # The future is made last: a call that raises leaves nothing pending behind.
-        future: AsyncAPIFuture[M] = self._new_future(kind, resolved)
+        future: AsyncAPIFuture[M] = self._new_future(endpoint.name, resolved)
 
         async def finish(payloads: list[Any]) -> M:
             return validate_model(model, payloads[0])
 
         self._enqueue(
             Call(
-                kind=kind,
-                request_type=request_type,
+                endpoint=endpoint,
                 future=future,
                 finish=finish,
                 bodies=bodies,
@@ -913,8 +922,7 @@ class AsyncFiretitanTrainingClient:
 
         self._enqueue(
             Call(
-                kind=kind,
-                request_type="Forward" if kind == "forward" else "ForwardBackward",
+                endpoint=endpoints.BY_NAME[kind],
                 future=future,
                 finish=finish,
                 bodies=prepared.bodies,

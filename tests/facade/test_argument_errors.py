@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import tinker
 
-from firetitan import AsyncFiretitanServiceClient, FiretitanServiceClient
+from firetitan import AsyncFiretitanServiceClient, ClientClosedError, FiretitanServiceClient
 from firetitan.local import LocalTrainer
 
 from .conftest import BASE_MODEL, datum
@@ -117,3 +117,31 @@ def test_argument_errors_raise_at_the_call_on_both_surfaces(trainer: LocalTraine
     ):
         assert got is kind, f"{name}: {got.__name__}: {message}"
         assert fragment in message, f"{name}: {message}"
+
+
+def test_a_closed_client_refuses_at_the_call_on_both_surfaces(trainer: LocalTrainer) -> None:
+    service = FiretitanServiceClient(base_url=trainer.base_url, api_key=trainer.api_key)
+    tc = service.create_training_client(base_model=BASE_MODEL, lora_rank=0)
+    sc = service.create_sampling_client(base_model=BASE_MODEL)
+    service.close()
+    with pytest.raises(ClientClosedError):
+        tc.forward_backward([datum()], "cross_entropy")  # no future: raised here
+    with pytest.raises(ClientClosedError):
+        tc.optim_step(ADAM)
+    with pytest.raises(ClientClosedError):
+        sc.sample(PROMPT, 1, tinker.SamplingParams())
+
+    async def on_async() -> None:
+        async with AsyncFiretitanServiceClient(
+            base_url=trainer.base_url, api_key=trainer.api_key
+        ) as service:
+            tc = await service.create_training_client(base_model=BASE_MODEL, lora_rank=0)
+            sc = await service.create_sampling_client(base_model=BASE_MODEL)
+        with pytest.raises(ClientClosedError):
+            tc.forward_backward([datum()], "cross_entropy")
+        with pytest.raises(ClientClosedError):
+            tc.optim_step(ADAM)
+        with pytest.raises(ClientClosedError):
+            sc.sample(PROMPT, 1, tinker.SamplingParams())
+
+    asyncio.run(on_async())
