@@ -61,7 +61,7 @@ class ServerConfig:
         max_execution_log_entries: How many executed requests the in-memory execution
             log keeps; the oldest are dropped first, so a trainer that runs for days
             stays flat in memory. The file at ``execution_log_path`` keeps them all.
-        debug_endpoints: Serve ``GET /api/v1/debug/execution_log`` (authenticated).
+        debug_endpoints: Serve the ``debug_execution_log`` endpoint (authenticated).
         head_timeout_seconds: Time a connection has to deliver a complete request head;
             then it gets 408 and is closed.
         body_timeout_seconds: Time a request body has to arrive after its head; then the

@@ -9,8 +9,11 @@ tell which one the client used. Faults are queued per endpoint and consumed in o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
@@ -114,6 +117,8 @@ class FakeDeployment:
         self.completions.append(
             {"body": body, "request_id": request.headers.get("x-request-id"), "peer": peer}
         )
+        if body.get("model") != MODEL:
+            return web.json_response({"error": {"message": "model not found"}}, status=404)
         fault = self.completion_faults.popleft() if self.completion_faults else ""
         if fault.startswith("429") or fault.startswith("503"):
             status, _, after = fault.partition(":")
@@ -170,3 +175,19 @@ class FakeDeployment:
         await send({"choices": [final], "usage": {"completion_tokens": len(generated)}})
         await send("[DONE]")
         return response
+
+
+@contextlib.contextmanager
+def fake_in_thread(replicas: int = 1) -> Iterator[FakeDeployment]:
+    """A `FakeDeployment` served from a thread of its own, for blocking callers."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    fake = asyncio.run_coroutine_threadsafe(FakeDeployment(replicas).start(), loop).result(30)
+    try:
+        yield fake
+    finally:
+        asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()
