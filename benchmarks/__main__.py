@@ -320,10 +320,9 @@ def section_b1(report: Report, results: dict[str, list[dict[str, Any]]], plan: P
             continue
         mine = per_round(results[peer], "wall")
         for other, goal in ((FLOOR, GOAL_B1_FLOOR), (FIREWORKS, GOAL_B1_FIREWORKS)):
-            report.targets.append(Target(
+            report.targets.append(Target.of_rounds(
                 f"B1 {peer_label(peer)} × {peer_label(other)}",
-                ratio(wall[peer], wall.get(other, math.nan)), goal, "×",
-                rounds=round_ratios(mine, per_round(results.get(other, []), "wall")),
+                round_ratios(mine, per_round(results.get(other, []), "wall")), goal, "×",
             ))  # fmt: skip
 
 
@@ -372,11 +371,11 @@ def section_b3(
             ])  # fmt: skip
         for peer in FIRETITAN:
             if peer in by_peer:
-                report.targets.append(Target(
+                report.targets.append(Target.of_rounds(
                     f"B3 client CPU ({build}), {peer_label(peer)} × fireworks-ai",
-                    ratio(cpu[peer], cpu.get(FIREWORKS, math.nan)), GOAL_B3_CPU, "×",
-                    rounds=round_ratios(per_round(by_peer[peer], "cpu"),
-                                        per_round(by_peer.get(FIREWORKS, []), "cpu")),
+                    round_ratios(per_round(by_peer[peer], "cpu"),
+                                 per_round(by_peer.get(FIREWORKS, []), "cpu")),
+                    GOAL_B3_CPU, "×",
                 ))  # fmt: skip
     report.table(
         "B3 large batch",
@@ -452,7 +451,7 @@ def section_b4(report: Report, answers: list[dict[str, Any]], plan: Plan) -> Non
         (median(a["sync_wall"]) - median(a["async_wall"])) * 1e6 for a in answers if a["sync_wall"]
     ]
     report.targets.append(
-        Target("B4 facade extra per call (wall)", extra_wall, GOAL_B4_US, "µs", rounds=by_round)
+        Target.of_rounds("B4 facade extra per call (wall)", by_round, GOAL_B4_US, "µs")
     )
 
 
@@ -505,11 +504,11 @@ def section_b6(report: Report, results: dict[str, list[dict[str, Any]]], plan: P
         ["path", "median step (ms)", "× plain"],
         rows,
     )
-    report.targets.append(Target(
-        "B6 SDK + trainer × plain PyTorch", ratio(step.get("torch-sdk", math.nan), plain),
+    report.targets.append(Target.of_rounds(
+        "B6 SDK + trainer × plain PyTorch",
+        round_ratios(per_round(results.get("torch-sdk", []), "wall"),
+                     per_round(results.get("torch-plain", []), "wall")),
         GOAL_B6, "×",
-        rounds=round_ratios(per_round(results.get("torch-sdk", []), "wall"),
-                            per_round(results.get("torch-plain", []), "wall")),
     ))  # fmt: skip
 
 
