@@ -338,7 +338,7 @@ class Transport:
         """POST a JSON body and return the decoded JSON answer.
 
         Args:
-            path: Endpoint path, e.g. ``/api/v1/forward``.
+            path: Endpoint path (`firetitan._wire.endpoints`).
             body: A JSON-able object, or bytes already encoded.
             pool: ``"poll"`` for long-polls, ``"submit"`` otherwise.
             retry: False sends exactly one attempt (heartbeats).

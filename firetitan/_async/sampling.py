@@ -3,12 +3,12 @@
 Two backends, chosen by the service client's configuration, never by guessing:
 
 * **a trainer** that hosts tinker sampling (the local trainer, tinker-protocol servers):
-  ``sample`` POSTs ``/api/v1/asample`` and long-polls the answer like any future;
+  ``sample`` calls the ``asample`` endpoint and long-polls the answer like any future;
 * **a hot-load deployment** (a service client with ``deployment=``): the snapshot was
   hot-loaded before the client was returned, and ``sample`` streams completions from
   the deployment through `AsyncDeploymentSampler`.
 
-On a trainer, ``sample`` POSTs ``/api/v1/asample`` and long-polls the answer like any future.
+On a trainer, ``sample`` calls the ``asample`` endpoint and long-polls the answer like any future.
 Samples are not ordered, so each call runs as its own task; hundreds of concurrent
 calls share the service client's connection pools, and at most
 ``Limits.max_sample_polls`` of them long-poll at a time.
@@ -50,6 +50,7 @@ from firetitan._errors import (
     FiretitanError,
 )
 from firetitan._transport import Transport
+from firetitan._wire import endpoints
 
 if TYPE_CHECKING:
     from firetitan._async.service import AsyncFiretitanServiceClient
@@ -440,7 +441,8 @@ class AsyncSamplingClient:
     async def _send_cancel(self, request_id: str) -> None:
         assert self._transport is not None
         try:
-            await self._transport.post("/api/v1/cancel_future", {"request_id": request_id})
+            body = _wire.encode_request(_wire.CancelFutureRequest(request_id=request_id))
+            await self._transport.post(endpoints.CANCEL_FUTURE.path, body)
         except FiretitanError as exc:  # nothing to undo: the sample stays unread
             log.debug("firetitan: cancelling %s on the trainer failed: %s", request_id, exc)
 
@@ -455,11 +457,11 @@ class AsyncSamplingClient:
             if self._poller is None:
                 self._poller = Poller(transport, self._config.limits.max_sample_polls)
             future._set_state(FutureState.SENDING)
-            answer = await transport.post("/api/v1/asample", body)
+            answer = await transport.post(endpoints.ASAMPLE.path, body)
             request_id = ack_request_id(answer, "asample")
             future._add_request_id(request_id)
             future._set_state(FutureState.SENT)
-            payload = await self._poller.wait(request_id, "Sample")
+            payload = await self._poller.wait(request_id, endpoints.ASAMPLE.request_type)
             try:
                 response = _wire.decode_sample_response(payload)
             except ValueError as exc:

@@ -62,7 +62,7 @@ class ServerConfig:
         max_execution_log_entries: How many executed requests the in-memory execution
             log keeps; the oldest are dropped first, so a trainer that runs for days
             stays flat in memory. The file at ``execution_log_path`` keeps them all.
-        debug_endpoints: Serve ``GET /api/v1/debug/execution_log`` (authenticated).
+        debug_endpoints: Serve the ``debug_execution_log`` endpoint (authenticated).
         access_log: Log one INFO line per request to the ``firetitan.access`` logger
             (`firetitan.local.access_log`); ``firetitan serve --access-log`` sets it.
         head_timeout_seconds: Time a connection has to deliver a complete request head;

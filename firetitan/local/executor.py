@@ -726,7 +726,10 @@ class Executor:
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "ran %s (model %s, seq %s, request %s) in %.1f ms",
-                job.kind, job.model_id, job.seq_id, job.request_id,
+                job.kind,
+                job.model_id,
+                job.seq_id,
+                job.request_id,
                 1e3 * (time.monotonic() - started),
             )
         self._finish(job, result)

@@ -1,9 +1,11 @@
 """The local trainer's HTTP face: routes, authentication, body limits, JSON errors.
 
-Serves every endpoint of wire.md §11 under ``/api/v1/``, plus what tinker 0.38 needs
-(wire.md §12): protobuf ``forward_backward`` bodies (optionally zstd), protobuf
-results, ``tinker://`` paths, the sampling endpoints (``create_sampling_session``,
-``asample``, ``samplers/{id}``), ``client/dynamic_config`` and ``sessions/{id}/finish``.
+Serves every endpoint of the endpoint table (`firetitan._wire.endpoints`, routes built
+from it, one handler per endpoint name in `TrainerServer.handlers`): wire.md §11, plus
+what tinker 0.38 needs (wire.md §12): protobuf ``forward_backward`` bodies (optionally
+zstd), protobuf results, ``tinker://`` paths, the sampling endpoints
+(``create_sampling_session``, ``asample``, ``get_sampler``), ``dynamic_config`` and
+``finish_session``.
 Where the two client populations differ, `firetitan.local.dialect` decides. Handlers
 only parse, validate and register work; the executor (``executor.py``) decides when
 it runs and ``operations.py`` what it does.
@@ -40,6 +42,7 @@ from aiohttp import web
 
 from firetitan import _wire
 from firetitan._names import parse_checkpoint_path, validate_name
+from firetitan._wire import endpoints
 from firetitan.local import access_log, dialect, tinker_compat, tinker_wire
 from firetitan.local.checkpoints import CheckpointStore, Kind
 from firetitan.local.config import ServerConfig
@@ -60,11 +63,10 @@ from firetitan.local.executor import (
 from firetitan.local.operations import Operations
 from firetitan.local.sessions import ModelRecord, Registry, SamplingSession, model_id_for
 
-__all__ = ["API_PREFIX", "TrainerServer"]
+__all__ = ["TrainerServer"]
 
 log = logging.getLogger("firetitan.local")
 
-API_PREFIX = "/api/v1"
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -136,17 +138,6 @@ _JSON_TYPES = {
     dict: "object",
     type(None): "null",
 }
-
-
-def _field(obj: dict[str, Any], name: str, kind: type[T]) -> T:
-    if name not in obj:
-        raise _wire.WireError(name, "required field is missing")
-    value = obj[name]
-    # bool is an int subclass; a JSON true is never a valid integer field.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        expected = _JSON_TYPES.get(kind, kind.__name__)
-        raise _wire.WireError(name, f"must be a JSON {expected}, got {_json_type(value)}")
-    return value
 
 
 def _json_type(value: object) -> str:
@@ -324,36 +315,49 @@ class TrainerServer:
         )
         self._guard.install(app)
         app.on_shutdown.append(self._on_shutdown)
-        p = API_PREFIX
+        handlers = self.handlers()
+        # GET routes answer GET only (aiohttp would add HEAD to each).
         routes = [
-            web.post(f"{p}/client/config", self._client_config),
-            web.post(f"{p}/client/dynamic_config", self._dynamic_config),
-            web.post(f"{p}/create_session", self._create_session),
-            web.post(f"{p}/session_heartbeat", self._heartbeat),
-            web.post(f"{p}/sessions/{{session_id}}/finish", self._finish_session),
-            web.post(f"{p}/telemetry", self._telemetry),
-            web.get(f"{p}/healthz", self._healthz, allow_head=False),
-            web.get(f"{p}/get_server_capabilities", self._capabilities_handler, allow_head=False),
-            web.post(f"{p}/create_model", self._create_model),
-            web.post(f"{p}/get_info", self._get_info),
-            web.post(f"{p}/forward", functools.partial(self._forward, "forward")),
-            web.post(f"{p}/forward_backward", functools.partial(self._forward, "forward_backward")),
-            web.post(f"{p}/optim_step", self._optim_step),
-            web.post(f"{p}/save_weights", self._save_weights),
-            web.post(f"{p}/load_weights", self._load_weights),
-            web.post(f"{p}/save_weights_for_sampler", self._save_for_sampler),
-            web.get(f"{p}/list_checkpoints", self._list_checkpoints, allow_head=False),
-            web.post(f"{p}/unload_model", self._unload_model),
-            web.post(f"{p}/retrieve_future", self._retrieve_future),
-            web.post(f"{p}/cancel_future", self._cancel_future),
-            web.post(f"{p}/create_sampling_session", self._create_sampling_session),
-            web.post(f"{p}/asample", self._asample),
-            web.get(f"{p}/samplers/{{sampling_session_id}}", self._sampler, allow_head=False),
+            web.route(
+                endpoint.method,
+                endpoint.path,
+                handlers[endpoint.name],
+                **({"allow_head": False} if endpoint.method == "GET" else {}),
+            )
+            for endpoint in endpoints.TRAINER
+            if endpoint is not endpoints.DEBUG_EXECUTION_LOG or self.config.debug_endpoints
         ]
-        if self.config.debug_endpoints:
-            routes.append(web.get(f"{p}/debug/execution_log", self._debug_log, allow_head=False))
         app.add_routes(routes)
         return app
+
+    def handlers(self) -> dict[str, Handler]:
+        """The handler of every endpoint of `endpoints.TRAINER`, by endpoint name."""
+        return {
+            "client_config": self._client_config,
+            "dynamic_config": self._dynamic_config,
+            "create_session": self._create_session,
+            "session_heartbeat": self._heartbeat,
+            "finish_session": self._finish_session,
+            "telemetry": self._telemetry,
+            "healthz": self._healthz,
+            "get_server_capabilities": self._capabilities_handler,
+            "create_model": self._create_model,
+            "get_info": self._get_info,
+            "forward": functools.partial(self._forward, "forward"),
+            "forward_backward": functools.partial(self._forward, "forward_backward"),
+            "optim_step": self._optim_step,
+            "save_weights": self._save_weights,
+            "load_weights": self._load_weights,
+            "save_weights_for_sampler": self._save_for_sampler,
+            "list_checkpoints": self._list_checkpoints,
+            "unload_model": self._unload_model,
+            "retrieve_future": self._retrieve_future,
+            "cancel_future": self._cancel_future,
+            "create_sampling_session": self._create_sampling_session,
+            "asample": self._asample,
+            "get_sampler": self._sampler,
+            "debug_execution_log": self._debug_log,
+        }
 
     @web.middleware
     async def _errors_middleware(
@@ -577,9 +581,7 @@ class TrainerServer:
             decoded = attrs.evolve(decoded, forward_only=True)
         address = (decoded.model_id, decoded.seq_id)
         decoded_already = functools.partial(_ready, decoded)
-        return await self._ordered(
-            endpoint, request, address, decoded_already, self._forward_work
-        )
+        return await self._ordered(endpoint, request, address, decoded_already, self._forward_work)
 
     def _forward_work(self, req: _wire.ForwardRequest, record: ModelRecord) -> Run:
         return self._operations.forward(req, self._likely_encoding(record.session_id))
@@ -662,10 +664,6 @@ class TrainerServer:
         known = self._registry.models.get(model_id)
         if known is not None:  # a retry: (session_id, model_seq_id) identifies the call
             return _ack(known.create_request_id, model_id)
-        if req.model_seq_id < 0:
-            raise _unprocessable(f"model_seq_id must be >= 0, got {req.model_seq_id}")
-        if req.lora_rank < 0:
-            raise _unprocessable(f"lora_config.rank must be >= 0, got {req.lora_rank}")
         if req.projection_head_dim:
             raise _unprocessable("projection_head_dim: projection heads are not supported here")
         spec = ModelSpec(
@@ -702,8 +700,9 @@ class TrainerServer:
         return _ack(record.create_request_id, record.model_id)
 
     async def _get_info(self, request: web.Request) -> web.Response:
-        _raw, obj = await self._object(request)
-        record = self._model(_field(obj, "model_id", str))
+        raw, obj = await self._object(request)
+        req: _wire.GetInfoRequest = await self._decode("get_info", raw, obj)
+        record = self._model(req.model_id)
         self._check_owner(request, record.model_id)
         if record.state == "failed":
             raise _unprocessable(
@@ -712,8 +711,9 @@ class TrainerServer:
         return json_response(await self._operations.get_info(record.model_id))
 
     async def _unload_model(self, request: web.Request) -> web.Response:
-        _raw, obj = await self._object(request)
-        model_id = _field(obj, "model_id", str)
+        raw, obj = await self._object(request)
+        unload: _wire.UnloadModelRequest = await self._decode("unload_model", raw, obj)
+        model_id = unload.model_id
         self._check_owner(request, model_id)
         keys = self._idempotency_keys(request, "unload_model")
         # A retry may arrive after the unload finished and the model is gone.
@@ -751,8 +751,9 @@ class TrainerServer:
     async def _cancel_future(self, request: web.Request) -> web.Response:
         """tinker's ``cancel_future`` (and firetitan's, for abandoned samples): drop a
         request that has not run (`Executor.cancel`)."""
-        _raw, obj = await self._object(request)
-        request_id = _field(obj, "request_id", str)
+        raw, obj = await self._object(request)
+        req: _wire.CancelFutureRequest = await self._decode("cancel_future", raw, obj)
+        request_id = req.request_id
         try:
             cancelled = self._executor.cancel(request_id)
         except UnknownRequestError as exc:
@@ -798,8 +799,6 @@ class TrainerServer:
         base_model = req.base_model or (sampling.base_model if sampling else None)
         if model_path is None and not base_model:
             raise _unprocessable("one of model_path, base_model or sampling_session_id is required")
-        if req.num_samples < 1:
-            raise _unprocessable(f"num_samples must be >= 1, got {req.num_samples}")
         self._check_sample_budget(req)
         expect = self._likely_encoding(sampling.session_id if sampling else None)
         run = self._operations.sample(
@@ -876,8 +875,9 @@ class TrainerServer:
         return json_response({"type": "create_session", "session_id": session_id})
 
     async def _heartbeat(self, request: web.Request) -> web.Response:
-        _raw, obj = await self._object(request)
-        self._session(_field(obj, "session_id", str))
+        raw, obj = await self._object(request)
+        req: _wire.SessionHeartbeatRequest = await self._decode("session_heartbeat", raw, obj)
+        self._session(req.session_id)
         return json_response({"type": "session_heartbeat"})
 
     async def _finish_session(self, request: web.Request) -> web.Response:

@@ -5,7 +5,7 @@ Read from the ``tinker`` 0.38.0 client (``lib/internal_client_holder.py``,
 server tells the two client populations apart lives in `firetitan.local.dialect`;
 protobuf requests are decoded by `firetitan.local.tinker_wire` and protobuf results
 encoded by `firetitan._wire`. This module holds the remaining pure helpers. Paths are
-under ``/api/v1``.
+in `firetitan._wire.endpoints`.
 
 What tinker expects, and where the trainer serves it:
 

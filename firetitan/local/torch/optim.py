@@ -34,9 +34,7 @@ import torch
 
 from firetitan.local.engine import UserError, optim_metrics
 
-__all__ = ["NORMALIZATIONS", "AdamW", "Window", "check_adam_params", "normalization_mode"]
-
-NORMALIZATIONS = ("none", "num_loss_tokens", "num_sequences")
+__all__ = ["AdamW", "Window"]
 
 
 @attrs.define
@@ -49,42 +47,6 @@ class Window:
     def reset(self) -> None:
         self.loss_tokens = 0
         self.sequences = 0
-
-
-def normalization_mode(value: object) -> str:
-    """Normalise ``grad_accumulation_normalization`` (None, a string or a str enum).
-
-    Raises:
-        UserError: The value names no known mode.
-    """
-    if value is None:
-        return "none"
-    mode = str(getattr(value, "value", value)).lower()
-    if mode not in NORMALIZATIONS:
-        raise UserError(
-            f"grad_accumulation_normalization {value!r} is not one of {list(NORMALIZATIONS)}"
-        )
-    return mode
-
-
-def check_adam_params(p: tinker.AdamParams) -> None:
-    """Reject hyperparameters that would corrupt the weights.
-
-    Raises:
-        UserError: A field is non-finite or out of range; the message names it.
-    """
-    checks = {
-        "learning_rate": p.learning_rate >= 0,
-        "beta1": 0 <= p.beta1 < 1,
-        "beta2": 0 <= p.beta2 < 1,
-        "eps": p.eps > 0,
-        "weight_decay": p.weight_decay >= 0,
-        "grad_clip_norm": p.grad_clip_norm >= 0,
-    }
-    for field, ok in checks.items():
-        value = getattr(p, field)
-        if not (math.isfinite(value) and ok):
-            raise UserError(f"adam_params.{field} = {value!r} is out of range")
 
 
 class AdamW:
