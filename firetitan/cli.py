@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deploy.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     deploy.add_argument("--seed", type=int, default=0, help="stand-in seed (as the trainer's)")
+    add_logging_arguments(deploy)
     deploy.set_defaults(func=_cmd_deploy)
 
     demo = commands.add_parser(
@@ -222,6 +223,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level, args.access_log)
     if not _is_loopback(args.host):
         print(
             f"WARNING: binding {args.host}: the deployment is reachable from other machines. "
@@ -268,7 +270,11 @@ async def _deploy(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         server = DeploymentServer(
-            loader, str(api_key), account=args.account, deployment_id=args.deployment_id
+            loader,
+            str(api_key),
+            account=args.account,
+            deployment_id=args.deployment_id,
+            access_log=args.access_log,
         )
     except (OSError, ValueError) as exc:
         print(f"firetitan deploy: cannot start: {exc}", file=sys.stderr)

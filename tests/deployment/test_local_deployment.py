@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -71,3 +72,14 @@ def test_async_context_and_options(tmp_path: Path) -> None:
 def test_a_failed_start_says_why(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="does not exist"):
         LocalDeployment(tmp_path / "missing", QWEN).start()
+
+
+def test_deploy_access_log_names_each_request_never_the_key(tmp_path: Path) -> None:
+    with LocalDeployment(tmp_path, QWEN, access_log=True) as dep:
+        _call(f"{dep.base_url}/v1/accounts?pageSize=2", dep.api_key)
+        with pytest.raises(urllib.error.HTTPError):
+            _call(f"{dep.base_url}/v1/accounts", "wrong-key")
+        output = dep.output()
+    assert "INFO firetitan.access: GET /v1/accounts 200 " in output
+    assert "INFO firetitan.access: GET /v1/accounts 401 " in output
+    assert dep.api_key not in output

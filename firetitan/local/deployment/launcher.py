@@ -49,6 +49,8 @@ class LocalDeployment:
         account: The account id the control plane reports.
         deployment_id: The deployment id.
         seed: The stand-in seed, as the trainer's.
+        access_log: Log one line per request (``firetitan deploy --access-log``), to
+            what `output` returns.
 
     Attributes:
         base_url: One origin for control plane, hot-load and inference.
@@ -68,6 +70,7 @@ class LocalDeployment:
         account: str = "local",
         deployment_id: str = "local-deployment",
         seed: int = 0,
+        access_log: bool = False,
     ) -> None:
         from firetitan.local import generate_api_key
 
@@ -81,6 +84,7 @@ class LocalDeployment:
         self.account = account
         self.deployment_id = deployment_id
         self.seed = seed
+        self.access_log = access_log
         self.model = f"accounts/{account}/deployments/{deployment_id}"
         self.base_url = ""
         self._proc: subprocess.Popen[bytes] | None = None
@@ -140,6 +144,8 @@ class LocalDeployment:
         ]  # fmt: skip
         if self.weights is not None:
             argv += ["--weights", str(self.weights)]
+        if self.access_log:
+            argv.append("--access-log")
         return argv
 
     def start(self) -> None:

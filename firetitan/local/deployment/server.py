@@ -43,7 +43,7 @@ import torch
 from aiohttp import web
 
 from firetitan._wire import endpoints
-from firetitan.local import rules
+from firetitan.local import access_log, rules
 from firetitan.local.connections import BodyTimeoutError, ConnectionGuard, ConnectionLimits
 from firetitan.local.deployment.batching import Batcher, Event, Finish, Generation, PromptRows
 from firetitan.local.deployment.completions import (
@@ -111,6 +111,8 @@ class DeploymentServer:
         max_queued: Most sequences waiting or running; beyond, 429.
         connection_limits: Head and body timeouts and the connection cap (the
             trainer's defaults when None).
+        access_log: Log one INFO line per request to ``firetitan.access``
+            (`firetitan.local.access_log`); ``firetitan deploy --access-log`` sets it.
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class DeploymentServer:
         max_batch: int = 256,
         max_queued: int = 4096,
         connection_limits: ConnectionLimits | None = None,
+        access_log: bool = False,
     ) -> None:
         if not api_key:
             raise ValueError("api_key must not be empty")
@@ -142,6 +145,7 @@ class DeploymentServer:
         self._runner: web.AppRunner | None = None
         self._mailbox: _Mailbox | None = None
         self._guard = ConnectionGuard(connection_limits or ConnectionLimits(), log)
+        self._access_log = access_log
         self.base_url = ""
 
     def __repr__(self) -> str:
@@ -179,11 +183,11 @@ class DeploymentServer:
             await asyncio.gather(self._load_task, return_exceptions=True)
 
     def make_app(self) -> web.Application:
-        app = web.Application(
-            middlewares=[self._errors_middleware, self._auth_middleware],
-            client_max_size=self._max_request_bytes,
-        )
-        self._guard.install(app)
+        middlewares = [self._errors_middleware, self._auth_middleware]
+        if self._access_log:
+            middlewares.insert(0, access_log.middleware)
+        app = web.Application(middlewares=middlewares, client_max_size=self._max_request_bytes)
+        self._guard.install(app)  # outermost
         accounts = endpoints.LIST_ACCOUNTS.path
         app.add_routes(
             [
