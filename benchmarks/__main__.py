@@ -31,6 +31,7 @@ from typing import IO, Any
 
 import attrs
 
+from benchmarks._b8 import run_b8
 from benchmarks._common import (
     B1_TOKENS,
     B3_DATUMS,
@@ -87,6 +88,8 @@ class Plan:
         b6_rounds: Interleaved rounds of B6.
         b6_steps: SFT steps per path and round (B6).
         rl_steps: Demo RL steps profiled (RL), after one warm-up step.
+        b8_rounds: Interleaved rounds of B8 (each peer a fresh process per round).
+        b8_samples: Samples per peer and round (B8).
     """
 
     rounds: int
@@ -100,16 +103,20 @@ class Plan:
     b6_rounds: int
     b6_steps: int
     rl_steps: int
+    b8_rounds: int
+    b8_samples: int
 
 
 # The full plan takes about 6 minutes on 2 cores (8 under load); the budget is 12.
 FULL = Plan(
     rounds=15, b1_calls=120, b2_pairs=200, b3_calls=3, b4_calls=500, b5_rounds=3,
     b5_futures=1000, codec_repeats=9, b6_rounds=12, b6_steps=1, rl_steps=8,
+    b8_rounds=3, b8_samples=1000,
 )  # fmt: skip
 QUICK = Plan(
     rounds=2, b1_calls=15, b2_pairs=200, b3_calls=1, b4_calls=40, b5_rounds=1,
     b5_futures=1000, codec_repeats=2, b6_rounds=3, b6_steps=1, rl_steps=2,
+    b8_rounds=1, b8_samples=200,
 )  # fmt: skip
 
 #: The goals each target is judged against (issue #16).
@@ -641,6 +648,12 @@ def run_rl(run: Run) -> None:
         section_rl(run.report, answers["rl"], run.plan)
 
 
+def run_deployment_sampling(run: Run) -> None:
+    """B8: deployment samplers, each peer a fresh process, on one local deployment."""
+    _progress("B8: deployment samplers on a local deployment (tiny stand-in, CPU)")
+    run_b8(run.report, run.plan.b8_rounds, run.failed, run.plan.b8_samples)
+
+
 #: Every benchmark, by the group that runs it. A group starts the trainer it needs,
 #: runs the benchmarks of its own that were asked for, and adds sections and targets to
 #: `Run.report`. To add a benchmark, write its group (or extend one) and list it here;
@@ -649,6 +662,7 @@ GROUPS: tuple[tuple[tuple[str, ...], Callable[[Run], None]], ...] = (
     (("B1", "B2", "B3", "B4", "B5"), run_null),
     (("B6",), run_b6),
     (("RL",), run_rl),
+    (("B8",), run_deployment_sampling),
 )
 BENCHMARKS = tuple(b for ids, _ in GROUPS for b in ids)
 
