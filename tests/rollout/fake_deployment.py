@@ -18,6 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
+from firetitan._wire import endpoints
+
 KEY = "fake-deployment-key"
 ACCOUNT = "acct"
 DEPLOYMENT = "dep"
@@ -49,10 +51,15 @@ class FakeDeployment:
 
     async def start(self) -> FakeDeployment:
         app = web.Application()
-        app.router.add_get("/v1/accounts", self._accounts)
-        app.router.add_post("/hot_load/v1/models/hot_load", self._hot_load)
-        app.router.add_get("/hot_load/v1/models/hot_load", self._status)
-        app.router.add_post("/inference/v1/completions", self._complete)
+        handlers = {
+            endpoints.LIST_ACCOUNTS: self._accounts,
+            endpoints.HOT_LOAD: self._hot_load,
+            endpoints.HOT_LOAD_STATUS: self._status,
+            endpoints.COMPLETIONS: self._complete,
+        }
+        assert set(handlers) == {e for e in endpoints.ALL if e.server == "deployment"}
+        for endpoint, handler in handlers.items():
+            app.router.add_route(endpoint.method, endpoint.path, handler)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
