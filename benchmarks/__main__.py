@@ -102,9 +102,9 @@ class Plan:
     rl_steps: int
 
 
-# The full plan takes about 6 minutes on 2 cores (8 under load); the budget is 12.
+# The full plan takes about 6 minutes on 2 cores (10 under load); the budget is 12.
 FULL = Plan(
-    rounds=15, b1_calls=120, b2_pairs=200, b3_calls=3, b4_calls=500, b5_rounds=3,
+    rounds=12, b1_calls=120, b2_pairs=200, b3_calls=3, b4_calls=500, b5_rounds=3,
     b5_futures=1000, codec_repeats=9, b6_rounds=12, b6_steps=1, rl_steps=8,
 )  # fmt: skip
 QUICK = Plan(
