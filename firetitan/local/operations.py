@@ -33,6 +33,7 @@ from firetitan.local.executor import (
     success_json,
     success_result,
 )
+from firetitan.local.external import ExternalRequest, encrypt_files
 from firetitan.local.sessions import ModelRecord, Registry, SamplingSession
 from firetitan.local.tinker_compat import mask_prompt_logprobs
 
@@ -74,10 +75,14 @@ def _two_way_result(
     return result
 
 
-def _model_spec_metadata(spec: ModelSpec) -> dict[str, Any]:
+def _model_metadata(record: ModelRecord) -> dict[str, Any]:
     # Recorded in every checkpoint manifest: create-via-load rebuilds the model from
-    # it, and a sampler's base model is read from it.
-    return {"model_spec": attrs.asdict(spec)}
+    # it, a sampler's base model is read from it, and tinker's REST view reports the
+    # training run's user_metadata from it.
+    metadata: dict[str, Any] = {"model_spec": attrs.asdict(record.spec)}
+    if record.user_metadata:
+        metadata["user_metadata"] = dict(record.user_metadata)
+    return metadata
 
 
 class Operations:
@@ -227,10 +232,36 @@ class Operations:
                 request.path,
                 model_id=request.model_id,
                 ttl_seconds=request.ttl_seconds,
-                metadata=_model_spec_metadata(record.spec),
+                metadata=_model_metadata(record),
             ) as directory:
                 self._engine.save_state(request.model_id, directory)
             return success_result({"type": "save_weights", "path": returned_path})
+
+        return self._model_run(request.model_id, work)
+
+    def save_external(
+        self, request: ExternalRequest, record: ModelRecord, returned_path: str
+    ) -> Run:
+        """``save_weights_external``: the model's weights in sampler-export form, for
+        download (`firetitan.local.external`), encrypted when recipients are given."""
+
+        def work() -> Result:
+            metadata = {**_model_metadata(record), "encrypted": bool(request.recipients)}
+            with self._store.write(
+                "external",
+                request.path,
+                model_id=request.model_id,
+                ttl_seconds=request.ttl_seconds,
+                metadata=metadata,
+            ) as directory:
+                self._engine.save_for_sampler(request.model_id, directory, "base", None)
+                if request.recipients:
+                    encrypt_files(directory, request.recipients)
+            files = self._store.files("external", request.path).values()
+            size = sum(p.stat().st_size for p in files)
+            return success_result(
+                {"type": "save_weights_external", "path": returned_path, "size_bytes": size}
+            )
 
         return self._model_run(request.model_id, work)
 
@@ -277,7 +308,7 @@ class Operations:
             metadata: dict[str, Any] = {
                 "checkpoint_type": actual,
                 "requested_checkpoint_type": requested,
-                **_model_spec_metadata(record.spec),
+                **_model_metadata(record),
             }
             if actual != requested:
                 metadata["fallback_reason"] = "no previous export of this model to diff against"

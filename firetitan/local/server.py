@@ -32,6 +32,7 @@ import functools
 import hmac
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
@@ -55,7 +56,9 @@ from firetitan.local.executor import (
     Run,
     UnknownRequestError,
 )
+from firetitan.local.external import ExternalRequest, decode_external_request
 from firetitan.local.operations import Operations
+from firetitan.local.rest import DOWNLOAD_PREFIX, RestApi, RestError
 from firetitan.local.sessions import ModelRecord, Registry, SamplingSession, model_id_for
 
 __all__ = ["API_PREFIX", "TrainerServer"]
@@ -188,6 +191,7 @@ class TrainerServer:
         self._key = api_key.encode("utf-8")
         self._executor = Executor(self.config)
         self._registry = Registry()
+        self._rest = RestApi(store, self._registry, json_response)
         self._engine: Engine | None = None
         self._ops: Operations | None = None
         self._capabilities: list[dict[str, Any]] = []
@@ -326,12 +330,14 @@ class TrainerServer:
             web.post(f"{p}/save_weights", self._save_weights),
             web.post(f"{p}/load_weights", self._load_weights),
             web.post(f"{p}/save_weights_for_sampler", self._save_for_sampler),
+            web.post(f"{p}/save_weights_external", self._save_external),
             web.get(f"{p}/list_checkpoints", self._list_checkpoints, allow_head=False),
             web.post(f"{p}/unload_model", self._unload_model),
             web.post(f"{p}/retrieve_future", self._retrieve_future),
             web.post(f"{p}/create_sampling_session", self._create_sampling_session),
             web.post(f"{p}/asample", self._asample),
             web.get(f"{p}/samplers/{{sampling_session_id}}", self._sampler, allow_head=False),
+            *self._rest.routes(p),
         ]
         if self.config.debug_endpoints:
             routes.append(web.get(f"{p}/debug/execution_log", self._debug_log, allow_head=False))
@@ -346,6 +352,9 @@ class TrainerServer:
             return await handler(request)
         except Problem as problem:
             return _error_response(problem)
+        except RestError as exc:
+            error_class = "NotFoundError" if exc.status == 404 else "BadRequestError"
+            return _error_response(Problem(exc.status, exc.detail, error_class))
         except _wire.WireError as exc:
             return _error_response(_bad_request(exc))
         except web.HTTPRequestEntityTooLarge:
@@ -367,6 +376,11 @@ class TrainerServer:
 
     @web.middleware
     async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(API_PREFIX + DOWNLOAD_PREFIX):
+            # Signed download URLs, fetched without the key (`firetitan.local.rest`).
+            if not self._rest.signed(request):
+                raise Problem(403, "invalid or expired download signature", "PermissionDenied")
+            return await handler(request)
         provided = request.headers.get("X-API-Key")
         if provided is None:
             raise Problem(401, "missing X-API-Key header", "AuthenticationError")
@@ -574,6 +588,16 @@ class TrainerServer:
 
         return await self._ordered_json("save_weights", request, build)
 
+    async def _save_external(self, request: web.Request) -> web.Response:
+        def build(req: ExternalRequest, record: ModelRecord) -> Run:
+            name = _valid_name(req.path, "path")
+            returned = self._client_path(record.session_id, "external", name)
+            return self._operations.save_external(req, record, returned)
+
+        raw, obj = await self._object(request)
+        decode = functools.partial(self._off_loop, len(raw), decode_external_request, obj)
+        return await self._ordered("save_weights_external", _address(obj), decode, build)
+
     async def _load_weights(self, request: web.Request) -> web.Response:
         raw, obj = await self._object(request)
         if obj.get("model_id") is None and obj.get("session_id") is not None:
@@ -634,7 +658,7 @@ class TrainerServer:
             train_unembed=req.train_unembed,
             base_only=req.base_only,
         )
-        record = ModelRecord(model_id, req.session_id, spec)
+        record = ModelRecord(model_id, req.session_id, spec, user_metadata=req.user_metadata)
         return self._add_model(record, "create_model", self._operations.create_model(record))
 
     def _create_via_load(self, req: _wire.LoadWeightsRequest) -> web.Response:
@@ -648,11 +672,17 @@ class TrainerServer:
         if known is not None:
             return _ack(known.create_request_id, model_id)
         store_path = self._store_path(req.path, "state", "path")
-        record = ModelRecord(model_id, req.session_id, ModelSpec(base_model=req.base_model or ""))
+        record = ModelRecord(
+            model_id,
+            req.session_id,
+            ModelSpec(base_model=req.base_model or ""),
+            user_metadata=req.user_metadata,
+        )
         run = self._operations.create_from_checkpoint(record, req, store_path)
         return self._add_model(record, "load_weights", run)
 
     def _add_model(self, record: ModelRecord, kind: str, run: Run) -> web.Response:
+        record.last_request_time = time.time()
         record.create_request_id = self._executor.add_model(record.model_id, kind, run)
         self._registry.add_model(record)
         return _ack(record.create_request_id, record.model_id)
@@ -795,6 +825,7 @@ class TrainerServer:
         key = request.headers.get("X-Idempotency-Key")
         session_dialect = dialect.session_dialect(req.sdk_version)
         session_id = self._registry.create_session(self._now(), key, session_dialect)
+        self._registry.sessions[session_id].user_metadata = dict(req.user_metadata) or None
         return json_response({"type": "create_session", "session_id": session_id})
 
     async def _heartbeat(self, request: web.Request) -> web.Response:

@@ -80,9 +80,12 @@ __all__ = [
 
 TINKER_KEY_PREFIX: Final = "tml-"
 TINKER_SCHEME: Final = "tinker://"
-# The path segment tinker uses for each store kind (tinker also has "external_weights",
-# for exports this trainer does not make).
-_SEGMENT: Final[dict[Kind, str]] = {"state": "weights", "sampler": "sampler_weights"}
+# The path segment tinker uses for each store kind.
+_SEGMENT: Final[dict[Kind, str]] = {
+    "state": "weights",
+    "sampler": "sampler_weights",
+    "external": "external_weights",
+}
 _KIND_OF_SEGMENT: Final[dict[str, Kind]] = {v: k for k, v in _SEGMENT.items()}
 _VERSION_RE = re.compile(r"(\d+)\.(\d+)")
 
@@ -214,8 +217,8 @@ def parse_tinker_path(path: object) -> TinkerPath:
     kind = _KIND_OF_SEGMENT.get(segment)
     if kind is None:
         raise ValueError(
-            f"tinker path {text!r} has segment {segment!r}; this trainer serves "
-            "'weights' and 'sampler_weights'"
+            f"tinker path {text!r} has segment {segment!r}; expected one of "
+            f"{sorted(_KIND_OF_SEGMENT)}"
         )
     return TinkerPath(validate_name(job_id, "job id"), kind, validate_name(name))
 
