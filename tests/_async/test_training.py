@@ -17,6 +17,7 @@ from firetitan import (
     RequestFailedError,
     SaveSamplerResult,
 )
+from firetitan._names import CheckpointRef
 from firetitan.local import LocalTrainer
 
 from .helpers import ADAM, BASE_MODEL, FAST_CLIENT, batch, chunked_config, datum, executed
@@ -74,7 +75,7 @@ async def test_invalid_arguments_raise_at_the_call_site(
     with pytest.raises(ValueError, match="ttl_seconds"):
         tc.save_state("ok", ttl_seconds=0)
     with pytest.raises(ValueError, match="scheme"):
-        tc.load_state("tinker://run/weights/x")
+        tc.load_state("s3://bucket/weights/x")
     with pytest.raises(ValueError, match="checkpoint_type"):
         tc.save_weights_for_sampler("s", checkpoint_type="full")
     with pytest.raises(ValueError, match="deadline"):
@@ -145,6 +146,38 @@ async def test_checkpoints_save_list_load_and_resolve(
     assert info.value.category == "user"
     with pytest.raises(ValueError):
         tc.resolve_checkpoint_path("a/b")
+
+
+@pytest.mark.asyncio
+async def test_peer_path_forms_and_training_clients_from_state(
+    trainer: LocalTrainer, service: AsyncFiretitanServiceClient
+) -> None:
+    tc = await service.create_lora_training_client(BASE_MODEL, rank=4)
+    await tc.forward_backward(batch(2), "cross_entropy")
+    await tc.optim_step(ADAM)
+    await tc.save_state("s1", overwrite=True, user_metadata={"note": "n"}, timeout=60)
+    job = trainer.job_id
+    # tinker's and Fireworks' forms of the same checkpoint path
+    await tc.load_state(f"tinker://{job}/weights/s1")
+    await tc.load_state_with_optimizer(f"acme/{job}/s1")
+    manifest = trainer.server.store.manifest("state", CheckpointRef("s1"))
+    assert manifest is not None and manifest.metadata["checkpoint_user_metadata"] == {"note": "n"}
+
+    fresh = await service.create_training_client_from_state(f"tinker://{job}/weights/s1")
+    resumed = await service.create_training_client_from_state_with_optimizer(
+        "s1", user_metadata={"run": "resumed"}
+    )
+    for client in (fresh, resumed):
+        assert client.model_id != tc.model_id
+        assert client.base_model == BASE_MODEL and client.lora_rank == 4
+        await client.forward_backward(batch(1), "cross_entropy")
+    assert executed(trainer, resumed.model_id)[0] == (0, "load_weights")
+    with pytest.raises(RequestFailedError):
+        await service.create_training_client_from_state("never-saved")
+    with pytest.raises(ValueError):
+        await service.create_training_client_from_state("s3://bucket/x")
+    with pytest.raises(ValueError, match="not both"):
+        tc.save_state("s2", timeout=1, deadline=1)
 
 
 @pytest.mark.asyncio
