@@ -34,7 +34,7 @@ STATE_FILE = "null_state.json"
 SAMPLER_FILE = "null_sampler.json"
 _FORMAT = "firetitan-null-engine/1"
 
-_RL_LOSSES = frozenset({"importance_sampling", "ppo", "cispo", "dro"})
+_RL_LOSSES = frozenset({"importance_sampling", "ppo", "cispo", "dro", "stable_reinforce"})
 LOSSES = frozenset({"cross_entropy"}) | _RL_LOSSES
 _NORMALIZATIONS = frozenset({"none", "num_loss_tokens", "num_sequences"})
 
@@ -427,6 +427,9 @@ def _loss_terms(
         terms = -np.minimum(ratio * adv, np.clip(ratio, lo, hi) * adv)
     elif loss_fn == "cispo":
         terms = -np.clip(ratio, lo, hi) * logp * adv
+    elif loss_fn == "stable_reinforce":
+        kl_coeff = float(config.get("kl_coeff", 0.0))
+        terms = -(np.minimum(ratio, hi) * logp * adv - 0.5 * kl_coeff * (logp - q) ** 2)
     else:  # dro
         beta = float(config.get("beta", 0.05))
         terms = -(logp * adv - 0.5 * beta * (logp - q) ** 2)

@@ -23,6 +23,7 @@ import numpy.typing as npt
 import tinker
 
 from firetitan import _wire
+from firetitan.local import stability
 from firetitan.local.checkpoints import MANIFEST_NAME, CheckpointStore, Kind, Manifest
 from firetitan.local.engine import Engine, ModelSpec, SampleSource, UserError
 from firetitan.local.executor import (
@@ -85,6 +86,17 @@ def _model_metadata(record: ModelRecord) -> dict[str, Any]:
     return metadata
 
 
+@attrs.define
+class SampleTicket:
+    """Who asked for a sample, its request id and the sequence ids its ACK hands out.
+    The server fills the ids right after submitting, before the work can start (the
+    executor runs it in a task of its own, on the next turn of the loop)."""
+
+    session_id: str | None
+    sequence_ids: list[str] = attrs.field(factory=list)
+    request_id: str = ""
+
+
 class Operations:
     """Builds the work of each request kind for one trainer."""
 
@@ -93,6 +105,7 @@ class Operations:
     ) -> None:
         self._engine = engine
         self._store = store
+        self.stability = stability.StabilityRecords()
         self._registry = registry
         self._executor = executor
 
@@ -186,17 +199,20 @@ class Operations:
 
     # ------------------------------------------------------------------ training
 
-    def forward(self, request: _wire.ForwardRequest, expect: Encoding) -> Run:
+    def forward(self, request: _wire.ForwardRequest, record: ModelRecord, expect: Encoding) -> Run:
         """``forward`` or ``forward_backward`` (``request.forward_only`` tells which).
 
         ``expect`` is the encoding the client will likely poll for (made at once).
+        ``stable_reinforce`` data get their sampler logprobs from the stability records
+        of the model's session.
         """
         compute = self._engine.forward if request.forward_only else self._engine.forward_backward
 
         def work() -> Result:
-            output = compute(
-                request.model_id, list(request.data), request.loss_fn, request.loss_fn_config
-            )
+            data = list(request.data)
+            if request.loss_fn == stability.LOSS:
+                data = self.stability.resolve(record.session_id, data)
+            output = compute(request.model_id, data, request.loss_fn, request.loss_fn_config)
             if len(output.loss_fn_outputs) != len(request.data):
                 raise RuntimeError(
                     f"engine returned {len(output.loss_fn_outputs)} outputs for "
@@ -227,12 +243,15 @@ class Operations:
         """
 
         def work() -> Result:
+            metadata = _model_metadata(record)
+            if request.user_metadata is not None:  # the checkpoint's own
+                metadata["checkpoint_user_metadata"] = dict(request.user_metadata)
             with self._store.write(
                 "state",
                 request.path,
                 model_id=request.model_id,
                 ttl_seconds=request.ttl_seconds,
-                metadata=_model_metadata(record),
+                metadata=metadata,
             ) as directory:
                 self._engine.save_state(request.model_id, directory)
             return success_result({"type": "save_weights", "path": returned_path})
@@ -351,6 +370,7 @@ class Operations:
         model_path: str | None,
         base_model: str | None,
         expect: Encoding,
+        ticket: SampleTicket,
     ) -> Run:
         """``asample``: from a sampler export or a base model.
 
@@ -359,6 +379,8 @@ class Operations:
             model_path: The export to sample from, in the form the store resolves.
             base_model: The base model to sample from when there is no export.
             expect: The encoding the client will likely poll for (made at once).
+            ticket: Who sampled and the sequence ids handed out, for the stability
+                records ``record_stability_info`` asks for.
         """
 
         def work() -> Result:
@@ -380,6 +402,12 @@ class Operations:
                 request.sampling_params,
                 prompt_logprobs=request.prompt_logprobs,
             )
+            if request.record_stability_info:
+                if ticket.session_id is None:
+                    raise UserError(
+                        "record_stability_info needs a sampling session (sampling_session_id)"
+                    )
+                self.stability.record(ticket.session_id, ticket.sequence_ids, prompt, response)
             response = _last_n_prompt_logprobs(response, request.prompt_logprobs_last_n)
             return _two_way_result(response, _SAMPLE_ENCODERS, expect)
 

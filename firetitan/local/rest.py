@@ -32,10 +32,11 @@ import asyncio
 import datetime as dt
 import hashlib
 import hmac
+import json
 import secrets
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import web
@@ -77,6 +78,7 @@ class RestApi:
         store: The job's checkpoint store.
         registry: The server's sessions and models.
         json_response: Turns a JSON-able object into the server's response.
+        read_body: Reads a request's body under the server's size limit.
     """
 
     def __init__(
@@ -84,10 +86,12 @@ class RestApi:
         store: CheckpointStore,
         registry: Registry,
         json_response: Callable[[Any], web.Response],
+        read_body: Callable[[web.Request], Awaitable[bytes]],
     ) -> None:
         self._store = store
         self._registry = registry
         self._json = json_response
+        self._read = read_body
         # Signs download URLs; a restart invalidates the URLs it handed out.
         self._secret = secrets.token_bytes(32)
 
@@ -199,7 +203,7 @@ class RestApi:
             "tinker_path": path,
             "size_bytes": size,
             "public": bool(manifest.metadata.get("public", False)),
-            "user_metadata": manifest.metadata.get("user_metadata"),
+            "user_metadata": manifest.metadata.get("checkpoint_user_metadata"),
             "expires_at": None if manifest.expires_at is None else _iso(manifest.expires_at),
         }
 
@@ -227,7 +231,7 @@ class RestApi:
 
     async def _set_ttl(self, request: web.Request) -> web.Response:
         kind, name = self._named(request)
-        body = await _json_object(request)
+        body = _json_object(await self._read(request))
         ttl = body.get("ttl_seconds")
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0):
             raise RestError(400, f"ttl_seconds must be a positive integer or null, got {ttl!r}")
@@ -235,6 +239,7 @@ class RestApi:
         return await self._changed(lambda: self._store.update(kind, name, expires_at=expires))
 
     async def _publish(self, request: web.Request) -> web.Response:
+        await self._read(request)  # no body expected; read under the size limit
         return await self._set_public(request, True)
 
     async def _unpublish(self, request: web.Request) -> web.Response:
@@ -334,9 +339,9 @@ def _page(request: web.Request, default_limit: int) -> tuple[int, int]:
     return limit, offset
 
 
-async def _json_object(request: web.Request) -> dict[str, Any]:
+def _json_object(raw: bytes) -> dict[str, Any]:
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except ValueError:
         raise RestError(400, "the body must be a JSON object") from None
     if not isinstance(body, dict):

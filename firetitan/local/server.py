@@ -43,6 +43,7 @@ from firetitan import _wire
 from firetitan._names import parse_checkpoint_path, validate_name
 from firetitan.local import access_log, dialect, tinker_compat, tinker_wire
 from firetitan.local.checkpoints import CheckpointStore, Kind
+from firetitan.local.completions import CompletionQueues
 from firetitan.local.config import ServerConfig
 from firetitan.local.engine import Engine, ModelSpec, UserError
 from firetitan.local.executor import (
@@ -57,7 +58,7 @@ from firetitan.local.executor import (
     UnknownRequestError,
 )
 from firetitan.local.external import ExternalRequest, decode_external_request
-from firetitan.local.operations import Operations
+from firetitan.local.operations import Operations, SampleTicket
 from firetitan.local.rest import DOWNLOAD_PREFIX, RestApi, RestError
 from firetitan.local.sessions import ModelRecord, Registry, SamplingSession, model_id_for
 
@@ -71,15 +72,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # client/config flags. The Fireworks SDK fails client-side if either proto flag is true
 # (tinker sends protobuf forward bodies regardless, uncompressed with these flags); no
-# JWT exchange; and none of the tinker features that need endpoints this trainer lacks
-# (retrieve_futures, create_custom_loss, join_sampling_session).
+# JWT exchange. tinker's sampling features are on: one completion poll per sampling
+# session (retrieve_futures) and clone ids from the trainer (join_sampling_session).
+# Custom losses run client-side: this trainer does not run uploaded loss graphs.
 CLIENT_CONFIG_FLAGS = {
     "pjwt_auth_enabled": False,
     "proto_write_fwdbwd": False,
     "proto_compress_fwdbwd": False,
-    "sample_use_retrieve_futures": False,
+    "sample_use_retrieve_futures": True,
     "custom_loss_server_side": False,
-    "sample_join_sampling_session": False,
+    "sample_join_sampling_session": True,
 }
 #: Most datums tinker puts in one forward_backward chunk.
 FWDBWD_MAX_CHUNK_LEN = 1024
@@ -191,7 +193,8 @@ class TrainerServer:
         self._key = api_key.encode("utf-8")
         self._executor = Executor(self.config)
         self._registry = Registry()
-        self._rest = RestApi(store, self._registry, json_response)
+        self._rest = RestApi(store, self._registry, json_response, self._read)
+        self._completions = CompletionQueues()
         self._engine: Engine | None = None
         self._ops: Operations | None = None
         self._capabilities: list[dict[str, Any]] = []
@@ -289,6 +292,9 @@ class TrainerServer:
 
     def _end_session(self, session_id: str, why: str) -> None:
         assert self._ops is not None
+        for sampling in list(self._registry.sampling.values()):
+            if sampling.session_id == session_id:
+                self._completions.forget(sampling.sampling_session_id)
         for model_id in self._registry.end_session(session_id):
             record = self._registry.models.get(model_id)
             if record is None or record.unload_request_id is not None:
@@ -336,6 +342,8 @@ class TrainerServer:
             web.post(f"{p}/retrieve_future", self._retrieve_future),
             web.post(f"{p}/create_sampling_session", self._create_sampling_session),
             web.post(f"{p}/asample", self._asample),
+            web.post(f"{p}/retrieve_futures", self._retrieve_futures),
+            web.post(f"{p}/join_sampling_session", self._join_sampling_session),
             web.get(f"{p}/samplers/{{sampling_session_id}}", self._sampler, allow_head=False),
             *self._rest.routes(p),
         ]
@@ -376,7 +384,7 @@ class TrainerServer:
 
     @web.middleware
     async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith(API_PREFIX + DOWNLOAD_PREFIX):
+        if request.path.startswith(API_PREFIX + DOWNLOAD_PREFIX) and "signature" in request.query:
             # Signed download URLs, fetched without the key (`firetitan.local.rest`).
             if not self._rest.signed(request):
                 raise Problem(403, "invalid or expired download signature", "PermissionDenied")
@@ -386,6 +394,9 @@ class TrainerServer:
             raise Problem(401, "missing X-API-Key header", "AuthenticationError")
         if not hmac.compare_digest(provided.encode("utf-8", "replace"), self._key):
             raise Problem(401, "invalid API key in X-API-Key header", "AuthenticationError")
+        length = request.content_length
+        if length is not None and length > self.config.max_request_bytes:
+            raise self._too_large()  # also on routes that never read their body
         return await handler(request)
 
     def _too_large(self) -> Problem:
@@ -555,7 +566,7 @@ class TrainerServer:
         return await self._ordered(endpoint, address, decoded_already, self._forward_work)
 
     def _forward_work(self, req: _wire.ForwardRequest, record: ModelRecord) -> Run:
-        return self._operations.forward(req, self._likely_encoding(record.session_id))
+        return self._operations.forward(req, record, self._likely_encoding(record.session_id))
 
     def _fail_in_turn(self, exc: tinker_wire.InvalidForwardData) -> web.Response:
         """Accept a forward call whose data is invalid and fail it in its turn: its
@@ -772,15 +783,53 @@ class TrainerServer:
         if req.num_samples < 1:
             raise _unprocessable(f"num_samples must be >= 1, got {req.num_samples}")
         expect = self._likely_encoding(sampling.session_id if sampling else None)
+        ticket = SampleTicket(sampling.session_id if sampling else None)
         run = self._operations.sample(
-            req, model_path=model_path, base_model=base_model, expect=expect
+            req, model_path=model_path, base_model=base_model, expect=expect, ticket=ticket
         )
+        if sampling is not None and req.seq_id is not None:
+            target = self._completions.target_of(sampling.sampling_session_id, req.seq_id)
+            run = self._completions.tracked(target, lambda: ticket.request_id, run)
         request_id = self._executor.submit("asample", run, keys=keys)
+        ticket.request_id = request_id
         access_log.note(request_id=request_id)
         # tinker requires one id per sample; a retry gets the same request id, so the same ids.
         ids = tinker_compat.sample_sequence_ids(request_id, req.num_samples)
+        ticket.sequence_ids = ids
         ack = _wire.FutureAck(request_id=request_id, sample_sequence_ids=ids)
         return json_response(_wire.encode_future_ack(ack))
+
+    async def _retrieve_futures(self, request: web.Request) -> web.Response:
+        """tinker's per-sampling-session completion poll (`firetitan.local.completions`)."""
+        _raw, obj = await self._object(request)
+        target = obj.get("target")
+        if not isinstance(target, dict):
+            raise _bad_request(_wire.WireError("target", "must be an object"))
+        sampling_session_id = _field(target, "sampling_session_id", str)
+        if sampling_session_id not in self._registry.sampling:
+            raise _not_found(f"target.sampling_session_id: unknown {sampling_session_id!r}")
+        clone = target.get("cloned_sampler_id", 0)
+        prev_cursor = obj.get("prev_cursor", 0)
+        timeout = obj.get("timeout")
+        for name, value in (("target.cloned_sampler_id", clone), ("prev_cursor", prev_cursor)):
+            if type(value) is not int or value < 0:
+                raise _bad_request(_wire.WireError(name, "must be a non-negative integer"))
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float)
+        ):
+            raise _bad_request(_wire.WireError("timeout", "must be a number or null"))
+        answer = await self._completions.retrieve(
+            (sampling_session_id, clone), prev_cursor, None if timeout is None else float(timeout)
+        )
+        return json_response(answer)
+
+    async def _join_sampling_session(self, request: web.Request) -> web.Response:
+        _raw, obj = await self._object(request)
+        sampling_session_id = _field(obj, "sampling_session_id", str)
+        if sampling_session_id not in self._registry.sampling:
+            raise _not_found(f"sampling_session_id: unknown {sampling_session_id!r}")
+        counter = self._completions.join(sampling_session_id)
+        return json_response({"type": "join_sampling_session", "client_counter": counter})
 
     async def _sampler(self, request: web.Request) -> web.Response:
         """tinker's ``GET samplers/{id}``: what a sampling session samples from."""

@@ -65,9 +65,10 @@ def test_sft_resumes_with_one_row_per_step(trainer: LocalTrainer, tmp_path: Path
 
 
 #: (mode, loss_fn) of each RL run: both modes with their defaults, and every other loss
-#: the cookbook's RL loop offers.
+#: the cookbook's RL loop offers that this trainer serves (not gspo: README).
 RL_RUNS = [
     ("sync", None),  # the cookbook's default, importance_sampling
+    ("async", None),  # the async default, stable_reinforce: stability records, provenance
     ("sync", "ppo"),
     ("sync", "cispo"),
     ("sync", "dro"),
@@ -89,7 +90,7 @@ def test_rl_loop_modes_and_losses(trainer: LocalTrainer, tmp_path: Path) -> None
 
 
 def test_weights_download_and_rest_client(trainer: LocalTrainer, tmp_path: Path) -> None:
-    cookbook(trainer, "sft", tmp_path, steps=2)
+    cookbook(trainer, "sft", tmp_path, steps=3)  # checkpoints 000002 and final
     first, final = checkpoints(tmp_path)[0], checkpoints(tmp_path)[-1]
     # A training checkpoint: loaded into a new run, exported encrypted to a fresh key,
     # downloaded through signed URLs, decrypted, and the export deleted.

@@ -37,6 +37,8 @@ LOSS_INPUTS: dict[str, tuple[str, ...]] = {
     "ppo": ("target_tokens", "logprobs", "advantages"),
     "cispo": ("target_tokens", "logprobs", "advantages"),
     "dro": ("target_tokens", "logprobs", "advantages"),
+    # logprobs come from the trainer's stability records (firetitan.local.stability)
+    "stable_reinforce": ("target_tokens", "logprobs", "advantages"),
 }
 RL_LOSSES = frozenset(LOSS_INPUTS) - {"cross_entropy"}
 
