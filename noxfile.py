@@ -35,7 +35,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff, and a check that the generated sync facade is up to date."""
     _install(session, "dev")
-    session.run("ruff", "check", "firetitan", "tests", "benchmarks", "scripts")
+    session.run("ruff", "check", "firetitan", "tests", "benchmarks", "scripts", "examples")
     session.run("python", "scripts/gen_sync.py", "--check")
 
 

@@ -4,11 +4,13 @@
     python -m benchmarks --quick         # fewer rounds and calls, for development
     python -m benchmarks --only B1,B4    # some benchmarks
     python -m benchmarks --peers floor,firetitan-async
+    python -m benchmarks --only RL       # the RL step profile alone
 
 The trainer runs as a separate process (``firetitan serve``, null engine; torch engine
-for B6), and every peer as its own worker process (``benchmarks/_worker.py``). Rounds
-are interleaved: round r runs every peer once, in an order rotated by r, so slow drifts
-of a shared machine hit every peer alike. See ``benchmarks/README.md``.
+for B6 and RL), and every peer as its own worker process (``benchmarks/_worker.py``).
+Rounds are interleaved: round r runs every peer once, in an order rotated by r, so slow
+drifts of a shared machine hit every peer alike. See ``benchmarks/README.md``, which
+also says how to add a benchmark (`GROUPS`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -37,13 +39,16 @@ from benchmarks._common import (
     B6_TOKENS,
     RESULT_PREFIX,
 )
+from benchmarks._peers import B3_BUILDS, HANDOFFS
 from benchmarks._report import (
     FIREWORKS,
     FLOOR,
     Report,
     Target,
+    commit_measured,
     fmt,
     fmt_ratio,
+    fmt_spread,
     load_average,
     machine_details,
     median,
@@ -51,12 +56,12 @@ from benchmarks._report import (
     quantile,
     ratio,
     read_analysis,
+    round_ratios,
 )
 from benchmarks._trainer import Trainer, serve
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "B6")
 PEERS = ("floor", "firetitan-async", "firetitan-sync", "fireworks", "tinker")
 #: B6 runs torch with one intra-op thread on both sides. With two, a core busy with
 #: anything else stalls every OpenMP barrier, and step times swing by several times
@@ -81,6 +86,7 @@ class Plan:
         codec_repeats: Timed repeats of each codec step (B3).
         b6_rounds: Interleaved rounds of B6.
         b6_steps: SFT steps per path and round (B6).
+        rl_steps: Demo RL steps profiled (RL), after one warm-up step.
     """
 
     rounds: int
@@ -93,17 +99,27 @@ class Plan:
     codec_repeats: int
     b6_rounds: int
     b6_steps: int
+    rl_steps: int
 
 
-# The full plan takes about 3 minutes on 2 cores (4 under load); the issue allows 10.
+# The full plan takes about 6 minutes on 2 cores (8 under load); the budget is 12.
 FULL = Plan(
-    rounds=9, b1_calls=120, b2_pairs=200, b3_calls=2, b4_calls=500, b5_rounds=3,
-    b5_futures=1000, codec_repeats=9, b6_rounds=12, b6_steps=1,
+    rounds=15, b1_calls=120, b2_pairs=200, b3_calls=3, b4_calls=500, b5_rounds=3,
+    b5_futures=1000, codec_repeats=9, b6_rounds=12, b6_steps=1, rl_steps=8,
 )  # fmt: skip
 QUICK = Plan(
     rounds=2, b1_calls=15, b2_pairs=200, b3_calls=1, b4_calls=40, b5_rounds=1,
-    b5_futures=1000, codec_repeats=2, b6_rounds=3, b6_steps=1,
+    b5_futures=1000, codec_repeats=2, b6_rounds=3, b6_steps=1, rl_steps=2,
 )  # fmt: skip
+
+#: The goals each target is judged against (issue #16).
+GOAL_B1_FLOOR = 1.15
+GOAL_B1_FIREWORKS = 0.35
+GOAL_B3_CPU = 0.2
+GOAL_B4_US = 50.0
+GOAL_B5_MIB = 100e6 / 2**20  # 100 MB; RSS is reported in MiB
+GOAL_B6 = 1.15
+GOAL_RL_CLIENT = 0.05
 
 
 class WorkerError(RuntimeError):
@@ -125,7 +141,11 @@ class Worker:
         self.peer = peer
         env = {**os.environ, **(env or {}), "PYTHONPATH": _pythonpath()}
         if trainer is not None:
-            env.update(FIRETITAN_BENCH_URL=trainer.base_url, FIRETITAN_BENCH_KEY=trainer.api_key)
+            env.update(
+                FIRETITAN_BENCH_URL=trainer.base_url,
+                FIRETITAN_BENCH_KEY=trainer.api_key,
+                FIRETITAN_BENCH_TRAINER_PID=str(trainer.pid),
+            )
         else:
             env.update(FIRETITAN_BENCH_URL="", FIRETITAN_BENCH_KEY="")
         command = [sys.executable, "-m", "benchmarks._worker", peer]
@@ -267,13 +287,12 @@ def _progress(message: str) -> None:
 # --------------------------------------------------------------------------- sections
 
 
-def _peer_rows(peers: Sequence[str], failed: dict[str, str]) -> list[str]:
-    return [p for p in peers if p not in failed]
+def per_round(answers: list[dict[str, Any]], key: str) -> list[list[float]]:
+    """The samples of ``key``, round by round."""
+    return [a[key] if isinstance(a[key], list) else [a[key]] for a in answers]
 
 
-def section_b1(
-    report: Report, results: dict[str, list[dict[str, Any]]], plan: Plan, rounds: int
-) -> dict[str, float]:
+def section_b1(report: Report, results: dict[str, list[dict[str, Any]]], plan: Plan) -> None:
     wall = {p: median(pooled(a, "wall")) for p, a in results.items()}
     cpu = {p: median(pooled(a, "cpu")) for p, a in results.items()}
     rows = []
@@ -282,6 +301,7 @@ def section_b1(
         rows.append([
             peer_label(peer),
             fmt(wall[peer] * 1e3, 3),
+            fmt_spread(samples, 1e3, 3),
             fmt(quantile(samples, 0.9) * 1e3, 3),
             fmt(cpu[peer] * 1e3, 3),
             fmt_ratio(ratio(wall[peer], wall.get(FLOOR, math.nan))),
@@ -290,16 +310,24 @@ def section_b1(
     report.table(
         "B1 latency: one small `forward`, call to result",
         f"1 datum × {B1_TOKENS} tokens, `cross_entropy`; sequential calls, "
-        f"{rounds} interleaved rounds × {plan.b1_calls} calls per peer.",
-        ["peer", "median (ms)", "p90 (ms)", "client CPU/call (ms)", "× floor", "× fireworks-ai"],
+        f"{plan.rounds} interleaved rounds × {plan.b1_calls} calls per peer.",
+        ["peer", "median (ms)", "p25–p75 (ms)", "p90 (ms)", "client CPU/call (ms)", "× floor",
+         "× fireworks-ai"],
         rows,
-    )
-    return wall
+    )  # fmt: skip
+    for peer in FIRETITAN:
+        if peer not in results:
+            continue
+        mine = per_round(results[peer], "wall")
+        for other, goal in ((FLOOR, GOAL_B1_FLOOR), (FIREWORKS, GOAL_B1_FIREWORKS)):
+            report.targets.append(Target(
+                f"B1 {peer_label(peer)} × {peer_label(other)}",
+                ratio(wall[peer], wall.get(other, math.nan)), goal, "×",
+                rounds=round_ratios(mine, per_round(results.get(other, []), "wall")),
+            ))  # fmt: skip
 
 
-def section_b2(
-    report: Report, results: dict[str, list[dict[str, Any]]], plan: Plan, rounds: int
-) -> None:
+def section_b2(report: Report, results: dict[str, list[dict[str, Any]]], plan: Plan) -> None:
     wall = {p: median(pooled(a, "wall")) for p, a in results.items()}
     rows = []
     for peer, answers in results.items():
@@ -315,7 +343,7 @@ def section_b2(
     report.table(
         "B2 pipelined throughput",
         f"{plan.b2_pairs} `forward_backward` (1 datum × {B1_TOKENS} tokens) + `optim_step` "
-        f"pairs submitted without waiting, then every result read; {rounds} interleaved "
+        f"pairs submitted without waiting, then every result read; {plan.rounds} interleaved "
         "rounds.",
         ["peer", "median wall (ms)", "pairs/s", "client CPU (ms)", "× floor", "× fireworks-ai"],
         rows,
@@ -324,31 +352,44 @@ def section_b2(
 
 def section_b3(
     report: Report,
-    results: dict[str, list[dict[str, Any]]],
+    results: dict[str, dict[str, list[dict[str, Any]]]],
     codec: dict[str, Any] | None,
     plan: Plan,
-    rounds: int,
-) -> dict[str, float]:
-    wall = {p: median(pooled(a, "wall")) for p, a in results.items()}
-    cpu = {p: median(pooled(a, "cpu")) for p, a in results.items()}
-    rows = [
-        [
-            peer_label(peer),
-            fmt(wall[peer] * 1e3, 1),
-            fmt(cpu[peer] * 1e3, 1),
-            fmt_ratio(ratio(wall[peer], wall.get(FLOOR, math.nan))),
-            fmt_ratio(ratio(cpu[peer], cpu.get(FIREWORKS, math.nan))),
-        ]
-        for peer in results
-    ]
+) -> None:
+    rows = []
+    for build, by_peer in results.items():
+        wall = {p: median(pooled(a, "wall")) for p, a in by_peer.items()}
+        cpu = {p: median(pooled(a, "cpu")) for p, a in by_peer.items()}
+        for peer, answers in by_peer.items():
+            rows.append([
+                peer_label(peer),
+                build,
+                fmt(wall[peer] * 1e3, 1),
+                fmt(cpu[peer] * 1e3, 2),
+                fmt_spread(pooled(answers, "cpu"), 1e3, 2),
+                fmt_ratio(ratio(wall[peer], wall.get(FLOOR, math.nan))),
+                fmt_ratio(ratio(cpu[peer], cpu.get(FIREWORKS, math.nan))),
+            ])  # fmt: skip
+        for peer in FIRETITAN:
+            if peer in by_peer:
+                report.targets.append(Target(
+                    f"B3 client CPU ({build}), {peer_label(peer)} × fireworks-ai",
+                    ratio(cpu[peer], cpu.get(FIREWORKS, math.nan)), GOAL_B3_CPU, "×",
+                    rounds=round_ratios(per_round(by_peer[peer], "cpu"),
+                                        per_round(by_peer.get(FIREWORKS, []), "cpu")),
+                ))  # fmt: skip
     report.table(
         "B3 large batch",
         f"`forward_backward` of {B3_DATUMS} datums × {B3_TOKENS} tokens (target tokens and "
-        f"weights); {rounds} interleaved rounds × {plan.b3_calls} calls per peer. Client CPU "
+        f"weights); {plan.rounds} interleaved rounds × {plan.b3_calls} calls per peer and "
+        "build. *arrays*: the datums are built once from numpy arrays and reused; *lists*: "
+        "each call builds its datums from plain Python lists with the SDK's own types, "
+        "inside the timing (the floor sends its pre-encoded body either way). Client CPU "
         "is the whole client process (every thread), call to result.",
-        ["peer", "median wall (ms)", "client CPU/call (ms)", "wall × floor", "CPU × fireworks-ai"],
+        ["peer", "build", "median wall (ms)", "client CPU/call (ms)", "CPU p25–p75 (ms)",
+         "wall × floor", "CPU × fireworks-ai"],
         rows,
-    )
+    )  # fmt: skip
     if codec:
         names = {
             "encode_request": ("client: encode request (encode_request + dumps)", "request_mb"),
@@ -370,10 +411,9 @@ def section_b3(
             ["step", "median MB/s", "body (MB)"],
             codec_rows,
         )
-    return cpu
 
 
-def section_b4(report: Report, answers: list[dict[str, Any]], plan: Plan, rounds: int) -> float:
+def section_b4(report: Report, answers: list[dict[str, Any]], plan: Plan) -> None:
     def us(key: str) -> float:
         return median(pooled(answers, key)) * 1e6
 
@@ -389,18 +429,31 @@ def section_b4(report: Report, answers: list[dict[str, Any]], plan: Plan, rounds
         ["hop alone (resolved future), wall", "", fmt(us("hop_wall"), 1), fmt(us("hop_wall"), 1)],
         ["hop alone (resolved future), CPU", "", fmt(us("hop_cpu"), 1), fmt(us("hop_cpu"), 1)],
     ]  # fmt: skip
+    rows += [
+        [f"hand-off alternative: {label}", "", fmt(us(f"handoff_{name}"), 1), ""]
+        for name, label in HANDOFFS.items()
+        if answers and f"handoff_{name}" in answers[0]
+    ]
     report.table(
         "B4 facade overhead",
         f"The same `forward` (1 × {B1_TOKENS} tokens) through the async core and through the "
-        f"sync facade in one process, alternating in blocks of 10 calls, {rounds} rounds × "
-        f"{plan.b4_calls} calls each. *Extra* is facade − async: the cost of the facade's two "
-        "thread hops. The facade's call returns before the request is even encoded (the "
-        "loop thread does that), so its *future returned* is shorter. The last rows time "
-        "the hop alone: a call whose async future is already resolved. Microseconds.",
+        f"sync facade in one process, alternating in blocks of 10 calls, {plan.rounds} rounds "
+        f"× {plan.b4_calls} calls each. *Extra* is facade − async: the cost of the facade's "
+        "two thread hops. The facade's call returns before the request is even encoded (the "
+        "loop thread does that), so its *future returned* is shorter. *Hop alone* times "
+        "the facade's machinery on a call whose async future is already resolved; the "
+        "hand-off alternatives are bare round trips between the caller and an event-loop "
+        "thread (a no-op each way), the least any facade over a loop thread pays. "
+        "Microseconds.",
         ["", "async core (µs)", "sync facade (µs)", "extra (µs)"],
         rows,
     )
-    return extra_wall
+    by_round = [
+        (median(a["sync_wall"]) - median(a["async_wall"])) * 1e6 for a in answers if a["sync_wall"]
+    ]
+    report.targets.append(
+        Target("B4 facade extra per call (wall)", extra_wall, GOAL_B4_US, "µs", rounds=by_round)
+    )
 
 
 def section_b5(report: Report, results: dict[str, list[dict[str, Any]]], plan: Plan) -> None:
@@ -418,14 +471,21 @@ def section_b5(report: Report, results: dict[str, list[dict[str, Any]]], plan: P
         f"{plan.b5_futures} `forward` futures (1 × {B1_TOKENS} tokens) submitted without "
         "waiting, then all awaited; a fresh client process per peer and round "
         f"({plan.b5_rounds} rounds), as installed without torch (tinker and fireworks-ai "
-        "import torch when present, which alone adds about 180 MB). MiB; *base* is after "
-        "set-up (session, model, warm-up calls).",
+        "import torch when present, which alone outweighs every client). MiB; *base* is "
+        "after set-up (session, model, warm-up calls).",
         ["peer", "base RSS", "RSS, all submitted", "peak RSS", "peak − base", "wall (ms)"],
         rows,
     )
+    for peer in FIRETITAN:
+        if results.get(peer):
+            report.targets.append(Target(
+                f"B5 peak RSS, {peer_label(peer)}", median(pooled(results[peer], "peak_rss")),
+                GOAL_B5_MIB, "MiB", strict=True, rounds=pooled(results[peer], "peak_rss"),
+                per="processes",
+            ))  # fmt: skip
 
 
-def section_b6(report: Report, results: dict[str, list[dict[str, Any]]], plan: Plan) -> float:
+def section_b6(report: Report, results: dict[str, list[dict[str, Any]]], plan: Plan) -> None:
     step = {p: median(pooled(a, "wall")) for p, a in results.items()}
     plain = step.get("torch-plain", math.nan)
     labels = {
@@ -445,7 +505,183 @@ def section_b6(report: Report, results: dict[str, list[dict[str, Any]]], plan: P
         ["path", "median step (ms)", "× plain"],
         rows,
     )
-    return ratio(step.get("torch-sdk", math.nan), plain)
+    report.targets.append(Target(
+        "B6 SDK + trainer × plain PyTorch", ratio(step.get("torch-sdk", math.nan), plain),
+        GOAL_B6, "×",
+        rounds=round_ratios(per_round(results.get("torch-sdk", []), "wall"),
+                            per_round(results.get("torch-plain", []), "wall")),
+    ))  # fmt: skip
+
+
+def section_rl(report: Report, answers: list[dict[str, Any]], plan: Plan) -> None:
+    steps = [step for answer in answers for step in answer["steps"]]
+    if not steps:
+        return
+
+    def med(key: str) -> float:
+        return median([s[key] for s in steps])
+
+    wall = med("wall")
+    share = [s["client_cpu"] / s["wall"] for s in steps]
+    rows = [
+        ["step wall time", fmt(wall * 1e3, 0), "100%"],
+        ["sampling phase (all rollouts in flight, until the last returns)",
+         fmt(med("sample_wall") * 1e3, 0), f"{med('sample_wall') / wall:.0%}"],
+        ["training phase (reference forward, PPO passes, optimizer steps, export)",
+         fmt(med("train_wall") * 1e3, 0), f"{med('train_wall') / wall:.0%}"],
+        ["trainer process CPU (engine, sampler, HTTP)", fmt(med("trainer_cpu") * 1e3, 0),
+         f"{med('trainer_cpu') / wall:.0%}"],
+        ["client process CPU (every thread: SDK, I/O, the loop's own arithmetic)",
+         fmt(med("client_cpu") * 1e3, 1), f"{median(share):.1%}"],
+    ]  # fmt: skip
+    profile = answers[-1].get("profile", {})
+    for part, fraction in profile.items():
+        rows.append([f"  of which {part} (profiled step)",
+                     fmt(med("client_cpu") * fraction * 1e3, 1),
+                     f"{median(share) * fraction:.1%}"])  # fmt: skip
+    rows.append(["client event-loop turns per step", fmt(med("loop_turns"), 0), ""])
+    report.table(
+        "RL step profile: where a demo RL step's time goes",
+        f"The demo's RL step (`firetitan.demo.loop`: {answers[-1]['config']}) on the `tiny` "
+        "stand-in, torch engine, CPU: the trainer is `firetitan serve` in its own process "
+        "(the demo itself embeds it in-process), the client is the async SDK in another, so "
+        f"each side's CPU is its own. {plan.rl_steps} steps after one warm-up step; medians "
+        "per step. The client's share is its process CPU over the step's wall time: an "
+        "upper bound of its cost, since it includes the loop's own numpy work and waiting "
+        "for a loop turn is only as long as the work in that turn. The split of the client's "
+        "CPU comes from one more step run under cProfile.",
+        ["", "median per step (ms)", "share of the step"],
+        rows,
+    )
+    report.targets.append(Target(
+        "RL step: client CPU share of the step", median(share) * 100, GOAL_RL_CLIENT * 100, "%",
+        rounds=[x * 100 for x in share], per="steps",
+    ))  # fmt: skip
+
+
+# --------------------------------------------------------------------------- groups
+
+
+@attrs.define
+class Run:
+    """One run of the harness: what was asked, and what every group adds to."""
+
+    args: argparse.Namespace
+    plan: Plan
+    report: Report
+    log_dir: Path
+    #: Peers that could not run, with the reason (printed under "Run notes").
+    failed: dict[str, str] = attrs.field(factory=dict)
+
+    def wants(self, *benchmarks: str) -> bool:
+        return any(b in self.args.only for b in benchmarks)
+
+
+def run_null(run: Run) -> None:
+    """B1-B5: one null-engine trainer, every peer in its own worker."""
+    plan, report, failed, peers = run.plan, run.report, run.failed, run.args.peers
+    _progress("starting the null-engine trainer")
+    with serve("null", run.log_dir) as trainer:
+        if run.wants("B1", "B2", "B3"):
+            # B3 also shows firetitan asking for JSON results only, next to its default.
+            extra = ["firetitan-json"] if run.wants("B3") and "firetitan-async" in peers else []
+            _progress(f"starting workers: {', '.join([*peers, *extra])}")
+            with workers([*peers, *extra], trainer, run.log_dir, failed) as ready:
+                main = {peer: worker for peer, worker in ready.items() if peer in peers}
+                if run.wants("B1"):
+                    results = interleave(main, plan.rounds, "B1", failed, calls=plan.b1_calls)
+                    section_b1(report, results, plan)
+                if run.wants("B2"):
+                    results = interleave(main, plan.rounds, "B2", failed, pairs=plan.b2_pairs)
+                    section_b2(report, results, plan)
+                if run.wants("B3"):
+                    by_build = {
+                        build: interleave(
+                            ready, plan.rounds, "B3", failed, calls=plan.b3_calls, build=build
+                        )
+                        for build in B3_BUILDS
+                    }
+                    codec = _codec(plan, run.log_dir, failed)
+                    section_b3(report, by_build, codec, plan)
+        if run.wants("B4"):
+            _progress("B4: facade and async core in one process")
+            with workers(["facade"], trainer, run.log_dir, failed) as ready:
+                answers = interleave(ready, plan.rounds, "B4", failed, calls=plan.b4_calls)
+                if answers.get("facade"):
+                    section_b4(report, answers["facade"], plan)
+        if run.wants("B5"):
+            results_b5 = run_b5(plan, trainer, peers, failed, run.log_dir)
+            section_b5(report, results_b5, plan)
+
+
+def run_b6(run: Run) -> None:
+    """B6: SFT steps through the SDK and a torch-engine trainer against plain PyTorch."""
+    _progress("starting the torch-engine trainer (small stand-in, CPU)")
+    torch = ("--size", "small", "--device", "cpu")
+    with serve("torch", run.log_dir, extra=torch, env=B6_ENV) as trainer:
+        pair = ["torch-sdk", "torch-plain"]
+        with workers(pair, trainer, run.log_dir, run.failed, B6_ENV) as ready:
+            results = interleave(
+                ready, run.plan.b6_rounds, "B6", run.failed, steps=run.plan.b6_steps
+            )
+    if results:
+        section_b6(run.report, results, run.plan)
+
+
+def run_rl(run: Run) -> None:
+    """RL: the demo's RL step against a torch-engine trainer, client and trainer apart."""
+    _progress("RL step profile: starting the torch-engine trainer (tiny stand-in, CPU)")
+    torch = ("--size", "tiny", "--device", "cpu")
+    with (
+        serve("torch", run.log_dir, extra=torch, env=B6_ENV) as trainer,
+        workers(["rl"], trainer, run.log_dir, run.failed, B6_ENV) as ready,
+    ):
+        answers = interleave(ready, 1, "RL", run.failed, steps=run.plan.rl_steps)
+    if answers.get("rl"):
+        section_rl(run.report, answers["rl"], run.plan)
+
+
+#: Every benchmark, by the group that runs it. A group starts the trainer it needs,
+#: runs the benchmarks of its own that were asked for, and adds sections and targets to
+#: `Run.report`. To add a benchmark, write its group (or extend one) and list it here;
+#: `--only` accepts every id listed.
+GROUPS: tuple[tuple[tuple[str, ...], Callable[[Run], None]], ...] = (
+    (("B1", "B2", "B3", "B4", "B5"), run_null),
+    (("B6",), run_b6),
+    (("RL",), run_rl),
+)
+BENCHMARKS = tuple(b for ids, _ in GROUPS for b in ids)
+
+
+def _codec(plan: Plan, log_dir: Path, failed: dict[str, str]) -> dict[str, Any] | None:
+    _progress("B3: codec throughput")
+    with workers(["codec"], None, log_dir, failed) as ready:
+        if "codec" not in ready:
+            return None
+        try:
+            return ready["codec"].ask("codec", repeats=plan.codec_repeats)
+        except WorkerError as exc:
+            failed["codec"] = str(exc)
+            return None
+
+
+def run_b5(
+    plan: Plan, trainer: Trainer, peers: Sequence[str], failed: dict[str, str], log_dir: Path
+) -> dict[str, list[dict[str, Any]]]:
+    """Fresh processes: peak RSS only ever grows, so every sample needs its own."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    candidates = [p for p in peers if p not in failed]
+    for r in range(plan.b5_rounds):
+        for peer in rotated(candidates, r):
+            worker = Worker(peer, trainer, log_dir, no_torch=True)
+            try:
+                out.setdefault(peer, []).append(worker.ask("B5", futures=plan.b5_futures))
+            except WorkerError as exc:
+                failed.setdefault(peer, f"B5: {exc}")
+            finally:
+                worker.close()
+        _progress(f"B5 round {r + 1}/{plan.b5_rounds}")
+    return {peer: answers for peer, answers in out.items() if answers}
 
 
 # --------------------------------------------------------------------------- main
@@ -457,7 +693,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds and calls")
     parser.add_argument(
-        "--only", default=",".join(BENCHMARKS), help="comma-separated: B1,B2,B3,B4,B5,B6"
+        "--only", default=",".join(BENCHMARKS), help=f"comma-separated: {','.join(BENCHMARKS)}"
     )
     parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers")
     parser.add_argument("--rounds", type=int, default=None, help="override the rounds")
@@ -502,6 +738,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     analysis = read_analysis(HERE / "NOTES.md")
     text = report.markdown(analysis)
     print(report.text())
+    for target in report.targets:
+        if target.met is False:
+            _progress(f"MISSED: {target.name}: {fmt(target.figure)} {target.unit} "
+                      f"(goal {fmt(target.goal)} {target.unit})")  # fmt: skip
     if not args.no_write:
         args.output.write_text(text, encoding="utf-8")
         _progress(f"wrote {args.output}")
@@ -509,10 +749,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, plan: Plan, log_dir: Path) -> Report:
-    only, peers = args.only, args.peers
-    failed: dict[str, str] = {}
     report = Report(title="firetitan benchmarks")
-    details = machine_details()
+    details = {"commit measured": commit_measured(ROOT), **machine_details()}
     command = " ".join(["python -m benchmarks", *sys.argv[1:]])
     report.header += [
         f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC with `{command}` "
@@ -520,130 +758,17 @@ def run(args: argparse.Namespace, plan: Plan, log_dir: Path) -> Report:
         "",
         *[f"* {name}: {value}" for name, value in details.items()],
         "",
-        "The trainer is `firetitan serve` in its own process (null engine, B6: torch "
+        "The trainer is `firetitan serve` in its own process (null engine, B6 and RL: torch "
         "engine); each peer is its own client process. Medians over every sample of every "
         "round; × floor and × fireworks-ai divide medians of the same run.",
     ]
-
-    if any(b in only for b in ("B1", "B2", "B3", "B4", "B5")):
-        _progress("starting the null-engine trainer")
-        with serve("null", log_dir) as trainer:
-            run_null(report, plan, trainer, only, peers, failed, log_dir)
-    if "B6" in only:
-        _progress("starting the torch-engine trainer (small stand-in, CPU)")
-        torch = ("--size", "small", "--device", "cpu")
-        with serve("torch", log_dir, extra=torch, env=B6_ENV) as trainer:
-            run_b6(report, plan, trainer, failed, log_dir)
-    for peer, why in failed.items():
+    state = Run(args=args, plan=plan, report=report, log_dir=log_dir)
+    for ids, group in GROUPS:
+        if state.wants(*ids):
+            group(state)
+    for peer, why in state.failed.items():
         report.note(f"{peer_label(peer)} could not run: {why.splitlines()[0][:300]}")
     return report
-
-
-def run_null(
-    report: Report,
-    plan: Plan,
-    trainer: Trainer,
-    only: Sequence[str],
-    peers: Sequence[str],
-    failed: dict[str, str],
-    log_dir: Path,
-) -> None:
-    rounds = plan.rounds
-    b1_wall: dict[str, float] = {}
-    b3_cpu: dict[str, float] = {}
-    if any(b in only for b in ("B1", "B2", "B3")):
-        # B3 also shows firetitan asking for JSON results only, next to its default.
-        extra = ["firetitan-json"] if "B3" in only and "firetitan-async" in peers else []
-        _progress(f"starting workers: {', '.join([*peers, *extra])}")
-        with workers([*peers, *extra], trainer, log_dir, failed) as ready:
-            main = {peer: worker for peer, worker in ready.items() if peer in peers}
-            if "B1" in only:
-                results = interleave(main, rounds, "B1", failed, calls=plan.b1_calls)
-                b1_wall = section_b1(report, results, plan, rounds)
-            if "B2" in only:
-                results = interleave(main, rounds, "B2", failed, pairs=plan.b2_pairs)
-                section_b2(report, results, plan, rounds)
-            if "B3" in only:
-                results = interleave(ready, rounds, "B3", failed, calls=plan.b3_calls)
-                codec = _codec(plan, log_dir, failed)
-                b3_cpu = section_b3(report, results, codec, plan, rounds)
-    if "B1" in only:
-        for peer in FIRETITAN:
-            wall = b1_wall.get(peer, math.nan)
-            report.targets.append(Target(
-                f"B1 {peer_label(peer)} × floor", ratio(wall, b1_wall.get(FLOOR, math.nan)),
-                1.3, "×"))  # fmt: skip
-            report.targets.append(Target(
-                f"B1 {peer_label(peer)} × fireworks-ai",
-                ratio(wall, b1_wall.get(FIREWORKS, math.nan)), 0.5, "×"))  # fmt: skip
-    if "B3" in only:
-        for peer in FIRETITAN:
-            report.targets.append(Target(
-                f"B3 client CPU, {peer_label(peer)} × fireworks-ai",
-                ratio(b3_cpu.get(peer, math.nan), b3_cpu.get(FIREWORKS, math.nan)), 0.25, "×",
-            ))  # fmt: skip
-    if "B4" in only:
-        _progress("B4: facade and async core in one process")
-        with workers(["facade"], trainer, log_dir, failed) as ready:
-            if "facade" in ready:
-                answers = interleave(ready, rounds, "B4", failed, calls=plan.b4_calls)
-                if answers.get("facade"):
-                    extra = section_b4(report, answers["facade"], plan, rounds)
-                    report.targets.append(
-                        Target("B4 facade extra per call (wall)", extra, 50.0, "µs")
-                    )
-    if "B5" in only:
-        results_b5 = run_b5(plan, trainer, peers, failed, log_dir)
-        section_b5(report, results_b5, plan)
-        for peer in FIRETITAN:
-            if results_b5.get(peer):
-                peak = median(pooled(results_b5[peer], "peak_rss"))
-                # The goal is 100 MB; RSS is reported in MiB (1 MiB = 1.048576 MB).
-                report.targets.append(
-                    Target(f"B5 peak RSS, {peer_label(peer)}", peak, 100e6 / 2**20, "MiB",
-                           strict=True)
-                )  # fmt: skip
-
-
-def _codec(plan: Plan, log_dir: Path, failed: dict[str, str]) -> dict[str, Any] | None:
-    _progress("B3: codec throughput")
-    with workers(["codec"], None, log_dir, failed) as ready:
-        if "codec" not in ready:
-            return None
-        try:
-            return ready["codec"].ask("codec", repeats=plan.codec_repeats)
-        except WorkerError as exc:
-            failed["codec"] = str(exc)
-            return None
-
-
-def run_b5(
-    plan: Plan, trainer: Trainer, peers: Sequence[str], failed: dict[str, str], log_dir: Path
-) -> dict[str, list[dict[str, Any]]]:
-    """Fresh processes: peak RSS only ever grows, so every sample needs its own."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    candidates = [p for p in peers if p not in failed]
-    for r in range(plan.b5_rounds):
-        for peer in rotated(candidates, r):
-            worker = Worker(peer, trainer, log_dir, no_torch=True)
-            try:
-                out.setdefault(peer, []).append(worker.ask("B5", futures=plan.b5_futures))
-            except WorkerError as exc:
-                failed.setdefault(peer, f"B5: {exc}")
-            finally:
-                worker.close()
-        _progress(f"B5 round {r + 1}/{plan.b5_rounds}")
-    return {peer: answers for peer, answers in out.items() if answers}
-
-
-def run_b6(
-    report: Report, plan: Plan, trainer: Trainer, failed: dict[str, str], log_dir: Path
-) -> None:
-    with workers(["torch-sdk", "torch-plain"], trainer, log_dir, failed, B6_ENV) as ready:
-        results = interleave(ready, plan.b6_rounds, "B6", failed, steps=plan.b6_steps)
-    if results:
-        overhead = section_b6(report, results, plan)
-        report.targets.append(Target("B6 SDK + trainer × plain PyTorch", overhead, 1.15, "×"))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ __all__ = [
     "BASE_MODEL",
     "RESULT_PREFIX",
     "Arrays",
+    "Lists",
     "batch_arrays",
+    "batch_lists",
     "cpu_seconds",
     "jsonable",
     "measure_calls",
@@ -72,6 +74,18 @@ def batch_arrays(datums: int, tokens: int, *, seed: int = 0, vocab: int = _MAX_T
         weights[: tokens // 4] = 0.0
         out.append((seq[:-1], seq[1:], weights))
     return out
+
+
+Lists = list[tuple[list[int], list[int], list[float]]]
+
+
+def batch_lists(datums: int, tokens: int, *, seed: int = 0) -> Lists:
+    """`batch_arrays` as plain Python lists, the way a training loop usually has its
+    data (token ids from a tokenizer, weights from a mask)."""
+    return [
+        (tokens_.tolist(), targets.tolist(), weights.tolist())
+        for tokens_, targets, weights in batch_arrays(datums, tokens, seed=seed)
+    ]
 
 
 def rss_mb() -> dict[str, float]:

@@ -12,6 +12,7 @@
 * ``facade``: firetitan's async core and facade in one process, alternating (B4).
 * ``codec``: firetitan's codec without network (B3 throughput).
 * ``torch-sdk`` / ``torch-plain``: B6, SFT steps through the SDK, or in-process.
+* ``rl``: the demo's RL step against a torch-engine trainer (the RL step profile).
 
 Every workload method returns a JSON-able dict: lists of per-call seconds (``wall``,
 ``cpu``), or totals for B2, or memory figures for B5.
@@ -20,6 +21,7 @@ Every workload method returns a JSON-able dict: lists of per-call seconds (``wal
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -35,7 +37,9 @@ from benchmarks._common import (
     B6_VOCAB,
     BASE_MODEL,
     Arrays,
+    Lists,
     batch_arrays,
+    batch_lists,
     cpu_seconds,
     measure_calls,
     measure_calls_async,
@@ -66,6 +70,7 @@ def make(name: str, url: str, key: str) -> Any:
         "codec": CodecPeer,
         "torch-sdk": TorchSdkPeer,
         "torch-plain": TorchPlainPeer,
+        "rl": RlStepPeer,
     }
     if name not in peers:
         raise ValueError(f"unknown peer {name!r}; choose from {', '.join(peers)}")
@@ -78,6 +83,28 @@ def small_arrays() -> Arrays:
 
 def large_arrays() -> Arrays:
     return batch_arrays(B3_DATUMS, B3_TOKENS, seed=3)
+
+
+def large_lists() -> Lists:
+    return batch_lists(B3_DATUMS, B3_TOKENS, seed=3)
+
+
+#: B3's two ways of building the batch: ``arrays``, datums built once from numpy arrays
+#: and reused by every call; ``lists``, datums built from plain Python lists by each
+#: call (inside its timing), as a training loop builds each step's batch.
+B3_BUILDS = ("arrays", "lists")
+
+
+def datums_from_lists(types: Any, lists: Lists) -> list[Any]:
+    """Datums of the SDK whose types module is ``types`` (tinker's, or the Fireworks
+    SDK's, which has the same names), from plain lists: each SDK converts them."""
+    return [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(tokens),
+            loss_fn_inputs={"target_tokens": targets, "weights": weights},
+        )
+        for tokens, targets, weights in lists
+    ]
 
 
 def tinker_batch(arrays: Arrays) -> list[Any]:
@@ -149,11 +176,20 @@ class FiretitanAsyncPeer:
             await future
         return {"wall": time.perf_counter() - t0, "cpu": cpu_seconds() - c0}
 
-    async def b3(self, calls: int) -> dict[str, Any]:
+    async def b3(self, calls: int, build: str = "arrays") -> dict[str, Any]:
+        import tinker
+
+        tc = self.tc
+        if build == "lists":
+            lists = large_lists()
+            await tc.forward_backward(datums_from_lists(tinker, lists), LOSS)  # warm-up
+            return await measure_calls_async(
+                lambda: tc.forward_backward(datums_from_lists(tinker, lists), LOSS), calls
+            )
         if self.large is None:
             self.large = tinker_batch(large_arrays())
-            await self.tc.forward_backward(self.large, LOSS)  # warm-up
-        tc, data = self.tc, self.large
+            await tc.forward_backward(self.large, LOSS)  # warm-up
+        data = self.large
         return await measure_calls_async(lambda: tc.forward_backward(data, LOSS), calls)
 
     async def b5(self, futures: int) -> dict[str, Any]:
@@ -201,6 +237,11 @@ class _FuturesPeer:
     def _batch(self, arrays: Arrays) -> list[Any]:
         return tinker_batch(arrays)
 
+    def _batch_from_lists(self, lists: Lists) -> list[Any]:
+        import tinker
+
+        return datums_from_lists(tinker, lists)
+
     def _connect(self) -> tuple[Any, Any, Any]:
         """Return ``(service, training client, Adam parameters)``."""
         raise NotImplementedError
@@ -229,11 +270,16 @@ class _FuturesPeer:
             future.result()
         return {"wall": time.perf_counter() - t0, "cpu": cpu_seconds() - c0}
 
-    def b3(self, calls: int) -> dict[str, Any]:
+    def b3(self, calls: int, build: str = "arrays") -> dict[str, Any]:
+        tc = self.tc
+        if build == "lists":
+            lists, make = large_lists(), self._batch_from_lists
+            tc.forward_backward(make(lists), LOSS).result()  # warm-up
+            return measure_calls(lambda: tc.forward_backward(make(lists), LOSS).result(), calls)
         if self.large is None:
             self.large = self._batch(large_arrays())
-            self.tc.forward_backward(self.large, LOSS).result()
-        tc, data = self.tc, self.large
+            tc.forward_backward(self.large, LOSS).result()
+        data = self.large
         return measure_calls(lambda: tc.forward_backward(data, LOSS).result(), calls)
 
     def b5(self, futures: int) -> dict[str, Any]:
@@ -278,6 +324,11 @@ class FireworksPeer(_FuturesPeer):
             )
             for tokens, targets, weights in arrays
         ]
+
+    def _batch_from_lists(self, lists: Lists) -> list[Any]:
+        from fireworks.training.sdk import types as fw
+
+        return datums_from_lists(fw, lists)
 
     def _connect(self) -> tuple[Any, Any, Any]:
         from fireworks.training.sdk import AdamParams, FiretitanServiceClient
@@ -431,7 +482,9 @@ class FloorPeer:
         await self._pipeline(bodies)
         return {"wall": time.perf_counter() - t0, "cpu": cpu_seconds() - c0}
 
-    async def b3(self, calls: int) -> dict[str, Any]:
+    async def b3(self, calls: int, build: str = "arrays") -> dict[str, Any]:
+        # The floor's body is encoded in advance, however the batch was built.
+        del build
         if self.large_body is None:
             self.large_body = self._large_template()
             await self._call("forward_backward", self.large_body)
@@ -542,7 +595,61 @@ class FacadePeer:
         for _ in range(20):
             portal.start(resolved).result()
         timed = measure_calls(lambda: portal.start(resolved).result(), calls)
-        return {"hop_wall": timed["wall"], "hop_cpu": timed["cpu"]}
+        out = {"hop_wall": timed["wall"], "hop_cpu": timed["cpu"]}
+        for name, round_trip in handoffs(portal.loop).items():
+            for _ in range(20):
+                round_trip()
+            out[f"handoff_{name}"] = measure_calls(round_trip, calls)["wall"]
+        return out
+
+
+#: Cross-thread round trips between a caller and an event-loop thread, cheapest first
+#: (B4 measures each beside the facade's own hop).
+HANDOFFS = {
+    "lock": "a plain lock the loop releases (`call_soon_threadsafe` + `Lock.acquire`)",
+    "future": "`call_soon_threadsafe` + `concurrent.futures.Future.result()`",
+    "coroutine": "`asyncio.run_coroutine_threadsafe(...).result()`",
+    "anyio": "anyio's `BlockingPortal.call` (its own event-loop thread)",
+}
+
+
+_KEEP: list[Any] = []
+
+
+def handoffs(loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+    """One round trip per `HANDOFFS` entry: the caller hands a no-op to the loop thread
+    and blocks until it ran."""
+    import concurrent.futures
+    import threading
+
+    from anyio.from_thread import start_blocking_portal
+
+    def lock() -> None:
+        done = threading.Lock()
+        done.acquire()
+        loop.call_soon_threadsafe(done.release)
+        done.acquire()
+
+    def future() -> None:
+        result: concurrent.futures.Future[int] = concurrent.futures.Future()
+        loop.call_soon_threadsafe(result.set_result, 1)
+        result.result()
+
+    async def noop() -> int:
+        return 1
+
+    def coroutine() -> None:
+        asyncio.run_coroutine_threadsafe(noop(), loop).result()
+
+    # Left open for the process's life (the worker's): a portal per round would measure
+    # thread start-ups. The context manager is kept, since collecting it stops the portal.
+    _KEEP.append(context := start_blocking_portal())
+    portal = context.__enter__()
+
+    def anyio() -> None:
+        portal.call(noop)
+
+    return {"lock": lock, "future": future, "coroutine": coroutine, "anyio": anyio}
 
 
 # --------------------------------------------------------------------------- codec
@@ -708,3 +815,129 @@ class TorchPlainPeer:
 
     def b6(self, steps: int) -> dict[str, Any]:
         return measure_calls(self.step, steps)
+
+
+# --------------------------------------------------------------------------- RL step profile
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) of another process, from /proc."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    # After the command name: state is field 3, utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+#: The parts of the client the RL profile reports, by the file names cProfile gives the
+#: functions; checked in order (the demo lives inside the firetitan package). A C
+#: function counts where its main caller is.
+_CLIENT_PARTS = (
+    ("the demo's own step (datums, rewards, advantages)",
+     ("/firetitan/demo/", "/numpy/", "/tinker/")),
+    ("firetitan SDK (validation, encoding, decoding, futures)", ("/firetitan/",)),
+    ("HTTP and event loop (aiohttp, asyncio)",
+     ("/aiohttp/", "/asyncio/", "/yarl/", "/multidict/", "selectors.py", "socket.py")),
+)  # fmt: skip
+_OTHER_PART = "other"
+
+
+class RlStepPeer:
+    """The demo's RL step (`firetitan.demo.loop`) against a torch-engine trainer in
+    another process: step wall time, the sampling phase, the client's and the trainer's
+    CPU, and the client's event-loop turns; one more step under cProfile splits the
+    client's CPU into SDK, I/O stack and the demo's own work."""
+
+    is_async = True
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url, self.key = url, key
+        self.trainer_pid = int(os.environ["FIRETITAN_BENCH_TRAINER_PID"])
+        self.turns = 0
+
+    async def setup(self) -> None:
+        from firetitan.demo import loop
+        from firetitan.demo.config import DemoConfig
+
+        self.loop_module = loop
+        self.cfg = DemoConfig(progress=False)
+        self.policy = loop._Policy(loop._service(self.url, self.key))
+        await self.policy.start(self.cfg.base_model)
+        self.ref_service = loop._service(self.url, self.key)
+        await self.ref_service.__aenter__()
+        self.reference = await self.ref_service.create_training_client(
+            self.cfg.base_model, lora_rank=0
+        )
+        await self.policy.publish("rl-000", self.cfg.rebase_every)
+        self._count_loop_turns()
+        self.step = 0
+        await self._step()  # warm-up
+
+    def _count_loop_turns(self) -> None:
+        running = asyncio.get_running_loop()
+        run_once = running._run_once  # type: ignore[attr-defined]
+
+        def counted() -> None:
+            self.turns += 1
+            run_once()
+
+        running._run_once = counted  # type: ignore[attr-defined]
+
+    async def _step(self) -> dict[str, Any]:
+        row: dict[str, Any] = await self.loop_module._rl_step(
+            self.policy, self.reference, self.cfg, self.step
+        )
+        self.step += 1
+        return row
+
+    async def close(self) -> None:
+        await self.ref_service.aclose()
+        await self.policy.aclose()
+
+    async def rl(self, steps: int) -> dict[str, Any]:
+        out = []
+        for _ in range(steps):
+            turns, trainer0 = self.turns, _process_cpu(self.trainer_pid)
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            row = await self._step()
+            wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+            rate = row["tokens_per_s"]
+            sample = row["sampled_tokens"] / rate if rate else float("nan")
+            out.append({
+                "wall": wall, "client_cpu": cpu, "sample_wall": sample,
+                "train_wall": wall - sample,
+                "trainer_cpu": _process_cpu(self.trainer_pid) - trainer0,
+                "loop_turns": self.turns - turns,
+            })  # fmt: skip
+        cfg = self.cfg
+        config = (
+            f"{len(self.loop_module.task.DIGITS)} prompts × {cfg.group_size} samples of up to "
+            f"{cfg.max_tokens} tokens, reference `forward`, {cfg.substeps} `ppo` "
+            "`forward_backward` + `optim_step` passes, a sampler export"
+        )
+        return {"steps": out, "profile": await self._profile(), "config": config}
+
+    async def _profile(self) -> dict[str, float]:
+        """Fractions of the client's profiled CPU time per part (`_CLIENT_PARTS`)."""
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        await self._step()
+        profiler.disable()
+        stats: dict[Any, Any] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+        totals = dict.fromkeys([*(name for name, _ in _CLIENT_PARTS), _OTHER_PART], 0.0)
+        everything = 0.0
+        for (filename, _line, function), (_cc, _nc, tottime, _ct, callers) in stats.items():
+            if "poll' of 'select" in function:
+                continue  # idle: waiting for the trainer
+            everything += tottime
+            if filename == "~" and callers:
+                # A C function (builtin, method): counted where its main caller is.
+                filename = max(callers.items(), key=lambda item: item[1][3])[0][0]
+            part = next(
+                (name for name, marks in _CLIENT_PARTS if any(m in filename for m in marks)),
+                _OTHER_PART,
+            )
+            totals[part] += tottime
+        return {name: value / everything for name, value in totals.items() if everything}

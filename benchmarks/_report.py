@@ -12,13 +12,23 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
 import attrs
 
-__all__ = ["Report", "Target", "machine_details", "median", "quantile"]
+__all__ = [
+    "Report",
+    "Target",
+    "commit_measured",
+    "machine_details",
+    "median",
+    "quantile",
+    "round_ratios",
+    "spread",
+]
 
 FLOOR = "floor"
 FIREWORKS = "fireworks"
@@ -46,6 +56,30 @@ def quantile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
+def spread(values: Sequence[float]) -> tuple[float, float]:
+    """The interquartile range ``(p25, p75)``; NaNs when empty."""
+    return quantile(values, 0.25), quantile(values, 0.75)
+
+
+def fmt_spread(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
+    """``p25–p75`` of ``values`` times ``scale``, for a table cell."""
+    low, high = spread(values)
+    if math.isnan(low):
+        return "n/a"
+    return f"{low * scale:,.{digits}f}–{high * scale:,.{digits}f}"
+
+
+def round_ratios(
+    samples: Sequence[Sequence[float]], reference: Sequence[Sequence[float]]
+) -> list[float]:
+    """Per-round ratios of medians: round r's median of ``samples[r]`` divided by round
+    r's median of ``reference[r]``. Their spread says how much a ratio moved between
+    rounds of one run."""
+    return [
+        ratio(median(a), median(b)) for a, b in zip(samples, reference, strict=False) if a and b
+    ]
+
+
 def ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
 
@@ -62,13 +96,26 @@ def fmt_ratio(value: float) -> str:
 
 @attrs.frozen
 class Target:
-    """One goal of the issue: ``figure <= goal`` (or ``<`` when ``strict``)."""
+    """One goal: ``figure <= goal`` (or ``<`` when ``strict``).
+
+    ``figure`` is a median; ``rounds`` holds the same figure measured in each round
+    alone, whose interquartile range the report prints beside it as the spread.
+    """
 
     name: str
     figure: float
     goal: float
     unit: str
     strict: bool = False
+    rounds: tuple[float, ...] = attrs.field(default=(), converter=tuple)
+    #: What one entry of ``rounds`` is: a round, or a step (RL), a process (B5).
+    per: str = "rounds"
+
+    def spread(self) -> str:
+        values = [v for v in self.rounds if not math.isnan(v)]
+        if len(values) < 2:
+            return "n/a"
+        return f"{fmt_spread(values)} {self.unit} ({len(values)} {self.per})"
 
     @property
     def met(self) -> bool | None:
@@ -112,15 +159,19 @@ class Report:
         parts = [f"# {self.title}", "", *self.header, ""]
         if self.targets:
             rows = [
-                f"| {t.name} | {fmt(t.figure)} {t.unit} | {'<' if t.strict else '≤'} "
-                f"{fmt(t.goal)} {t.unit} | {t.status()} |"
+                f"| {t.name} | {fmt(t.figure)} {t.unit} | {t.spread()} | "
+                f"{'<' if t.strict else '≤'} {fmt(t.goal)} {t.unit} | {t.status()} |"
                 for t in self.targets
             ]
             parts += [
                 "## Targets",
                 "",
-                "| target | figure | goal | status |",
-                "|---|---:|---:|---|",
+                "Each figure is a median over every sample of the run; the spread is the "
+                "interquartile range (p25–p75) of the same figure measured round by round "
+                "(RL: step by step; B5: process by process). A missed goal says so.",
+                "",
+                "| target | median | spread over rounds | goal | status |",
+                "|---|---:|---:|---:|---|",
                 *rows,
                 "",
             ]
@@ -176,6 +227,30 @@ def machine_details() -> dict[str, str]:
         "Python": f"{platform.python_implementation()} {platform.python_version()}",
         "packages": ", ".join(versions),
     }
+
+
+def commit_measured(root: Path) -> str:
+    """The commit the figures measure: ``git rev-parse HEAD``, and whether the working
+    tree differs from it (files other than the report itself)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        changed = [
+            line[3:]
+            for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+            if not line[3:].endswith("benchmarks/RESULTS.md")
+        ]
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    if not changed:
+        return f"{head} (clean)"
+    shown = ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else "")
+    return f"{head} + uncommitted changes in {len(changed)} file(s): {shown} (dirty)"
 
 
 def load_average() -> str:

@@ -3,11 +3,14 @@
 Public names come only from this module; everything in underscored modules is private.
 """
 
+from firetitan._async.deployment import AsyncDeployment
+from firetitan._async.deployment_sampler import AsyncDeploymentSampler
 from firetitan._async.futures import AsyncAPIFuture, FutureState
 from firetitan._async.sampling import AsyncSamplingClient
 from firetitan._async.service import AsyncFiretitanServiceClient
 from firetitan._async.training import AsyncFiretitanTrainingClient
-from firetitan._config import ClientConfig, Limits, RetryPolicy, Timeouts
+from firetitan._async.weight_sync import AsyncWeightSyncer
+from firetitan._config import ClientConfig, DeploymentConfig, Limits, RetryPolicy, Timeouts
 from firetitan._errors import (
     APIConnectionError,
     APIError,
@@ -23,6 +26,8 @@ from firetitan._errors import (
     FiretitanError,
     FutureTimeoutError,
     GoneError,
+    HotLoadError,
+    HotLoadTimeoutError,
     InternalServerError,
     NotFoundError,
     PermissionDeniedError,
@@ -32,9 +37,17 @@ from firetitan._errors import (
     UnprocessableEntityError,
 )
 from firetitan._futures import APIFuture
-from firetitan._sync import FiretitanServiceClient, FiretitanTrainingClient, SamplingClient
+from firetitan._sync import (
+    Deployment,
+    DeploymentSampler,
+    FiretitanServiceClient,
+    FiretitanTrainingClient,
+    SamplingClient,
+    WeightSyncer,
+)
 from firetitan._types import GradAccNormalization, SaveSamplerResult
 from firetitan._version import __version__
+from firetitan._wire import Completion, ReplicaStatus
 from firetitan.tokenizers import ByteTokenizer
 
 __all__ = [
@@ -45,9 +58,12 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "AsyncAPIFuture",
+    "AsyncDeployment",
+    "AsyncDeploymentSampler",
     "AsyncFiretitanServiceClient",
     "AsyncFiretitanTrainingClient",
     "AsyncSamplingClient",
+    "AsyncWeightSyncer",
     "AuthenticationError",
     "BadRequestError",
     "BlockingCallInLoopError",
@@ -55,7 +71,11 @@ __all__ = [
     "ClientClosedError",
     "ClientConfig",
     "ClientUsageError",
+    "Completion",
     "ConflictError",
+    "Deployment",
+    "DeploymentConfig",
+    "DeploymentSampler",
     "FiretitanError",
     "FiretitanServiceClient",
     "FiretitanTrainingClient",
@@ -63,11 +83,14 @@ __all__ = [
     "FutureTimeoutError",
     "GoneError",
     "GradAccNormalization",
+    "HotLoadError",
+    "HotLoadTimeoutError",
     "InternalServerError",
     "Limits",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "ReplicaStatus",
     "RequestFailedError",
     "RequestTooLargeError",
     "RetryPolicy",
@@ -75,5 +98,6 @@ __all__ = [
     "SaveSamplerResult",
     "Timeouts",
     "UnprocessableEntityError",
+    "WeightSyncer",
     "__version__",
 ]

@@ -15,6 +15,7 @@ from attrs import validators as v
 
 __all__ = [
     "ClientConfig",
+    "DeploymentConfig",
     "Limits",
     "RetryPolicy",
     "Timeouts",
@@ -121,7 +122,7 @@ class Limits:
             batch estimated at 100 kB takes about 1 ms (v2 float encoding), and the
             time grows linearly from there (about 90-175 ms at 10 MB).
         protobuf_result_bytes: Forward and forward_backward calls whose request is
-            estimated above this size ask for their results as protobuf (wire.md §4.7),
+            estimated above this size ask for their results as protobuf,
             which decodes in a fraction of the time JSON takes (measured: 0.1 ms instead
             of 6 ms for 32 × 2048 logprobs). A trainer may still answer JSON, which is
             read as usual. None always asks for JSON.
@@ -168,6 +169,47 @@ class ClientConfig:
             TypeError: An unknown field name.
         """
         return attrs.evolve(self, **changes)
+
+
+@attrs.frozen(kw_only=True)
+class DeploymentConfig:
+    """Where rollouts are sampled: an inference deployment that hot-loads snapshots.
+
+    Given to a service client (``deployment=``), it makes `create_sampling_client` and
+    `save_weights_and_get_sampling_client` hot-load the snapshot into this deployment
+    and sample from it; without one they sample on the trainer.
+
+    Attributes:
+        base_url: The deployment's origin for control plane, hot-load and inference
+            (``https://api.fireworks.ai``, or a `firetitan.local.LocalDeployment`'s
+            ``base_url``).
+        deployment_id: The deployment's id (``accounts/<acct>/deployments/<id>``).
+        account: The account id; None asks the control plane (the API key must belong
+            to exactly one account).
+        base_model: The model the deployment serves (sent as ``fireworks-model``);
+            None uses the base model of the training client whose snapshot is loaded.
+        tokenizer: A Hugging Face tokenizer name or local folder, for ``get_tokenizer()``
+            and for stop token ids; None uses the trainer's.
+        hot_load_timeout: Seconds a hot-load may take before `HotLoadTimeoutError`.
+        poll_interval: The longest wait between two hot-load status polls (polls start
+            fast and slow down to this).
+        max_concurrency: Completions in flight at most; the limit halves on 429/503
+            and grows back as requests succeed.
+    """
+
+    base_url: str = attrs.field(validator=v.instance_of(str))
+    deployment_id: str = attrs.field(validator=v.and_(v.instance_of(str), v.min_len(1)))
+    account: str | None = attrs.field(default=None, validator=v.optional(v.instance_of(str)))
+    base_model: str | None = attrs.field(default=None, validator=v.optional(v.instance_of(str)))
+    tokenizer: str | None = attrs.field(default=None, validator=v.optional(v.instance_of(str)))
+    hot_load_timeout: float = attrs.field(default=600.0, validator=_positive)
+    poll_interval: float = attrs.field(default=5.0, validator=_positive)
+    max_concurrency: int = attrs.field(default=256, validator=_POSITIVE_INT)
+
+    @base_url.validator
+    def _check_url(self, _attribute: attrs.Attribute[Any], value: str) -> None:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {value!r}")
 
 
 BASE_URL_ENV = ("FIRETITAN_BASE_URL", "TINKER_BASE_URL")

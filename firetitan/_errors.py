@@ -14,6 +14,8 @@ FiretitanError
 │   └── APIResponseValidationError    the trainer answered something we cannot read
 ├── RequestFailedError                a future failed on the trainer: .category user|server
 ├── FutureTimeoutError                a future passed its deadline (also a TimeoutError)
+├── HotLoadError                      a deployment did not load a snapshot: .identity .replicas
+│   └── HotLoadTimeoutError           ... within the time allowed (also a TimeoutError)
 └── ClientUsageError (RuntimeError)
     ├── ClientClosedError             the client was closed
     └── BlockingCallInLoopError       a blocking facade call on the facade's own loop
@@ -43,6 +45,8 @@ __all__ = [
     "FiretitanError",
     "FutureTimeoutError",
     "GoneError",
+    "HotLoadError",
+    "HotLoadTimeoutError",
     "InternalServerError",
     "NotFoundError",
     "PermissionDeniedError",
@@ -236,6 +240,30 @@ class RequestFailedError(FiretitanError):
 
 class FutureTimeoutError(FiretitanError, TimeoutError):
     """A future did not resolve before its deadline."""
+
+
+class HotLoadError(FiretitanError):
+    """A deployment did not come to serve a snapshot (or was not asked to, because it
+    could not have: a delta whose base it does not hold).
+
+    Attributes:
+        message: What happened, with what every replica reported.
+        identity: The snapshot that was to be served.
+        replicas: The last status of each replica, as the deployment reported it.
+    """
+
+    def __init__(self, message: str, *, identity: str, replicas: Any = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.identity = identity
+        self.replicas = list(replicas)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.__dict__.copy(), self.args))
+
+
+class HotLoadTimeoutError(HotLoadError, TimeoutError):
+    """The deployment was still not serving the snapshot when the time allowed ran out."""
 
 
 class ClientUsageError(FiretitanError, RuntimeError):

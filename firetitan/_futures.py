@@ -12,7 +12,8 @@ An `APIFuture` stands for one request that the async core runs on the firetitan 
 Cancellation flows one way, from the carrier to the work: whoever cancels the carrier (this
 class, a `concurrent.futures` user of `future()`, or an asyncio task awaiting it) makes the
 loop cancel the async core's future, which stops polling the trainer and, if the request
-was still queued in the client, never sends it.
+was still queued in the client, never sends it. The carrier relays its own `cancel()`
+(`_Carrier`), which costs nothing on the way of a result, unlike a done-callback.
 """
 
 from __future__ import annotations
@@ -59,6 +60,26 @@ class AsyncFutureLike(Protocol[_T_co]):
     def add_done_callback(self, fn: Callable[[Any], object], /) -> None: ...
 
 
+class _Carrier(concurrent.futures.Future[_T]):
+    """The concurrent future that holds an `APIFuture`'s outcome, and relays its own
+    cancellation to the async core's future once the loop has linked one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Set on the loop thread by `APIFuture._link`: schedules `source.cancel()` there.
+        self.relay: Callable[[], object] | None = None
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        relay = self.relay
+        if relay is not None:
+            relay()
+        # Otherwise the request was not linked yet: `_link` (or `_begin`) sees the
+        # cancellation when it runs, since it checks after publishing `relay`.
+        return True
+
+
 class APIFuture(Generic[_T]):
     """The eventual result of a request to the trainer.
 
@@ -87,7 +108,7 @@ class APIFuture(Generic[_T]):
 
     def __init__(self, portal: Portal) -> None:
         self._portal = portal
-        self._carrier: concurrent.futures.Future[_T] = concurrent.futures.Future()
+        self._carrier: _Carrier[_T] = _Carrier()
         # The async core's future, set on the loop thread once the request was handed to
         # the async client; `None` while still queued, or if it never started.
         self._source: AsyncFutureLike[Any] | None = None
@@ -115,17 +136,24 @@ class APIFuture(Generic[_T]):
     def _link(self, source: AsyncFutureLike[Any], convert: Callable[[Any], _T] | None) -> None:
         """Mirror `source` into the carrier, and a cancelled carrier into `source`.
 
-        Called on the loop thread. If the carrier is cancelled from another thread at any
-        moment after this, `Portal.relay_cancel` schedules `source.cancel()` on the loop.
+        Called on the loop thread. A carrier cancelled from another thread after this
+        has `Portal.cancel_soon` schedule `source.cancel()` on the loop; one cancelled
+        before it, found cancelled here, is relayed at once.
         """
         self._source = source
-        self._carrier.add_done_callback(functools.partial(self._portal.relay_cancel, source.cancel))
-        copy = functools.partial(copy_outcome, self._carrier, convert)
-        # The async core's futures can run this as they resolve, which releases the
-        # waiting thread one turn of the loop sooner than a done-callback would.
+        carrier = self._carrier
+        carrier.relay = functools.partial(self._portal.cancel_soon, source.cancel)
+        if carrier.cancelled():
+            source.cancel()
+            return
+        copy = functools.partial(copy_outcome, carrier, convert)
+        # The async core's futures run this as they resolve, one turn of the loop sooner
+        # than a done-callback would; the copy itself, which wakes the waiting thread,
+        # waits for the end of that turn (`Portal.release_at_turn_end`).
         on_settle = getattr(source, "_on_settle", None)
         if on_settle is not None:
-            on_settle(copy)
+            release = self._portal.release_at_turn_end
+            on_settle(lambda settled: release(functools.partial(copy, settled)))
         else:
             source.add_done_callback(copy)
 

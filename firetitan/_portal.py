@@ -7,8 +7,10 @@ daemon thread that starts on first use. The facade reaches that loop in three wa
 * `Portal.call` runs a coroutine function there and blocks for its result;
 * `Portal.start` runs a plain RPC method (one that submits a request and returns the
   async core's future at once) there and returns an `APIFuture` *without* waiting for the
-  loop: the call is queued with `loop.call_soon_threadsafe`, whose ready queue is FIFO, so
-  the calls of any one thread reach the async client in the order they were made;
+  loop: the call joins the portal's FIFO inbox, so the calls of any one thread reach the
+  async client in the order they were made. Only the first call of a burst wakes the
+  loop (`loop.call_soon_threadsafe`); calls made before the loop took the inbox ride
+  along without another wake-up;
 * `Portal.construct`/`Portal.open` build async clients *on* the loop, because aiohttp
   binds its objects to the loop that is running when they are created.
 
@@ -34,21 +36,26 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import contextlib
 import contextvars
 import functools
 import logging
 import os
+import selectors
 import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 from firetitan._errors import BlockingCallInLoopError, ClientClosedError, ClientUsageError
 from firetitan._futures import APIFuture, AsyncFutureLike
+
+if TYPE_CHECKING:
+    from _typeshed import FileDescriptorLike
 
 __all__ = ["Portal", "get_portal", "rewrap", "shutdown"]
 
@@ -76,6 +83,18 @@ class _AsyncOpenable(Protocol):
     def __aenter__(self) -> Awaitable[Any]: ...
 
 
+#: A `Portal.start` call waiting in the inbox: its future, the RPC method and its
+#: arguments, the result conversion, and the caller's context.
+_Started = tuple[
+    APIFuture[Any],
+    Callable[..., AsyncFutureLike[Any]],
+    tuple[Any, ...],
+    dict[str, Any],
+    Callable[[Any], Any] | None,
+    contextvars.Context,
+]
+
+
 class Portal:
     """An event loop running forever in a daemon thread, shared by every facade object.
 
@@ -89,7 +108,14 @@ class Portal:
         self._usable = True
         self._forked = False
         self._stopping = False
-        self._loop = asyncio.new_event_loop()
+        self._releases = _TurnEndReleases(selectors.DefaultSelector())
+        self._loop = asyncio.SelectorEventLoop(self._releases)
+        # `start` calls waiting for the loop, and whether a `_take_inbox` is scheduled.
+        # Callers append and then read the flag; the loop clears the flag and then
+        # empties the inbox: under the GIL, every call is either taken by a scheduled
+        # run or schedules one itself.
+        self._inbox: collections.deque[_Started] = collections.deque()
+        self._inbox_scheduled = False
         # Async clients that need `aclose()` at exit, by id, in creation order. Weak, so
         # that tracking never keeps a client alive. Callers add and remove entries from any
         # thread, so changes and the exit hook's snapshot take the lock (the dictionary's
@@ -130,8 +156,10 @@ class Portal:
                     _logger.exception("firetitan event loop: a callback raised; loop continues")
         finally:
             try:
+                self._releases.flush()
                 self._drain()
             finally:
+                self._releases.flush()
                 loop.close()
 
     def _drain(self) -> None:
@@ -153,6 +181,15 @@ class Portal:
             )
         except TimeoutError:
             _logger.debug("default executor did not stop in time; abandoned")
+
+    def release_at_turn_end(self, release: Callable[[], object]) -> None:
+        """Run ``release`` (loop thread) once the loop has run this turn's callbacks.
+
+        For outcomes that wake a blocked thread: woken mid-turn, that thread would only
+        wait again, for the GIL, until the loop thread blocks; woken at the turn's end,
+        it finds the GIL free.
+        """
+        self._releases.add(release)
 
     # -- guards ---------------------------------------------------------------------------
 
@@ -321,15 +358,31 @@ class Portal:
         if not self._usable:
             self._raise_unusable()
         fut: APIFuture[Any] = APIFuture(self)
-        try:
-            # The explicit context makes the hop run in (a copy of) the caller's context,
-            # so its contextvars reach the async core and the tasks it starts.
-            self._loop.call_soon_threadsafe(
-                fut._begin, fn, args, kwargs, convert, context=contextvars.copy_context()
-            )
-        except RuntimeError:  # the loop closed under us (shutdown in another thread)
-            self._raise_unusable()
+        # The context makes the call run in (a copy of) the caller's context, so its
+        # contextvars reach the async core and the tasks it starts.
+        self._inbox.append((fut, fn, args, kwargs, convert, contextvars.copy_context()))
+        if not self._inbox_scheduled:
+            self._inbox_scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._take_inbox)
+            except RuntimeError:  # the loop closed under us (shutdown in another thread)
+                self._raise_unusable()
         return fut
+
+    def _take_inbox(self) -> None:
+        """Make the queued `start` calls, oldest first (loop thread)."""
+        self._inbox_scheduled = False
+        inbox = self._inbox
+        try:
+            while inbox:
+                fut, fn, args, kwargs, convert, context = inbox.popleft()
+                context.run(fut._begin, fn, args, kwargs, convert)
+        except BaseException:
+            # SystemExit or KeyboardInterrupt from a call: the rest still gets made.
+            if inbox and not self._inbox_scheduled:
+                self._inbox_scheduled = True
+                self._loop.call_soon(self._take_inbox)
+            raise
 
     def _schedule(
         self,
@@ -379,9 +432,13 @@ class Portal:
     ) -> None:
         """Carrier done-callback: a cancelled carrier calls `cancel()` on the loop."""
         if carrier.cancelled():
-            # RuntimeError: the loop has closed, so nothing is running any more.
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(cancel)
+            self.cancel_soon(cancel)
+
+    def cancel_soon(self, cancel: Callable[[], object]) -> None:
+        """Call `cancel()` on the loop thread, from any thread."""
+        # RuntimeError: the loop has closed, so nothing is running any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(cancel)
 
     def run_callback(
         self,
@@ -490,6 +547,64 @@ class Portal:
         # collected in the child and report themselves to their loop's exception handler
         # ("Unclosed client session"). They belong to the parent, which closes them.
         self._loop.set_exception_handler(_ignore_loop_error)
+
+
+class _TurnEndReleases(selectors.BaseSelector):
+    """The portal loop's selector, which also runs the releases queued during a turn.
+
+    An event loop calls its selector's ``select`` between turns, so running the queued
+    releases there runs them after every callback of the turn. When the turn leaves more
+    work ready (``select`` with a zero timeout), releases wait at most one more turn, so
+    a loop that stays busy still releases promptly. Everything else is the wrapped
+    selector's.
+    """
+
+    def __init__(self, selector: selectors.BaseSelector) -> None:
+        self._selector = selector
+        self._pending: list[Callable[[], object]] = []
+        self._busy_turns = 0
+
+    def add(self, release: Callable[[], object]) -> None:
+        self._pending.append(release)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        self._busy_turns = 0
+        for release in pending:
+            try:
+                release()
+            except Exception:  # as a failing done-callback is: logged, never fatal
+                _logger.exception("firetitan: releasing a waiting thread failed")
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if self._pending:
+            if timeout is None or timeout > 0 or self._busy_turns:
+                self.flush()
+            else:
+                self._busy_turns += 1
+        return self._selector.select(timeout)
+
+    def register(
+        self, fileobj: FileDescriptorLike, events: int, data: Any = None
+    ) -> selectors.SelectorKey:
+        return self._selector.register(fileobj, events, data)
+
+    def unregister(self, fileobj: FileDescriptorLike) -> selectors.SelectorKey:
+        return self._selector.unregister(fileobj)
+
+    def modify(
+        self, fileobj: FileDescriptorLike, events: int, data: Any = None
+    ) -> selectors.SelectorKey:
+        return self._selector.modify(fileobj, events, data)
+
+    def get_key(self, fileobj: FileDescriptorLike) -> selectors.SelectorKey:
+        return self._selector.get_key(fileobj)
+
+    def get_map(self) -> Mapping[FileDescriptorLike, selectors.SelectorKey]:
+        return self._selector.get_map()
+
+    def close(self) -> None:
+        self._selector.close()
 
 
 async def _construct(cls: Callable[..., _C], args: tuple[Any, ...], kwargs: dict[str, Any]) -> _C:

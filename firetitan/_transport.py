@@ -21,6 +21,15 @@ Responsibilities, each in one place:
 * **Secrets.** The API key lives in a `_Secret` that masks itself in ``repr`` and
   refuses to be pickled; headers are never logged.
 
+* **Streams.** `Transport.stream` POSTs a request whose answer is server-sent events
+  (deployment sampling) and folds the events as they arrive; a stream that ends early
+  or reports a transient error is retried whole, with the same headers (so the same
+  ``x-request-id``), under an optional `AdaptiveLimit` that backs off on 429/503.
+
+One class serves a trainer and a deployment: a deployment's transport is built with
+``bearer=True``, which adds ``Authorization: Bearer`` next to ``X-API-Key`` (its
+gateways read either).
+
 TLS certificates are verified (aiohttp's default); nothing here turns that off.
 """
 
@@ -34,8 +43,8 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Mapping
-from typing import Any, Literal, NoReturn
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NoReturn, Protocol, TypeVar
 
 import aiohttp
 import attrs
@@ -48,11 +57,13 @@ from tenacity import (
 )
 
 from firetitan import _wire
+from firetitan._concurrency import AdaptiveLimit
 from firetitan._config import ClientConfig, RetryPolicy
 from firetitan._errors import (
     APIConnectionError,
     APIError,
     APIResponseValidationError,
+    APIStatusError,
     APITimeoutError,
     ClientClosedError,
     ClientUsageError,
@@ -60,13 +71,25 @@ from firetitan._errors import (
 )
 from firetitan._version import __version__
 
-__all__ = ["PROTOBUF", "USER_AGENT", "Pool", "ProtobufBody", "Transport"]
+__all__ = ["PROTOBUF", "USER_AGENT", "Pool", "ProtobufBody", "StreamFold", "Transport"]
 
 log = logging.getLogger("firetitan.transport")
 
 USER_AGENT = f"firetitan/{__version__}"
 Pool = Literal["submit", "poll"]
 _JSON = "application/json"
+#: Statuses that say "too much at once": they shrink an `AdaptiveLimit`.
+_OVERLOAD = frozenset({429, 503})
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class StreamFold(Protocol[T_co]):
+    """What `Transport.stream` feeds events into (e.g. `_wire.CompletionStream`)."""
+
+    def add(self, event: _wire.SSEEvent) -> None: ...
+
+    def result(self) -> T_co: ...
 #: The media type of protobuf results (wire.md §4.7).
 PROTOBUF = "application/x-protobuf"
 
@@ -132,6 +155,7 @@ class Transport:
         config: ClientConfig,
         *,
         default_headers: Mapping[str, str] | None = None,
+        bearer: bool = False,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
@@ -153,6 +177,7 @@ class Transport:
         self._base_headers = {
             **self._extra_headers,
             "X-API-Key": self._key.reveal(),
+            **({"Authorization": f"Bearer {self._key.reveal()}"} if bearer else {}),
             "Accept": _JSON,
             "User-Agent": USER_AGENT,
         }
@@ -296,8 +321,19 @@ class Transport:
             headers=request_headers,
         )
 
-    async def get(self, path: str, *, attempt_timeout: float | None = None) -> Any:
+    async def get(
+        self,
+        path: str,
+        *,
+        attempt_timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
         """GET an endpoint and return the decoded JSON answer.
+
+        Args:
+            path: Endpoint path, with its query string if any.
+            attempt_timeout: Total seconds for one attempt; the pool's default otherwise.
+            headers: Extra headers.
 
         Raises:
             APIStatusError: The trainer answered 4xx/5xx (after retries, where retried).
@@ -307,7 +343,7 @@ class Transport:
         return await self._request(
             "GET", path, None, pool="submit", retry=True, attempt_timeout=attempt_timeout,
             offload=False,
-            headers=self._base_headers,
+            headers={**self._base_headers, **headers} if headers else self._base_headers,
         )
 
     def _policy(self, pool: Pool, retry: bool) -> RetryPolicy:
@@ -389,6 +425,127 @@ class Transport:
         except _Retry as exhausted:
             raise exhausted.error from exhausted.error.__cause__
         raise AssertionError("unreachable: tenacity either returns or reraises")
+
+    async def stream(
+        self,
+        path: str,
+        body: Any,
+        fold: Callable[[], StreamFold[T]],
+        *,
+        headers: Mapping[str, str] | None = None,
+        limit: AdaptiveLimit | None = None,
+    ) -> T:
+        """POST a JSON body whose answer is a stream of server-sent events, and fold it.
+
+        Each attempt folds into a fresh ``fold()``. An attempt is retried, with the same
+        body and headers, after a connection error, a read timeout, a retryable status,
+        a stream that ended before its result was complete (`_wire.StreamTruncated`) or
+        an error event naming a transient status; never after an answer it cannot read.
+        ``limit``, when given, bounds attempts in flight and learns from 429/503.
+
+        Args:
+            path: Endpoint path.
+            body: A JSON-able object.
+            fold: Makes the accumulator of one attempt.
+            headers: Extra headers (e.g. ``x-request-id``), the same on every attempt.
+            limit: The concurrency limit the attempts share.
+
+        Returns:
+            ``fold().result()`` of the attempt that completed.
+
+        Raises:
+            APIStatusError: A refusal, or a retryable failure that outlasted the retries.
+            APIConnectionError: The server could not be reached (after retries).
+            APIResponseValidationError: The stream broke the protocol.
+        """
+        data = await self.encode(body)
+        request_headers = {**self._body_headers, "Accept": "text/event-stream", **(headers or {})}
+        policy = self._config.retry
+        first_failure: float | None = None
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                if limit is None:
+                    return await self._stream_once(path, data, request_headers, fold)
+                async with limit.slot():
+                    result = await self._stream_once(path, data, request_headers, fold)
+                limit.succeeded()
+                return result
+            except _Retry as failure:
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if failure.retry_after is not None:
+                    delay = min(failure.retry_after, policy.max_retry_after)
+                else:
+                    delay = policy.backoff(attempt, self._rng.random())
+                error = failure.error
+                if (
+                    limit is not None
+                    and isinstance(error, APIStatusError)
+                    and error.status_code in _OVERLOAD
+                ):
+                    limit.overloaded(delay)
+                if attempt >= policy.max_attempts or now - first_failure + delay > policy.deadline:
+                    raise error from error.__cause__
+                self._log_retry_in("POST", path, attempt + 1, delay, failure)
+                await asyncio.sleep(delay)
+
+    async def _stream_once(
+        self, path: str, data: bytes, headers: Mapping[str, str], fold: Callable[[], StreamFold[T]]
+    ) -> T:
+        session = self._session("submit")
+        timeouts = self._config.timeouts
+        # No total limit (a long generation streams for minutes); a silent stream times
+        # out after the request timeout.
+        timeout = aiohttp.ClientTimeout(sock_connect=timeouts.connect, sock_read=timeouts.request)
+        what = f"POST {path}"
+        try:
+            async with session.post(
+                self._base_url + path, data=data, headers=headers, timeout=timeout,
+                allow_redirects=False,
+            ) as response:
+                self._unreachable_since = None
+                if response.status >= 300:
+                    exchange = _Exchange(
+                        response.status,
+                        {k.lower(): v for k, v in response.headers.items()},
+                        await response.read(),
+                    )
+                    if response.status < 400:
+                        raise APIResponseValidationError(
+                            f"{what} answered with a redirect (HTTP {response.status})"
+                        )
+                    self._raise_status("POST", path, exchange)
+                decoder = _wire.SSEDecoder()
+                accumulator = fold()
+                async for chunk in response.content.iter_any():
+                    for event in decoder.feed(chunk):
+                        accumulator.add(event)
+                return accumulator.result()
+        except TimeoutError as exc:
+            raise _Retry(_chain(APITimeoutError(f"{what} timed out"), exc)) from None
+        except aiohttp.ClientResponseError as exc:
+            raise _Retry(APIConnectionError(f"{what} failed: {exc.message}")) from None
+        except aiohttp.ClientError as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError) and self._unreachable_since is None:
+                self._unreachable_since = time.monotonic()
+            failed = APIConnectionError(f"{what} failed: {type(exc).__name__}: {exc}")
+            raise _Retry(_chain(failed, exc)) from None
+        except _wire.StreamTruncated as exc:
+            raise _Retry(_chain(APIConnectionError(f"{what}: {exc.reason}"), exc)) from None
+        except _wire.UpstreamError as exc:
+            cls = status_error_class(exc.status) if exc.status is not None else None
+            error = (
+                cls(f"{what}: {exc.reason}", status_code=exc.status or 0, body=None)
+                if cls is not None
+                else APIError(f"{what}: {exc.reason}")
+            )
+            if exc.transient:
+                raise _Retry(_chain(error, exc)) from None
+            raise error from exc
+        except _wire.WireError as exc:
+            raise APIResponseValidationError(f"{what}: {exc}") from exc
 
     def _unreachable_for(self) -> float:
         """Seconds since connections to the trainer started failing (0 if they work)."""

@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--job-id", default=None, metavar="ID", help="this trainer's job id")
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     serve.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seeds the stand-in weights, the default LoRA initialisation and unseeded "
+        "sampling, as LocalTrainer's seed does (default: %(default)s)",
+    )
+    serve.add_argument(
         "--max-request-bytes",
         type=int,
         default=None,
@@ -144,6 +152,7 @@ async def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             weights=args.weights,
             device=args.device,
+            seed=args.seed,
             **limits,
         )
     except (ImportError, ValueError) as exc:

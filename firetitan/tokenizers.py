@@ -24,6 +24,9 @@ class ByteTokenizer:
 
     Text in and out is readable and needs no vocabulary file, which is what the seeded
     stand-in models want. ``decode`` drops special tokens and replaces invalid UTF-8.
+    Sampled sequences may hold specials (one that stopped on its own ends with 257), so
+    ``bytes(sequence.tokens)`` can fail where ``decode(sequence.tokens)`` does not. Ids
+    259-263 are reserved.
 
     Attributes:
         bos_token_id: Beginning of sequence (256).

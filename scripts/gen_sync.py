@@ -16,7 +16,10 @@ facade class mirrors its async class:
   loop (`Portal.call`); an `async def` returning an `AsyncAPIFuture[T]` blocks until it
   returns and gives back an `APIFuture[T]` (`Portal.call_future`);
 * a plain `def m(...) -> AsyncAPIFuture[T]` (an RPC that submits and returns at once)
-  becomes `def m(...) -> APIFuture[T]` that returns at once (`Portal.start`);
+  becomes `def m(...) -> APIFuture[T]` that returns at once (`Portal.start`); when the
+  async class defines `_check_m` with the same parameters (its argument checks, which
+  touch no loop state), the facade calls it first on the caller's thread, so an
+  argument error raises at the call on the facade as it does on the async core;
 * other plain methods, properties and static methods delegate directly (they are pure);
 * `aclose` -> `close`, `__aenter__`/`__aexit__` -> `__enter__`/`__exit__`;
 * the constructor takes the same parameters and builds the async object on the portal
@@ -589,7 +592,8 @@ def emit_method(cls: AsyncClass, method: Method, ctx: Context) -> list[str]:
                 *lines,
                 *emit_call(body, "return self._portal.start_as", [convert, target, *forward]),
             ]
-        return [*lines, *emit_call(body, "return self._portal.start", [target, *forward])]
+        checks = argument_checks(cls, method, forward)
+        return [*lines, *checks, *emit_call(body, "return self._portal.start", [target, *forward])]
 
     if is_async:
         call_prefix = "self._portal.call"
@@ -603,6 +607,19 @@ def emit_method(cls: AsyncClass, method: Method, ctx: Context) -> list[str]:
         return [*lines, *emit_call(body, f"return {call_prefix}", args)]
     expr = wrap_expr(returns_node, res, ctx, where)
     return [*lines, *emit_call(body, f"{res} = {call_prefix}", args), f"{body}return {expr}"]
+
+
+def argument_checks(cls: AsyncClass, method: Method, forward: list[str]) -> list[str]:
+    """The call of the RPC's `_check_<name>` on the caller's thread, if the class has one."""
+    check = cls.methods.get(f"_check_{method.node.name}")
+    if check is None:
+        return []
+    where = f"{cls.module.display_path}: {cls.name}.{check.node.name}"
+    if isinstance(check.node, ast.AsyncFunctionDef) or check.decorators:
+        raise GenerationError(f"{where}: an argument check must be a plain method")
+    if ast.dump(check.node.args) != ast.dump(method.node.args):
+        raise GenerationError(f"{where}: must take exactly the parameters of {method.node.name}")
+    return emit_call(2 * INDENT, f"self._inner.{check.node.name}", forward)
 
 
 def emit_init(cls: AsyncClass, ctx: Context) -> list[str]:
@@ -750,7 +767,7 @@ def generate_module(module: AsyncModule, twins: dict[str, tuple[str, str]], dst_
         head += [INDENT + line if line else "" for line in sort_imports(checking, first_party)]
     head += [
         "",
-        "__all__ = [" + ", ".join(f'"{n}"' for n in sorted(facade_names)) + "]",
+        *all_lines(facade_names),
         "",
         "# Frames of this module are skipped when a warning points at the caller's line.",
         "_FACADE_INTERNAL = True",
@@ -832,8 +849,17 @@ def generate_init(modules: list[AsyncModule], dst_pkg: str, src_display: str) ->
         facade = sorted(cls.facade_name for cls in module.classes.values())
         names += facade
         lines.append(f"from {dst_pkg}.{module.path.stem} import {', '.join(facade)}")
-    lines += ["", "__all__ = [" + ", ".join(f'"{n}"' for n in sorted(names)) + "]", ""]
+    lines += ["", *all_lines(names), ""]
     return "\n".join(lines)
+
+
+def all_lines(names: Iterable[str]) -> list[str]:
+    """An ``__all__`` assignment, one name a line when one line would be too long."""
+    quoted = [f'"{n}"' for n in sorted(names)]
+    line = "__all__ = [" + ", ".join(quoted) + "]"
+    if len(line) <= LINE_LENGTH:
+        return [line]
+    return ["__all__ = [", *(f"{INDENT}{q}," for q in quoted), "]"]
 
 
 def generate(src: Path, dst: Path) -> dict[Path, str]:

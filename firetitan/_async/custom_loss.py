@@ -33,6 +33,7 @@ __all__ = [
     "CustomLossFn",
     "UserLossResult",
     "check_precomputed",
+    "check_targets",
     "forward_data",
     "linearized_data",
     "merge_result",
@@ -70,6 +71,16 @@ def _targets(datum: tinker.Datum, index: int) -> tinker.TensorData:
 
 def _target_shape(datum: tinker.Datum, index: int) -> tuple[int, ...]:
     return tuple(_targets(datum, index).to_numpy().shape)
+
+
+def check_targets(data: Sequence[tinker.Datum]) -> None:
+    """Check that every datum has ``target_tokens``.
+
+    Raises:
+        ValueError: A datum has none (the message names its index).
+    """
+    for i, datum in enumerate(data):
+        _targets(datum, i)
 
 
 def forward_data(data: Sequence[tinker.Datum]) -> list[tinker.Datum]:

@@ -1,6 +1,14 @@
-"""`AsyncSamplingClient`: sampling through the trainer's tinker sampling endpoints.
+"""`AsyncSamplingClient`: one ``sample`` / ``compute_logprobs`` API, whatever serves it.
 
-``sample`` POSTs ``/api/v1/asample`` and long-polls the answer like any future.
+Two backends, chosen by the service client's configuration, never by guessing:
+
+* **a trainer** that hosts tinker sampling (the local trainer, tinker-protocol servers):
+  ``sample`` POSTs ``/api/v1/asample`` and long-polls the answer like any future;
+* **a hot-load deployment** (a service client with ``deployment=``): the snapshot was
+  hot-loaded before the client was returned, and ``sample`` streams completions from
+  the deployment through `AsyncDeploymentSampler`.
+
+On a trainer, ``sample`` POSTs ``/api/v1/asample`` and long-polls the answer like any future.
 Samples are not ordered, so each call runs as its own task; hundreds of concurrent
 calls share the service client's connection pools, and at most
 ``Limits.max_sample_polls`` of them long-poll at a time.
@@ -21,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import tinker
@@ -29,6 +37,7 @@ import tinker
 from firetitan import _wire
 from firetitan._async._checks import positive_int
 from firetitan._async._tasks import TaskSet
+from firetitan._async.deployment_sampler import AsyncDeploymentSampler
 from firetitan._async.futures import AsyncAPIFuture, FutureState, resolve_deadline
 from firetitan._async.ordering import ack_request_id
 from firetitan._async.polling import Poller
@@ -38,6 +47,7 @@ from firetitan._transport import Transport
 
 if TYPE_CHECKING:
     from firetitan._async.service import AsyncFiretitanServiceClient
+    from firetitan._async.training import AsyncFiretitanTrainingClient
 
 __all__ = ["AsyncSamplingClient"]
 
@@ -101,6 +111,11 @@ class AsyncSamplingClient:
         clone = 1 + secrets.randbelow(_CLONE_STRIDE - 1)
         self._seq = itertools.count(clone * _CLONE_STRIDE)
         self._closed = False
+        self._deployment_sampler: AsyncDeploymentSampler | None = None
+        self._tokenizer: Any = None
+        # The training client whose export this samples, when known: its trainer
+        # names the tokenizer if none is configured.
+        self._exporter: AsyncFiretitanTrainingClient | None = None
 
     @classmethod
     def _attached(
@@ -126,7 +141,33 @@ class AsyncSamplingClient:
         client._seq = itertools.count(1)
         return client
 
+    @classmethod
+    def _on_deployment(
+        cls,
+        owner: AsyncFiretitanServiceClient,
+        sampler: AsyncDeploymentSampler,
+        *,
+        model_path: str,
+        base_model: str | None,
+    ) -> AsyncSamplingClient:
+        """A client sampling a snapshot that ``sampler``'s deployment serves."""
+        client = cls(
+            sampler.deployment.config.base_url,
+            model_path=model_path,
+            base_model=base_model,
+            config=owner.config,
+        )
+        client._owner = owner
+        client._own_transport = False
+        client._deployment_sampler = sampler
+        return client
+
     # ------------------------------------------------------------------ properties
+
+    @property
+    def deployment_sampler(self) -> AsyncDeploymentSampler | None:
+        """The deployment sampler behind this client, when a deployment serves it."""
+        return self._deployment_sampler
 
     @property
     def model_path(self) -> str | None:
@@ -157,13 +198,39 @@ class AsyncSamplingClient:
             raise ClientUsageError("the API key can only be set before the client's first use")
         self._api_key = api_key
 
+    async def get_tokenizer(self) -> Any:
+        """The tokenizer of the sampled model: the one configured on the service client
+        (or its deployment), else the one the exporting model's trainer names
+        (`ByteTokenizer` for the local trainer's stand-ins). Loaded once.
+
+        Raises:
+            ClientUsageError: No tokenizer is known (a standalone client, or a base
+                model with none configured).
+            ImportError: A Hugging Face tokenizer without ``transformers`` installed.
+        """
+        if self._tokenizer is None:
+            if self._owner is None:
+                raise ClientUsageError(
+                    "a standalone sampling client knows no tokenizer: load one with "
+                    "firetitan.tokenizers.load_tokenizer"
+                )
+            self._tokenizer = await self._owner._tokenizer_for(self._exporter)
+        return self._tokenizer
+
     def __repr__(self) -> str:
-        source = f"model_path={self._model_path!r}" if self._model_path else (
-            f"base_model={self._base_model!r}"
+        source = (
+            f"model_path={self._model_path!r}"
+            if self._model_path
+            else (f"base_model={self._base_model!r}")
         )
         return f"<AsyncSamplingClient {source} base_url={self._base_url!r}>"
 
     def __reduce__(self) -> tuple[Callable[..., AsyncSamplingClient], tuple[Any, ...]]:
+        if self._deployment_sampler is not None:
+            raise TypeError(
+                "a deployment-backed sampling client cannot be pickled; build an "
+                "AsyncDeploymentSampler in the other process"
+            )
         # Never the key, never live connections: the clone connects on its own.
         return (
             _restore,
@@ -183,6 +250,8 @@ class AsyncSamplingClient:
         prompt: tinker.ModelInput,
         num_samples: int,
         sampling_params: tinker.SamplingParams,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
         *,
         deadline: float | None = None,
     ) -> AsyncAPIFuture[tinker.SampleResponse]:
@@ -192,7 +261,11 @@ class AsyncSamplingClient:
             prompt: The prompt tokens.
             num_samples: How many continuations.
             sampling_params: ``max_tokens``, ``temperature``, ``top_p``, ``stop``,
-                ``seed``...
+                ``seed``... A ``stop`` string is one stop string; on a deployment,
+                sample ``i`` is seeded ``seed + i``, so seeded samples still differ.
+            include_prompt_logprobs: Also return each prompt token's logprob.
+            topk_prompt_logprobs: Also return this many most likely tokens at each
+                prompt position.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 
@@ -204,12 +277,40 @@ class AsyncSamplingClient:
             ValueError: ``num_samples`` below 1.
             ClientClosedError: The client (or its service client) was closed.
         """
+        self._check_sample(
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+            deadline=deadline,
+        )
+        return self._submit(
+            "sample",
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+            deadline,
+            _as_is,
+        )
+
+    def _check_sample(
+        self,
+        prompt: tinker.ModelInput,
+        num_samples: int,
+        sampling_params: tinker.SamplingParams,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+        *,
+        deadline: float | None = None,
+    ) -> None:
+        self._check_compute_logprobs(prompt, deadline=deadline)
+        positive_int(num_samples, "num_samples")
+        positive_int(topk_prompt_logprobs, "topk_prompt_logprobs", zero=True)
         if not isinstance(sampling_params, tinker.SamplingParams):
             raise TypeError("sampling_params must be a tinker.SamplingParams")
-        positive_int(num_samples, "num_samples")
-        return self._submit(
-            "sample", prompt, num_samples, sampling_params, False, deadline, _as_is
-        )
 
     def compute_logprobs(
         self, prompt: tinker.ModelInput, *, deadline: float | None = None
@@ -228,10 +329,19 @@ class AsyncSamplingClient:
             TypeError: ``prompt`` is not a `tinker.ModelInput`.
             ClientClosedError: The client (or its service client) was closed.
         """
+        self._check_compute_logprobs(prompt, deadline=deadline)
         params = tinker.SamplingParams(max_tokens=1)
         return self._submit(
-            "compute_logprobs", prompt, 1, params, True, deadline, _prompt_logprobs
+            "compute_logprobs", prompt, 1, params, True, 0, deadline, _prompt_logprobs
         )
+
+    def _check_compute_logprobs(
+        self, prompt: tinker.ModelInput, *, deadline: float | None = None
+    ) -> None:
+        self._check_open()
+        if not isinstance(prompt, tinker.ModelInput):
+            raise TypeError("prompt must be a tinker.ModelInput")
+        resolve_deadline(deadline, self._config)
 
     def _submit(
         self,
@@ -240,14 +350,51 @@ class AsyncSamplingClient:
         num_samples: int,
         params: tinker.SamplingParams,
         prompt_logprobs: bool,
+        topk: int,
         deadline: float | None,
         transform: Callable[[tinker.SampleResponse], T],
     ) -> AsyncAPIFuture[T]:
         self._check_usable()
-        if not isinstance(prompt, tinker.ModelInput):
-            raise TypeError("prompt must be a tinker.ModelInput")
+        future: AsyncAPIFuture[T] = AsyncAPIFuture(
+            kind=kind, deadline=resolve_deadline(deadline, self._config)
+        )
+        sampler = self._deployment_sampler
+        if sampler is not None:
+
+            async def sample() -> tinker.SampleResponse:
+                on = sampler
+                if _has_stop_ids(params):  # they become text through the model's tokenizer
+                    on = AsyncDeploymentSampler(
+                        sampler.deployment, tokenizer=await self.get_tokenizer()
+                    )
+                return await on.sample(
+                    prompt,
+                    num_samples,
+                    params,
+                    include_prompt_logprobs=prompt_logprobs,
+                    topk_prompt_logprobs=topk,
+                )
+
+            run = self._run_on_deployment(future, sample, transform)
+        else:
+            body = self._body(prompt, num_samples, params, prompt_logprobs, topk)
+            run = self._run(future, body, transform)
+        self._live.add(future)
+        future._on_finish(lambda: self._live.discard(future))
+        task = self._tasks.spawn(run, name=f"firetitan {kind}")
+        future._on_finish(task.cancel)  # cancelling the future stops its request
+        return future
+
+    def _body(
+        self,
+        prompt: tinker.ModelInput,
+        num_samples: int,
+        params: tinker.SamplingParams,
+        prompt_logprobs: bool,
+        topk: int,
+    ) -> dict[str, Any]:
         in_session = self._sampling_session_id is not None
-        body = _wire.encode_request(
+        return _wire.encode_request(
             _wire.SampleRequest(
                 prompt=prompt,
                 num_samples=num_samples,
@@ -257,16 +404,21 @@ class AsyncSamplingClient:
                 sampling_session_id=self._sampling_session_id,
                 seq_id=next(self._seq) if in_session else None,
                 prompt_logprobs=prompt_logprobs,
+                topk_prompt_logprobs=topk,
             )
         )
-        future: AsyncAPIFuture[T] = AsyncAPIFuture(
-            kind=kind, deadline=resolve_deadline(deadline, self._config)
-        )
-        self._live.add(future)
-        future._on_finish(lambda: self._live.discard(future))
-        task = self._tasks.spawn(self._run(future, body, transform), name=f"firetitan {kind}")
-        future._on_finish(task.cancel)  # cancelling the future stops its request
-        return future
+
+    async def _run_on_deployment(
+        self,
+        future: AsyncAPIFuture[T],
+        sample: Callable[[], Awaitable[tinker.SampleResponse]],
+        transform: Callable[[tinker.SampleResponse], T],
+    ) -> None:
+        try:
+            future._set_state(FutureState.SENDING)
+            future._set_result(transform(await sample()))
+        except Exception as exc:
+            future._set_exception(exc)
 
     async def _run(
         self,
@@ -297,12 +449,16 @@ class AsyncSamplingClient:
     # ------------------------------------------------------------------ lifecycle
 
     def _check_usable(self) -> None:
+        self._check_open()
+        if self._transport is not None:
+            self._transport.check_loop()
+
+    def _check_open(self) -> None:
+        # Plain reads, so the argument checks can run it on the facade's calling thread.
         if self._closed:
             raise ClientClosedError("the sampling client was closed")
         if self._owner is not None:
             self._owner._check_open()
-        if self._transport is not None:
-            self._transport.check_loop()
 
     def _connect(self) -> Transport:
         if self._transport is None:
@@ -348,6 +504,11 @@ def _restore(
     )
 
 
+def _has_stop_ids(params: tinker.SamplingParams) -> bool:
+    stop = params.stop
+    return not isinstance(stop, str) and any(isinstance(s, int) for s in stop or ())
+
+
 def _as_is(response: tinker.SampleResponse) -> tinker.SampleResponse:
     return response
 
@@ -357,4 +518,3 @@ def _prompt_logprobs(response: tinker.SampleResponse) -> list[float | None]:
     if logprobs is None:
         raise APIResponseValidationError("the trainer answered without prompt_logprobs")
     return list(logprobs)
-

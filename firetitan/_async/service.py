@@ -24,19 +24,23 @@ from tinker import types as ttypes
 from firetitan import _names, _wire
 from firetitan._async._checks import non_empty_str, positive_int, string_map
 from firetitan._async._tasks import TaskSet
+from firetitan._async.deployment import AsyncDeployment
+from firetitan._async.deployment_sampler import AsyncDeploymentSampler
 from firetitan._async.ordering import ack_request_id
 from firetitan._async.polling import Poller
 from firetitan._async.sampling import AsyncSamplingClient
 from firetitan._async.training import AsyncFiretitanTrainingClient, validate_model
-from firetitan._config import ClientConfig, resolve_api_key, resolve_base_url
+from firetitan._config import ClientConfig, DeploymentConfig, resolve_api_key, resolve_base_url
 from firetitan._errors import (
     APIResponseValidationError,
     ClientClosedError,
+    ClientUsageError,
     FiretitanError,
     FutureTimeoutError,
     GoneError,
 )
 from firetitan._transport import Transport
+from firetitan.tokenizers import load_tokenizer
 
 __all__ = ["AsyncFiretitanServiceClient"]
 
@@ -69,6 +73,12 @@ class AsyncFiretitanServiceClient:
         config: Timeouts, retries and limits.
         tags: Session tags; None reads the comma-separated ``TINKER_TAGS``.
         default_headers: Extra headers sent with every request.
+        deployment: A hot-load inference deployment to sample from: sampling clients
+            then hot-load their snapshot into it and sample there. None samples on the
+            trainer.
+        deployment_api_key: The deployment's key; None uses ``api_key``.
+        tokenizer: A Hugging Face tokenizer name or local folder for
+            ``get_tokenizer()``; None uses the deployment's, else the trainer's.
 
     Raises:
         ValueError: No URL or no key could be found, or a malformed ``base_url``.
@@ -84,6 +94,9 @@ class AsyncFiretitanServiceClient:
         config: ClientConfig | None = None,
         tags: list[str] | None = None,
         default_headers: Mapping[str, str] | None = None,
+        deployment: DeploymentConfig | None = None,
+        deployment_api_key: str | None = None,
+        tokenizer: str | None = None,
     ) -> None:
         key = resolve_api_key(api_key)
         self._config = config or ClientConfig()
@@ -107,6 +120,15 @@ class AsyncFiretitanServiceClient:
         self._training_keys: dict[_TrainingKey, AsyncFiretitanTrainingClient | None] = {}
         self._training_clients: list[AsyncFiretitanTrainingClient] = []
         self._sampling_clients: weakref.WeakSet[AsyncSamplingClient] = weakref.WeakSet()
+        self._deployment = (
+            None
+            if deployment is None
+            else AsyncDeployment(
+                deployment, api_key=deployment_api_key or key, client_config=self._config
+            )
+        )
+        self._tokenizer_name = tokenizer or (deployment.tokenizer if deployment else None)
+        self._tokenizers: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ properties
 
@@ -129,6 +151,11 @@ class AsyncFiretitanServiceClient:
     def closed(self) -> bool:
         """Whether `aclose` was called."""
         return self._closed
+
+    @property
+    def deployment(self) -> AsyncDeployment | None:
+        """The deployment sampling clients sample from, if one is configured."""
+        return self._deployment
 
     def __repr__(self) -> str:
         return (
@@ -175,6 +202,8 @@ class AsyncFiretitanServiceClient:
             await sampling._shutdown(reason)
         await self._tasks.aclose()
         await self._transport.aclose()
+        if self._deployment is not None:
+            await self._deployment.aclose()
 
     def _forget(self, client: AsyncFiretitanTrainingClient) -> None:
         """Drop an unloaded model, so that its options may be used again."""
@@ -263,7 +292,10 @@ class AsyncFiretitanServiceClient:
             lora_rank: 0 trains every parameter; a positive rank trains a LoRA adapter.
             user_metadata: String pairs recorded with the model; None uses the
                 service client's.
-            seed: Seed of the LoRA initialisation; None lets the trainer choose.
+            seed: Seed of the LoRA initialisation; None uses the trainer's seed. A
+                full-parameter model starts from the base weights whatever its seed;
+                there a seed only tells apart two otherwise identical models on one
+                service client.
             train_mlp: Put LoRA adapters on the MLP layers.
             train_attn: Put LoRA adapters on the attention layers.
             train_unembed: Put a LoRA adapter on the output layer.
@@ -294,8 +326,8 @@ class AsyncFiretitanServiceClient:
         if key in self._training_keys:
             raise ValueError(
                 f"A training client for {base_model!r} (lora_rank={lora_rank}) already exists "
-                "on this service client; reuse it, or change seed/lora_alpha to create "
-                "another model"
+                "on this service client; reuse it, or pass a different seed (or, for "
+                "LoRA, lora_alpha) to create another model"
             )
         # Reserved before the first await, so two concurrent calls cannot both pass.
         self._training_keys[key] = None
@@ -341,7 +373,10 @@ class AsyncFiretitanServiceClient:
             rank: The LoRA rank (positive).
             user_metadata: String pairs recorded with the model; None uses the
                 service client's.
-            seed: Seed of the LoRA initialisation; None lets the trainer choose.
+            seed: Seed of the LoRA initialisation; None uses the trainer's seed. A
+                full-parameter model starts from the base weights whatever its seed;
+                there a seed only tells apart two otherwise identical models on one
+                service client.
             train_mlp: Put LoRA adapters on the MLP layers.
             train_attn: Put LoRA adapters on the attention layers.
             train_unembed: Put a LoRA adapter on the output layer.
@@ -537,23 +572,34 @@ class AsyncFiretitanServiceClient:
     async def create_sampling_client(
         self, model_path: str | None = None, base_model: str | None = None
     ) -> AsyncSamplingClient:
-        """Open a sampling session on a sampler export or a base model.
+        """A sampling client on a sampler export (or, on a trainer, a base model).
+
+        With a deployment configured, the export is hot-loaded into it unless every
+        replica already serves it (a delta only if the deployment holds the export it
+        applies to), and the client samples from the deployment. Otherwise it opens a
+        sampling session on the trainer.
 
         Args:
             model_path: The path of a sampler export (from
-                ``save_weights_for_sampler``).
-            base_model: A base model name, to sample from the base weights.
+                ``save_weights_for_sampler``); on a deployment, its snapshot identity
+                (the last segment of a ``tinker://`` path).
+            base_model: A base model name, to sample from the base weights (trainer
+                only); on a deployment, the model it serves, if not configured.
 
         Returns:
             A sampling client that shares this service client's connections.
 
         Raises:
-            ValueError: Neither ``model_path`` nor ``base_model`` was given.
+            ValueError: Neither ``model_path`` nor ``base_model`` was given (or no
+                ``model_path`` for a deployment).
             APIStatusError: The trainer refused (e.g. an unknown path).
+            HotLoadError: The deployment did not load the export.
             ClientClosedError: The service client was closed.
         """
         if not model_path and not base_model:
             raise ValueError("give model_path or base_model")
+        if self._deployment is not None:
+            return await self._deployment_sampling_client(model_path, base_model)
         session_id = await self._open()
         seq, self._sampling_seq = self._sampling_seq, self._sampling_seq + 1
         request = _wire.CreateSamplingSessionRequest(
@@ -579,8 +625,64 @@ class AsyncFiretitanServiceClient:
             base_model=base_model,
             sampling_session_id=sampling_session_id,
         )
+        if model_path:
+            client._exporter = self._exporter(snapshot_identity(model_path))[0]
         self._sampling_clients.add(client)
         return client
+
+    async def _deployment_sampling_client(
+        self, model_path: str | None, base_model: str | None
+    ) -> AsyncSamplingClient:
+        deployment = self._deployment
+        assert deployment is not None
+        self._check_open()
+        if not model_path:
+            raise ValueError(
+                "a deployment samples hot-loaded snapshots: give model_path (a sampler "
+                "export); to sample base weights, export them first"
+            )
+        identity = snapshot_identity(model_path)
+        owner, previous = self._exporter(identity)
+        if owner is not None:
+            base_model = base_model or owner.base_model
+        await deployment.ensure_serving(identity, previous=previous, base_model=base_model)
+        sampling = AsyncSamplingClient._on_deployment(
+            self, AsyncDeploymentSampler(deployment), model_path=model_path, base_model=base_model
+        )
+        sampling._exporter = owner
+        self._sampling_clients.add(sampling)
+        return sampling
+
+    def _exporter(
+        self, identity: str
+    ) -> tuple[AsyncFiretitanTrainingClient | None, str | None]:
+        """The training client that exported snapshot ``identity``, and the snapshot it
+        is a delta on (None for a base, or for a snapshot no client here made)."""
+        for training in self._training_clients:
+            known, previous = training.delta_base(identity)
+            if known:
+                return training, previous
+        return None, None
+
+    async def _tokenizer_for(self, client: AsyncFiretitanTrainingClient | None) -> Any:
+        """The configured tokenizer, else the one ``client``'s trainer names."""
+        name = self._tokenizer_name
+        if name is None:
+            if client is None:
+                raise ClientUsageError(
+                    "no tokenizer is known for this sampling client: configure one "
+                    "(tokenizer= on the service client or in its DeploymentConfig)"
+                )
+            info = await client.get_info()
+            name = info.model_data.tokenizer_id
+            if not name:
+                raise ClientUsageError(
+                    "the trainer names no tokenizer for this model: configure one "
+                    "(tokenizer= on the service client)"
+                )
+        if name not in self._tokenizers:
+            self._tokenizers[name] = await asyncio.to_thread(load_tokenizer, name)
+        return self._tokenizers[name]
 
     async def get_server_capabilities(self) -> ttypes.GetServerCapabilitiesResponse:
         """Ask the trainer which models it serves.
@@ -595,6 +697,14 @@ class AsyncFiretitanServiceClient:
         self._check_open()
         answer = await self._transport.get("/api/v1/get_server_capabilities")
         return validate_model(ttypes.GetServerCapabilitiesResponse, answer)
+
+
+def snapshot_identity(model_path: str) -> str:
+    """The hot-load identity of a sampler export's path: the path itself, or the last
+    segment of a ``tinker://<job>/sampler_weights/<name>`` path."""
+    if model_path.startswith("tinker://"):
+        return model_path.rstrip("/").rsplit("/", 1)[-1]
+    return model_path
 
 
 def _session_id(answer: Any) -> str:

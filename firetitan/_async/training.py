@@ -31,6 +31,7 @@ from firetitan import _names, _wire
 from firetitan._async import custom_loss
 from firetitan._async._checks import non_empty_str, positive_int, string_map
 from firetitan._async._tasks import TaskSet
+from firetitan._async.deployment import AsyncDeployment
 from firetitan._async.futures import AsyncAPIFuture, FutureState, resolve_deadline
 from firetitan._async.ordering import (
     JSON,
@@ -62,6 +63,10 @@ M = TypeVar("M", bound=pydantic.BaseModel)
 _CHECKPOINT_TYPES = ("base", "delta", "merged_base")
 # Rough JSON size of one number in a request body; used to decide off-loop encoding.
 _BYTES_PER_NUMBER = 10
+#: A large batch of a model with nothing in flight is encoded on the loop up to this many
+#: times `Limits.offload_bytes` (estimated): a few milliseconds of encoding, short
+#: enough not to hold up other clients' polls on a shared loop.
+_INLINE_WHEN_IDLE = 32
 
 
 class AsyncFiretitanTrainingClient:
@@ -72,6 +77,14 @@ class AsyncFiretitanTrainingClient:
     base-only variants). RPC methods return an `AsyncAPIFuture` at once and run on the
     trainer in call order, pipelined: no call waits for an earlier result before it is
     sent. They must be called on the event loop that runs the service client.
+
+    Invalid arguments (an empty batch, an unknown normalization, a dict for
+    `tinker.AdamParams`, ...) raise ValueError or TypeError at the call, and a closed
+    client ClientClosedError, before anything is sent, on the blocking facade exactly as
+    here; what fails on the trainer arrives through the future. The coroutine methods
+    (``save_weights_for_sampler_ext``, ``save_weights_and_get_sampling_client``) take
+    their place in the call order when their coroutine starts running (awaited, or
+    scheduled as a task), not when called.
     """
 
     def __init__(
@@ -106,6 +119,13 @@ class AsyncFiretitanTrainingClient:
         self._exports_ok = 0
         self._exports_pending = 0
         self._sampler_names = 0
+        # The sampler-export chain as the trainer builds it: each finished base or delta
+        # export's snapshot name -> the snapshot it is a delta on (None for a base). The
+        # trainer diffs a delta against its previous base/delta export (merged_base
+        # exports are not part of the chain), so that is what a deployment must hold
+        # before it may load the delta.
+        self._chain: dict[str, str | None] = {}
+        self._chain_head: str | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -188,9 +208,22 @@ class AsyncFiretitanTrainingClient:
             TypeError: ``data`` is not a sequence of `tinker.Datum`.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._check_forward(data, loss_fn, loss_fn_config, deadline=deadline)
         return self._forward_call(
             "forward", data, loss_fn, loss_fn_config, self._resolve_deadline(deadline)
         )
+
+    def _check_forward(
+        self,
+        data: Sequence[tinker.Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> None:
+        self._check_open()
+        _check_forward_args(data, loss_fn, loss_fn_config)
+        self._resolve_deadline(deadline)
 
     def forward_backward(
         self,
@@ -221,9 +254,20 @@ class AsyncFiretitanTrainingClient:
             TypeError: ``data`` is not a sequence of `tinker.Datum`.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._check_forward_backward(data, loss_fn, loss_fn_config, deadline=deadline)
         return self._forward_call(
             "forward_backward", data, loss_fn, loss_fn_config, self._resolve_deadline(deadline)
         )
+
+    def _check_forward_backward(
+        self,
+        data: Sequence[tinker.Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> None:
+        self._check_forward(data, loss_fn, loss_fn_config, deadline=deadline)
 
     def forward_backward_custom(
         self,
@@ -263,16 +307,13 @@ class AsyncFiretitanTrainingClient:
             TypeError: ``loss_fn`` is not callable.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._check_forward_backward_custom(
+            data, loss_fn, precomputed_forward, deadline=deadline
+        )
         self._check_usable()
-        batch = _check_data(data)
-        if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable: loss_fn(data, logprobs_list)")
+        batch = list(data)
         resolved_deadline = self._resolve_deadline(deadline)
-        forward_batch: list[tinker.Datum] | None = None
-        if precomputed_forward is not None:
-            custom_loss.check_precomputed(precomputed_forward, batch)
-        else:
-            forward_batch = custom_loss.forward_data(batch)
+        forward_batch = None if precomputed_forward is not None else custom_loss.forward_data(batch)
         # The internal forward has no deadline of its own: the custom future's
         # deadline (or cancellation) ends it, through abandon() below.
         forward_future = (
@@ -309,6 +350,24 @@ class AsyncFiretitanTrainingClient:
 
         future._on_finish(abandon)
         return future
+
+    def _check_forward_backward_custom(
+        self,
+        data: Sequence[tinker.Datum],
+        loss_fn: custom_loss.CustomLossFn,
+        precomputed_forward: tinker.ForwardBackwardOutput | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> None:
+        self._check_open()
+        batch = _check_data(data)
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable: loss_fn(data, logprobs_list)")
+        if precomputed_forward is not None:
+            custom_loss.check_precomputed(precomputed_forward, batch)
+        else:
+            custom_loss.check_targets(batch)
+        self._resolve_deadline(deadline)
 
     async def _drive_custom(
         self,
@@ -374,11 +433,8 @@ class AsyncFiretitanTrainingClient:
             TypeError: ``adam_params`` is not a `tinker.AdamParams`.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._check_optim_step(adam_params, grad_accumulation_normalization, deadline=deadline)
         self._check_usable()
-        if not isinstance(adam_params, tinker.AdamParams):
-            raise TypeError(
-                f"adam_params must be a tinker.AdamParams, got {type(adam_params).__name__}"
-            )
         request = _wire.OptimStepRequest(
             model_id=self._model_id,
             seq_id=0,
@@ -388,6 +444,21 @@ class AsyncFiretitanTrainingClient:
         return self._simple_call(
             "optim_step", "OptimStep", request, ttypes.OptimStepResponse, deadline
         )
+
+    def _check_optim_step(
+        self,
+        adam_params: tinker.AdamParams,
+        grad_accumulation_normalization: GradAccNormalization | str | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> None:
+        self._check_open()
+        if not isinstance(adam_params, tinker.AdamParams):
+            raise TypeError(
+                f"adam_params must be a tinker.AdamParams, got {type(adam_params).__name__}"
+            )
+        _normalization(grad_accumulation_normalization)
+        self._resolve_deadline(deadline)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -423,23 +494,51 @@ class AsyncFiretitanTrainingClient:
                 ``deadline``.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._check_save_state(
+            name,
+            ttl_seconds,
+            overwrite=overwrite,
+            user_metadata=user_metadata,
+            timeout=timeout,
+            deadline=deadline,
+        )
         self._check_usable()
-        if timeout is not None and deadline is not None:
-            raise ValueError("give timeout or deadline, not both")
         request = _wire.SaveWeightsRequest(
             model_id=self._model_id,
             seq_id=0,
-            path=_names.validate_name(name),
+            path=name,
             overwrite=bool(overwrite),
-            ttl_seconds=_check_ttl(ttl_seconds),
+            ttl_seconds=ttl_seconds,
             user_metadata=None
             if user_metadata is None
             else string_map(user_metadata, "user_metadata"),
         )
-        deadline = deadline if timeout is None else timeout
         return self._simple_call(
-            "save_weights", "SaveWeights", request, ttypes.SaveWeightsResponse, deadline
+            "save_weights",
+            "SaveWeights",
+            request,
+            ttypes.SaveWeightsResponse,
+            deadline if timeout is None else timeout,
         )
+
+    def _check_save_state(
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        *,
+        overwrite: bool = False,
+        user_metadata: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        self._check_open()
+        _names.validate_name(name)
+        _check_ttl(ttl_seconds)
+        if timeout is not None and deadline is not None:
+            raise ValueError("give timeout or deadline, not both")
+        if user_metadata is not None:
+            string_map(user_metadata, "user_metadata")
+        self._resolve_deadline(deadline if timeout is None else timeout)
 
     def load_state(
         self, path: str, *, deadline: float | None = None
@@ -447,8 +546,9 @@ class AsyncFiretitanTrainingClient:
         """Load a checkpoint's weights; the optimizer starts fresh.
 
         Args:
-            path: A checkpoint name of this job, or ``cross_job://<job_id>/<name>``
-                (see `resolve_checkpoint_path`).
+            path: A checkpoint name of this job, ``cross_job://<job_id>/<name>`` (see
+                `resolve_checkpoint_path`), or the peers' forms of it,
+                ``tinker://<job_id>/weights/<name>`` and ``<account>/<job_id>/<name>``.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 
@@ -459,7 +559,13 @@ class AsyncFiretitanTrainingClient:
             ValueError: An invalid path (checked before anything is sent).
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._check_load_state(path, deadline=deadline)
         return self._load(path, optimizer=False, deadline=deadline)
+
+    def _check_load_state(self, path: str, *, deadline: float | None = None) -> None:
+        self._check_open()
+        _names.parse_checkpoint_path(path)
+        self._resolve_deadline(deadline)
 
     def load_state_with_optimizer(
         self, path: str, *, deadline: float | None = None
@@ -467,8 +573,9 @@ class AsyncFiretitanTrainingClient:
         """Load a checkpoint's weights and optimizer state, to resume training.
 
         Args:
-            path: A checkpoint name of this job, or ``cross_job://<job_id>/<name>``
-                (see `resolve_checkpoint_path`).
+            path: A checkpoint name of this job, ``cross_job://<job_id>/<name>`` (see
+                `resolve_checkpoint_path`), or the peers' forms of it,
+                ``tinker://<job_id>/weights/<name>`` and ``<account>/<job_id>/<name>``.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 
@@ -479,7 +586,13 @@ class AsyncFiretitanTrainingClient:
             ValueError: An invalid path (checked before anything is sent).
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._check_load_state_with_optimizer(path, deadline=deadline)
         return self._load(path, optimizer=True, deadline=deadline)
+
+    def _check_load_state_with_optimizer(
+        self, path: str, *, deadline: float | None = None
+    ) -> None:
+        self._check_load_state(path, deadline=deadline)
 
     def _load(
         self, path: str, *, optimizer: bool, deadline: float | None
@@ -515,6 +628,10 @@ class AsyncFiretitanTrainingClient:
     async def list_checkpoints(self) -> list[str]:
         """List the trainer's saved training-state checkpoints.
 
+        This is a plain request, not part of the call order: it lists what the trainer
+        has saved when the request arrives, so a `save_state` still in flight may be
+        missing. Wait for the `save_state` future first to see it.
+
         Returns:
             The checkpoint names, sorted.
 
@@ -546,10 +663,13 @@ class AsyncFiretitanTrainingClient:
         Args:
             name: The export's base name; the client appends its 8-hex `session_id`.
             ttl_seconds: Delete the export after this many seconds; None keeps it.
-            checkpoint_type: ``"base"`` (full weights), ``"delta"`` (difference to
-                the previous export) or ``"merged_base"``; case-insensitive. None
-                picks ``base`` for LoRA, and for full-parameter models ``base`` for
-                this client's first export and ``delta`` afterwards.
+            checkpoint_type: ``"base"`` (full weights), ``"delta"`` (the difference
+                to this model's previous export) or ``"merged_base"``; case-insensitive.
+                A ``delta`` requested as the model's first export (none to differ
+                from, e.g. right after a resume) is written with the full weights, and
+                its metadata says so. None picks ``base`` for LoRA, and for
+                full-parameter models ``base`` for this client's first export and
+                ``delta`` afterwards.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 
@@ -560,6 +680,9 @@ class AsyncFiretitanTrainingClient:
             ValueError: An invalid name, TTL or checkpoint type.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._check_save_weights_for_sampler(
+            name, ttl_seconds, checkpoint_type=checkpoint_type, deadline=deadline
+        )
         self._check_usable()
         snapshot = self._snapshot_name(name)
         request = _wire.SaveWeightsForSamplerRequest(
@@ -579,19 +702,45 @@ class AsyncFiretitanTrainingClient:
         # Track exports for the base/delta default: an export counts once it is in
         # flight, and stops counting if it fails.
         self._exports_pending += 1
+        kind = request.checkpoint_type
 
         def settle() -> None:
             self._exports_pending -= 1
             if future.state is FutureState.DONE:
                 self._exports_ok += 1
+                if kind == "base" or (kind == "delta" and self._chain_head is not None):
+                    self._chain[snapshot] = self._chain_head if kind == "delta" else None
+                # A delta on an export this client did not make stays out of the chain:
+                # what it applies to is unknown here.
+                if kind != "merged_base":
+                    self._chain_head = snapshot
 
         future._on_finish(settle)
         return future
+
+    def _check_save_weights_for_sampler(
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        *,
+        checkpoint_type: str | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        self._check_open()
+        self._snapshot_name(name)
+        _check_ttl(ttl_seconds)
+        if checkpoint_type is not None:
+            _explicit_checkpoint_type(checkpoint_type)
+        self._resolve_deadline(deadline)
 
     async def save_weights_for_sampler_ext(
         self, name: str, checkpoint_type: str | None = None, ttl_seconds: int | None = None
     ) -> SaveSamplerResult:
         """Export the current weights for sampling and wait until the export exists.
+
+        The export is queued when the coroutine starts running (on the blocking facade:
+        at the call), so it follows every call made before that and precedes every
+        call made after.
 
         Args:
             name: The export's base name; the client appends its 8-hex `session_id`.
@@ -618,6 +767,10 @@ class AsyncFiretitanTrainingClient:
     ) -> AsyncSamplingClient:
         """Export the current weights and return a sampling client for them.
 
+        With a deployment configured on the service client, the export is a delta
+        only when the deployment holds the export it applies to (a base otherwise),
+        and it is hot-loaded before the client is returned.
+
         Args:
             name: The export's base name; None picks ``sampler-<n>``.
 
@@ -626,13 +779,65 @@ class AsyncFiretitanTrainingClient:
 
         Raises:
             RequestFailedError: The trainer could not export.
+            HotLoadError: The deployment did not load it.
             ClientClosedError: The client was closed or its model unloaded.
         """
         if name is None:
             self._sampler_names += 1
             name = f"sampler-{self._sampler_names}"
-        result = await self.save_weights_for_sampler_ext(name)
+        deployment = self._service.deployment
+        checkpoint_type = None
+        if deployment is not None:
+            checkpoint_type = await self.next_checkpoint_type(deployment)
+        result = await self.save_weights_for_sampler_ext(name, checkpoint_type)
         return await self._service.create_sampling_client(model_path=result.path)
+
+    async def create_sampling_client(self, model_path: str) -> AsyncSamplingClient:
+        """A sampling client on a sampler export: the service client's
+        `create_sampling_client`, on a deployment when one is configured."""
+        return await self._service.create_sampling_client(model_path=model_path)
+
+    @property
+    def last_sampler_snapshot(self) -> str | None:
+        """The snapshot name of this client's latest finished base or delta export: the
+        one the trainer diffs its next delta against."""
+        return self._chain_head
+
+    def delta_base(self, snapshot: str) -> tuple[bool, str | None]:
+        """Whether ``snapshot`` is one of this client's exports, and if so the snapshot
+        it is a delta on (None for a base export)."""
+        if snapshot in self._chain:
+            return True, self._chain[snapshot]
+        return False, None
+
+    async def next_checkpoint_type(self, deployment: AsyncDeployment) -> str:
+        """``delta`` if the next export may be a delta for ``deployment``, else ``base``.
+
+        A delta is possible only for full-parameter training, and only when every
+        replica serves the export the trainer will diff it against; anything else (a
+        fresh client, an export the deployment never loaded, a replica elsewhere)
+        needs a base. Asking the deployment, not remembering, is what lets a loop
+        resume after a restart.
+
+        Raises:
+            APIError: The deployment could not answer.
+        """
+        head = self._chain_head
+        if self.is_lora or head is None:
+            return "base"
+        serving = await deployment.serving(base_model=self._base_model)
+        return "delta" if serving == head else "base"
+
+    async def get_tokenizer(self) -> Any:
+        """The tokenizer of this model: the one configured on the service client (or
+        its deployment), else the one the trainer names (`ByteTokenizer` for the local
+        trainer's stand-ins). Loaded once.
+
+        Raises:
+            ImportError: A Hugging Face tokenizer without ``transformers`` installed.
+            OSError: ``transformers`` could not find it.
+        """
+        return await self._service._tokenizer_for(self)
 
     def _snapshot_name(self, name: str) -> str:
         _names.validate_name(name, "sampler export name")
@@ -640,15 +845,7 @@ class AsyncFiretitanTrainingClient:
 
     def _checkpoint_type(self, checkpoint_type: str | None) -> str:
         if checkpoint_type is not None:
-            if not isinstance(checkpoint_type, str):
-                raise TypeError("checkpoint_type must be a string")
-            value = checkpoint_type.strip().lower()
-            if value not in _CHECKPOINT_TYPES:
-                raise ValueError(
-                    f"checkpoint_type must be one of {', '.join(_CHECKPOINT_TYPES)}; "
-                    f"got {checkpoint_type!r}"
-                )
-            return value
+            return _explicit_checkpoint_type(checkpoint_type)
         if self.is_lora:
             return "base"
         # Full-parameter: a delta needs a previous export to apply to.
@@ -700,6 +897,10 @@ class AsyncFiretitanTrainingClient:
 
     def _check_usable(self) -> None:
         self._transport.check_loop()
+        self._check_open()
+
+    def _check_open(self) -> None:
+        # Plain reads, so the argument checks can run it on the facade's calling thread.
         self._service._check_open()
         if self._closed_reason is not None:
             raise ClientClosedError(f"{self._closed_reason}; create a new training client")
@@ -752,10 +953,7 @@ class AsyncFiretitanTrainingClient:
         deadline: float | None,
     ) -> AsyncAPIFuture[tinker.ForwardBackwardOutput]:
         self._check_usable()
-        batch = _check_data(data)
-        non_empty_str(loss_fn, "loss_fn")
-        if loss_fn_config is not None and not isinstance(loss_fn_config, Mapping):
-            raise TypeError("loss_fn_config must be a mapping or None")
+        batch = list(data)
         prepared = self._prepare_forward_bodies(kind, batch, loss_fn, loss_fn_config)
         offload = prepared.offload
         tokens = _response_tokens(batch) if loss_fn == "cross_entropy" else None
@@ -828,9 +1026,23 @@ class AsyncFiretitanTrainingClient:
         def serialise() -> list[bytes]:
             return [template(body) for body in encode()]
 
+        loop = asyncio.get_running_loop()
+        if not self._live and estimate <= _INLINE_WHEN_IDLE * limits.offload_bytes:
+            # Nothing in flight on this model: the worker thread would have no send to
+            # overlap the encoding with, and would only add a hand-off each way (B3's
+            # profile). Failures still reach the call through its future, as from the
+            # thread.
+            failed: asyncio.Future[list[bytes]] = loop.create_future()
+            try:
+                return _Prepared(serialise(), offload=True, protobuf=protobuf)
+            except Exception as exc:
+                failed.set_exception(exc)
+                failed.exception()  # retrieved: the sender reports it through the future
+                return _Prepared(failed, offload=True, protobuf=protobuf)
+
         # Not in self._tasks: a failure here is a user error, reported through the
         # call's future by the sender, and the Call holds the only reference needed.
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(serialise))
+        task = loop.create_task(asyncio.to_thread(serialise))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return _Prepared(task, offload=True, protobuf=protobuf)
 
@@ -898,6 +1110,27 @@ def _check_data(data: Sequence[tinker.Datum]) -> list[tinker.Datum]:
         if not isinstance(datum, tinker.Datum):
             raise TypeError(f"data[{i}] is a {type(datum).__name__}, not a tinker.Datum")
     return batch
+
+
+def _check_forward_args(
+    data: Sequence[tinker.Datum], loss_fn: str, loss_fn_config: Mapping[str, Any] | None
+) -> None:
+    _check_data(data)
+    non_empty_str(loss_fn, "loss_fn")
+    if loss_fn_config is not None and not isinstance(loss_fn_config, Mapping):
+        raise TypeError("loss_fn_config must be a mapping or None")
+
+
+def _explicit_checkpoint_type(checkpoint_type: object) -> str:
+    if not isinstance(checkpoint_type, str):
+        raise TypeError("checkpoint_type must be a string")
+    value = checkpoint_type.strip().lower()
+    if value not in _CHECKPOINT_TYPES:
+        raise ValueError(
+            f"checkpoint_type must be one of {', '.join(_CHECKPOINT_TYPES)}; "
+            f"got {checkpoint_type!r}"
+        )
+    return value
 
 
 def _tensor_size(tensor: tinker.TensorData) -> int:

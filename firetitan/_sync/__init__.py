@@ -4,8 +4,18 @@
 
 from __future__ import annotations
 
+from firetitan._sync.deployment import Deployment
+from firetitan._sync.deployment_sampler import DeploymentSampler
 from firetitan._sync.sampling import SamplingClient
 from firetitan._sync.service import FiretitanServiceClient
 from firetitan._sync.training import FiretitanTrainingClient
+from firetitan._sync.weight_sync import WeightSyncer
 
-__all__ = ["FiretitanServiceClient", "FiretitanTrainingClient", "SamplingClient"]
+__all__ = [
+    "Deployment",
+    "DeploymentSampler",
+    "FiretitanServiceClient",
+    "FiretitanTrainingClient",
+    "SamplingClient",
+    "WeightSyncer",
+]

@@ -93,6 +93,12 @@ class SamplingClient:
         return (rewrap, (type(self), self._inner))
 
     @property
+    def deployment_sampler(self) -> DeploymentSampler | None:
+        """The deployment sampler behind this client, when a deployment serves it."""
+        result = self._inner.deployment_sampler
+        return None if result is None else DeploymentSampler._wrap(self._portal, result)
+
+    @property
     def model_path(self) -> str | None:
         """The sampler export sampled from, if any."""
         return self._inner.model_path
@@ -119,11 +125,25 @@ class SamplingClient:
         """
         self._inner.set_api_key(api_key)
 
+    def get_tokenizer(self) -> Any:
+        """The tokenizer of the sampled model: the one configured on the service client
+        (or its deployment), else the one the exporting model's trainer names
+        (`ByteTokenizer` for the local trainer's stand-ins). Loaded once.
+
+        Raises:
+            ClientUsageError: No tokenizer is known (a standalone client, or a base
+                model with none configured).
+            ImportError: A Hugging Face tokenizer without ``transformers`` installed.
+        """
+        return self._portal.call(self._inner.get_tokenizer)
+
     def sample(
         self,
         prompt: tinker.ModelInput,
         num_samples: int,
         sampling_params: tinker.SamplingParams,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
         *,
         deadline: float | None = None,
     ) -> APIFuture[tinker.SampleResponse]:
@@ -133,7 +153,11 @@ class SamplingClient:
             prompt: The prompt tokens.
             num_samples: How many continuations.
             sampling_params: ``max_tokens``, ``temperature``, ``top_p``, ``stop``,
-                ``seed``...
+                ``seed``... A ``stop`` string is one stop string; on a deployment,
+                sample ``i`` is seeded ``seed + i``, so seeded samples still differ.
+            include_prompt_logprobs: Also return each prompt token's logprob.
+            topk_prompt_logprobs: Also return this many most likely tokens at each
+                prompt position.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 
@@ -145,11 +169,21 @@ class SamplingClient:
             ValueError: ``num_samples`` below 1.
             ClientClosedError: The client (or its service client) was closed.
         """
+        self._inner._check_sample(
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+            deadline=deadline,
+        )
         return self._portal.start(
             self._inner.sample,
             prompt,
             num_samples,
             sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
             deadline=deadline,
         )
 
@@ -173,6 +207,7 @@ class SamplingClient:
             TypeError: ``prompt`` is not a `tinker.ModelInput`.
             ClientClosedError: The client (or its service client) was closed.
         """
+        self._inner._check_compute_logprobs(prompt, deadline=deadline)
         return self._portal.start(self._inner.compute_logprobs, prompt, deadline=deadline)
 
     def close(self) -> None:
@@ -187,3 +222,8 @@ class SamplingClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self._portal.close(self._inner.__aexit__, *exc_info)
+
+
+# Twins from sibling modules are imported last, so that facade modules that
+# refer to each other can be imported in either order.
+from firetitan._sync.deployment_sampler import DeploymentSampler  # noqa: E402

@@ -15,7 +15,7 @@ from typing import Any, Self
 from tinker import types as ttypes
 
 from firetitan._async.service import AsyncFiretitanServiceClient
-from firetitan._config import ClientConfig
+from firetitan._config import ClientConfig, DeploymentConfig
 from firetitan._portal import Portal, get_portal, rewrap
 
 __all__ = ["FiretitanServiceClient"]
@@ -41,6 +41,12 @@ class FiretitanServiceClient:
         config: Timeouts, retries and limits.
         tags: Session tags; None reads the comma-separated ``TINKER_TAGS``.
         default_headers: Extra headers sent with every request.
+        deployment: A hot-load inference deployment to sample from: sampling clients
+            then hot-load their snapshot into it and sample there. None samples on the
+            trainer.
+        deployment_api_key: The deployment's key; None uses ``api_key``.
+        tokenizer: A Hugging Face tokenizer name or local folder for
+            ``get_tokenizer()``; None uses the deployment's, else the trainer's.
 
     Raises:
         ValueError: No URL or no key could be found, or a malformed ``base_url``.
@@ -61,6 +67,9 @@ class FiretitanServiceClient:
         config: ClientConfig | None = None,
         tags: list[str] | None = None,
         default_headers: Mapping[str, str] | None = None,
+        deployment: DeploymentConfig | None = None,
+        deployment_api_key: str | None = None,
+        tokenizer: str | None = None,
     ) -> None:
         self._portal = get_portal()
         self._inner = self._portal.open(
@@ -71,6 +80,9 @@ class FiretitanServiceClient:
             config=config,
             tags=tags,
             default_headers=default_headers,
+            deployment=deployment,
+            deployment_api_key=deployment_api_key,
+            tokenizer=tokenizer,
         )
 
     @classmethod
@@ -110,6 +122,12 @@ class FiretitanServiceClient:
         """Whether `aclose` was called."""
         return self._inner.closed
 
+    @property
+    def deployment(self) -> Deployment | None:
+        """The deployment sampling clients sample from, if one is configured."""
+        result = self._inner.deployment
+        return None if result is None else Deployment._wrap(self._portal, result)
+
     def __enter__(self) -> Self:
         return self
 
@@ -148,7 +166,10 @@ class FiretitanServiceClient:
             lora_rank: 0 trains every parameter; a positive rank trains a LoRA adapter.
             user_metadata: String pairs recorded with the model; None uses the
                 service client's.
-            seed: Seed of the LoRA initialisation; None lets the trainer choose.
+            seed: Seed of the LoRA initialisation; None uses the trainer's seed. A
+                full-parameter model starts from the base weights whatever its seed;
+                there a seed only tells apart two otherwise identical models on one
+                service client.
             train_mlp: Put LoRA adapters on the MLP layers.
             train_attn: Put LoRA adapters on the attention layers.
             train_unembed: Put a LoRA adapter on the output layer.
@@ -197,7 +218,10 @@ class FiretitanServiceClient:
             rank: The LoRA rank (positive).
             user_metadata: String pairs recorded with the model; None uses the
                 service client's.
-            seed: Seed of the LoRA initialisation; None lets the trainer choose.
+            seed: Seed of the LoRA initialisation; None uses the trainer's seed. A
+                full-parameter model starts from the base weights whatever its seed;
+                there a seed only tells apart two otherwise identical models on one
+                service client.
             train_mlp: Put LoRA adapters on the MLP layers.
             train_attn: Put LoRA adapters on the attention layers.
             train_unembed: Put a LoRA adapter on the output layer.
@@ -307,19 +331,28 @@ class FiretitanServiceClient:
         model_path: str | None = None,
         base_model: str | None = None,
     ) -> SamplingClient:
-        """Open a sampling session on a sampler export or a base model.
+        """A sampling client on a sampler export (or, on a trainer, a base model).
+
+        With a deployment configured, the export is hot-loaded into it unless every
+        replica already serves it (a delta only if the deployment holds the export it
+        applies to), and the client samples from the deployment. Otherwise it opens a
+        sampling session on the trainer.
 
         Args:
             model_path: The path of a sampler export (from
-                ``save_weights_for_sampler``).
-            base_model: A base model name, to sample from the base weights.
+                ``save_weights_for_sampler``); on a deployment, its snapshot identity
+                (the last segment of a ``tinker://`` path).
+            base_model: A base model name, to sample from the base weights (trainer
+                only); on a deployment, the model it serves, if not configured.
 
         Returns:
             A sampling client that shares this service client's connections.
 
         Raises:
-            ValueError: Neither ``model_path`` nor ``base_model`` was given.
+            ValueError: Neither ``model_path`` nor ``base_model`` was given (or no
+                ``model_path`` for a deployment).
             APIStatusError: The trainer refused (e.g. an unknown path).
+            HotLoadError: The deployment did not load the export.
             ClientClosedError: The service client was closed.
         """
         result = self._portal.call(self._inner.create_sampling_client, model_path, base_model)
@@ -340,5 +373,6 @@ class FiretitanServiceClient:
 
 # Twins from sibling modules are imported last, so that facade modules that
 # refer to each other can be imported in either order.
+from firetitan._sync.deployment import Deployment  # noqa: E402
 from firetitan._sync.sampling import SamplingClient  # noqa: E402
 from firetitan._sync.training import FiretitanTrainingClient  # noqa: E402

@@ -35,6 +35,14 @@ class FiretitanTrainingClient:
     base-only variants). RPC methods return an `AsyncAPIFuture` at once and run on the
     trainer in call order, pipelined: no call waits for an earlier result before it is
     sent. They must be called on the event loop that runs the service client.
+
+    Invalid arguments (an empty batch, an unknown normalization, a dict for
+    `tinker.AdamParams`, ...) raise ValueError or TypeError at the call, and a closed
+    client ClientClosedError, before anything is sent, on the blocking facade exactly as
+    here; what fails on the trainer arrives through the future. The coroutine methods
+    (``save_weights_for_sampler_ext``, ``save_weights_and_get_sampling_client``) take
+    their place in the call order when their coroutine starts running (awaited, or
+    scheduled as a task), not when called.
     """
 
     __slots__ = ("__weakref__", "_inner", "_portal")
@@ -149,6 +157,7 @@ class FiretitanTrainingClient:
             TypeError: ``data`` is not a sequence of `tinker.Datum`.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._inner._check_forward(data, loss_fn, loss_fn_config, deadline=deadline)
         return self._portal.start(
             self._inner.forward,
             data,
@@ -186,6 +195,7 @@ class FiretitanTrainingClient:
             TypeError: ``data`` is not a sequence of `tinker.Datum`.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._inner._check_forward_backward(data, loss_fn, loss_fn_config, deadline=deadline)
         return self._portal.start(
             self._inner.forward_backward,
             data,
@@ -232,6 +242,12 @@ class FiretitanTrainingClient:
             TypeError: ``loss_fn`` is not callable.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._inner._check_forward_backward_custom(
+            data,
+            loss_fn,
+            precomputed_forward,
+            deadline=deadline,
+        )
         return self._portal.start(
             self._inner.forward_backward_custom,
             data,
@@ -266,6 +282,11 @@ class FiretitanTrainingClient:
             TypeError: ``adam_params`` is not a `tinker.AdamParams`.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._inner._check_optim_step(
+            adam_params,
+            grad_accumulation_normalization,
+            deadline=deadline,
+        )
         return self._portal.start(
             self._inner.optim_step,
             adam_params,
@@ -305,6 +326,14 @@ class FiretitanTrainingClient:
                 ``deadline``.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._inner._check_save_state(
+            name,
+            ttl_seconds,
+            overwrite=overwrite,
+            user_metadata=user_metadata,
+            timeout=timeout,
+            deadline=deadline,
+        )
         return self._portal.start(
             self._inner.save_state,
             name,
@@ -324,8 +353,9 @@ class FiretitanTrainingClient:
         """Load a checkpoint's weights; the optimizer starts fresh.
 
         Args:
-            path: A checkpoint name of this job, or ``cross_job://<job_id>/<name>``
-                (see `resolve_checkpoint_path`).
+            path: A checkpoint name of this job, ``cross_job://<job_id>/<name>`` (see
+                `resolve_checkpoint_path`), or the peers' forms of it,
+                ``tinker://<job_id>/weights/<name>`` and ``<account>/<job_id>/<name>``.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 
@@ -336,6 +366,7 @@ class FiretitanTrainingClient:
             ValueError: An invalid path (checked before anything is sent).
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._inner._check_load_state(path, deadline=deadline)
         return self._portal.start(self._inner.load_state, path, deadline=deadline)
 
     def load_state_with_optimizer(
@@ -347,8 +378,9 @@ class FiretitanTrainingClient:
         """Load a checkpoint's weights and optimizer state, to resume training.
 
         Args:
-            path: A checkpoint name of this job, or ``cross_job://<job_id>/<name>``
-                (see `resolve_checkpoint_path`).
+            path: A checkpoint name of this job, ``cross_job://<job_id>/<name>`` (see
+                `resolve_checkpoint_path`), or the peers' forms of it,
+                ``tinker://<job_id>/weights/<name>`` and ``<account>/<job_id>/<name>``.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 
@@ -359,6 +391,7 @@ class FiretitanTrainingClient:
             ValueError: An invalid path (checked before anything is sent).
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._inner._check_load_state_with_optimizer(path, deadline=deadline)
         return self._portal.start(self._inner.load_state_with_optimizer, path, deadline=deadline)
 
     def resolve_checkpoint_path(self, name: str, source_job_id: str | None = None) -> str:
@@ -378,6 +411,10 @@ class FiretitanTrainingClient:
 
     def list_checkpoints(self) -> list[str]:
         """List the trainer's saved training-state checkpoints.
+
+        This is a plain request, not part of the call order: it lists what the trainer
+        has saved when the request arrives, so a `save_state` still in flight may be
+        missing. Wait for the `save_state` future first to see it.
 
         Returns:
             The checkpoint names, sorted.
@@ -401,10 +438,13 @@ class FiretitanTrainingClient:
         Args:
             name: The export's base name; the client appends its 8-hex `session_id`.
             ttl_seconds: Delete the export after this many seconds; None keeps it.
-            checkpoint_type: ``"base"`` (full weights), ``"delta"`` (difference to
-                the previous export) or ``"merged_base"``; case-insensitive. None
-                picks ``base`` for LoRA, and for full-parameter models ``base`` for
-                this client's first export and ``delta`` afterwards.
+            checkpoint_type: ``"base"`` (full weights), ``"delta"`` (the difference
+                to this model's previous export) or ``"merged_base"``; case-insensitive.
+                A ``delta`` requested as the model's first export (none to differ
+                from, e.g. right after a resume) is written with the full weights, and
+                its metadata says so. None picks ``base`` for LoRA, and for
+                full-parameter models ``base`` for this client's first export and
+                ``delta`` afterwards.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 
@@ -415,6 +455,12 @@ class FiretitanTrainingClient:
             ValueError: An invalid name, TTL or checkpoint type.
             ClientClosedError: The client was closed or its model unloaded.
         """
+        self._inner._check_save_weights_for_sampler(
+            name,
+            ttl_seconds,
+            checkpoint_type=checkpoint_type,
+            deadline=deadline,
+        )
         return self._portal.start(
             self._inner.save_weights_for_sampler,
             name,
@@ -430,6 +476,10 @@ class FiretitanTrainingClient:
         ttl_seconds: int | None = None,
     ) -> SaveSamplerResult:
         """Export the current weights for sampling and wait until the export exists.
+
+        The export is queued when the coroutine starts running (on the blocking facade:
+        at the call), so it follows every call made before that and precedes every
+        call made after.
 
         Args:
             name: The export's base name; the client appends its 8-hex `session_id`.
@@ -455,6 +505,10 @@ class FiretitanTrainingClient:
     def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
         """Export the current weights and return a sampling client for them.
 
+        With a deployment configured on the service client, the export is a delta
+        only when the deployment holds the export it applies to (a base otherwise),
+        and it is hot-loaded before the client is returned.
+
         Args:
             name: The export's base name; None picks ``sampler-<n>``.
 
@@ -463,10 +517,53 @@ class FiretitanTrainingClient:
 
         Raises:
             RequestFailedError: The trainer could not export.
+            HotLoadError: The deployment did not load it.
             ClientClosedError: The client was closed or its model unloaded.
         """
         result = self._portal.call(self._inner.save_weights_and_get_sampling_client, name)
         return SamplingClient._wrap(self._portal, result)
+
+    def create_sampling_client(self, model_path: str) -> SamplingClient:
+        """A sampling client on a sampler export: the service client's
+        `create_sampling_client`, on a deployment when one is configured."""
+        result = self._portal.call(self._inner.create_sampling_client, model_path)
+        return SamplingClient._wrap(self._portal, result)
+
+    @property
+    def last_sampler_snapshot(self) -> str | None:
+        """The snapshot name of this client's latest finished base or delta export: the
+        one the trainer diffs its next delta against."""
+        return self._inner.last_sampler_snapshot
+
+    def delta_base(self, snapshot: str) -> tuple[bool, str | None]:
+        """Whether ``snapshot`` is one of this client's exports, and if so the snapshot
+        it is a delta on (None for a base export)."""
+        return self._inner.delta_base(snapshot)
+
+    def next_checkpoint_type(self, deployment: Deployment) -> str:
+        """``delta`` if the next export may be a delta for ``deployment``, else ``base``.
+
+        A delta is possible only for full-parameter training, and only when every
+        replica serves the export the trainer will diff it against; anything else (a
+        fresh client, an export the deployment never loaded, a replica elsewhere)
+        needs a base. Asking the deployment, not remembering, is what lets a loop
+        resume after a restart.
+
+        Raises:
+            APIError: The deployment could not answer.
+        """
+        return self._portal.call(self._inner.next_checkpoint_type, deployment._inner)
+
+    def get_tokenizer(self) -> Any:
+        """The tokenizer of this model: the one configured on the service client (or
+        its deployment), else the one the trainer names (`ByteTokenizer` for the local
+        trainer's stand-ins). Loaded once.
+
+        Raises:
+            ImportError: A Hugging Face tokenizer without ``transformers`` installed.
+            OSError: ``transformers`` could not find it.
+        """
+        return self._portal.call(self._inner.get_tokenizer)
 
     def get_info(self) -> ttypes.GetInfoResponse:
         """Describe the model (architecture, name, tokenizer, LoRA rank).
@@ -497,5 +594,6 @@ class FiretitanTrainingClient:
 
 # Twins from sibling modules are imported last, so that facade modules that
 # refer to each other can be imported in either order.
+from firetitan._sync.deployment import Deployment  # noqa: E402
 from firetitan._sync.sampling import SamplingClient  # noqa: E402
 from firetitan._sync.service import FiretitanServiceClient  # noqa: E402

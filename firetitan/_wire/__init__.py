@@ -16,6 +16,9 @@ public name, so import from ``firetitan._wire``):
 * `results`: forward/backward results, metric reductions, batch chunking, sampling
   results.
 * `proto`: tinker's protobuf results.
+* `hotload`: the hot-load request and the deployment's per-replica status (§4).
+* `completions`: deployment sampling: the completions request, SSE framing and the
+  fold of a streamed completion (deployment.md §5).
 
 Conventions:
 
@@ -49,6 +52,15 @@ message classes (imported lazily). Its protobuf ``forward_backward`` requests ar
 from __future__ import annotations
 
 from firetitan._wire._json import WireError, dumps, loads
+from firetitan._wire.completions import (
+    Completion,
+    CompletionStream,
+    SSEDecoder,
+    SSEEvent,
+    StreamTruncated,
+    UpstreamError,
+    completion_body,
+)
 from firetitan._wire.futures import (
     CompleteMetadata,
     FutureAck,
@@ -61,6 +73,7 @@ from firetitan._wire.futures import (
     encode_future_ack,
     encode_future_outcome,
 )
+from firetitan._wire.hotload import ReplicaStatus, decode_hot_load_status, hot_load_body
 from firetitan._wire.proto import (
     decode_forward_backward_output_proto,
     encode_forward_backward_output_proto,
@@ -105,6 +118,8 @@ __all__ = [
     "MAX_DENSE_ELEMENTS",
     "METRIC_REDUCTIONS",
     "CompleteMetadata",
+    "Completion",
+    "CompletionStream",
     "CreateModelRequest",
     "CreateSamplingSessionRequest",
     "CreateSessionRequest",
@@ -115,20 +130,27 @@ __all__ = [
     "FutureResult",
     "LoadWeightsRequest",
     "OptimStepRequest",
+    "ReplicaStatus",
     "Request",
     "RetrieveFutureRequest",
+    "SSEDecoder",
+    "SSEEvent",
     "SampleRequest",
     "SaveWeightsForSamplerRequest",
     "SaveWeightsRequest",
+    "StreamTruncated",
     "TryAgain",
+    "UpstreamError",
     "WireError",
     "chunk_data",
     "combine_outputs",
+    "completion_body",
     "decode_datum",
     "decode_forward_backward_output",
     "decode_forward_backward_output_proto",
     "decode_future_ack",
     "decode_future_outcome",
+    "decode_hot_load_status",
     "decode_model_input",
     "decode_request",
     "decode_sample_response",
@@ -144,6 +166,7 @@ __all__ = [
     "encode_sample_response",
     "encode_sample_response_proto",
     "encode_tensor",
+    "hot_load_body",
     "loads",
     "validate_metric_keys",
 ]

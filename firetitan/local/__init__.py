@@ -92,8 +92,22 @@ class LocalTrainer:
         port: Port to bind; 0 picks a free one.
         weights: A Hugging Face model folder for the torch engine.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (torch engine).
-        seed: Seeds the engine.
+        seed: Seeds the engine: the stand-in weights (trainers with the same seed,
+            model and size start from identical weights), the LoRA initialisation of
+            models created without a seed of their own, and unseeded sampling (null
+            engine: every generated value). The ``--seed`` of ``firetitan serve``.
         **limits: `ServerConfig` fields (``long_poll_seconds=...``, ...).
+
+    Attributes:
+        base_url: Where clients reach the trainer (``http://127.0.0.1:<port>``), set
+            once it is started.
+        job_id: This trainer's job id: its checkpoints live under
+            ``<checkpoint_dir>/<job_id>/``, and other jobs load them as
+            ``cross_job://<job_id>/<name>``.
+        checkpoint_dir: The checkpoint root in use, set once started.
+        host: The interface it binds.
+        port: The port it asked for (0: any free one; see ``base_url``).
+        config: Its `ServerConfig`.
 
     Raises:
         TypeError: An unknown keyword in ``limits``.

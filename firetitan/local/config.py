@@ -32,7 +32,8 @@ class ServerConfig:
         long_poll_seconds: How long ``retrieve_future`` holds a pending request before
             answering ``try_again``. Stay well under the clients' 45 s header timeout.
         gap_wait_seconds: How long a model waits for a missing ``seq_id`` while later
-            ones are queued, before skipping it (wire.md §5.5).
+            ones are queued, before skipping it (refused if it arrives later; the calls
+            behind it run).
         result_retention_seconds: How long a finished request's result stays available
             for re-polls.
         max_retained_results: How many finished results are kept at most; the oldest are

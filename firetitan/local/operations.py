@@ -115,6 +115,7 @@ class Operations:
         """``create_model``: the model's first job (seq_id 0)."""
 
         def work() -> tuple[Result, ModelSpec]:
+            self._check_served(record.spec.base_model)
             self._engine.create_model(record.model_id, record.spec)
             payload = {"type": "create_model", "model_id": record.model_id}
             return success_result({**payload, **CREATE_MODEL_CAPABILITIES}), record.spec
@@ -310,8 +311,12 @@ class Operations:
         """``save_weights_for_sampler``: a ``base`` or ``delta`` export under ``name``,
         answered with ``returned_path`` (the name in the session's path style).
 
-        ``delta`` is computed against this model's previous export; with none (or with
-        that export deleted) it falls back to ``base`` and records why in the manifest.
+        ``delta`` is the difference to this model's previous export on this trainer,
+        which the manifest names (``delta_of``). With none (the model's first export, as
+        after a resume, or that export deleted) there is nothing every reader holds to
+        apply a difference to, so the export holds the full weights instead: it loads to
+        exactly the current weights, and the manifest says ``checkpoint_type: base``,
+        ``requested_checkpoint_type: delta`` and why.
         """
         requested = (request.checkpoint_type or "base").lower()
 
@@ -327,10 +332,15 @@ class Operations:
             metadata: dict[str, Any] = {
                 "checkpoint_type": actual,
                 "requested_checkpoint_type": requested,
+                # The export this one is a difference to; None: it holds full weights.
+                "delta_of": previous.name if actual == "delta" and previous else None,
                 **_model_metadata(record),
             }
             if actual != requested:
-                metadata["fallback_reason"] = "no previous export of this model to diff against"
+                metadata["fallback_reason"] = (
+                    "no previous export of this model to diff against: written with the "
+                    "full weights, which load to exactly the current weights"
+                )
             if client_metadata is not None:
                 metadata["client_metadata"] = client_metadata
             # The store reads `metadata` when it commits, after the engine has written.
@@ -388,6 +398,7 @@ class Operations:
                 directory, _manifest = self._resolve("sampler", model_path, "model_path")
                 source = SampleSource(export_dir=directory)
             elif base_model is not None:
+                self._check_served(base_model)
                 source = SampleSource(base_model=base_model)
             else:
                 raise UserError("one of model_path, base_model or sampling_session_id is required")
@@ -416,6 +427,19 @@ class Operations:
             return result
 
         return run
+
+    def _check_served(self, base_model: str) -> None:
+        """Refuse a base model the engine does not serve, naming those it does.
+
+        A stand-in of another model would train and sample without complaint, and
+        nothing it produced would mean anything for the model that was asked for.
+        """
+        served = [str(m["model_name"]) for m in self._engine.supported_models()]
+        if base_model not in served:
+            raise UserError(
+                f"base_model {base_model!r} is not served by this trainer; it serves "
+                + ", ".join(repr(name) for name in served)
+            )
 
     def sampler_base_model(self, sampling: SamplingSession) -> str:
         """The base model a sampling session samples from. Reads the export's manifest

@@ -40,10 +40,14 @@ def test_errors_surface_through_the_future(toy_service: Any) -> None:
     assert isinstance(failed.exception(), ValueError)
     assert "failed: ValueError" in repr(failed)
     # An error the RPC method raises at once also arrives through the future, because
-    # the facade returns before the loop has made the call.
+    # the facade returns before the loop has made the call...
     invalid = tc.fail("")
     with pytest.raises(ValueError, match="must not be empty"):
         invalid.result(10)
+    # ...unless the method has an argument check, which the facade runs at the call.
+    with pytest.raises(TypeError, match="text must be a string"):
+        tc.echo(42)
+    assert tc.echo("fine").result(10) == "fine"
 
 
 def test_concurrent_futures_interoperate(training: FiretitanTrainingClient) -> None:

@@ -95,6 +95,11 @@ def test_every_generated_file_has_the_banner() -> None:
             "async def other(self) -> AsyncMystery:\n        raise NotImplementedError",
             "names AsyncMystery, which has no facade twin",
         ),
+        (
+            "def go(self, n: int) -> AsyncAPIFuture[int]:\n        raise NotImplementedError\n\n"
+            "    def _check_go(self, m: int) -> None:\n        pass",
+            "must take exactly the parameters of go",
+        ),
     ],
 )
 def test_untranslatable_code_stops_the_generator(tmp_path: Path, method: str, message: str) -> None:

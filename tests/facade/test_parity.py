@@ -101,9 +101,12 @@ def check_class(facade: type, twins: set[str]) -> None:
 def test_the_firetitan_facade_mirrors_the_async_core() -> None:
     classes = facade_classes(firetitan._sync)
     assert {c.__name__ for c in classes} == {
+        "Deployment",
+        "DeploymentSampler",
         "FiretitanServiceClient",
         "FiretitanTrainingClient",
         "SamplingClient",
+        "WeightSyncer",
     }
     twins = {f"Async{c.__name__}" for c in classes}
     for cls in classes:
@@ -118,7 +121,16 @@ def test_the_toy_facade_mirrors_the_toy_core(toy: ModuleType) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["FiretitanServiceClient", "FiretitanTrainingClient", "SamplingClient", "APIFuture"]
+    "name",
+    [
+        "FiretitanServiceClient",
+        "FiretitanTrainingClient",
+        "SamplingClient",
+        "APIFuture",
+        "Deployment",
+        "DeploymentSampler",
+        "WeightSyncer",
+    ],
 )
 def test_the_facade_is_exported(name: str) -> None:
     assert name in firetitan.__all__

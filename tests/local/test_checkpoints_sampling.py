@@ -10,7 +10,7 @@ import pytest
 from firetitan._names import CheckpointRef
 
 from .conftest import TrainerFactory
-from .helpers import Api, forward_body, optim_body
+from .helpers import BASE_MODEL, Api, forward_body, optim_body
 
 
 def save_body(model: str, seq: int, path: str, **extra: Any) -> dict[str, Any]:
@@ -227,7 +227,7 @@ async def test_sampling_from_an_export(trainer_api: tuple[Any, Api]) -> None:
         assert all(lp <= 0 for lp in sequence["logprobs"])
     assert sum(r.kind == "asample" for r in trainer.execution_log) == 1
     # From a base model directly, and a missing export fails the future as a user error.
-    base = {**request, "base_model": "b", "seq_id": 1}
+    base = {**request, "base_model": BASE_MODEL, "seq_id": 1}
     base.pop("sampling_session_id")
     assert "sequences" in await api.result(await api.submit("asample", base))
     missing = {**base, "model_path": "no-such-export"}

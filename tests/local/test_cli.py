@@ -14,8 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tinker
 
 from firetitan.cli import main
+from firetitan.local import LocalTrainer
+from firetitan.local.null_engine import DEFAULT_BASE_MODEL
 
 
 def start_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -169,3 +172,32 @@ def test_serve_without_access_log_prints_no_request_lines(
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)
     assert "healthz" not in err
+
+
+def _logprobs(base_url: str, key: str) -> list[float]:
+    from firetitan import FiretitanServiceClient
+
+    with FiretitanServiceClient(base_url=base_url, api_key=key) as service:
+        tc = service.create_training_client(base_model=DEFAULT_BASE_MODEL, lora_rank=0)
+        datum = tinker.Datum(
+            model_input=tinker.ModelInput.from_ints([1, 2, 3, 4]),
+            loss_fn_inputs={"target_tokens": [2, 3, 4, 5]},
+        )
+        out = tc.forward([datum], "cross_entropy").result(30)
+        return list(out.loss_fn_outputs[0]["logprobs"].tolist())
+
+
+def test_serve_seed_means_what_local_trainer_seed_means(
+    processes: list[subprocess.Popen[str]],
+) -> None:
+    key = "tml-seed-test"
+    proc = start_serve("--api-key", key, "--seed", "7")
+    processes.append(proc)
+    match, _ = read_until(proc, r"serving at (http://127\.0\.0\.1:\d+)")
+    served = _logprobs(match.group(1), key)
+    with LocalTrainer("null", seed=7) as same, LocalTrainer("null", seed=0) as other:
+        assert served == _logprobs(same.base_url, same.api_key)
+        assert served != _logprobs(other.base_url, other.api_key)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import pydoc
 import sys
 import threading
 import urllib.error
@@ -101,3 +102,12 @@ def test_loopback_detection() -> None:
     assert not _is_loopback("0.0.0.0")
     assert not _is_loopback("192.168.1.5")
     assert not _is_loopback("example.com")
+
+
+def test_help_lists_what_a_started_trainer_exposes() -> None:
+    text = pydoc.render_doc(LocalTrainer, renderer=pydoc.plaintext)
+    attributes = text.split("Attributes:", 1)[1].split("Raises:", 1)[0]
+    for name in ("base_url", "job_id", "checkpoint_dir"):
+        assert f"{name}: " in attributes
+    assert "api_key" in text and "seed: Seeds" in text
+    assert "§" not in text and "wire.md" not in text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from .conftest import TrainerFactory
-from .helpers import executed, forward_body, optim_body, text_datum
+from .helpers import BASE_MODEL, executed, forward_body, optim_body, text_datum
 
 
 @pytest.mark.asyncio
@@ -63,7 +63,7 @@ async def test_duplicate_unordered_posts_run_once(make_trainer: TrainerFactory) 
         body = {
             "session_id": session,
             "model_seq_id": 0,
-            "base_model": "b",
+            "base_model": BASE_MODEL,
             "lora_config": {"rank": 0},
             "type": "create_model",
         }

@@ -185,7 +185,7 @@ def test_unsafe_checkpoint_names_never_touch_the_file_system(
         try:
             session = api.post("create_session", {"sdk_version": "0.23.0"}).json["session_id"]
             create = api.submit(
-                "create_model", {"session_id": session, "model_seq_id": 0, "base_model": "m"}
+                "create_model", {"session_id": session, "model_seq_id": 0, "base_model": BASE_MODEL}
             )
             model = api.result(create)["model_id"]
             seq = 1

@@ -70,6 +70,17 @@ class AsyncToyTraining:
         future._set_exception(ValueError(message))
         return future
 
+    def echo(self, text: str) -> AsyncAPIFuture[str]:
+        """Return a future for ``text``; a non-string raises TypeError at the call."""
+        self._check_echo(text)
+        future: AsyncAPIFuture[str] = AsyncAPIFuture(kind="echo", deadline=None)
+        future._set_result(text)
+        return future
+
+    def _check_echo(self, text: str) -> None:
+        if not isinstance(text, str):
+            raise TypeError("text must be a string")
+
     def child(self, name: str) -> AsyncAPIFuture[AsyncToyTraining]:
         """Return a future for a new client sharing this one's log."""
         future: AsyncAPIFuture[AsyncToyTraining] = AsyncAPIFuture(kind="child", deadline=None)

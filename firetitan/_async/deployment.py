@@ -1,0 +1,316 @@
+"""`AsyncDeployment`: one inference deployment that hot-loads trainer snapshots.
+
+It loads a snapshot by identity and returns once **every** replica serves it
+(deployment.md §4). Where the reference client differs, on purpose:
+
+* success needs every replica ready on the identity, not only ``replicas[0]``; an
+  ``error`` stage for the identity on *any* replica fails at once with `HotLoadError`
+  naming that replica and its message; a timeout raises `HotLoadTimeoutError` with what
+  each replica showed last;
+* a delta is never sent unless every replica holds the snapshot it applies to (checked
+  here, before the request): otherwise the deployment would be asked to apply it to the
+  wrong weights;
+* `ensure_serving` sends nothing when the deployment already serves the snapshot;
+* polls start fast (0.1 s) and slow down to ``poll_interval``, instead of a fixed 5 s.
+
+The ``POST`` is retried by the transport (the deployment treats a repeated load of the
+same identity as one); a deployment that refuses ``reset_prompt_cache`` is asked again
+without it, and that is remembered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+from typing import NoReturn
+
+import attrs
+
+from firetitan import _wire
+from firetitan._async._checks import non_empty_str
+from firetitan._concurrency import AdaptiveLimit
+from firetitan._config import ClientConfig, DeploymentConfig, resolve_api_key
+from firetitan._errors import (
+    APIResponseValidationError,
+    BadRequestError,
+    HotLoadError,
+    HotLoadTimeoutError,
+)
+from firetitan._transport import Transport
+
+__all__ = ["AsyncDeployment"]
+
+log = logging.getLogger("firetitan.deployment")
+
+_HOT_LOAD = "/hot_load/v1/models/hot_load"
+_FIRST_POLL_S = 0.1
+
+
+class AsyncDeployment:
+    """A hot-load inference deployment: load snapshots, read what it serves.
+
+    Args:
+        config: Where the deployment is and how long hot-loads may take.
+        api_key: Its key; None reads ``FIRETITAN_API_KEY``, ``FIREWORKS_API_KEY``,
+            then ``TINKER_API_KEY``. Never shown in reprs, logs or errors.
+        client_config: Timeouts and retries of its requests.
+
+    Raises:
+        ValueError: No API key could be found.
+    """
+
+    def __init__(
+        self,
+        config: DeploymentConfig,
+        *,
+        api_key: str | None = None,
+        client_config: ClientConfig | None = None,
+    ) -> None:
+        if not isinstance(config, DeploymentConfig):
+            raise TypeError("config must be a firetitan.DeploymentConfig")
+        self._config = config
+        base = client_config or ClientConfig()
+        # Enough pooled connections for every completion the limit lets through.
+        limits = attrs.evolve(base.limits, max_connections=config.max_concurrency)
+        self._transport = Transport(
+            config.base_url,
+            resolve_api_key(api_key),
+            base.evolve(limits=limits),
+            bearer=True,
+        )
+        self._limit = AdaptiveLimit(config.max_concurrency)
+        self._account = config.account
+        self._account_lock: asyncio.Lock | None = None
+        self._reset_prompt_cache = True
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def config(self) -> DeploymentConfig:
+        """Where the deployment is."""
+        return self._config
+
+    @property
+    def concurrency_limit(self) -> int:
+        """Completions allowed in flight now (halved on overload, growing back after)."""
+        return self._limit.limit
+
+    def __repr__(self) -> str:
+        return f"<AsyncDeployment {self._config.deployment_id!r} at {self._config.base_url!r}>"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a deployment client holds live connections and cannot be pickled")
+
+    # ------------------------------------------------------------------ identity
+
+    async def model(self) -> str:
+        """The deployment's resource name, ``accounts/<acct>/deployments/<id>``, which
+        completions name as their ``model``.
+
+        Raises:
+            APIResponseValidationError: The key belongs to no account or to several.
+            APIError: The control plane could not answer.
+        """
+        return f"accounts/{await self.account()}/deployments/{self._config.deployment_id}"
+
+    async def account(self) -> str:
+        """The account id: the configured one, or the one the API key belongs to.
+
+        Raises:
+            APIResponseValidationError: The key belongs to no account or to several.
+            APIError: The control plane could not answer.
+        """
+        if self._account is not None:
+            return self._account
+        if self._account_lock is None:
+            self._account_lock = asyncio.Lock()
+        async with self._account_lock:
+            if self._account is None:
+                answer = await self._transport.get("/v1/accounts?pageSize=2")
+                accounts = answer.get("accounts") if isinstance(answer, dict) else None
+                names = (
+                    [a.get("name") for a in accounts or [] if isinstance(a, dict)]
+                    if isinstance(accounts, list)
+                    else []
+                )
+                if len(names) != 1 or not isinstance(names[0], str):
+                    raise APIResponseValidationError(
+                        f"the API key belongs to {len(names)} accounts, not exactly one: "
+                        "set DeploymentConfig(account=...)",
+                        body=answer,
+                    )
+                self._account = names[0].removeprefix("accounts/")
+            return self._account
+
+    # ------------------------------------------------------------------ hot-load
+
+    async def status(self, *, base_model: str | None = None) -> list[_wire.ReplicaStatus]:
+        """What each replica serves and is loading, in the deployment's order.
+
+        Args:
+            base_model: The served model; None uses the configuration's.
+
+        Raises:
+            APIResponseValidationError: The answer has no replicas list.
+            APIError: The deployment could not answer.
+        """
+        answer = await self._transport.get(_HOT_LOAD, headers=await self._headers(base_model))
+        try:
+            return _wire.decode_hot_load_status(answer)
+        except _wire.WireError as exc:
+            raise APIResponseValidationError(f"hot-load status: {exc}", body=answer) from exc
+
+    async def serving(self, *, base_model: str | None = None) -> str | None:
+        """The snapshot every replica is ready on, or None (no replicas, a replica not
+        ready, or replicas on different snapshots).
+
+        Raises:
+            APIError: The deployment could not answer.
+        """
+        replicas = await self.status(base_model=base_model)
+        identities = {r.identity if r.ready else None for r in replicas}
+        return identities.pop() if len(identities) == 1 else None
+
+    async def hot_load(
+        self,
+        identity: str,
+        *,
+        previous: str | None = None,
+        base_model: str | None = None,
+        time_limit: float | None = None,
+    ) -> None:
+        """Load a snapshot and return once every replica serves it.
+
+        Args:
+            identity: The snapshot (``SaveSamplerResult.snapshot_name``).
+            previous: For a delta snapshot, the snapshot it applies to; every replica
+                must hold it, or nothing is sent. None for a base snapshot.
+            base_model: The served model; None uses the configuration's.
+            time_limit: Seconds to wait; None uses ``hot_load_timeout``.
+
+        Raises:
+            HotLoadError: A replica reported that loading ``identity`` failed (an
+                unknown snapshot, a delta that does not apply...), or ``previous`` is
+                not what the deployment holds.
+            HotLoadTimeoutError: Not every replica served it within ``time_limit``.
+            APIError: The deployment refused the request or could not be reached.
+        """
+        non_empty_str(identity, "identity")
+        limit = self._config.hot_load_timeout if time_limit is None else time_limit
+        headers = await self._headers(base_model)
+        if previous is not None:
+            replicas = await self.status(base_model=base_model)
+            if not replicas or not all(r.serves(previous) for r in replicas):
+                raise HotLoadError(
+                    f"not hot-loading delta {identity!r}: it applies to {previous!r}, which "
+                    f"the deployment does not hold ({_describe(replicas)}); load a base "
+                    "snapshot first",
+                    identity=identity,
+                    replicas=replicas,
+                )
+        await self._post(identity, previous, headers)
+        await self._wait(identity, base_model, limit)
+
+    async def ensure_serving(
+        self,
+        identity: str,
+        *,
+        previous: str | None = None,
+        base_model: str | None = None,
+        time_limit: float | None = None,
+    ) -> bool:
+        """Hot-load ``identity`` unless every replica already serves it.
+
+        Returns:
+            Whether a hot-load was sent.
+
+        Raises:
+            The exceptions of `hot_load`.
+        """
+        if await self.serving(base_model=base_model) == identity:
+            return False
+        await self.hot_load(
+            identity, previous=previous, base_model=base_model, time_limit=time_limit
+        )
+        return True
+
+    async def _headers(self, base_model: str | None) -> dict[str, str]:
+        model = base_model or self._config.base_model
+        if not model:
+            raise ValueError(
+                "the deployment's base model is unknown: give base_model= or set "
+                "DeploymentConfig(base_model=...)"
+            )
+        deployment = await self.model()
+        return {"fireworks-deployment": deployment, "fireworks-model": model}
+
+    async def _post(self, identity: str, previous: str | None, headers: dict[str, str]) -> None:
+        body = _wire.hot_load_body(
+            identity, previous=previous, reset_prompt_cache=self._reset_prompt_cache
+        )
+        try:
+            await self._transport.post(_HOT_LOAD, body, headers=headers)
+        except BadRequestError as exc:
+            text = str(exc).lower()
+            if not (
+                self._reset_prompt_cache
+                and "reset_prompt_cache" in text
+                and "extra inputs are not permitted" in text
+            ):
+                raise
+            log.info("the deployment refuses reset_prompt_cache; hot-loading without it")
+            self._reset_prompt_cache = False
+            body.pop("reset_prompt_cache", None)
+            await self._transport.post(_HOT_LOAD, body, headers=headers)
+
+    async def _wait(self, identity: str, base_model: str | None, limit: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        interval = _FIRST_POLL_S
+        while True:
+            replicas = await self.status(base_model=base_model)
+            if replicas and all(r.serves(identity) for r in replicas):
+                log.info("deployment %s serves %s", self._config.deployment_id, identity)
+                return
+            failed = [r for r in replicas if r.failed(identity)]
+            if failed:
+                raise HotLoadError(
+                    f"hot-loading {identity!r} failed on {len(failed)} of {len(replicas)} "
+                    f"replicas: {_describe(replicas)}",
+                    identity=identity,
+                    replicas=replicas,
+                )
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise HotLoadTimeoutError(
+                    f"hot-loading {identity!r}: not every replica served it within "
+                    f"{limit:g} s; last status: {_describe(replicas)}",
+                    identity=identity,
+                    replicas=replicas,
+                )
+            await asyncio.sleep(min(interval, remaining))
+            interval = min(interval * 2, self._config.poll_interval)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def aclose(self) -> None:
+        """Close the connections. Calling it again does nothing."""
+        await self._transport.aclose()
+
+    async def __aenter__(self) -> AsyncDeployment:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def _describe(replicas: list[_wire.ReplicaStatus]) -> str:
+    if not replicas:
+        return "no replicas"
+    return "; ".join(r.describe() for r in replicas)
