@@ -208,7 +208,6 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ("asample", _sample_body(topk_prompt_logprobs=3), "topk_prompt_logprobs"),
     ("asample", _sample_body(topk_sample_logprobs=1), "topk_sample_logprobs"),
     ("asample", _sample_body(prompt_alt_tokens_k=2), "prompt_alt_tokens_k"),
-    ("asample", _sample_body(record_stability_info=True), "record_stability_info"),
     ("asample", _sample_body(target_prompt_logprobs=TARGET), "target_prompt_logprobs"),
 ]
 
