@@ -22,6 +22,7 @@ from firetitan import (
     RetryPolicy,
     Timeouts,
 )
+from firetitan._async.polling import Poller
 from firetitan._transport import _detail, _retry_after
 from firetitan.local import LocalTrainer
 
@@ -165,3 +166,30 @@ async def test_complete_metadata_makes_the_next_poll_ask_for_the_full_body(
         assert polls[0].fault == "complete_metadata"
         assert polls[0].body["allow_metadata_only"] is True
         assert all(p.body["allow_metadata_only"] is False for p in polls[1:])
+
+
+class _ScriptedTransport:
+    """Answers retrieve_future polls from a script (the queue states a trainer reports)."""
+
+    def __init__(self, config: ClientConfig, answers: list[dict[str, Any]]) -> None:
+        self.config = config
+        self._answers = answers
+
+    async def post(self, path: str, body: Any, **_: Any) -> Any:
+        return self._answers.pop(0)
+
+
+@pytest.mark.asyncio
+async def test_queue_state_changes_reach_the_callback_and_the_log_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seen: list[str] = []
+    config = ClientConfig(on_queue_state=seen.append)
+    paused = {"type": "try_again", "request_id": "r", "queue_state": "paused_rate_limit"}
+    script = [paused, paused, {"type": "try_again", "request_id": "r"}, {"ok": 1}]
+    poller = Poller(_ScriptedTransport(config, script), 1)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="firetitan"):
+        assert await poller.wait("r", "Sample") == {"ok": 1}
+    assert seen == ["paused_rate_limit", "active"]
+    lines = [r.getMessage() for r in caplog.records if "queue" in r.getMessage()]
+    assert len(lines) == 2 and "paused_rate_limit" in lines[0]
