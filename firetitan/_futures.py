@@ -23,20 +23,37 @@ import concurrent.futures
 import contextlib
 import functools
 from collections.abc import Callable, Coroutine, Generator
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from firetitan._errors import FutureTimeoutError
 
-if TYPE_CHECKING:
-    from firetitan._portal import Portal
-
-__all__ = ["APIFuture", "AsyncFutureLike", "copy_outcome"]
+__all__ = ["APIFuture", "AsyncFutureLike", "PortalLike", "copy_outcome"]
 
 # Skipped when a warning points at the caller's line (see firetitan._portal).
 _FACADE_INTERNAL = True
 
 _T = TypeVar("_T")
 _T_co = TypeVar("_T_co", covariant=True)
+
+
+class PortalLike(Protocol):
+    """What a future uses of the portal (`firetitan._portal.Portal`) that made it;
+    named here, not imported, so that the two modules do not import each other."""
+
+    def check_alive(self) -> None: ...
+
+    def check_blocking_wait(self, what: str) -> None: ...
+
+    def release_at_turn_end(self, release: Callable[[], object]) -> None: ...
+
+    def cancel_soon(self, cancel: Callable[[], object]) -> None: ...
+
+    def run_callback(
+        self,
+        fn: Callable[[APIFuture[Any]], object],
+        fut: APIFuture[Any],
+        _carrier: concurrent.futures.Future[Any],
+    ) -> None: ...
 
 
 class AsyncFutureLike(Protocol[_T_co]):
@@ -106,7 +123,7 @@ class APIFuture(Generic[_T]):
 
     __slots__ = ("__weakref__", "_carrier", "_portal", "_source")
 
-    def __init__(self, portal: Portal) -> None:
+    def __init__(self, portal: PortalLike) -> None:
         self._portal = portal
         self._carrier: _Carrier[_T] = _Carrier()
         # The async core's future, set on the loop thread once the request was handed to

@@ -57,7 +57,7 @@ from firetitan._futures import APIFuture, AsyncFutureLike
 if TYPE_CHECKING:
     from _typeshed import FileDescriptorLike
 
-__all__ = ["Portal", "get_portal", "rewrap", "shutdown"]
+__all__ = ["Portal", "get_portal", "register_twin", "rewrap", "shutdown", "wrap_twin"]
 
 _logger = logging.getLogger(__name__)
 
@@ -728,6 +728,28 @@ def get_portal() -> Portal:
                 atexit.register(_shutdown_at_exit)
                 _atexit_registered = True
         return _current
+
+
+#: Async class -> its facade twin, filled in by each generated facade module as it loads.
+_twins: dict[type, Any] = {}
+
+
+def register_twin(async_cls: type, facade_cls: Any) -> None:
+    """Record the facade twin of an async class (called by the generated modules)."""
+    _twins[async_cls] = facade_cls
+
+
+def wrap_twin(portal: Portal, inner: object) -> Any:
+    """Wrap an async object made on ``portal`` into its facade twin.
+
+    Generated facade modules wrap the classes of sibling modules through this lookup
+    rather than by importing them, so that no two facade modules import each other.
+    """
+    for klass in type(inner).__mro__:
+        facade = _twins.get(klass)
+        if facade is not None:
+            return facade._wrap(portal, inner)
+    raise TypeError(f"{type(inner).__name__} has no facade twin")
 
 
 def rewrap(cls: Any, inner: object) -> Any:

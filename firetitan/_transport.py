@@ -217,6 +217,12 @@ class Transport:
     def __reduce__(self) -> NoReturn:
         raise TypeError("a Transport holds live connections and an API key; it cannot be pickled")
 
+    def name_session(self, session_id: str) -> None:
+        """Name the session in every later request (``X-Firetitan-Session-Id``), so that
+        the trainer can refuse this session's model ids coming from anyone else."""
+        self._base_headers[_wire.SESSION_HEADER] = session_id
+        self._body_headers[_wire.SESSION_HEADER] = session_id
+
     # ------------------------------------------------------------------ lifecycle
 
     def check_loop(self) -> asyncio.AbstractEventLoop:
@@ -292,7 +298,7 @@ class Transport:
         """POST a JSON body and return the decoded JSON answer.
 
         Args:
-            path: Endpoint path, e.g. ``/api/v1/forward``.
+            path: Endpoint path (`firetitan._wire.endpoints`).
             body: A JSON-able object, or bytes already encoded.
             pool: ``"poll"`` for long-polls, ``"submit"`` otherwise.
             retry: False sends exactly one attempt (heartbeats).

@@ -13,17 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import os
 import signal
 import sys
 from collections.abc import Sequence
 
+from firetitan.cli_keys import ApiKeyError, add_api_key_arguments, api_key_from
 from firetitan.cli_logging import add_logging_arguments, configure_logging
 from firetitan.demo import command as demo_command
 
 __all__ = ["build_parser", "main"]
-
-API_KEY_ENV = "FIRETITAN_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,11 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="interface to bind (default: %(default)s)"
     )
     serve.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one")
-    serve.add_argument(
-        "--api-key",
-        default=None,
-        help=f"key clients must send (default: ${API_KEY_ENV}, else a random tml-... key)",
-    )
+    add_api_key_arguments(serve)
     serve.add_argument("--engine", choices=("torch", "null"), default="torch")
     serve.add_argument("--base-model", default=None, help="model name to serve")
     serve.add_argument(
@@ -133,7 +127,11 @@ async def _serve(args: argparse.Namespace) -> int:
     from firetitan.local import LocalTrainer, generate_api_key
     from firetitan.local.null_engine import DEFAULT_BASE_MODEL
 
-    api_key = args.api_key or os.environ.get(API_KEY_ENV)
+    try:
+        api_key, _source = api_key_from(args)
+    except ApiKeyError as exc:
+        print(f"firetitan serve: {exc}", file=sys.stderr)
+        return 2
     generated = not api_key
     if generated:
         api_key = generate_api_key()

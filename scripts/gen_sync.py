@@ -9,7 +9,10 @@ writes one facade module per async module that defines public async classes (`As
 listed in the module's `__all__` when it has one), plus `_sync/__init__.py`. Every
 facade class mirrors its async class:
 
-* the same parameter lists (names, kinds, defaults) and docstrings, copied verbatim;
+* the same parameter lists (names, kinds, defaults), and the same docstrings with the
+  rewrites of `DOC_REWRITES` applied, so that they speak of the sync surface (`close`,
+  `with`, `APIFuture`, facade class names); a rule that matches nothing fails the
+  generator, as httpcore's unasync does, so the table cannot rot;
 * annotations rewritten: `AsyncAPIFuture[T]` -> `APIFuture[T]`, `AsyncX` -> `X`, and an
   `Awaitable[T]`/`Coroutine[..., T]` return becomes `T`;
 * `async def m(...) -> T` becomes a blocking `def m(...) -> T` that runs on the portal
@@ -24,9 +27,14 @@ facade class mirrors its async class:
 * `aclose` -> `close`, `__aenter__`/`__aexit__` -> `__enter__`/`__exit__`;
 * the constructor takes the same parameters and builds the async object on the portal
   loop; a class with `__aenter__` is also entered there (the service client connects,
-  as `FiretitanServiceClient(base_url=..., api_key=...)` is documented to);
+  as `FiretitanServiceClient(base_url=..., api_key=...)` is documented to). A class
+  whose async constructor takes an internal type (`INTERNAL_TYPES`) is made only by
+  its factory methods: its facade constructor refuses to be called, and keeps the
+  internal type out of the public signature;
 * returned async objects are wrapped into their facade twins, and facade twins passed as
-  arguments are unwrapped.
+  arguments are unwrapped. Twins from sibling modules are found at run time through
+  `firetitan._portal.wrap_twin` (each facade module registers its classes), and named
+  only under `TYPE_CHECKING`, so facade modules never import each other.
 
 Other private names are left out. Anything the rules above do not cover (an unknown
 decorator, an async iterator, a twin inside an unsupported annotation) stops the script
@@ -46,6 +54,7 @@ import ast
 import builtins
 import difflib
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -69,6 +78,24 @@ RENAMES = {"aclose": "close", "__aenter__": "__enter__", "__aexit__": "__exit__"
 KEPT_DUNDERS = {"__init__", "__aenter__", "__aexit__"}
 AWAITABLE_WRAPPERS = {"Awaitable", "Coroutine"}
 KNOWN_DECORATORS = {"property", "staticmethod"}
+#: Types of the client's internals: an async constructor taking one is not public.
+INTERNAL_TYPES = {"Transport"}
+
+#: Docstring rewrites for the sync surface: (regex, replacement), applied in order to
+#: every docstring copied from firetitan's async core. Each must match somewhere.
+DOC_REWRITES: tuple[tuple[str, str], ...] = (
+    (
+        r"Use it as an async context manager, or call `aclose` when done\.",
+        "Use it in a ``with`` block, or call `close` when done.",
+    ),
+    (
+        r"They must be called on the event loop that runs the service client\.",
+        "They may be called from any thread.",
+    ),
+    (r"`aclose`", "`close`"),
+    (r"`AsyncAPIFuture`", "`APIFuture`"),
+    (r"`Async(\w+)", r"`\1"),
+)
 
 
 class GenerationError(Exception):
@@ -256,8 +283,11 @@ class Context:
     module: AsyncModule
     facade_module: str
     used_names: set[str] = field(default_factory=set)
-    # Twins from sibling modules that the generated code names (imported at the end).
+    # Twins from sibling modules that the generated code names (under TYPE_CHECKING).
     sibling_twins: set[str] = field(default_factory=set)
+    # The generated code wraps sibling twins (through `wrap_twin`).
+    wraps_siblings: bool = False
+    rewrites: DocRewriter | None = None
 
 
 class AnnotationRewriter(ast.NodeTransformer):
@@ -395,8 +425,31 @@ def emit_def(name: str, params: list[str], returns: str | None) -> list[str]:
     return emit_call(INDENT, f"def {name}", params, f"{arrow}:")
 
 
-def docstring_lines(node: ast.AST, module: AsyncModule) -> list[str]:
-    """The docstring literal exactly as written in the source, at its original indent."""
+class DocRewriter:
+    """Applies `DOC_REWRITES` (or another table) and counts what each rule matched."""
+
+    def __init__(self, rules: Iterable[tuple[str, str]]) -> None:
+        self.rules = [(re.compile(pattern), replacement) for pattern, replacement in rules]
+        self.uses = [0] * len(self.rules)
+
+    def apply(self, text: str) -> str:
+        for index, (pattern, replacement) in enumerate(self.rules):
+            text, count = pattern.subn(replacement, text)
+            self.uses[index] += count
+        return text
+
+    def check_all_used(self) -> None:
+        unused = [p.pattern for (p, _), n in zip(self.rules, self.uses, strict=True) if not n]
+        if unused:
+            raise GenerationError(
+                f"docstring rewrite rule(s) {unused} match no docstring: remove them from "
+                "DOC_REWRITES"
+            )
+
+
+def docstring_lines(node: ast.AST, module: AsyncModule, ctx: Context) -> list[str]:
+    """The docstring literal as written in the source, at its original indent, with the
+    sync surface's rewrites applied."""
     body = getattr(node, "body", [])
     if not (
         body
@@ -410,6 +463,8 @@ def docstring_lines(node: ast.AST, module: AsyncModule) -> list[str]:
     assert segment is not None
     first = module.source.splitlines()[expr.lineno - 1]
     indent = first[: len(first) - len(first.lstrip())]
+    if ctx.rewrites is not None:
+        segment = ctx.rewrites.apply(segment)
     return [indent + segment.splitlines()[0], *segment.splitlines()[1:]]
 
 
@@ -474,31 +529,47 @@ def self_param(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
     return positional[0].arg
 
 
-def wrap_expr(annotation: ast.expr, value: str, ctx: Context, where: str) -> str:
-    """An expression converting `value`, a plain name of the async type, to the facade type."""
-    if not mentions_twin(annotation, ctx):
-        return value
+def return_wrapped(
+    annotation: ast.expr, value: str, ctx: Context, where: str, body: str
+) -> list[str]:
+    """Statements returning `value`, a plain name of the async type, as the facade type."""
     twin = twin_of(annotation, ctx)
     if twin:
-        return f"{facade_twin(twin, ctx)}._wrap(self._portal, {value})"
+        return [f"{body}return {wrap_call(twin, value, ctx)}"]
     inner = optional_of(annotation)
     if inner is not None and (twin := twin_of(inner, ctx)):
-        wrapped = f"{facade_twin(twin, ctx)}._wrap(self._portal, {value})"
-        return f"None if {value} is None else {wrapped}"
+        return [
+            f"{body}if {value} is None:",
+            f"{body}{INDENT}return None",
+            f"{body}return {wrap_call(twin, value, ctx)}",
+        ]
     inner = list_of(annotation)
     if inner is not None and (twin := twin_of(inner, ctx)):
-        return f"[{facade_twin(twin, ctx)}._wrap(self._portal, item) for item in {value}]"
+        return [f"{body}return [{wrap_call(twin, 'item', ctx)} for item in {value}]"]
     raise GenerationError(
         f"{where}: cannot convert a result annotated {ast.unparse(annotation)!r} "
         "(supported: AsyncX, AsyncX | None, list[AsyncX], AsyncAPIFuture[AsyncX])"
     )
 
 
-def facade_twin(async_name: str, ctx: Context) -> str:
+def wrap_call(async_name: str, value: str, ctx: Context) -> str:
+    """An expression wrapping ``value`` (an ``async_name``) into its facade twin."""
     facade_module, facade_name = ctx.twins[async_name]
-    if facade_module != ctx.facade_module:
-        ctx.sibling_twins.add(async_name)
-    return facade_name
+    if facade_module == ctx.facade_module:
+        return f"{facade_name}._wrap(self._portal, {value})"
+    ctx.sibling_twins.add(async_name)
+    ctx.wraps_siblings = True
+    return f'cast("{facade_name}", wrap_twin(self._portal, {value}))'
+
+
+def wrapper(async_name: str, ctx: Context) -> str:
+    """A callable ``(inner) -> facade twin``, for futures of twins."""
+    facade_module, facade_name = ctx.twins[async_name]
+    if facade_module == ctx.facade_module:
+        return f"functools.partial({facade_name}._wrap, self._portal)"
+    ctx.sibling_twins.add(async_name)
+    ctx.wraps_siblings = True
+    return "functools.partial(wrap_twin, self._portal)"
 
 
 def result_name(params: Iterable[str]) -> str:
@@ -519,7 +590,7 @@ def emit_method(cls: AsyncClass, method: Method, ctx: Context) -> list[str]:
     if is_async and any(isinstance(n, ast.Yield | ast.YieldFrom) for n in ast.walk(fn)):
         raise GenerationError(f"{where}: async generators have no facade translation")
     name = RENAMES.get(fn.name, fn.name)
-    doc = docstring_lines(fn, method.module)
+    doc = docstring_lines(fn, method.module, ctx)
     body = 2 * INDENT
 
     if "staticmethod" in method.decorators:
@@ -549,8 +620,8 @@ def emit_method(cls: AsyncClass, method: Method, ctx: Context) -> list[str]:
         if returns_node is None or not mentions_twin(returns_node, ctx):
             return [*lines, f"{body}return {target}"]
         res = result_name(sig)
-        expr = wrap_expr(returns_node, res, ctx, where)
-        return [*lines, f"{body}{res} = {target}", f"{body}return {expr}"]
+        wrapped = return_wrapped(returns_node, res, ctx, where, body)
+        return [*lines, f"{body}{res} = {target}", *wrapped]
 
     if fn.name == "__aenter__":
         # The constructor already entered the async object (see emit_init), so entering
@@ -586,7 +657,7 @@ def emit_method(cls: AsyncClass, method: Method, ctx: Context) -> list[str]:
                     f"{where}: cannot convert the future's value {ast.unparse(value_type)!r} "
                     "(supported: AsyncAPIFuture[AsyncX])"
                 )
-            convert = f"functools.partial({facade_twin(twin, ctx)}._wrap, self._portal)"
+            convert = wrapper(twin, ctx)
             ctx.used_names.add("functools")
             return [
                 *lines,
@@ -605,8 +676,8 @@ def emit_method(cls: AsyncClass, method: Method, ctx: Context) -> list[str]:
         return [*lines, *emit_call(body, call_prefix, args)]
     if returns_node is None or not mentions_twin(returns_node, ctx):
         return [*lines, *emit_call(body, f"return {call_prefix}", args)]
-    expr = wrap_expr(returns_node, res, ctx, where)
-    return [*lines, *emit_call(body, f"{res} = {call_prefix}", args), f"{body}return {expr}"]
+    wrapped = return_wrapped(returns_node, res, ctx, where, body)
+    return [*lines, *emit_call(body, f"{res} = {call_prefix}", args), *wrapped]
 
 
 def argument_checks(cls: AsyncClass, method: Method, forward: list[str]) -> list[str]:
@@ -630,10 +701,21 @@ def emit_init(cls: AsyncClass, ctx: Context) -> list[str]:
     fn = method.node
     if isinstance(fn, ast.AsyncFunctionDef):
         raise GenerationError(f"{where}: __init__ cannot be async")
+    annotations: set[str] = set()
+    for arg in [*fn.args.args, *fn.args.kwonlyargs]:
+        if arg.annotation is not None:
+            collect_names(arg.annotation, annotations)
+    if annotations & INTERNAL_TYPES:
+        # Made only by factory methods (through `_wrap`): no internal type in public.
+        message = f'"{cls.facade_name} has no public constructor (see its docstring)"'
+        return [
+            f"{INDENT}def __init__(self) -> None:",
+            *emit_call(2 * INDENT, "raise TypeError", [message]),
+        ]
     sig, forward = build_params(fn, ctx, where, skip_first=True)
     opener = "open" if "__aenter__" in cls.methods else "construct"
     lines = [*emit_def("__init__", [self_param(fn), *sig], "None")]
-    lines += docstring_lines(fn, method.module)
+    lines += docstring_lines(fn, method.module, ctx)
     lines.append(f"{2 * INDENT}self._portal = get_portal()")
     lines += emit_call(2 * INDENT, f"self._inner = self._portal.{opener}", [cls.name, *forward])
     return lines
@@ -642,7 +724,7 @@ def emit_init(cls: AsyncClass, ctx: Context) -> list[str]:
 def emit_class(cls: AsyncClass, ctx: Context) -> list[str]:
     facade = cls.facade_name
     lines = [f"class {facade}:"]
-    doc = docstring_lines(cls.node, cls.module)
+    doc = docstring_lines(cls.node, cls.module, ctx)
     lines += doc
     if doc:
         lines.append("")
@@ -723,7 +805,7 @@ def resolve_imports(ctx: Context, defined: set[str]) -> tuple[list[str], list[st
                     f"{module.display_path}: the facade needs {name!r}, which the module "
                     "neither imports nor defines"
                 )
-            ctx.sibling_twins.add(twin)  # imported at the end of the module
+            ctx.sibling_twins.add(twin)  # named under TYPE_CHECKING only
             continue
         if text not in seen:
             seen.add(text)
@@ -731,9 +813,14 @@ def resolve_imports(ctx: Context, defined: set[str]) -> tuple[list[str], list[st
     return runtime, checking
 
 
-def generate_module(module: AsyncModule, twins: dict[str, tuple[str, str]], dst_pkg: str) -> str:
+def generate_module(
+    module: AsyncModule,
+    twins: dict[str, tuple[str, str]],
+    dst_pkg: str,
+    rewrites: DocRewriter | None = None,
+) -> str:
     facade_module = f"{dst_pkg}.{module.path.stem}"
-    ctx = Context(twins=twins, module=module, facade_module=facade_module)
+    ctx = Context(twins=twins, module=module, facade_module=facade_module, rewrites=rewrites)
     classes = list(module.classes.values())
     body: list[str] = []
     for cls in classes:
@@ -742,7 +829,13 @@ def generate_module(module: AsyncModule, twins: dict[str, tuple[str, str]], dst_
     runtime, checking = resolve_imports(ctx, facade_names)
     if FACADE_FUTURE in ctx.used_names:
         runtime.append(f"from {FACADE_FUTURE_MODULE} import {FACADE_FUTURE}")
-    runtime.append(f"from {PORTAL_MODULE} import Portal, get_portal, rewrap")
+    portal_names = ["Portal", "get_portal", "register_twin", "rewrap"]
+    if ctx.wraps_siblings:
+        portal_names.append("wrap_twin")
+    runtime.append(f"from {PORTAL_MODULE} import {', '.join(portal_names)}")
+    for async_name in sorted(ctx.sibling_twins):
+        twin_module, twin_name = twins[async_name]
+        checking.append(f"from {twin_module} import {twin_name}")
     sorted_classes = sorted(cls.name for cls in classes)
     runtime.append(f"from {module.name} import {', '.join(sorted_classes)}")
     head: list[str] = [
@@ -756,8 +849,9 @@ def generate_module(module: AsyncModule, twins: dict[str, tuple[str, str]], dst_
         "from __future__ import annotations",
         "",
     ]
-    typing_names = "TYPE_CHECKING, Any, Self" if checking else "Any, Self"
-    runtime.append(f"from typing import {typing_names}")
+    typing_names = ["TYPE_CHECKING"] if checking else []
+    typing_names += ["Any", "Self", *(["cast"] if ctx.wraps_siblings else [])]
+    runtime.append(f"from typing import {', '.join(typing_names)}")
     if "functools" in ctx.used_names:
         runtime.append("import functools")
     first_party = {dst_pkg.split(".")[0], module.name.split(".")[0]}
@@ -772,20 +866,8 @@ def generate_module(module: AsyncModule, twins: dict[str, tuple[str, str]], dst_
         "# Frames of this module are skipped when a warning points at the caller's line.",
         "_FACADE_INTERNAL = True",
     ]
-    tail: list[str] = []
-    if ctx.sibling_twins:
-        tail += [
-            "",
-            "",
-            "# Twins from sibling modules are imported last, so that facade modules that",
-            "# refer to each other can be imported in either order.",
-        ]
-        by_module: dict[str, list[str]] = {}
-        for async_name in sorted(ctx.sibling_twins):
-            twin_module, twin_name = twins[async_name]
-            by_module.setdefault(twin_module, []).append(twin_name)
-        for twin_module, names in sorted(by_module.items()):
-            tail.append(f"from {twin_module} import {', '.join(sorted(names))}  # noqa: E402")
+    tail = ["", "", "# Lets sibling facade modules wrap these classes without importing this one."]
+    tail += [f"register_twin({cls.name}, {cls.facade_name})" for cls in classes]
     return "\n".join([*head, *body, *tail]) + "\n"
 
 
@@ -863,7 +945,12 @@ def all_lines(names: Iterable[str]) -> list[str]:
 
 
 def generate(src: Path, dst: Path) -> dict[Path, str]:
-    """Every facade file's content, by path."""
+    """Every facade file's content, by path.
+
+    `DOC_REWRITES` belongs to firetitan's own async core; other packages (the tests'
+    toy) are generated with their docstrings unchanged.
+    """
+    rewrites = DocRewriter(DOC_REWRITES if src.resolve() == DEFAULT_SRC.resolve() else ())
     modules = read_package(src)
     dst_pkg = package_name(dst)
     twins: dict[str, tuple[str, str]] = {}
@@ -875,7 +962,8 @@ def generate(src: Path, dst: Path) -> dict[Path, str]:
     with_classes = [m for m in modules.values() if m.classes]
     out: dict[Path, str] = {}
     for module in with_classes:
-        out[dst / f"{module.path.stem}.py"] = generate_module(module, twins, dst_pkg)
+        out[dst / f"{module.path.stem}.py"] = generate_module(module, twins, dst_pkg, rewrites)
+    rewrites.check_all_used()
     src_display = package_name(src).replace(".", "/") + "/"
     out[dst / "__init__.py"] = generate_init(with_classes, dst_pkg, src_display)
     return {path: ruff_format(text) for path, text in out.items()}

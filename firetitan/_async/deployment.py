@@ -38,12 +38,12 @@ from firetitan._errors import (
     HotLoadTimeoutError,
 )
 from firetitan._transport import Transport
+from firetitan._wire import endpoints
 
 __all__ = ["AsyncDeployment"]
 
 log = logging.getLogger("firetitan.deployment")
 
-_HOT_LOAD = "/hot_load/v1/models/hot_load"
 _FIRST_POLL_S = 0.1
 
 
@@ -127,7 +127,7 @@ class AsyncDeployment:
             self._account_lock = asyncio.Lock()
         async with self._account_lock:
             if self._account is None:
-                answer = await self._transport.get("/v1/accounts?pageSize=2")
+                answer = await self._transport.get(f"{endpoints.LIST_ACCOUNTS.path}?pageSize=2")
                 accounts = answer.get("accounts") if isinstance(answer, dict) else None
                 names = (
                     [a.get("name") for a in accounts or [] if isinstance(a, dict)]
@@ -155,7 +155,9 @@ class AsyncDeployment:
             APIResponseValidationError: The answer has no replicas list.
             APIError: The deployment could not answer.
         """
-        answer = await self._transport.get(_HOT_LOAD, headers=await self._headers(base_model))
+        answer = await self._transport.get(
+            endpoints.HOT_LOAD_STATUS.path, headers=await self._headers(base_model)
+        )
         try:
             return _wire.decode_hot_load_status(answer)
         except _wire.WireError as exc:
@@ -250,7 +252,7 @@ class AsyncDeployment:
             identity, previous=previous, reset_prompt_cache=self._reset_prompt_cache
         )
         try:
-            await self._transport.post(_HOT_LOAD, body, headers=headers)
+            await self._transport.post(endpoints.HOT_LOAD.path, body, headers=headers)
         except BadRequestError as exc:
             text = str(exc).lower()
             if not (
@@ -262,7 +264,7 @@ class AsyncDeployment:
             log.info("the deployment refuses reset_prompt_cache; hot-loading without it")
             self._reset_prompt_cache = False
             body.pop("reset_prompt_cache", None)
-            await self._transport.post(_HOT_LOAD, body, headers=headers)
+            await self._transport.post(endpoints.HOT_LOAD.path, body, headers=headers)
 
     async def _wait(self, identity: str, base_model: str | None, limit: float) -> None:
         loop = asyncio.get_running_loop()

@@ -25,10 +25,10 @@ import tinker
 from firetitan import _wire
 from firetitan._async._checks import positive_int
 from firetitan._async.deployment import AsyncDeployment
+from firetitan._wire import endpoints
 
 __all__ = ["AsyncDeploymentSampler", "stop_strings"]
 
-_COMPLETIONS = "/inference/v1/completions"
 #: tinker's default when ``SamplingParams.max_tokens`` is None.
 DEFAULT_MAX_TOKENS = 1024
 
@@ -128,7 +128,7 @@ class AsyncDeploymentSampler:
             await asyncio.gather(
                 *(
                     transport.stream(
-                        _COMPLETIONS,
+                        endpoints.COMPLETIONS.path,
                         body,
                         fold,
                         headers={"x-request-id": secrets.token_hex(16)},

@@ -51,6 +51,7 @@ from firetitan._async.futures import AsyncAPIFuture, FutureState
 from firetitan._async.polling import Poller
 from firetitan._errors import APIResponseValidationError, APIStatusError, ClientClosedError
 from firetitan._transport import Transport
+from firetitan._wire import endpoints
 
 __all__ = [
     "JSON",
@@ -76,8 +77,7 @@ class Call:
     """One entry of the send queue.
 
     Attributes:
-        kind: The operation (``"forward_backward"``); also names the endpoint.
-        request_type: Sent as ``X-Tinker-Request-Type`` when polling.
+        endpoint: The ordered endpoint it calls (its poll request type too).
         future: The caller's future.
         finish: Builds the result from the chunk payloads.
         bodies: One serialised request per chunk without its ``seq_id`` (`template`):
@@ -90,8 +90,7 @@ class Call:
             `ProtobufBody` payloads where the trainer obliged).
     """
 
-    kind: str
-    request_type: str
+    endpoint: endpoints.Endpoint
     future: AsyncAPIFuture[Any]
     finish: Finish
     bodies: list[bytes] | asyncio.Future[list[bytes]] | None
@@ -100,8 +99,8 @@ class Call:
     protobuf: bool = False
 
     @property
-    def endpoint(self) -> str:
-        return f"/api/v1/{self.kind}"
+    def kind(self) -> str:
+        return self.endpoint.name
 
 
 class OrderedQueue:
@@ -202,7 +201,10 @@ class OrderedQueue:
         log.warning(
             "firetitan: %s (seq_id %d..%d) could not be submitted; later calls on this "
             "model still run: %s",
-            call.kind, first, first + len(bodies) - 1, errors[0],
+            call.kind,
+            first,
+            first + len(bodies) - 1,
+            errors[0],
         )
         call.future._set_exception(errors[0])
         return None
@@ -210,7 +212,7 @@ class OrderedQueue:
     async def _submit(self, call: Call, data: bytes) -> str:
         async with self._uploads:
             # The body is already bytes and the ACK is tiny: nothing to offload.
-            answer = await self._transport.post(call.endpoint, data)
+            answer = await self._transport.post(call.endpoint.path, data)
         return ack_request_id(answer, call.kind)
 
     def _start_completion(self, call: Call, request_ids: list[str]) -> None:
@@ -220,7 +222,7 @@ class OrderedQueue:
 
     async def _complete(self, call: Call, request_ids: list[str]) -> None:
         try:
-            kind, protobuf = call.request_type, call.protobuf
+            kind, protobuf = call.endpoint.request_type, call.protobuf
             if len(request_ids) == 1:
                 payloads = [await self._poller.wait(request_ids[0], kind, protobuf=protobuf)]
             else:

@@ -25,12 +25,11 @@ from typing import Any
 from firetitan import _wire
 from firetitan._errors import APIResponseValidationError, APIStatusError, RequestFailedError
 from firetitan._transport import PROTOBUF, ProtobufBody, Transport
+from firetitan._wire import endpoints
 
-__all__ = ["RETRIEVE_FUTURE", "Poller"]
+__all__ = ["Poller"]
 
 log = logging.getLogger("firetitan")
-
-RETRIEVE_FUTURE = "/api/v1/retrieve_future"
 
 # A trainer that answers try_again at once (rather than holding the poll) would be
 # hammered by an immediate re-poll; such answers get a short, growing pause.
@@ -94,7 +93,7 @@ class Poller:
                 headers["Accept"] = PROTOBUF
             try:
                 answer = await self._transport.post(
-                    RETRIEVE_FUTURE, body, pool="poll", headers=headers
+                    endpoints.RETRIEVE_FUTURE.path, body, pool="poll", headers=headers
                 )
             except APIStatusError as exc:
                 if exc.status_code != 406 or "Accept" not in headers:

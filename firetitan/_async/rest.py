@@ -20,10 +20,9 @@ from firetitan._async.training import validate_model
 from firetitan._config import ClientConfig, resolve_api_key, resolve_base_url
 from firetitan._errors import ClientClosedError
 from firetitan._transport import Transport
+from firetitan._wire import endpoints
 
 __all__ = ["AsyncRestClient"]
-
-_PREFIX = "/api/v1"
 
 
 class AsyncRestClient:
@@ -82,7 +81,7 @@ class AsyncRestClient:
             APIStatusError: The trainer refused the request.
         """
         query = _page(limit, offset)
-        answer = await self._get(f"{_PREFIX}/training_runs?{query}")
+        answer = await self._get(f"{endpoints.LIST_TRAINING_RUNS.path}?{query}")
         return validate_model(ttypes.TrainingRunsResponse, answer)
 
     async def get_training_run(self, training_run_id: str) -> ttypes.TrainingRun:
@@ -92,7 +91,9 @@ class AsyncRestClient:
             NotFoundError: No such run.
         """
         run = _segment(training_run_id, "training_run_id")
-        return validate_model(ttypes.TrainingRun, await self._get(f"{_PREFIX}/training_runs/{run}"))
+        return validate_model(
+            ttypes.TrainingRun, await self._get(endpoints.GET_TRAINING_RUN.path.format(run_id=run))
+        )
 
     async def get_training_run_by_tinker_path(self, tinker_path: str) -> ttypes.TrainingRun:
         """The training run that owns a checkpoint.
@@ -112,7 +113,7 @@ class AsyncRestClient:
             NotFoundError: No such run.
         """
         run = _segment(training_run_id, "training_run_id")
-        answer = await self._get(f"{_PREFIX}/training_runs/{run}/checkpoints")
+        answer = await self._get(endpoints.LIST_RUN_CHECKPOINTS.path.format(run_id=run))
         return validate_model(ttypes.CheckpointsListResponse, answer)
 
     async def list_user_checkpoints(
@@ -123,7 +124,7 @@ class AsyncRestClient:
         Raises:
             ValueError: ``limit`` below 1 or ``offset`` below 0.
         """
-        answer = await self._get(f"{_PREFIX}/checkpoints?{_page(limit, offset)}")
+        answer = await self._get(f"{endpoints.LIST_USER_CHECKPOINTS.path}?{_page(limit, offset)}")
         return validate_model(ttypes.CheckpointsListResponse, answer)
 
     async def delete_checkpoint(self, tinker_path: str) -> None:
@@ -133,7 +134,7 @@ class AsyncRestClient:
             ValueError: Not a ``tinker://`` checkpoint path.
             NotFoundError: No such checkpoint.
         """
-        await self._transport.delete(_checkpoint_url(tinker_path))
+        await self._transport.delete(_checkpoint_url(endpoints.DELETE_CHECKPOINT, tinker_path))
 
     async def set_checkpoint_ttl(self, tinker_path: str, ttl_seconds: int | None) -> None:
         """Make a checkpoint expire ``ttl_seconds`` from now; None keeps it for good.
@@ -145,7 +146,7 @@ class AsyncRestClient:
         if ttl_seconds is not None:
             positive_int(ttl_seconds, "ttl_seconds")
         await self._transport.put(
-            f"{_checkpoint_url(tinker_path)}/ttl", {"ttl_seconds": ttl_seconds}
+            _checkpoint_url(endpoints.SET_CHECKPOINT_TTL, tinker_path), {"ttl_seconds": ttl_seconds}
         )
 
     async def publish_checkpoint(self, tinker_path: str) -> None:
@@ -155,7 +156,7 @@ class AsyncRestClient:
             ValueError: Not a ``tinker://`` checkpoint path.
             NotFoundError: No such checkpoint.
         """
-        await self._post(f"{_checkpoint_url(tinker_path)}/publish", {})
+        await self._post(_checkpoint_url(endpoints.PUBLISH_CHECKPOINT, tinker_path), {})
 
     async def unpublish_checkpoint(self, tinker_path: str) -> None:
         """Mark a checkpoint private again.
@@ -164,7 +165,7 @@ class AsyncRestClient:
             ValueError: Not a ``tinker://`` checkpoint path.
             NotFoundError: No such checkpoint.
         """
-        await self._transport.delete(f"{_checkpoint_url(tinker_path)}/publish")
+        await self._transport.delete(_checkpoint_url(endpoints.UNPUBLISH_CHECKPOINT, tinker_path))
 
     # ------------------------------------------------------------------ sessions
 
@@ -174,7 +175,7 @@ class AsyncRestClient:
         Raises:
             ValueError: ``limit`` below 1 or ``offset`` below 0.
         """
-        answer = await self._get(f"{_PREFIX}/sessions?{_page(limit, offset)}")
+        answer = await self._get(f"{endpoints.LIST_SESSIONS.path}?{_page(limit, offset)}")
         return validate_model(ttypes.ListSessionsResponse, answer)
 
     async def get_session(self, session_id: str) -> ttypes.GetSessionResponse:
@@ -185,7 +186,8 @@ class AsyncRestClient:
         """
         session = _segment(session_id, "session_id")
         return validate_model(
-            ttypes.GetSessionResponse, await self._get(f"{_PREFIX}/sessions/{session}")
+            ttypes.GetSessionResponse,
+            await self._get(endpoints.GET_SESSION.path.format(session_id=session)),
         )
 
     # ------------------------------------------------------------------ plumbing
@@ -219,7 +221,11 @@ def _parse(tinker_path: str) -> ttypes.ParsedCheckpointTinkerPath:
     )
 
 
-def _checkpoint_url(tinker_path: str) -> str:
+def _checkpoint_url(endpoint: endpoints.Endpoint, tinker_path: str) -> str:
     parsed = _parse(tinker_path)
-    run = urllib.parse.quote(parsed.training_run_id, safe="")
-    return f"{_PREFIX}/training_runs/{run}/checkpoints/{parsed.checkpoint_id}"
+    segment, name = parsed.checkpoint_id.split("/", 1)
+    return endpoint.path.format(
+        run_id=urllib.parse.quote(parsed.training_run_id, safe=""),
+        segment=segment,
+        name=urllib.parse.quote(name, safe=""),
+    )

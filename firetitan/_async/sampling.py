@@ -3,12 +3,12 @@
 Two backends, chosen by the service client's configuration, never by guessing:
 
 * **a trainer** that hosts tinker sampling (the local trainer, tinker-protocol servers):
-  ``sample`` POSTs ``/api/v1/asample`` and long-polls the answer like any future;
+  ``sample`` calls the ``asample`` endpoint and long-polls the answer like any future;
 * **a hot-load deployment** (a service client with ``deployment=``): the snapshot was
   hot-loaded before the client was returned, and ``sample`` streams completions from
   the deployment through `AsyncDeploymentSampler`.
 
-On a trainer, ``sample`` POSTs ``/api/v1/asample`` and long-polls the answer like any future.
+On a trainer, ``sample`` calls the ``asample`` endpoint and long-polls the answer like any future.
 Samples are not ordered, so each call runs as its own task; hundreds of concurrent
 calls share the service client's connection pools, and at most
 ``Limits.max_sample_polls`` of them long-poll at a time.
@@ -28,6 +28,7 @@ it with `aclose` when done.
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -42,8 +43,14 @@ from firetitan._async.futures import AsyncAPIFuture, FutureState, resolve_deadli
 from firetitan._async.ordering import ack_request_id
 from firetitan._async.polling import Poller
 from firetitan._config import ClientConfig, resolve_api_key, resolve_base_url
-from firetitan._errors import APIResponseValidationError, ClientClosedError, ClientUsageError
+from firetitan._errors import (
+    APIResponseValidationError,
+    ClientClosedError,
+    ClientUsageError,
+    FiretitanError,
+)
 from firetitan._transport import Transport
+from firetitan._wire import endpoints
 
 if TYPE_CHECKING:
     from firetitan._async.service import AsyncFiretitanServiceClient
@@ -52,6 +59,8 @@ if TYPE_CHECKING:
 __all__ = ["AsyncSamplingClient"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("firetitan")
 
 _CLONE_STRIDE = 10**9
 
@@ -215,7 +224,8 @@ class AsyncSamplingClient:
                 "create it with the service client's create_sampling_client"
             )
         self._check_usable()
-        answer = await self._connect().get(f"/api/v1/samplers/{self._sampling_session_id}")
+        path = endpoints.GET_SAMPLER.path.format(sampling_session_id=self._sampling_session_id)
+        answer = await self._connect().get(path)
         base_model = answer.get("base_model") if isinstance(answer, dict) else None
         if not isinstance(base_model, str) or not base_model:
             raise APIResponseValidationError(
@@ -408,7 +418,8 @@ class AsyncSamplingClient:
         self._live.add(future)
         future._on_finish(lambda: self._live.discard(future))
         task = self._tasks.spawn(run, name=f"firetitan {kind}")
-        future._on_finish(task.cancel)  # cancelling the future stops its request
+        future._on_finish(task.cancel)  # cancelling the future stops its request...
+        future._on_finish(lambda: self._cancel_on_trainer(future))  # ...there too
         return future
 
     def _body(
@@ -446,6 +457,22 @@ class AsyncSamplingClient:
         except Exception as exc:
             future._set_exception(exc)
 
+    def _cancel_on_trainer(self, future: AsyncAPIFuture[Any]) -> None:
+        """Tell the trainer to drop an abandoned request it acknowledged (best effort:
+        a sample that is already running finishes there, unread)."""
+        if not future.cancelled() or self._transport is None or self._closed:
+            return
+        for request_id in future.request_ids:
+            self._tasks.spawn(self._send_cancel(request_id), name="firetitan cancel_future")
+
+    async def _send_cancel(self, request_id: str) -> None:
+        assert self._transport is not None
+        try:
+            body = _wire.encode_request(_wire.CancelFutureRequest(request_id=request_id))
+            await self._transport.post(endpoints.CANCEL_FUTURE.path, body)
+        except FiretitanError as exc:  # nothing to undo: the sample stays unread
+            log.debug("firetitan: cancelling %s on the trainer failed: %s", request_id, exc)
+
     async def _run(
         self,
         future: AsyncAPIFuture[T],
@@ -457,11 +484,11 @@ class AsyncSamplingClient:
             if self._poller is None:
                 self._poller = Poller(transport, self._config.limits.max_sample_polls)
             future._set_state(FutureState.SENDING)
-            answer = await transport.post("/api/v1/asample", body)
+            answer = await transport.post(endpoints.ASAMPLE.path, body)
             request_id = ack_request_id(answer, "asample")
             future._add_request_id(request_id)
             future._set_state(FutureState.SENT)
-            payload = await self._poller.wait(request_id, "Sample")
+            payload = await self._poller.wait(request_id, endpoints.ASAMPLE.request_type)
             try:
                 response = _wire.decode_sample_response(payload)
             except ValueError as exc:

@@ -40,6 +40,7 @@ from firetitan._errors import (
     GoneError,
 )
 from firetitan._transport import Transport
+from firetitan._wire import endpoints
 from firetitan.tokenizers import load_tokenizer
 
 __all__ = ["AsyncFiretitanServiceClient"]
@@ -229,15 +230,16 @@ class AsyncFiretitanServiceClient:
             if self._session_id is None:
                 if self._fetch_client_config:
                     await self._transport.post(
-                        "/api/v1/client/config", {"sdk_version": SDK_VERSION}
+                        endpoints.CLIENT_CONFIG.path, {"sdk_version": SDK_VERSION}
                     )
                 request = _wire.CreateSessionRequest(
                     tags=self._tags, user_metadata=self._user_metadata, sdk_version=SDK_VERSION
                 )
                 answer = await self._transport.post(
-                    "/api/v1/create_session", _wire.encode_request(request)
+                    endpoints.CREATE_SESSION.path, _wire.encode_request(request)
                 )
                 self._session_id = _session_id(answer)
+                self._transport.name_session(self._session_id)
                 self._check_open()  # closed while opening: no heartbeat for it
                 self._tasks.spawn(self._heartbeat(self._session_id), name="firetitan heartbeat")
                 log.info("firetitan: session %s opened on %s", self._session_id, self.base_url)
@@ -246,12 +248,12 @@ class AsyncFiretitanServiceClient:
     async def _heartbeat(self, session_id: str) -> None:
         loop = asyncio.get_running_loop()
         last_ok = loop.time()
-        body = {"session_id": session_id, "type": "session_heartbeat"}
+        body = _wire.encode_request(_wire.SessionHeartbeatRequest(session_id=session_id))
         while True:
             await asyncio.sleep(self._config.heartbeat_interval)
             try:
                 await self._transport.post(
-                    "/api/v1/session_heartbeat",
+                    endpoints.SESSION_HEARTBEAT.path,
                     body,
                     retry=False,
                     attempt_timeout=self._config.timeouts.heartbeat,
@@ -268,7 +270,8 @@ class AsyncFiretitanServiceClient:
                     log.warning(
                         "firetitan: no heartbeat reached the trainer for %.0f s (%s); it may "
                         "reclaim this session's models",
-                        silent, exc,
+                        silent,
+                        exc,
                     )
 
     # ------------------------------------------------------------------ training clients
@@ -320,7 +323,13 @@ class AsyncFiretitanServiceClient:
             raise ValueError("at least one of train_mlp, train_attn, train_unembed must be True")
         alpha = lora_alpha if lora_rank > 0 else None
         key: _TrainingKey = (
-            base_model, lora_rank, seed, train_mlp, train_attn, train_unembed, alpha
+            base_model,
+            lora_rank,
+            seed,
+            train_mlp,
+            train_attn,
+            train_unembed,
+            alpha,
         )
         self._check_open()
         if key in self._training_keys:
@@ -519,9 +528,11 @@ class AsyncFiretitanServiceClient:
         # the trainer deduplicates a retried create_model on (session_id, model_seq_id).
         model_seq_id, self._model_seq = self._model_seq, self._model_seq + 1
         request = attrs.evolve(template, session_id=session_id, model_seq_id=model_seq_id)
-        answer = await self._transport.post("/api/v1/create_model", _wire.encode_request(request))
+        answer = await self._transport.post(
+            endpoints.CREATE_MODEL.path, _wire.encode_request(request)
+        )
         request_id = ack_request_id(answer, "create_model")
-        kind = "CreateBaseModel" if request.base_only else "CreateModel"
+        kind = "CreateBaseModel" if request.base_only else endpoints.CREATE_MODEL.request_type
         payload = await self._wait(self._poller.wait(request_id, kind), "create_model")
         model_id = payload.get("model_id") if isinstance(payload, dict) else None
         if not isinstance(model_id, str) or not model_id:
@@ -609,7 +620,7 @@ class AsyncFiretitanServiceClient:
             model_path=model_path,
         )
         answer = await self._transport.post(
-            "/api/v1/create_sampling_session", _wire.encode_request(request)
+            endpoints.CREATE_SAMPLING_SESSION.path, _wire.encode_request(request)
         )
         sampling_session_id = (
             answer.get("sampling_session_id") if isinstance(answer, dict) else None
@@ -695,7 +706,7 @@ class AsyncFiretitanServiceClient:
             ClientClosedError: The service client was closed.
         """
         self._check_open()
-        answer = await self._transport.get("/api/v1/get_server_capabilities")
+        answer = await self._transport.get(endpoints.GET_SERVER_CAPABILITIES.path)
         return validate_model(ttypes.GetServerCapabilitiesResponse, answer)
 
 

@@ -49,6 +49,7 @@ from firetitan._errors import (
 )
 from firetitan._transport import ProtobufBody, Transport
 from firetitan._types import GradAccNormalization, SaveSamplerResult
+from firetitan._wire import endpoints
 
 if TYPE_CHECKING:
     from firetitan._async.sampling import AsyncSamplingClient
@@ -326,8 +327,7 @@ class AsyncFiretitanTrainingClient:
         )
         gate: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         backward = Call(
-            kind="forward_backward",
-            request_type="ForwardBackward",
+            endpoint=endpoints.FORWARD_BACKWARD,
             future=future,
             finish=unfilled,
             bodies=None,
@@ -441,9 +441,7 @@ class AsyncFiretitanTrainingClient:
             adam_params=adam_params,
             grad_accumulation_normalization=_normalization(grad_accumulation_normalization),
         )
-        return self._simple_call(
-            "optim_step", "OptimStep", request, ttypes.OptimStepResponse, deadline
-        )
+        return self._simple_call(endpoints.OPTIM_STEP, request, ttypes.OptimStepResponse, deadline)
 
     def _check_optim_step(
         self,
@@ -514,8 +512,7 @@ class AsyncFiretitanTrainingClient:
             else string_map(user_metadata, "user_metadata"),
         )
         return self._simple_call(
-            "save_weights",
-            "SaveWeights",
+            endpoints.SAVE_WEIGHTS,
             request,
             ttypes.SaveWeightsResponse,
             deadline if timeout is None else timeout,
@@ -603,7 +600,7 @@ class AsyncFiretitanTrainingClient:
             model_id=self._model_id, seq_id=0, path=str(ref), optimizer=optimizer
         )
         return self._simple_call(
-            "load_weights", "LoadWeights", request, ttypes.LoadWeightsResponse, deadline
+            endpoints.LOAD_WEIGHTS, request, ttypes.LoadWeightsResponse, deadline
         )
 
     def resolve_checkpoint_path(self, name: str, source_job_id: str | None = None) -> str:
@@ -640,7 +637,7 @@ class AsyncFiretitanTrainingClient:
             APIError: The trainer could not answer.
         """
         self._check_usable()
-        answer = await self._transport.get("/api/v1/list_checkpoints")
+        answer = await self._transport.get(endpoints.LIST_CHECKPOINTS.path)
         names = answer.get("checkpoints") if isinstance(answer, dict) else None
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise APIResponseValidationError(
@@ -693,8 +690,7 @@ class AsyncFiretitanTrainingClient:
             ttl_seconds=_check_ttl(ttl_seconds),
         )
         future = self._simple_call(
-            "save_weights_for_sampler",
-            "SaveWeightsForSampler",
+            endpoints.SAVE_WEIGHTS_FOR_SAMPLER,
             request,
             ttypes.SaveWeightsForSamplerResponse,
             deadline,
@@ -865,7 +861,8 @@ class AsyncFiretitanTrainingClient:
         """
         self._check_usable()
         answer = await self._transport.post(
-            "/api/v1/get_info", {"model_id": self._model_id, "type": "get_info"}
+            endpoints.GET_INFO.path,
+            _wire.encode_request(_wire.GetInfoRequest(model_id=self._model_id)),
         )
         return validate_model(ttypes.GetInfoResponse, answer)
 
@@ -885,9 +882,11 @@ class AsyncFiretitanTrainingClient:
         self._closed_reason = "the model was unloaded"
         await self._drain()
         answer = await self._transport.post(
-            "/api/v1/unload_model", {"model_id": self._model_id, "type": "unload_model"}
+            endpoints.UNLOAD_MODEL.path,
+            _wire.encode_request(_wire.UnloadModelRequest(model_id=self._model_id)),
         )
-        payload = await self._poller.wait(ack_request_id(answer, "unload_model"), "Unload model")
+        request_id = ack_request_id(answer, "unload_model")
+        payload = await self._poller.wait(request_id, endpoints.UNLOAD_MODEL.request_type)
         response = validate_model(ttypes.UnloadModelResponse, payload)
         await self._shutdown("the model was unloaded")
         self._service._forget(self)
@@ -919,8 +918,7 @@ class AsyncFiretitanTrainingClient:
 
     def _simple_call(
         self,
-        kind: str,
-        request_type: str,
+        endpoint: endpoints.Endpoint,
         request: _wire.Request,
         model: type[M],
         deadline: float | None,
@@ -928,15 +926,14 @@ class AsyncFiretitanTrainingClient:
         resolved = self._resolve_deadline(deadline)
         bodies = templates([_wire.encode_request(request)])
         # The future is made last: a call that raises leaves nothing pending behind.
-        future: AsyncAPIFuture[M] = self._new_future(kind, resolved)
+        future: AsyncAPIFuture[M] = self._new_future(endpoint.name, resolved)
 
         async def finish(payloads: list[Any]) -> M:
             return validate_model(model, payloads[0])
 
         self._enqueue(
             Call(
-                kind=kind,
-                request_type=request_type,
+                endpoint=endpoint,
                 future=future,
                 finish=finish,
                 bodies=bodies,
@@ -965,8 +962,7 @@ class AsyncFiretitanTrainingClient:
 
         self._enqueue(
             Call(
-                kind=kind,
-                request_type="Forward" if kind == "forward" else "ForwardBackward",
+                endpoint=endpoints.BY_NAME[kind],
                 future=future,
                 finish=finish,
                 bodies=prepared.bodies,

@@ -14,7 +14,7 @@ from typing import Any, Self
 from firetitan import _wire
 from firetitan._async.deployment import AsyncDeployment
 from firetitan._config import ClientConfig, DeploymentConfig
-from firetitan._portal import Portal, get_portal, rewrap
+from firetitan._portal import Portal, get_portal, register_twin, rewrap
 
 __all__ = ["Deployment"]
 
@@ -192,3 +192,7 @@ class Deployment:
         tb: TracebackType | None,
     ) -> None:
         self._portal.close(self._inner.__aexit__, exc_type, exc, tb)
+
+
+# Lets sibling facade modules wrap these classes without importing this one.
+register_twin(AsyncDeployment, Deployment)

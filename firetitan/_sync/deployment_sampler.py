@@ -9,13 +9,16 @@ objects are safe to share between threads.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import tinker
 
 from firetitan import _wire
 from firetitan._async.deployment_sampler import DEFAULT_MAX_TOKENS, AsyncDeploymentSampler
-from firetitan._portal import Portal, get_portal, rewrap
+from firetitan._portal import Portal, get_portal, register_twin, rewrap, wrap_twin
+
+if TYPE_CHECKING:
+    from firetitan._sync.deployment import Deployment
 
 __all__ = ["DeploymentSampler"]
 
@@ -66,7 +69,7 @@ class DeploymentSampler:
     def deployment(self) -> Deployment:
         """The deployment sampled from."""
         result = self._inner.deployment
-        return Deployment._wrap(self._portal, result)
+        return cast("Deployment", wrap_twin(self._portal, result))
 
     def sample_tokens(
         self,
@@ -140,6 +143,5 @@ class DeploymentSampler:
         )
 
 
-# Twins from sibling modules are imported last, so that facade modules that
-# refer to each other can be imported in either order.
-from firetitan._sync.deployment import Deployment  # noqa: E402
+# Lets sibling facade modules wrap these classes without importing this one.
+register_twin(AsyncDeploymentSampler, DeploymentSampler)

@@ -15,7 +15,7 @@ from tinker import types as ttypes
 
 from firetitan._async.rest import AsyncRestClient
 from firetitan._config import ClientConfig
-from firetitan._portal import Portal, get_portal, rewrap
+from firetitan._portal import Portal, get_portal, register_twin, rewrap
 
 __all__ = ["RestClient"]
 
@@ -176,3 +176,7 @@ class RestClient:
             NotFoundError: No such live session.
         """
         return self._portal.call(self._inner.get_session, session_id)
+
+
+# Lets sibling facade modules wrap these classes without importing this one.
+register_twin(AsyncRestClient, RestClient)

@@ -8,14 +8,17 @@ objects are safe to share between threads.
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import tinker
 
 from firetitan._async.sampling import AsyncSamplingClient
 from firetitan._config import ClientConfig
 from firetitan._futures import APIFuture
-from firetitan._portal import Portal, get_portal, rewrap
+from firetitan._portal import Portal, get_portal, register_twin, rewrap, wrap_twin
+
+if TYPE_CHECKING:
+    from firetitan._sync.deployment_sampler import DeploymentSampler
 
 __all__ = ["SamplingClient"]
 
@@ -26,11 +29,11 @@ _FACADE_INTERNAL = True
 class SamplingClient:
     """Samples completions (and prompt logprobs) from saved weights or a base model.
 
-    Usually created by `AsyncFiretitanServiceClient.create_sampling_client` or
-    `AsyncFiretitanTrainingClient.save_weights_and_get_sampling_client`, and then
+    Usually created by `FiretitanServiceClient.create_sampling_client` or
+    `FiretitanTrainingClient.save_weights_and_get_sampling_client`, and then
     sharing that service client's connections. It can also be built directly (for
     example in a worker process), in which case it opens its own connections on first
-    use and must be closed with `aclose`.
+    use and must be closed with `close`.
 
     Picklable; the pickle never contains the API key (see `set_api_key`).
     """
@@ -96,7 +99,9 @@ class SamplingClient:
     def deployment_sampler(self) -> DeploymentSampler | None:
         """The deployment sampler behind this client, when a deployment serves it."""
         result = self._inner.deployment_sampler
-        return None if result is None else DeploymentSampler._wrap(self._portal, result)
+        if result is None:
+            return None
+        return cast("DeploymentSampler", wrap_twin(self._portal, result))
 
     @property
     def model_path(self) -> str | None:
@@ -235,6 +240,5 @@ class SamplingClient:
         self._portal.close(self._inner.__aexit__, *exc_info)
 
 
-# Twins from sibling modules are imported last, so that facade modules that
-# refer to each other can be imported in either order.
-from firetitan._sync.deployment_sampler import DeploymentSampler  # noqa: E402
+# Lets sibling facade modules wrap these classes without importing this one.
+register_twin(AsyncSamplingClient, SamplingClient)

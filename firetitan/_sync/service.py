@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self, cast
 
 from tinker import types as ttypes
 
 from firetitan._async.service import AsyncFiretitanServiceClient
 from firetitan._config import ClientConfig, DeploymentConfig
-from firetitan._portal import Portal, get_portal, rewrap
+from firetitan._portal import Portal, get_portal, register_twin, rewrap, wrap_twin
+
+if TYPE_CHECKING:
+    from firetitan._sync.deployment import Deployment
+    from firetitan._sync.sampling import SamplingClient
+    from firetitan._sync.training import FiretitanTrainingClient
 
 __all__ = ["FiretitanServiceClient"]
 
@@ -28,7 +33,7 @@ class FiretitanServiceClient:
     """A session on a Firetitan (or Tinker-protocol) trainer.
 
     Creates training clients (full-parameter, LoRA or frozen base models) and sampling
-    clients. Use it as an async context manager, or call `aclose` when done.
+    clients. Use it in a ``with`` block, or call `close` when done.
 
     Args:
         base_url: The trainer's URL; None reads ``FIRETITAN_BASE_URL``, then
@@ -119,14 +124,16 @@ class FiretitanServiceClient:
 
     @property
     def closed(self) -> bool:
-        """Whether `aclose` was called."""
+        """Whether `close` was called."""
         return self._inner.closed
 
     @property
     def deployment(self) -> Deployment | None:
         """The deployment sampling clients sample from, if one is configured."""
         result = self._inner.deployment
-        return None if result is None else Deployment._wrap(self._portal, result)
+        if result is None:
+            return None
+        return cast("Deployment", wrap_twin(self._portal, result))
 
     def __enter__(self) -> Self:
         return self
@@ -197,7 +204,7 @@ class FiretitanServiceClient:
             train_unembed=train_unembed,
             lora_alpha=lora_alpha,
         )
-        return FiretitanTrainingClient._wrap(self._portal, result)
+        return cast("FiretitanTrainingClient", wrap_twin(self._portal, result))
 
     def create_lora_training_client(
         self,
@@ -247,7 +254,7 @@ class FiretitanServiceClient:
             train_unembed=train_unembed,
             alpha=alpha,
         )
-        return FiretitanTrainingClient._wrap(self._portal, result)
+        return cast("FiretitanTrainingClient", wrap_twin(self._portal, result))
 
     def create_base_training_client(self, base_model: str) -> FiretitanTrainingClient:
         """Create a frozen base model (for ``forward`` only, e.g. reference logprobs).
@@ -264,7 +271,7 @@ class FiretitanServiceClient:
             ClientClosedError: The service client was closed.
         """
         result = self._portal.call(self._inner.create_base_training_client, base_model)
-        return FiretitanTrainingClient._wrap(self._portal, result)
+        return cast("FiretitanTrainingClient", wrap_twin(self._portal, result))
 
     def create_training_client_from_state(
         self,
@@ -277,7 +284,7 @@ class FiretitanServiceClient:
         checkpoint (tinker's recommended way to start from a checkpoint).
 
         Args:
-            path: A checkpoint path as `AsyncFiretitanTrainingClient.load_state` takes
+            path: A checkpoint path as `FiretitanTrainingClient.load_state` takes
                 it: a name, ``cross_job://<job_id>/<name>``,
                 ``tinker://<job_id>/weights/<name>`` or ``<account>/<job_id>/<name>``.
             user_metadata: String pairs recorded with the model; None uses the
@@ -296,7 +303,7 @@ class FiretitanServiceClient:
             path,
             user_metadata,
         )
-        return FiretitanTrainingClient._wrap(self._portal, result)
+        return cast("FiretitanTrainingClient", wrap_twin(self._portal, result))
 
     def create_training_client_from_state_with_optimizer(
         self,
@@ -324,7 +331,7 @@ class FiretitanServiceClient:
             path,
             user_metadata,
         )
-        return FiretitanTrainingClient._wrap(self._portal, result)
+        return cast("FiretitanTrainingClient", wrap_twin(self._portal, result))
 
     def create_sampling_client(
         self,
@@ -356,7 +363,7 @@ class FiretitanServiceClient:
             ClientClosedError: The service client was closed.
         """
         result = self._portal.call(self._inner.create_sampling_client, model_path, base_model)
-        return SamplingClient._wrap(self._portal, result)
+        return cast("SamplingClient", wrap_twin(self._portal, result))
 
     def get_server_capabilities(self) -> ttypes.GetServerCapabilitiesResponse:
         """Ask the trainer which models it serves.
@@ -371,8 +378,5 @@ class FiretitanServiceClient:
         return self._portal.call(self._inner.get_server_capabilities)
 
 
-# Twins from sibling modules are imported last, so that facade modules that
-# refer to each other can be imported in either order.
-from firetitan._sync.deployment import Deployment  # noqa: E402
-from firetitan._sync.sampling import SamplingClient  # noqa: E402
-from firetitan._sync.training import FiretitanTrainingClient  # noqa: E402
+# Lets sibling facade modules wrap these classes without importing this one.
+register_twin(AsyncFiretitanServiceClient, FiretitanServiceClient)

@@ -9,7 +9,7 @@ objects are safe to share between threads.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import tinker
 from tinker import types as ttypes
@@ -17,9 +17,12 @@ from tinker import types as ttypes
 from firetitan._async import custom_loss
 from firetitan._async.training import AsyncFiretitanTrainingClient
 from firetitan._futures import APIFuture
-from firetitan._portal import Portal, get_portal, rewrap
-from firetitan._transport import Transport
+from firetitan._portal import Portal, get_portal, register_twin, rewrap, wrap_twin
 from firetitan._types import GradAccNormalization, SaveSamplerResult
+
+if TYPE_CHECKING:
+    from firetitan._sync.deployment import Deployment
+    from firetitan._sync.sampling import SamplingClient
 
 __all__ = ["FiretitanTrainingClient"]
 
@@ -31,10 +34,10 @@ class FiretitanTrainingClient:
     """A trainable model on a trainer: forward/backward passes, optimizer steps,
     checkpoints and sampler exports.
 
-    Created by `AsyncFiretitanServiceClient.create_training_client` (or its LoRA and
-    base-only variants). RPC methods return an `AsyncAPIFuture` at once and run on the
+    Created by `FiretitanServiceClient.create_training_client` (or its LoRA and
+    base-only variants). RPC methods return an `APIFuture` at once and run on the
     trainer in call order, pipelined: no call waits for an earlier result before it is
-    sent. They must be called on the event loop that runs the service client.
+    sent. They may be called from any thread.
 
     Invalid arguments (an empty batch, an unknown normalization, a dict for
     `tinker.AdamParams`, ...) raise ValueError or TypeError at the call, and a closed
@@ -50,28 +53,8 @@ class FiretitanTrainingClient:
     _inner: AsyncFiretitanTrainingClient
     _portal: Portal
 
-    def __init__(
-        self,
-        *,
-        service: FiretitanServiceClient,
-        transport: Transport,
-        model_id: str,
-        base_model: str,
-        lora_rank: int,
-        base_only: bool,
-        capabilities: Mapping[str, Any],
-    ) -> None:
-        self._portal = get_portal()
-        self._inner = self._portal.construct(
-            AsyncFiretitanTrainingClient,
-            service=service._inner,
-            transport=transport,
-            model_id=model_id,
-            base_model=base_model,
-            lora_rank=lora_rank,
-            base_only=base_only,
-            capabilities=capabilities,
-        )
+    def __init__(self) -> None:
+        raise TypeError("FiretitanTrainingClient has no public constructor (see its docstring)")
 
     @classmethod
     def _wrap(cls, portal: Portal, inner: AsyncFiretitanTrainingClient) -> Self:
@@ -521,13 +504,13 @@ class FiretitanTrainingClient:
             ClientClosedError: The client was closed or its model unloaded.
         """
         result = self._portal.call(self._inner.save_weights_and_get_sampling_client, name)
-        return SamplingClient._wrap(self._portal, result)
+        return cast("SamplingClient", wrap_twin(self._portal, result))
 
     def create_sampling_client(self, model_path: str) -> SamplingClient:
         """A sampling client on a sampler export: the service client's
         `create_sampling_client`, on a deployment when one is configured."""
         result = self._portal.call(self._inner.create_sampling_client, model_path)
-        return SamplingClient._wrap(self._portal, result)
+        return cast("SamplingClient", wrap_twin(self._portal, result))
 
     @property
     def last_sampler_snapshot(self) -> str | None:
@@ -592,8 +575,5 @@ class FiretitanTrainingClient:
         return self._portal.call(self._inner.unload_model)
 
 
-# Twins from sibling modules are imported last, so that facade modules that
-# refer to each other can be imported in either order.
-from firetitan._sync.deployment import Deployment  # noqa: E402
-from firetitan._sync.sampling import SamplingClient  # noqa: E402
-from firetitan._sync.service import FiretitanServiceClient  # noqa: E402
+# Lets sibling facade modules wrap these classes without importing this one.
+register_twin(AsyncFiretitanTrainingClient, FiretitanTrainingClient)

@@ -8,11 +8,15 @@ objects are safe to share between threads.
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self, cast
 
 from firetitan._async.weight_sync import AsyncWeightSyncer
-from firetitan._portal import Portal, get_portal, rewrap
+from firetitan._portal import Portal, get_portal, register_twin, rewrap, wrap_twin
 from firetitan._types import SaveSamplerResult
+
+if TYPE_CHECKING:
+    from firetitan._sync.deployment import Deployment
+    from firetitan._sync.training import FiretitanTrainingClient
 
 __all__ = ["WeightSyncer"]
 
@@ -69,7 +73,7 @@ class WeightSyncer:
     def deployment(self) -> Deployment:
         """The deployment snapshots are hot-loaded into."""
         result = self._inner.deployment
-        return Deployment._wrap(self._portal, result)
+        return cast("Deployment", wrap_twin(self._portal, result))
 
     def save_and_hot_load(self, name: str, *, ttl_seconds: int | None = None) -> SaveSamplerResult:
         """Export the current weights as snapshot ``<name>-<session>`` and return once
@@ -91,7 +95,5 @@ class WeightSyncer:
         return self._portal.call(self._inner.save_and_hot_load, name, ttl_seconds=ttl_seconds)
 
 
-# Twins from sibling modules are imported last, so that facade modules that
-# refer to each other can be imported in either order.
-from firetitan._sync.deployment import Deployment  # noqa: E402
-from firetitan._sync.training import FiretitanTrainingClient  # noqa: E402
+# Lets sibling facade modules wrap these classes without importing this one.
+register_twin(AsyncWeightSyncer, WeightSyncer)

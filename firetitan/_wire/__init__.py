@@ -16,6 +16,10 @@ public name, so import from ``firetitan._wire``):
 * `results`: forward/backward results, metric reductions, batch chunking, sampling
   results.
 * `proto`: tinker's protobuf results.
+* `endpoints`: the one endpoint table (name, method, path, request decoder, ordered or
+  not, future or not, poll request type) that the client calls through and the local
+  trainer builds its routes from. Import it as a module:
+  ``from firetitan._wire import endpoints``.
 * `hotload`: the hot-load request and the deployment's per-replica status (§4).
 * `completions`: deployment sampling: the completions request, SSE framing and the
   fold of a streamed completion (deployment.md §5).
@@ -81,10 +85,13 @@ from firetitan._wire.proto import (
 )
 from firetitan._wire.request_decoders import decode_request
 from firetitan._wire.requests import (
+    SESSION_HEADER,
+    CancelFutureRequest,
     CreateModelRequest,
     CreateSamplingSessionRequest,
     CreateSessionRequest,
     ForwardRequest,
+    GetInfoRequest,
     LoadWeightsRequest,
     OptimStepRequest,
     Request,
@@ -92,6 +99,8 @@ from firetitan._wire.requests import (
     SampleRequest,
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
+    SessionHeartbeatRequest,
+    UnloadModelRequest,
     encode_request,
 )
 from firetitan._wire.results import (
@@ -117,6 +126,8 @@ from firetitan._wire.tensors import (
 __all__ = [
     "MAX_DENSE_ELEMENTS",
     "METRIC_REDUCTIONS",
+    "SESSION_HEADER",
+    "CancelFutureRequest",
     "CompleteMetadata",
     "Completion",
     "CompletionStream",
@@ -128,6 +139,7 @@ __all__ = [
     "FutureFailed",
     "FutureOutcome",
     "FutureResult",
+    "GetInfoRequest",
     "LoadWeightsRequest",
     "OptimStepRequest",
     "ReplicaStatus",
@@ -138,8 +150,10 @@ __all__ = [
     "SampleRequest",
     "SaveWeightsForSamplerRequest",
     "SaveWeightsRequest",
+    "SessionHeartbeatRequest",
     "StreamTruncated",
     "TryAgain",
+    "UnloadModelRequest",
     "UpstreamError",
     "WireError",
     "chunk_data",

@@ -20,7 +20,7 @@ DELTA_CHECKSUM = "alder32"  # sic: the protocol's spelling
 def hot_load_body(
     identity: str, *, previous: str | None, reset_prompt_cache: bool
 ) -> dict[str, Any]:
-    """The ``POST /hot_load/v1/models/hot_load`` body.
+    """The body of the ``hot_load`` endpoint (`firetitan._wire.endpoints.HOT_LOAD`).
 
     Args:
         identity: The snapshot to load.
@@ -84,7 +84,7 @@ class ReplicaStatus:
 
 
 def decode_hot_load_status(obj: Any) -> list[ReplicaStatus]:
-    """Read a ``GET /hot_load/v1/models/hot_load`` answer: every replica, in order.
+    """Read a ``hot_load_status`` answer: every replica, in order.
 
     A replica's ``loading_state`` may be absent or null; unknown keys are ignored.
 

@@ -29,10 +29,12 @@ from firetitan._wire._json import (
     _type_name,
 )
 from firetitan._wire.requests import (
+    CancelFutureRequest,
     CreateModelRequest,
     CreateSamplingSessionRequest,
     CreateSessionRequest,
     ForwardRequest,
+    GetInfoRequest,
     LoadWeightsRequest,
     OptimStepRequest,
     Request,
@@ -40,12 +42,12 @@ from firetitan._wire.requests import (
     SampleRequest,
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
+    SessionHeartbeatRequest,
+    UnloadModelRequest,
 )
 from firetitan._wire.tensors import _Budget, _decode_datum, _decode_tensor, decode_model_input
 
-__all__ = [
-    "decode_request",
-]
+__all__ = ["DECODERS", "RequestDecoder", "decode_request"]
 
 _MAX_NUM_SAMPLES: Final = 1 << 16
 _MAX_LORA_RANK: Final = 1 << 16  # also bounds projection_head_dim
@@ -283,6 +285,25 @@ def _decode_save_for_sampler(body: dict[str, Any], _: _Budget) -> SaveWeightsFor
     )
 
 
+def _decode_cancel_future(body: dict[str, Any], _: _Budget) -> CancelFutureRequest:
+    return CancelFutureRequest(request_id=_str(_required(body, "request_id", ""), "request_id"))
+
+
+def _decode_session_heartbeat(body: dict[str, Any], _: _Budget) -> SessionHeartbeatRequest:
+    _check_type(body, "session_heartbeat", "")
+    return SessionHeartbeatRequest(session_id=_str(_required(body, "session_id", ""), "session_id"))
+
+
+def _decode_get_info(body: dict[str, Any], _: _Budget) -> GetInfoRequest:
+    _check_type(body, "get_info", "")
+    return GetInfoRequest(model_id=_str(_required(body, "model_id", ""), "model_id"))
+
+
+def _decode_unload_model(body: dict[str, Any], _: _Budget) -> UnloadModelRequest:
+    _check_type(body, "unload_model", "")
+    return UnloadModelRequest(model_id=_str(_required(body, "model_id", ""), "model_id"))
+
+
 def _decode_retrieve_future(body: dict[str, Any], _: _Budget) -> RetrieveFutureRequest:
     return RetrieveFutureRequest(
         request_id=_str(_required(body, "request_id", ""), "request_id"),
@@ -364,7 +385,11 @@ def _decode_sample(body: dict[str, Any], budget: _Budget) -> SampleRequest:
     )
 
 
-_DECODERS: Final[dict[str, Callable[[dict[str, Any], _Budget], Request]]] = {
+#: Decodes one request body; the budget bounds the tensor elements of the whole body.
+RequestDecoder = Callable[[dict[str, Any], _Budget], Request]
+
+#: The request decoder of each endpoint that takes a body (by `endpoints.Endpoint.name`).
+DECODERS: Final[dict[str, RequestDecoder]] = {
     "create_session": _decode_create_session,
     "create_model": _decode_create_model,
     "forward": _decode_forward,
@@ -374,9 +399,12 @@ _DECODERS: Final[dict[str, Callable[[dict[str, Any], _Budget], Request]]] = {
     "load_weights": _decode_load_weights,
     "save_weights_for_sampler": _decode_save_for_sampler,
     "retrieve_future": _decode_retrieve_future,
+    "cancel_future": _decode_cancel_future,
+    "session_heartbeat": _decode_session_heartbeat,
+    "get_info": _decode_get_info,
+    "unload_model": _decode_unload_model,
     "create_sampling_session": _decode_create_sampling_session,
     "asample": _decode_sample,
-    "sample": _decode_sample,
 }
 
 
@@ -384,7 +412,7 @@ def decode_request(endpoint: str, body: Any) -> Request:
     """Decode a request body for an endpoint name (``"forward"``, ``"forward_backward"``,
     ``"optim_step"``, ``"create_model"``, ...).
 
-    ``endpoint`` may also be the path (``"/api/v1/forward"``). Fields the reference
+    ``endpoint`` may also be the path (`endpoints.Endpoint.path`). Fields the reference
     client or tinker 0.38 send that the trainer does not use (``optimizer_config``,
     ``display_name``, ``kind``, ``weights_access_token``, ...) are ignored.
 
@@ -393,7 +421,7 @@ def decode_request(endpoint: str, body: Any) -> Request:
         ValueError: ``endpoint`` names no known endpoint.
     """
     name = endpoint.strip("/").removeprefix("api/v1/")
-    decoder = _DECODERS.get(name)
+    decoder = DECODERS.get(name)
     if decoder is None:
         raise ValueError(f"unknown endpoint {endpoint!r}")
     return decoder(_obj(body, ""), _Budget())

@@ -14,10 +14,13 @@ from firetitan._wire._json import JSON
 from firetitan._wire.tensors import encode_datum, encode_model_input, encode_tensor
 
 __all__ = [
+    "SESSION_HEADER",
+    "CancelFutureRequest",
     "CreateModelRequest",
     "CreateSamplingSessionRequest",
     "CreateSessionRequest",
     "ForwardRequest",
+    "GetInfoRequest",
     "LoadWeightsRequest",
     "OptimStepRequest",
     "Request",
@@ -25,8 +28,14 @@ __all__ = [
     "SampleRequest",
     "SaveWeightsForSamplerRequest",
     "SaveWeightsRequest",
+    "SessionHeartbeatRequest",
+    "UnloadModelRequest",
     "encode_request",
 ]
+
+#: The header in which firetitan's client names its session on every request once the
+#: session is open; the trainer refuses requests for another session's models.
+SESSION_HEADER = "X-Firetitan-Session-Id"
 
 
 # --------------------------------------------------------------------------- requests
@@ -34,7 +43,7 @@ __all__ = [
 
 @attrs.frozen(kw_only=True)
 class CreateSessionRequest:
-    """``POST /api/v1/create_session`` (§3.2)."""
+    """The body of the ``create_session`` endpoint (§3.2)."""
 
     tags: list[str] = attrs.field(factory=list)
     user_metadata: dict[str, str] = attrs.field(factory=dict)
@@ -43,7 +52,7 @@ class CreateSessionRequest:
 
 @attrs.frozen(kw_only=True)
 class CreateModelRequest:
-    """``POST /api/v1/create_model`` (§3.7). ``lora_rank == 0`` is full-parameter.
+    """The body of the ``create_model`` endpoint (§3.7). ``lora_rank == 0`` is full-parameter.
 
     ``lora_alpha`` and ``lora_init_method`` apply to LoRA only and are not sent for
     full-parameter models. ``base_only`` creates a frozen reference model; its body
@@ -67,7 +76,7 @@ class CreateModelRequest:
 
 @attrs.frozen(kw_only=True)
 class ForwardRequest:
-    """``POST /api/v1/forward`` (``forward_only``) or ``/api/v1/forward_backward``
+    """The body of the ``forward`` (``forward_only``) or ``forward_backward`` endpoint
     (§3.9, §3.10). The body key is ``forward_input`` or ``forward_backward_input``."""
 
     model_id: str
@@ -81,7 +90,7 @@ class ForwardRequest:
 
 @attrs.frozen(kw_only=True)
 class OptimStepRequest:
-    """``POST /api/v1/optim_step`` (§3.11).
+    """The body of the ``optim_step`` endpoint (§3.11).
 
     ``emit_grad_norm_metrics`` (``"off"``, ``"basic"``, ``"detailed"`` or a bool) travels
     inside ``adam_params``, as the Fireworks client sends it.
@@ -96,7 +105,7 @@ class OptimStepRequest:
 
 @attrs.frozen(kw_only=True)
 class SaveWeightsRequest:
-    """``POST /api/v1/save_weights`` (§3.12), used by ``save_state``."""
+    """The body of the ``save_weights`` endpoint (§3.12), used by ``save_state``."""
 
     model_id: str
     seq_id: int
@@ -108,7 +117,7 @@ class SaveWeightsRequest:
 
 @attrs.frozen(kw_only=True)
 class LoadWeightsRequest:
-    """``POST /api/v1/load_weights`` (§3.13). ``optimizer`` restores Adam state too.
+    """The body of the ``load_weights`` endpoint (§3.13). ``optimizer`` restores Adam state too.
 
     Two forms: an ordinary load into ``model_id`` at ``seq_id``; or tinker's
     create-via-load (§12.1), which has no ``model_id``/``seq_id`` but ``session_id`` and
@@ -149,7 +158,7 @@ class LoadWeightsRequest:
 
 @attrs.frozen(kw_only=True)
 class SaveWeightsForSamplerRequest:
-    """``POST /api/v1/save_weights_for_sampler`` (§3.14).
+    """The body of the ``save_weights_for_sampler`` endpoint (§3.14).
 
     ``export_precision`` (``merged_base`` only) and ``metadata`` are Fireworks extensions.
     """
@@ -165,8 +174,36 @@ class SaveWeightsForSamplerRequest:
 
 
 @attrs.frozen(kw_only=True)
+class CancelFutureRequest:
+    """The body of the ``cancel_future`` endpoint: drop a request that has not run."""
+
+    request_id: str
+
+
+@attrs.frozen(kw_only=True)
+class SessionHeartbeatRequest:
+    """The body of the ``session_heartbeat`` endpoint."""
+
+    session_id: str
+
+
+@attrs.frozen(kw_only=True)
+class GetInfoRequest:
+    """The body of the ``get_info`` endpoint."""
+
+    model_id: str
+
+
+@attrs.frozen(kw_only=True)
+class UnloadModelRequest:
+    """The body of the ``unload_model`` endpoint."""
+
+    model_id: str
+
+
+@attrs.frozen(kw_only=True)
 class RetrieveFutureRequest:
-    """``POST /api/v1/retrieve_future`` (§4.2)."""
+    """The body of the ``retrieve_future`` endpoint (§4.2)."""
 
     request_id: str
     allow_metadata_only: bool = False
@@ -174,7 +211,7 @@ class RetrieveFutureRequest:
 
 @attrs.frozen(kw_only=True)
 class CreateSamplingSessionRequest:
-    """``POST /api/v1/create_sampling_session`` (tinker sampling)."""
+    """The body of the ``create_sampling_session`` endpoint (tinker sampling)."""
 
     session_id: str
     sampling_session_seq_id: int
@@ -184,7 +221,7 @@ class CreateSamplingSessionRequest:
 
 @attrs.frozen(kw_only=True)
 class SampleRequest:
-    """``POST /api/v1/asample`` (tinker sampling).
+    """The body of the ``asample`` endpoint (tinker sampling).
 
     ``target_prompt_logprobs`` is decoded dense, with ``-1`` ("nothing requested") in
     cells a sparse request leaves out.
@@ -215,6 +252,10 @@ Request = (
     | LoadWeightsRequest
     | SaveWeightsForSamplerRequest
     | RetrieveFutureRequest
+    | CancelFutureRequest
+    | SessionHeartbeatRequest
+    | GetInfoRequest
+    | UnloadModelRequest
     | CreateSamplingSessionRequest
     | SampleRequest
 )
@@ -339,6 +380,22 @@ def _encode_save_for_sampler(r: SaveWeightsForSamplerRequest) -> JSON:
     return body
 
 
+def _encode_cancel_future(r: CancelFutureRequest) -> JSON:
+    return {"request_id": r.request_id}
+
+
+def _encode_session_heartbeat(r: SessionHeartbeatRequest) -> JSON:
+    return {"session_id": r.session_id, "type": "session_heartbeat"}
+
+
+def _encode_get_info(r: GetInfoRequest) -> JSON:
+    return {"model_id": r.model_id, "type": "get_info"}
+
+
+def _encode_unload_model(r: UnloadModelRequest) -> JSON:
+    return {"model_id": r.model_id, "type": "unload_model"}
+
+
 def _encode_retrieve_future(r: RetrieveFutureRequest) -> JSON:
     return {"request_id": r.request_id, "allow_metadata_only": r.allow_metadata_only}
 
@@ -389,6 +446,10 @@ _ENCODERS: Final[dict[type, Callable[[Any], JSON]]] = {
     LoadWeightsRequest: _encode_load_weights,
     SaveWeightsForSamplerRequest: _encode_save_for_sampler,
     RetrieveFutureRequest: _encode_retrieve_future,
+    CancelFutureRequest: _encode_cancel_future,
+    SessionHeartbeatRequest: _encode_session_heartbeat,
+    GetInfoRequest: _encode_get_info,
+    UnloadModelRequest: _encode_unload_model,
     CreateSamplingSessionRequest: _encode_create_sampling_session,
     SampleRequest: _encode_sample,
 }

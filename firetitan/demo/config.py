@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 
 from firetitan.demo import task
-from firetitan.local.null_engine import DEFAULT_BASE_MODEL
+from firetitan.local import DEFAULT_BASE_MODEL
 
 __all__ = ["DEFAULT_BASE_MODEL", "DemoConfig"]
 

@@ -31,7 +31,13 @@ from firetitan.local.executor import ExecutionRecord
 from firetitan.local.null_engine import DEFAULT_BASE_MODEL, NullEngine
 from firetitan.local.server import TrainerServer
 
-__all__ = ["ExecutionRecord", "LocalTrainer", "ServerConfig", "generate_api_key"]
+__all__ = [
+    "DEFAULT_BASE_MODEL",
+    "ExecutionRecord",
+    "LocalTrainer",
+    "ServerConfig",
+    "generate_api_key",
+]
 
 
 def generate_api_key() -> str:

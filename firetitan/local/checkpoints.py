@@ -165,15 +165,41 @@ class CheckpointStore:
 
     def manifest(self, kind: Kind, ref: CheckpointRef) -> Manifest | None:
         """Return the manifest of a valid, unexpired checkpoint, or None."""
-        path = self._dir(kind, ref.name, ref.job_id) / MANIFEST_NAME
-        try:
-            raw = json.loads(path.read_text())
-            manifest = Manifest(**raw)
-        except (OSError, ValueError, TypeError):
-            return None
-        if manifest.expired(time.time()):
+        manifest = self._committed(kind, ref.name, ref.job_id)
+        if manifest is None or manifest.expired(time.time()):
             return None
         return manifest
+
+    def _committed(self, kind: Kind, name: str, job_id: str | None = None) -> Manifest | None:
+        """The manifest of a committed checkpoint, expired or not, or None.
+
+        Committed here means: the folder and everything in it stay inside the root once
+        links are resolved (a link out of the root is never followed), and the manifest
+        names the kind, job and name of the place it sits in (a folder copied or linked
+        elsewhere is not a checkpoint there).
+        """
+        folder = self._dir(kind, name, job_id)
+        if not self._contained(folder):
+            return None
+        try:
+            manifest = Manifest(**json.loads((folder / MANIFEST_NAME).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        where = (kind, self.job_id if job_id is None else job_id, name)
+        return manifest if (manifest.kind, manifest.job_id, manifest.name) == where else None
+
+    def _contained(self, folder: Path) -> bool:
+        """Whether ``folder`` and its entries resolve to places inside the root."""
+        try:
+            if not folder.resolve().is_relative_to(self.root):
+                return False
+            return all(
+                child.resolve().is_relative_to(self.root)
+                for child in folder.iterdir()
+                if child.is_symlink()
+            )
+        except OSError:  # missing, or a link loop
+            return False
 
     def resolve(self, kind: Kind, path: str) -> tuple[Path, Manifest]:
         """Find a valid checkpoint by the path a client sent.
@@ -199,22 +225,60 @@ class CheckpointStore:
     def names(self, kind: Kind = "state") -> list[str]:
         """Names of this job's valid, unexpired checkpoints, sorted naturally
         (``step-2`` before ``step-10``)."""
+        now = time.time()
+        names = [m.name for m in self._manifests(kind) if not m.expired(now)]
+        return sorted(names, key=_natural_key)
+
+    def dependents(self, name: str) -> list[str]:
+        """Names of this job's unexpired sampler exports that are deltas on the sampler
+        export ``name`` (recorded as ``delta_of`` in their manifests)."""
+        now = time.time()
+        return sorted(
+            m.name
+            for m in self._manifests("sampler")
+            if m.metadata.get("delta_of") == name and not m.expired(now)
+        )
+
+    def sweep(self) -> list[str]:
+        """Delete this job's expired checkpoints; return their names.
+
+        An expired sampler export that an unexpired one builds on (through a chain of
+        ``delta_of`` links) is kept until nothing live needs it: deleting it would break
+        every export diffed against it.
+        """
+        now = time.time()
+        sampler = {m.name: m for m in self._manifests("sampler")}
+        needed: set[str] = set()
+        for manifest in sampler.values():
+            if manifest.expired(now):
+                continue
+            link = manifest.metadata.get("delta_of")
+            while isinstance(link, str) and link not in needed and link in sampler:
+                needed.add(link)
+                link = sampler[link].metadata.get("delta_of")
+        removed = []
+        for kind in KINDS:
+            for manifest in self._manifests(kind):
+                if manifest.expired(now) and not (kind == "sampler" and manifest.name in needed):
+                    with self._lock:
+                        shutil.rmtree(self._dir(kind, manifest.name), ignore_errors=True)
+                    removed.append(manifest.name)
+        return removed
+
+    def _manifests(self, kind: Kind) -> list[Manifest]:
+        """The manifests of this job's committed checkpoints of ``kind``, expired or not."""
         base = self._job_dir / kind
         if not base.is_dir():
             return []
-        now = time.time()
-        names = []
-        for child in base.iterdir():
-            manifest = self.manifest(kind, CheckpointRef(child.name)) if _valid(child) else None
-            if manifest is not None and not manifest.expired(now):
-                names.append(child.name)
-        return sorted(names, key=_natural_key)
+        found = (self._committed(kind, c.name) for c in base.iterdir() if _valid(c))
+        return [m for m in found if m is not None]
 
     def manifests(self, kind: Kind) -> list[Manifest]:
         """Manifests of this job's valid, unexpired checkpoints of one kind, in `names`
         order."""
-        found = (self.manifest(kind, CheckpointRef(name)) for name in self.names(kind))
-        return [m for m in found if m is not None]
+        now = time.time()
+        live = [m for m in self._manifests(kind) if not m.expired(now)]
+        return sorted(live, key=lambda m: _natural_key(m.name))
 
     def files(self, kind: Kind, name: str) -> dict[str, Path]:
         """A valid checkpoint's files (its manifest left out), keyed by their path
@@ -259,26 +323,6 @@ class CheckpointStore:
         with self._lock:
             os.replace(tmp, directory / MANIFEST_NAME)
         return updated
-
-    def sweep(self) -> list[str]:
-        """Delete this job's expired checkpoints; return their names."""
-        removed = []
-        now = time.time()
-        for kind in KINDS:
-            base = self._job_dir / kind
-            if not base.is_dir():
-                continue
-            for child in base.iterdir():
-                try:
-                    raw = json.loads((child / MANIFEST_NAME).read_text())
-                except (OSError, ValueError):
-                    continue
-                expires = raw.get("expires_at")
-                if isinstance(expires, int | float) and now >= expires:
-                    with self._lock:
-                        shutil.rmtree(child, ignore_errors=True)
-                    removed.append(child.name)
-        return removed
 
 
 def _valid(child: Path) -> bool:

@@ -6,15 +6,20 @@ each request runs; an engine decides *what* it computes. Two engines implement t
 * ``NullEngine`` (``null_engine.py``): no model; right shapes, deterministic values.
 * ``TorchEngine`` (``torch/``): real transformers models, losses and AdamW.
 
+Engines only compute. What a request may ask for is decided once, for every engine, in
+``rules.py``: the public methods of `Engine` run those checks (unknown model, frozen
+model, loss catalogue and datums, Adam, sampling) and then call the engine's compute
+hooks (`build_model`, `compute_loss`, `compute_optim_step`, `compute_sample`) with
+checked inputs, so every engine refuses the same requests with the same messages.
+
 Engine methods are plain synchronous functions. The executor calls them from one worker
 thread, one request at a time per model, in ``seq_id`` order, so an engine needs no
 locking of its own and never runs on the event loop.
 
-Errors: raise `UserError` for a mistake in the request (unknown loss, missing input,
-shape mismatch, token out of range, non-finite value); the message must name the datum
-index and the field. The request then fails with category ``user`` and the engine's
-state must be unchanged (nothing accumulated). Any other exception fails the request
-with category ``server``.
+Errors: raise `UserError` for a mistake in the request that only the engine can see (a
+checkpoint that does not fit the model, a non-finite loss from finite inputs); the
+request then fails with category ``user`` and the engine's state must be unchanged
+(nothing accumulated). Any other exception fails the request with category ``server``.
 """
 
 from __future__ import annotations
@@ -27,11 +32,31 @@ from typing import Any
 import attrs
 import tinker
 
-__all__ = ["Engine", "ModelSpec", "SampleSource", "UserError", "optim_metrics"]
+from firetitan.local import rules
+from firetitan.local.rules import Limits, LossRequest, SamplingRequest, UserError
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "Engine",
+    "Limits",
+    "LossRequest",
+    "ModelSpec",
+    "SampleSource",
+    "SamplingRequest",
+    "UserError",
+    "optim_metrics",
+]
+
+#: The ``max_tokens`` a sampling request that leaves it unset gets (and is budgeted as).
+DEFAULT_MAX_TOKENS = 256
 
 
 def optim_metrics(
-    *, step: int, learning_rate: float, loss_tokens: int, sequences: int,
+    *,
+    step: int,
+    learning_rate: float,
+    loss_tokens: int,
+    sequences: int,
     grad_norm: float | None = None,
 ) -> dict[str, float]:
     """The metrics an ``optim_step`` answers, named alike by every engine.
@@ -50,10 +75,6 @@ def optim_metrics(
     if grad_norm is not None:
         metrics["grad_norm:max"] = float(grad_norm)
     return metrics
-
-
-class UserError(Exception):
-    """A mistake in a request, reported to the client with category ``user``."""
 
 
 @attrs.frozen(kw_only=True)
@@ -109,11 +130,19 @@ class Engine(abc.ABC):
         """Entries for ``get_server_capabilities``: ``{"model_name", "max_context_length"}``."""
 
     @abc.abstractmethod
-    def create_model(self, model_id: str, spec: ModelSpec) -> None:
-        """Create a model under ``model_id``.
+    def model_spec(self, model_id: str) -> ModelSpec | None:
+        """The spec ``model_id`` was created with, or None for an unknown model."""
+
+    @abc.abstractmethod
+    def limits(self, model_id: str) -> Limits:
+        """Vocabulary size and context length of an existing model."""
+
+    @abc.abstractmethod
+    def source_limits(self, source: SampleSource) -> Limits:
+        """Vocabulary size and context length of the weights ``source`` names.
 
         Raises:
-            UserError: The spec cannot be served (e.g. LoRA options out of range).
+            UserError: The source cannot be read (e.g. not a sampler export).
         """
 
     @abc.abstractmethod
@@ -121,7 +150,19 @@ class Engine(abc.ABC):
         """Return the ``get_info`` body fields: ``model_data`` (dict), ``is_lora``,
         ``lora_rank``, ``model_name``."""
 
-    @abc.abstractmethod
+    # ------------------------------------------------------------------ checked calls
+
+    def create_model(self, model_id: str, spec: ModelSpec) -> None:
+        """Create a model under ``model_id``.
+
+        Raises:
+            UserError: The spec breaks a rule, or the model already exists.
+        """
+        rules.check_model_spec(spec)
+        if self.model_spec(model_id) is not None:
+            raise UserError(f"model_id {model_id!r} already exists")
+        self.build_model(model_id, spec)
+
     def forward(
         self,
         model_id: str,
@@ -130,8 +171,10 @@ class Engine(abc.ABC):
         loss_fn_config: Mapping[str, Any] | None,
     ) -> tinker.ForwardBackwardOutput:
         """Compute the loss and per-datum outputs without touching gradients."""
+        self._require_model(model_id)
+        request = rules.check_loss_request(data, loss_fn, loss_fn_config, self.limits(model_id))
+        return self.compute_loss(model_id, request, train=False)
 
-    @abc.abstractmethod
     def forward_backward(
         self,
         model_id: str,
@@ -141,8 +184,10 @@ class Engine(abc.ABC):
     ) -> tinker.ForwardBackwardOutput:
         """Compute the loss and accumulate its gradient (and the loss-token counts used
         by ``grad_accumulation_normalization``) into the model."""
+        self._require_trainable(model_id, "run forward_backward")
+        request = rules.check_loss_request(data, loss_fn, loss_fn_config, self.limits(model_id))
+        return self.compute_loss(model_id, request, train=True)
 
-    @abc.abstractmethod
     def optim_step(
         self,
         model_id: str,
@@ -151,6 +196,72 @@ class Engine(abc.ABC):
     ) -> dict[str, float]:
         """Apply one AdamW step to the accumulated gradient, zero it, and return metrics
         (`optim_metrics`)."""
+        self._require_trainable(model_id, "take an optimizer step")
+        rules.check_adam_params(adam_params)
+        mode = rules.normalization_mode(grad_accumulation_normalization)
+        return self.compute_optim_step(model_id, adam_params, mode)
+
+    def sample(
+        self,
+        source: SampleSource,
+        prompt: Sequence[int],
+        num_samples: int,
+        params: tinker.SamplingParams,
+        *,
+        prompt_logprobs: bool = False,
+    ) -> tinker.SampleResponse:
+        """Generate ``num_samples`` continuations of ``prompt``."""
+        picks = (source.export_dir, source.model_id, source.base_model)
+        if sum(x is not None for x in picks) != 1:
+            raise UserError("sample needs exactly one of export_dir, model_id, base_model")
+        if source.model_id is not None:
+            self._require_model(source.model_id)
+        limits = self.source_limits(source)
+        request = rules.check_sampling(
+            prompt, num_samples, params, limits, prompt_logprobs=prompt_logprobs
+        )
+        return self.compute_sample(source, request)
+
+    def _require_model(self, model_id: str) -> ModelSpec:
+        spec = self.model_spec(model_id)
+        if spec is None:
+            raise rules.unknown_model(model_id)
+        return spec
+
+    def _require_trainable(self, model_id: str, what: str) -> ModelSpec:
+        spec = self._require_model(model_id)
+        if spec.base_only:
+            raise rules.frozen_model(model_id, what)
+        return spec
+
+    # ------------------------------------------------------------------ compute hooks
+
+    @abc.abstractmethod
+    def build_model(self, model_id: str, spec: ModelSpec) -> None:
+        """Create a model from a checked spec (``model_id`` is new)."""
+
+    @abc.abstractmethod
+    def compute_loss(
+        self, model_id: str, request: LossRequest, *, train: bool
+    ) -> tinker.ForwardBackwardOutput:
+        """The loss and per-datum ``logprobs`` of a checked request; with ``train``, also
+        accumulate its gradient and `LossRequest.loss_tokens` / `LossRequest.sequences`
+        into the model's normalization window (all or nothing)."""
+
+    @abc.abstractmethod
+    def compute_optim_step(
+        self, model_id: str, adam_params: tinker.AdamParams, normalization: str
+    ) -> dict[str, float]:
+        """One step with checked parameters; ``normalization`` is a `rules.NORMALIZATIONS`
+        mode."""
+
+    @abc.abstractmethod
+    def compute_sample(
+        self, source: SampleSource, request: SamplingRequest
+    ) -> tinker.SampleResponse:
+        """Generate from a checked request."""
+
+    # ------------------------------------------------------------------ checkpoints
 
     @abc.abstractmethod
     def save_state(self, model_id: str, directory: Path) -> None:
@@ -188,18 +299,6 @@ class Engine(abc.ABC):
         Returns:
             Metadata recorded with the export.
         """
-
-    @abc.abstractmethod
-    def sample(
-        self,
-        source: SampleSource,
-        prompt: Sequence[int],
-        num_samples: int,
-        params: tinker.SamplingParams,
-        *,
-        prompt_logprobs: bool = False,
-    ) -> tinker.SampleResponse:
-        """Generate ``num_samples`` continuations of ``prompt``."""
 
     @abc.abstractmethod
     def unload_model(self, model_id: str) -> None:

@@ -24,8 +24,9 @@ The server decodes a request, hands the executor a coroutine function that does 
   outcome, encoded as JSON, or, for results that also have a protobuf form (tinker
   0.38 reads forward and sampling results only as protobuf), the result object and
   each encoding once made, so that every poll gets what its ``Accept`` header asks for.
-* **Bounded memory.** Finished results stay for ``result_retention_seconds`` and at most
-  ``max_retained_results`` of them; an evicted result answers 410. Request ids carry a
+* **Bounded memory.** Finished results stay for ``result_retention_seconds``, at most
+  ``max_retained_results`` of them and ``max_retained_result_bytes`` in all (oldest
+  evicted first, the newest always kept); an evicted result answers 410. Request ids carry a
   per-process nonce and a counter, so "evicted" is told apart from "never issued" (404)
   without remembering evicted ids.
 """
@@ -37,9 +38,11 @@ import collections
 import concurrent.futures
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
 
 import attrs
@@ -57,6 +60,7 @@ __all__ = [
     "RequestExpiredError",
     "Result",
     "Run",
+    "SequenceLeadError",
     "UnknownModelError",
     "UnknownRequestError",
     "failure_result",
@@ -88,6 +92,10 @@ class RequestExpiredError(LookupError):
 
 class UnknownModelError(LookupError):
     """The model does not exist, or it was unloaded (404)."""
+
+
+class SequenceLeadError(ValueError):
+    """A ``seq_id`` implausibly far ahead of the model's next expected one (422)."""
 
 
 class OverloadedError(RuntimeError):
@@ -132,6 +140,16 @@ class Result:
         result = cls(None, {})
         result._encoded["json"] = body
         return result
+
+    @property
+    def nbytes(self) -> int:
+        """An estimate of the memory this result holds: its encodings, plus, while it
+        keeps its result object for another encoding, that object (estimated as large
+        as its first encoding)."""
+        made = sum(len(b) for b in self._encoded.values())
+        if self._encoders.keys() - self._encoded.keys() and self._encoded:
+            made += min(len(b) for b in self._encoded.values())
+        return made
 
     def offers(self, encoding: Encoding) -> bool:
         return encoding in self._encoded or encoding in self._encoders
@@ -182,6 +200,10 @@ def failure_result(message: str, category: str, error_class: str | None) -> Resu
     return Result.of_json(_wire.dumps(_wire.encode_future_outcome(outcome)))
 
 
+def _cancelled(job: _Job) -> Result:
+    return failure_result(f"{job.kind} was cancelled by the client", "user", "Cancelled")
+
+
 @attrs.define(eq=False)
 class _Job:
     request_id: str
@@ -192,8 +214,11 @@ class _Job:
     done: asyncio.Event = attrs.field(factory=asyncio.Event)
     result: Result | None = None
     completed_at: float = 0.0
+    nbytes: int = 0  # of its result, as counted in Executor._retained_bytes
     # Where this job is registered for deduplication; undone when it is evicted.
     keys: list[Hashable] = attrs.field(factory=list)
+    # The task running an unordered job (what `Executor.cancel` cancels).
+    task: asyncio.Task[None] | None = None
 
 
 @attrs.define(eq=False)
@@ -216,12 +241,16 @@ class Executor:
     event loop that runs the server.
     """
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, private_root: Path | None = None) -> None:
         self._config = config
+        # Failure messages name checkpoints relative to this folder: a client never
+        # learns where the trainer keeps its files.
+        self._private_root = None if private_root is None else str(private_root)
         self._nonce = secrets.token_hex(4)
         self._counter = 0
         self._jobs: dict[str, _Job] = {}
         self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._retained_bytes = 0
         self._pending = 0
         self._models: dict[str, _ModelQueue] = {}
         self._keys: dict[Hashable, str] = {}
@@ -325,6 +354,8 @@ class Executor:
 
         Raises:
             UnknownModelError: The model has no queue (never created, or unloaded).
+            SequenceLeadError: ``seq_id`` is more than ``max_seq_id_lead`` ahead of the
+                next expected one.
             OverloadedError: Too many requests are pending.
             ExecutorClosedError: The trainer is shutting down.
         """
@@ -344,6 +375,12 @@ class Executor:
             )
             self._finish(job, failure_result(message, "user", "SequenceError"))
             return job.request_id
+        lead = self._config.max_seq_id_lead
+        if seq_id - queue.next_seq > lead:
+            raise SequenceLeadError(
+                f"seq_id {seq_id} is more than {lead} ahead of the next expected seq_id "
+                f"{queue.next_seq} of model {model_id!r} (the limit max_seq_id_lead)"
+            )
         job = self._new_job(kind, model_id, seq_id, run)
         job.keys.append(key)
         queue.holes.discard(seq_id)
@@ -416,9 +453,42 @@ class Executor:
             self._keys[key] = job.request_id
             job.keys.append(key)
         task = asyncio.get_running_loop().create_task(self._execute(job))
+        job.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job.request_id
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a request the client abandoned, unless it already ran.
+
+        An ordered request still queued is removed and its ``seq_id`` skipped, so the
+        model's later requests run. An unordered one (sampling) is cancelled: if the
+        engine has not started it, it never runs; if it has, its result is discarded.
+        Either way the request's future fails with category ``user``, so a retried
+        poll learns what happened.
+
+        Returns:
+            True if the request was cancelled; False if it had finished, or is an
+            ordered request that is running.
+
+        Raises:
+            UnknownRequestError, RequestExpiredError: As for `retrieve`.
+        """
+        job = self._job(request_id)
+        if job.result is not None:
+            return False
+        if job.task is not None:
+            job.task.cancel()
+            self._finish(job, _cancelled(job))  # also when the task never got to start
+            return True
+        queue = self._models.get(job.model_id or "")
+        if queue is None or job.seq_id is None or queue.pending.get(job.seq_id) is not job:
+            return False  # running now
+        del queue.pending[job.seq_id]
+        queue.holes.add(job.seq_id)
+        queue.wake.set()
+        self._finish(job, _cancelled(job))
+        return True
 
     def lookup(self, key: Hashable) -> str | None:
         """The request id registered under a deduplication key, if any."""
@@ -444,15 +514,7 @@ class Executor:
             UnknownRequestError: The id was never issued here.
             RequestExpiredError: The result was evicted.
         """
-        job = self._jobs.get(request_id)
-        if job is None:
-            if self._was_issued(request_id):
-                raise RequestExpiredError(
-                    f"the result of request {request_id!r} has expired; results are kept "
-                    f"for {self._config.result_retention_seconds:g} s and at most "
-                    f"{self._config.max_retained_results} of them"
-                )
-            raise UnknownRequestError(f"unknown request_id {request_id!r}")
+        job = self._job(request_id)
         if not job.done.is_set():
             wait = self._config.long_poll_seconds if hold is None else hold
             try:
@@ -472,7 +534,10 @@ class Executor:
             return made, encoding
         try:
             # Not the engine thread: encoding an old result must not wait behind compute.
-            return await asyncio.to_thread(result.encode, encoding), encoding
+            made = await asyncio.to_thread(result.encode, encoding)
+            if job.request_id in self._finished:
+                self._account(job, result)
+            return made, encoding
         except Exception as exc:
             # The result passed the encoding made when it finished; this one refused it.
             log.debug("request %s: %s encoding failed", job.request_id, encoding, exc_info=True)
@@ -494,6 +559,20 @@ class Executor:
         return count
 
     # ------------------------------------------------------------------ internals
+
+    def _job(self, request_id: str) -> _Job:
+        job = self._jobs.get(request_id)
+        if job is None:
+            if self._was_issued(request_id):
+                config = self._config
+                raise RequestExpiredError(
+                    f"the result of request {request_id!r} is no longer kept; results are "
+                    f"kept for {config.result_retention_seconds:g} s, at most "
+                    f"{config.max_retained_results} of them and at most "
+                    f"{config.max_retained_result_bytes} bytes in all (the oldest go first)"
+                )
+            raise UnknownRequestError(f"unknown request_id {request_id!r}")
+        return job
 
     def _queue(self, model_id: str) -> _ModelQueue:
         queue = self._models.get(model_id)
@@ -595,23 +674,32 @@ class Executor:
         try:
             result = await run()
         except (UserError, _wire.WireError) as exc:
-            result = failure_result(str(exc), "user", type(exc).__name__)
-        except asyncio.CancelledError:
-            self._finish(job, failure_result(f"{job.kind} was cancelled", "server", "Cancelled"))
+            result = failure_result(self._redact(str(exc)), "user", type(exc).__name__)
+        except asyncio.CancelledError:  # `cancel`: the client abandoned it
+            self._finish(job, _cancelled(job))
             raise
         except Exception as exc:
             # The client gets what failed, never a traceback; the traceback stays here.
             log.debug("request %s (%s) failed", job.request_id, job.kind, exc_info=True)
             log.warning("request %s (%s) failed: %s", job.request_id, job.kind, type(exc).__name__)
             message = f"{job.kind} failed on the trainer: {type(exc).__name__}: {exc}"
-            result = failure_result(message, "server", type(exc).__name__)
+            result = failure_result(self._redact(message), "server", type(exc).__name__)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "ran %s (model %s, seq %s, request %s) in %.1f ms",
-                job.kind, job.model_id, job.seq_id, job.request_id,
+                job.kind,
+                job.model_id,
+                job.seq_id,
+                job.request_id,
                 1e3 * (time.monotonic() - started),
             )
         self._finish(job, result)
+
+    def _redact(self, message: str) -> str:
+        root = self._private_root
+        if root is None:
+            return message
+        return message.replace(root + os.sep, "").replace(root, "<checkpoint root>")
 
     def _record(self, job: _Job) -> None:
         record = ExecutionRecord(job.model_id, job.seq_id, job.request_id, job.kind)
@@ -628,7 +716,20 @@ class Executor:
         self._pending -= 1
         self._finished[job.request_id] = None
         job.done.set()
-        while len(self._finished) > self._config.max_retained_results:
+        self._account(job, result)
+
+    def _account(self, job: _Job, result: Result) -> None:
+        """Count a finished job's result (again, after it made another encoding), then
+        evict the oldest results beyond the count and byte limits. The newest result
+        stays whatever its size: evicting it would only turn its poll into a 410."""
+        size = result.nbytes
+        self._retained_bytes += size - job.nbytes
+        job.nbytes = size
+        config = self._config
+        while len(self._finished) > 1 and (
+            len(self._finished) > config.max_retained_results
+            or self._retained_bytes > config.max_retained_result_bytes
+        ):
             self._evict(next(iter(self._finished)))
 
     def _evict(self, request_id: str) -> None:
@@ -636,6 +737,7 @@ class Executor:
         job = self._jobs.pop(request_id, None)
         if job is None:
             return
+        self._retained_bytes -= job.nbytes
         for key in job.keys:
             if isinstance(key, tuple) and len(key) == 3 and key[0] == "seq":
                 queue = self._models.get(key[1])

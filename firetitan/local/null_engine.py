@@ -1,8 +1,9 @@
 """An engine with no model: right shapes, valid deterministic values, real validation.
 
 It serves protocol tests and benchmarks, where the cost of a model would hide what is
-measured. It validates requests as the torch engine does (same rules, same messages that
-name the datum and the field), so protocol-level error handling can be tested here.
+measured. Requests are checked by the same rules as for the torch engine (``rules.py``,
+run by `Engine`), so it refuses exactly what the torch engine refuses, with the same
+messages, and protocol-level error handling can be tested here.
 
 Values: a datum's logprobs are a pure function of the engine seed, the model's weight
 version (its optimizer step count) and the datum's tokens, drawn from a generator seeded
@@ -16,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +26,17 @@ import numpy as np
 import numpy.typing as npt
 import tinker
 
-from firetitan.local.engine import Engine, ModelSpec, SampleSource, UserError, optim_metrics
+from firetitan.local.engine import (
+    Engine,
+    Limits,
+    LossRequest,
+    ModelSpec,
+    SampleSource,
+    SamplingRequest,
+    UserError,
+    optim_metrics,
+)
+from firetitan.local.rules import DatumArrays, LossConfig, non_finite_loss, unknown_model
 
 __all__ = ["NullEngine"]
 
@@ -34,12 +45,7 @@ STATE_FILE = "null_state.json"
 SAMPLER_FILE = "null_sampler.json"
 _FORMAT = "firetitan-null-engine/1"
 
-_RL_LOSSES = frozenset({"importance_sampling", "ppo", "cispo", "dro", "stable_reinforce"})
-LOSSES = frozenset({"cross_entropy"}) | _RL_LOSSES
-_NORMALIZATIONS = frozenset({"none", "num_loss_tokens", "num_sequences"})
-
 F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
 
 
 @attrs.define(eq=False)
@@ -87,13 +93,18 @@ class NullEngine(Engine):
     def supported_models(self) -> list[dict[str, Any]]:
         return [{"model_name": self.base_model, "max_context_length": self.max_context_length}]
 
-    def create_model(self, model_id: str, spec: ModelSpec) -> None:
-        if not spec.base_model:
-            raise UserError("base_model must not be empty")
-        if spec.lora_rank < 0:
-            raise UserError(f"lora_config.rank must be >= 0, got {spec.lora_rank}")
-        if model_id in self._models:
-            raise UserError(f"model {model_id!r} already exists")
+    def model_spec(self, model_id: str) -> ModelSpec | None:
+        model = self._models.get(model_id)
+        return None if model is None else model.spec
+
+    def limits(self, model_id: str) -> Limits:
+        return Limits(vocab_size=self.vocab_size, context_length=self.max_context_length)
+
+    def source_limits(self, source: SampleSource) -> Limits:
+        self._source_step(source)  # an unreadable export is refused here
+        return Limits(vocab_size=self.vocab_size, context_length=self.max_context_length)
+
+    def build_model(self, model_id: str, spec: ModelSpec) -> None:
         self._models[model_id] = _Model(spec)
 
     def get_info(self, model_id: str) -> dict[str, Any]:
@@ -110,48 +121,35 @@ class NullEngine(Engine):
 
     # ------------------------------------------------------------------ compute
 
-    def forward(
-        self,
-        model_id: str,
-        data: Sequence[tinker.Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, Any] | None,
-    ) -> tinker.ForwardBackwardOutput:
-        output, _tokens, _sequences = self._run(model_id, data, loss_fn, loss_fn_config)
-        return output
-
-    def forward_backward(
-        self,
-        model_id: str,
-        data: Sequence[tinker.Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, Any] | None,
+    def compute_loss(
+        self, model_id: str, request: LossRequest, *, train: bool
     ) -> tinker.ForwardBackwardOutput:
         model = self._model(model_id)
-        if model.spec.base_only:
-            raise UserError(f"model {model_id!r} is a frozen base model; use forward")
-        output, tokens, sequences = self._run(model_id, data, loss_fn, loss_fn_config)
-        # Only after the whole request validated: a failed request accumulates nothing.
-        model.window_tokens += tokens
-        model.window_sequences += sequences
-        return output
+        outputs: list[dict[str, tinker.TensorData]] = []
+        total = 0.0
+        for index, datum in enumerate(request.datums):
+            rng = self._rng("lp", model.step, datum.tokens.tobytes(), datum.targets.tobytes())
+            lp = _fake_logprobs(rng, datum.targets.shape)
+            with np.errstate(over="ignore", invalid="ignore"):  # reported just below
+                loss = float(_loss_terms(request.loss_fn, lp, datum, request.config).sum())
+            if not math.isfinite(loss):
+                raise non_finite_loss(index)
+            total += loss
+            outputs.append({"logprobs": tinker.TensorData.from_numpy(lp)})
+        tokens = request.loss_tokens()
+        if train:  # only now that the whole request computed: all or nothing
+            model.window_tokens += tokens
+            model.window_sequences += request.sequences()
+        return tinker.ForwardBackwardOutput(
+            loss_fn_output_type="TorchLossReturn",
+            loss_fn_outputs=outputs,
+            metrics={"loss:sum": total, "loss_tokens:sum": float(tokens)},
+        )
 
-    def optim_step(
-        self,
-        model_id: str,
-        adam_params: tinker.AdamParams,
-        grad_accumulation_normalization: str | None,
+    def compute_optim_step(
+        self, model_id: str, adam_params: tinker.AdamParams, normalization: str
     ) -> dict[str, float]:
         model = self._model(model_id)
-        if model.spec.base_only:
-            raise UserError(f"model {model_id!r} is a frozen base model and cannot be trained")
-        _check_adam(adam_params)
-        norm = grad_accumulation_normalization
-        if norm is not None and norm not in _NORMALIZATIONS:
-            raise UserError(
-                f"grad_accumulation_normalization must be one of {sorted(_NORMALIZATIONS)}, "
-                f"got {norm!r}"
-            )
         metrics = optim_metrics(
             step=model.step + 1,
             learning_rate=adam_params.learning_rate,
@@ -217,23 +215,13 @@ class NullEngine(Engine):
 
     # ------------------------------------------------------------------ sampling
 
-    def sample(
-        self,
-        source: SampleSource,
-        prompt: Sequence[int],
-        num_samples: int,
-        params: tinker.SamplingParams,
-        *,
-        prompt_logprobs: bool = False,
+    def compute_sample(
+        self, source: SampleSource, request: SamplingRequest
     ) -> tinker.SampleResponse:
         step = self._source_step(source)
-        tokens = np.asarray(prompt, dtype=np.int64)
-        self._check_tokens(tokens, "prompt")
-        if num_samples < 1:
-            raise UserError(f"num_samples must be >= 1, got {num_samples}")
+        params, num_samples = request.params, request.num_samples
+        tokens = np.asarray(request.prompt, dtype=np.int64)
         max_tokens = 16 if params.max_tokens is None else params.max_tokens
-        if max_tokens < 0:
-            raise UserError(f"sampling_params.max_tokens must be >= 0, got {max_tokens}")
         stops = _stop_tokens(params.stop)
         sequences = []
         for index in range(num_samples):
@@ -255,7 +243,7 @@ class NullEngine(Engine):
                 )
             )
         prompt_lp: F32 | None = None
-        if prompt_logprobs:
+        if request.prompt_logprobs:
             rng = self._rng("prompt", step, tokens.tobytes())
             prompt_lp = _fake_logprobs(rng, tokens.shape)
             if prompt_lp.size:
@@ -267,7 +255,7 @@ class NullEngine(Engine):
     def _model(self, model_id: str) -> _Model:
         model = self._models.get(model_id)
         if model is None:
-            raise UserError(f"unknown model_id {model_id!r}")
+            raise unknown_model(model_id)
         return model
 
     def _source_step(self, source: SampleSource) -> int:
@@ -289,169 +277,39 @@ class NullEngine(Engine):
     def _rng(self, *parts: object) -> np.random.Generator:
         return np.random.default_rng(int(self._digest(*parts), 16))
 
-    def _check_tokens(self, tokens: I64, field: str) -> None:
-        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
-            bad = int(tokens[(tokens < 0) | (tokens >= self.vocab_size)][0])
-            raise UserError(
-                f"{field}: token id {bad} is outside the vocabulary [0, {self.vocab_size})"
-            )
-
-    def _run(
-        self,
-        model_id: str,
-        data: Sequence[tinker.Datum],
-        loss_fn: str,
-        config: Mapping[str, Any] | None,
-    ) -> tuple[tinker.ForwardBackwardOutput, int, int]:
-        """Validate a whole request, then compute logprobs, loss and loss-token counts."""
-        model = self._model(model_id)
-        if loss_fn not in LOSSES:
-            raise UserError(f"loss_fn {loss_fn!r} is not supported; use one of {sorted(LOSSES)}")
-        config = dict(config or {})
-        inputs = [self._datum_inputs(i, d, loss_fn) for i, d in enumerate(data)]
-        outputs: list[dict[str, tinker.TensorData]] = []
-        total = 0.0
-        loss_tokens = 0
-        sequences = 0
-        for tokens, tensors in inputs:
-            targets = tensors["target_tokens"]
-            rng = self._rng("lp", model.step, tokens.tobytes(), targets.tobytes())
-            lp = _fake_logprobs(rng, targets.shape)
-            terms, mask = _loss_terms(loss_fn, lp, tensors, config)
-            total += float(terms.sum(dtype=np.float64))
-            count = int(np.count_nonzero(mask))
-            loss_tokens += count
-            sequences += count > 0
-            outputs.append({"logprobs": tinker.TensorData.from_numpy(lp)})
-        if not math.isfinite(total):
-            raise UserError("the loss is not finite for these inputs")
-        output = tinker.ForwardBackwardOutput(
-            loss_fn_output_type="TorchLossReturn",
-            loss_fn_outputs=outputs,
-            metrics={"loss:sum": total},
-        )
-        return output, loss_tokens, sequences
-
-    def _datum_inputs(
-        self, index: int, datum: tinker.Datum, loss_fn: str
-    ) -> tuple[I64, dict[str, npt.NDArray[Any]]]:
-        where = f"data[{index}]"
-        try:
-            tokens = np.asarray(datum.model_input.to_ints(), dtype=np.int64)
-        except ValueError as exc:
-            raise UserError(f"{where}.model_input: only encoded_text chunks are supported") from exc
-        n = tokens.shape[0]
-        if n == 0:
-            raise UserError(f"{where}.model_input is empty")
-        if n > self.max_context_length:
-            raise UserError(
-                f"{where}.model_input has {n} tokens; "
-                f"the context limit is {self.max_context_length}"
-            )
-        self._check_tokens(tokens, f"{where}.model_input")
-        required = (
-            ("target_tokens",)
-            if loss_fn == "cross_entropy"
-            else (
-                "target_tokens",
-                "logprobs",
-                "advantages",
-            )
-        )
-        tensors: dict[str, npt.NDArray[Any]] = {}
-        for name in required:
-            if name not in datum.loss_fn_inputs:
-                raise UserError(f"{where}.loss_fn_inputs.{name} is required by loss_fn {loss_fn!r}")
-        for name, tensor in datum.loss_fn_inputs.items():
-            tensors[name] = _dense(tensor)
-        targets = tensors["target_tokens"]
-        field = f"{where}.loss_fn_inputs.target_tokens"
-        if datum.loss_fn_inputs["target_tokens"].dtype != "int64":
-            raise UserError(f"{field} must be int64")
-        if targets.ndim not in (1, 2) or targets.shape[0] != n:
-            raise UserError(
-                f"{field} has shape {list(targets.shape)}; it must have leading dimension "
-                f"{n} (the model_input length)"
-            )
-        if targets.ndim == 2 and loss_fn != "cross_entropy":
-            raise UserError(f"{field}: 2-D targets are only supported by cross_entropy")
-        self._check_tokens(targets, field)
-        for name, array in tensors.items():
-            if name == "target_tokens":
-                continue
-            field = f"{where}.loss_fn_inputs.{name}"
-            if name in ("weights", "logprobs", "advantages") and array.shape != targets.shape:
-                raise UserError(
-                    f"{field} has shape {list(array.shape)}; it must match target_tokens "
-                    f"{list(targets.shape)}"
-                )
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
-                raise UserError(f"{field} holds a non-finite value")
-        return tokens, tensors
-
-
-def _dense(tensor: tinker.TensorData) -> npt.NDArray[Any]:
-    """A dense numpy view of a TensorData (CSR densified with zeros, without torch)."""
-    if tensor.sparse_crow_indices is None:
-        return np.asarray(tensor.to_numpy())
-    assert tensor.shape is not None and tensor.sparse_col_indices is not None
-    values = np.asarray(tensor.to_numpy())
-    dense = np.zeros(tensor.shape, dtype=values.dtype)
-    crow = np.asarray(tensor.sparse_crow_indices, dtype=np.int64)
-    rows = np.repeat(np.arange(len(crow) - 1), np.diff(crow))
-    dense[rows, np.asarray(tensor.sparse_col_indices, dtype=np.int64)] = values
-    return dense
-
 
 def _fake_logprobs(rng: np.random.Generator, shape: tuple[int, ...]) -> F32:
     return (-(0.05 + 4.0 * rng.random(shape))).astype(np.float32)
 
 
 def _loss_terms(
-    loss_fn: str, lp: F32, tensors: Mapping[str, npt.NDArray[Any]], config: Mapping[str, Any]
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
-    """Per-position loss terms (spec/losses.md) and the loss-token mask."""
+    loss_fn: str, lp: F32, datum: DatumArrays, config: LossConfig
+) -> npt.NDArray[np.float64]:
+    """Per-position loss terms (the formulas of `rules.LOSSES`), zero where an RL loss
+    has no loss token."""
     logp = lp.astype(np.float64)
-    weights = tensors.get("weights")
-    w = np.ones_like(logp) if weights is None else weights.astype(np.float64)
+    w = np.ones_like(logp) if datum.weights is None else datum.weights.astype(np.float64)
     if loss_fn == "cross_entropy":
-        return -w * logp, w != 0
-    q = tensors["logprobs"].astype(np.float64)
-    adv = tensors["advantages"].astype(np.float64)
+        return -w * logp
+    assert datum.sampler_logprobs is not None and datum.advantages is not None
+    q = datum.sampler_logprobs.astype(np.float64)
+    adv = datum.advantages.astype(np.float64)
     ratio = np.exp(logp - q)
-    lo = float(config.get("clip_low_threshold", 0.8))
-    hi = float(config.get("clip_high_threshold", 1.2))
+    lo, hi = config.clip_low, config.clip_high
     if loss_fn == "importance_sampling":
         terms = -ratio * adv
     elif loss_fn == "ppo":
         terms = -np.minimum(ratio * adv, np.clip(ratio, lo, hi) * adv)
     elif loss_fn == "cispo":
         terms = -np.clip(ratio, lo, hi) * logp * adv
+    elif loss_fn == "dro":
+        terms = -(logp * adv - 0.5 * config.beta * (logp - q) ** 2)
     elif loss_fn == "stable_reinforce":
-        kl_coeff = float(config.get("kl_coeff", 0.0))
-        terms = -(np.minimum(ratio, hi) * logp * adv - 0.5 * kl_coeff * (logp - q) ** 2)
-    else:  # dro
-        beta = float(config.get("beta", 0.05))
-        terms = -(logp * adv - 0.5 * beta * (logp - q) ** 2)
-    mask = adv != 0
-    if weights is not None:
-        mask &= w != 0
-    return terms * w, mask
-
-
-def _check_adam(params: tinker.AdamParams) -> None:
-    checks = {
-        "learning_rate": params.learning_rate >= 0,
-        "beta1": 0 <= params.beta1 < 1,
-        "beta2": 0 <= params.beta2 < 1,
-        "eps": params.eps > 0,
-        "weight_decay": params.weight_decay >= 0,
-        "grad_clip_norm": params.grad_clip_norm >= 0,
-    }
-    for name, ok in checks.items():
-        value = getattr(params, name)
-        if not (ok and math.isfinite(value)):
-            raise UserError(f"adam_params.{name} has an invalid value {value!r}")
+        weight = np.minimum(ratio, config.clip_high)
+        terms = -(weight * logp * adv - 0.5 * config.kl_coeff * (logp - q) ** 2)
+    else:  # the rules refuse unknown losses before an engine computes
+        raise AssertionError(loss_fn)
+    return np.where(datum.loss_positions, terms * w, 0.0)
 
 
 def _stop_tokens(stop: object) -> set[int]:

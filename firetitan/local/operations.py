@@ -316,7 +316,10 @@ class Operations:
         after a resume, or that export deleted) there is nothing every reader holds to
         apply a difference to, so the export holds the full weights instead: it loads to
         exactly the current weights, and the manifest says ``checkpoint_type: base``,
-        ``requested_checkpoint_type: delta`` and why.
+        ``requested_checkpoint_type: delta`` and why. So it does when ``name`` is that
+        previous export: once committed, the delta would be a difference to itself. A
+        name that live delta exports are built on is never replaced (the TTL sweep keeps
+        what they need, `CheckpointStore.sweep`).
         """
         requested = (request.checkpoint_type or "base").lower()
 
@@ -326,8 +329,26 @@ class Operations:
                     f"checkpoint_type {requested!r} is not supported by the {self._engine.name} "
                     f"engine; use one of {list(self._engine.checkpoint_types)}"
                 )
+            dependents = [d for d in self._store.dependents(name) if d != name]
+            if dependents:
+                raise UserError(
+                    f"sampler export {name!r} cannot be replaced: the delta export(s) "
+                    f"{', '.join(map(repr, dependents))} are built on it; save under "
+                    "another name"
+                )
+            fallback = (
+                "no previous export of this model to diff against: written with the "
+                "full weights, which load to exactly the current weights"
+            )
             if previous is not None and not (previous / MANIFEST_NAME).is_file():
                 previous = None  # expired or deleted since
+            elif previous is not None and previous.name == name:
+                # A delta on the export it replaces would reference itself once committed.
+                previous = None
+                fallback = (
+                    f"it replaces {name!r}, the export it would be a difference to: written "
+                    "with the full weights, which load to exactly the current weights"
+                )
             actual = "base" if requested == "delta" and previous is None else requested
             metadata: dict[str, Any] = {
                 "checkpoint_type": actual,
@@ -337,10 +358,7 @@ class Operations:
                 **_model_metadata(record),
             }
             if actual != requested:
-                metadata["fallback_reason"] = (
-                    "no previous export of this model to diff against: written with the "
-                    "full weights, which load to exactly the current weights"
-                )
+                metadata["fallback_reason"] = fallback
             if client_metadata is not None:
                 metadata["client_metadata"] = client_metadata
             # The store reads `metadata` when it commits, after the engine has written.

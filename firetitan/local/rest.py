@@ -17,13 +17,13 @@ What tinker 0.38's ``RestClient`` (and tinker-cookbook's ``checkpoint_utils`` an
   (``{"ttl_seconds": n | null}``, counted from now) and ``POST``/``DELETE .../publish``.
 * ``GET training_runs/{id}/checkpoints/external_weights/{name}/external_weights_urls``:
   one URL per file of an external export, signed with a secret of this server process
-  and valid for `URL_LIFETIME_SECONDS`. ``GET external_files/...`` serves them; the
-  signature stands in for the API key there (the cookbook fetches them with plain
-  ``urllib``), so that route alone is open without ``X-API-Key``.
+  and valid for `URL_LIFETIME_SECONDS`. ``GET external_files/{name}/{file}`` serves
+  them; the signature stands in for the API key there (the cookbook fetches them with
+  plain ``urllib``), so that route alone is open without ``X-API-Key``.
 * ``GET sessions`` and ``GET sessions/{id}``: live sessions, their models and sampling
   sessions.
 
-Paths are under ``/api/v1``.
+Paths are under ``/api/v1``; the routes are rows of `firetitan._wire.endpoints`.
 """
 
 from __future__ import annotations
@@ -42,21 +42,28 @@ from typing import Any, Final
 from aiohttp import web
 
 from firetitan._names import validate_name
+from firetitan._wire import endpoints
 from firetitan.local import tinker_compat
 from firetitan.local.checkpoints import KINDS, CheckpointStore, Kind, Manifest
 from firetitan.local.sessions import Registry
 
-__all__ = ["DOWNLOAD_PREFIX", "URL_LIFETIME_SECONDS", "RestApi", "RestError"]
+__all__ = ["URL_LIFETIME_SECONDS", "RestApi", "RestError", "is_download"]
 
 #: How long a signed download URL stays valid.
 URL_LIFETIME_SECONDS: Final = 3600
-#: The one route prefix (under ``/api/v1``) served without ``X-API-Key``.
-DOWNLOAD_PREFIX: Final = "/external_files/"
+# Signed download URLs: the one route served without ``X-API-Key``.
+_DOWNLOAD_PREFIX: Final = endpoints.EXTERNAL_FILE.path.split("{", 1)[0]
 _CHECKPOINT_TYPE: Final[dict[Kind, str]] = {
     "state": "training",
     "sampler": "sampler",
     "external": "external",
 }
+
+
+def is_download(request: web.Request) -> bool:
+    """Whether a request is for a signed download URL (checked by its signature, not
+    the API key)."""
+    return request.path.startswith(_DOWNLOAD_PREFIX) and "signature" in request.query
 
 
 class RestError(Exception):
@@ -95,26 +102,22 @@ class RestApi:
         # Signs download URLs; a restart invalidates the URLs it handed out.
         self._secret = secrets.token_bytes(32)
 
-    def routes(self, prefix: str) -> list[web.RouteDef]:
-        """The routes, under ``prefix`` (``/api/v1``)."""
-        runs = f"{prefix}/training_runs"
-        checkpoint = f"{runs}/{{run_id}}/checkpoints/{{segment}}/{{name}}"
-        return [
-            web.get(runs, self._list_runs, allow_head=False),
-            web.get(f"{runs}/{{run_id}}", self._get_run, allow_head=False),
-            web.get(f"{runs}/{{run_id}}/checkpoints", self._run_checkpoints, allow_head=False),
-            web.delete(checkpoint, self._delete_checkpoint),
-            web.put(f"{checkpoint}/ttl", self._set_ttl),
-            web.post(f"{checkpoint}/publish", self._publish),
-            web.delete(f"{checkpoint}/publish", self._unpublish),
-            web.get(f"{checkpoint}/external_weights_urls", self._urls, allow_head=False),
-            web.get(f"{prefix}/checkpoints", self._user_checkpoints, allow_head=False),
-            web.get(f"{prefix}/sessions", self._list_sessions, allow_head=False),
-            web.get(f"{prefix}/sessions/{{session_id}}", self._get_session, allow_head=False),
-            web.get(
-                f"{prefix}{DOWNLOAD_PREFIX}{{name}}/{{file:.+}}", self._download, allow_head=False
-            ),
-        ]
+    def handlers(self) -> dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]:
+        """The handlers of the REST rows of `firetitan._wire.endpoints`, by name."""
+        return {
+            "list_training_runs": self._list_runs,
+            "get_training_run": self._get_run,
+            "list_run_checkpoints": self._run_checkpoints,
+            "delete_checkpoint": self._delete_checkpoint,
+            "set_checkpoint_ttl": self._set_ttl,
+            "publish_checkpoint": self._publish,
+            "unpublish_checkpoint": self._unpublish,
+            "external_weights_urls": self._urls,
+            "list_user_checkpoints": self._user_checkpoints,
+            "list_sessions": self._list_sessions,
+            "get_session": self._get_session,
+            "external_file": self._download,
+        }
 
     # ------------------------------------------------------------------ runs
 
@@ -265,9 +268,9 @@ class RestApi:
         except FileNotFoundError as exc:
             raise RestError(404, str(exc)) from None
         expires = int(time.time()) + URL_LIFETIME_SECONDS
-        base = f"{request.url.origin()}{request.path.split('/training_runs/')[0]}{DOWNLOAD_PREFIX}"
+        base = f"{request.url.origin()}{_DOWNLOAD_PREFIX}"
         urls = {
-            relative: f"{base}{name}/{urllib.parse.quote(relative)}?"
+            relative: f"{base}{name}/{urllib.parse.quote(relative, safe='')}?"
             + urllib.parse.urlencode(
                 {"expires": expires, "signature": self._sign(name, relative, expires)}
             )

@@ -1,9 +1,11 @@
 """The local trainer's HTTP face: routes, authentication, body limits, JSON errors.
 
-Serves every endpoint of wire.md §11 under ``/api/v1/``, plus what tinker 0.38 needs
-(wire.md §12): protobuf ``forward_backward`` bodies (optionally zstd), protobuf
-results, ``tinker://`` paths, the sampling endpoints (``create_sampling_session``,
-``asample``, ``samplers/{id}``), ``client/dynamic_config`` and ``sessions/{id}/finish``.
+Serves every endpoint of the endpoint table (`firetitan._wire.endpoints`, routes built
+from it, one handler per endpoint name in `TrainerServer.handlers`): wire.md §11, plus
+what tinker 0.38 needs (wire.md §12): protobuf ``forward_backward`` bodies (optionally
+zstd), protobuf results, ``tinker://`` paths, the sampling endpoints
+(``create_sampling_session``, ``asample``, ``get_sampler``), ``dynamic_config`` and
+``finish_session``.
 Where the two client populations differ, `firetitan.local.dialect` decides. Handlers
 only parse, validate and register work; the executor (``executor.py``) decides when
 it runs and ``operations.py`` what it does.
@@ -41,11 +43,13 @@ from aiohttp import web
 
 from firetitan import _wire
 from firetitan._names import parse_checkpoint_path, validate_name
+from firetitan._wire import endpoints
 from firetitan.local import access_log, dialect, tinker_compat, tinker_wire
 from firetitan.local.checkpoints import CheckpointStore, Kind
 from firetitan.local.completions import CompletionQueues
 from firetitan.local.config import ServerConfig
-from firetitan.local.engine import Engine, ModelSpec, UserError
+from firetitan.local.connections import BodyTimeoutError, ConnectionGuard
+from firetitan.local.engine import DEFAULT_MAX_TOKENS, Engine, ModelSpec, UserError
 from firetitan.local.executor import (
     Encoding,
     ExecutionRecord,
@@ -55,18 +59,18 @@ from firetitan.local.executor import (
     RequestExpiredError,
     Result,
     Run,
+    SequenceLeadError,
     UnknownRequestError,
 )
 from firetitan.local.external import ExternalRequest, decode_external_request
 from firetitan.local.operations import Operations, SampleTicket
-from firetitan.local.rest import DOWNLOAD_PREFIX, RestApi, RestError
+from firetitan.local.rest import RestApi, RestError, is_download
 from firetitan.local.sessions import ModelRecord, Registry, SamplingSession, model_id_for
 
-__all__ = ["API_PREFIX", "TrainerServer"]
+__all__ = ["TrainerServer"]
 
 log = logging.getLogger("firetitan.local")
 
-API_PREFIX = "/api/v1"
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -138,17 +142,6 @@ _JSON_TYPES = {
 }
 
 
-def _field(obj: dict[str, Any], name: str, kind: type[T]) -> T:
-    if name not in obj:
-        raise _wire.WireError(name, "required field is missing")
-    value = obj[name]
-    # bool is an int subclass; a JSON true is never a valid integer field.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        expected = _JSON_TYPES.get(kind, kind.__name__)
-        raise _wire.WireError(name, f"must be a JSON {expected}, got {_json_type(value)}")
-    return value
-
-
 def _json_type(value: object) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
@@ -191,7 +184,8 @@ class TrainerServer:
         self.store = store
         self._engine_factory = engine_factory
         self._key = api_key.encode("utf-8")
-        self._executor = Executor(self.config)
+        self._executor = Executor(self.config, private_root=store.root)
+        self._guard = ConnectionGuard(self.config.connection_limits, log)
         self._registry = Registry()
         self._rest = RestApi(store, self._registry, json_response, self._read)
         self._completions = CompletionQueues()
@@ -237,10 +231,10 @@ class TrainerServer:
                 # Bodies are decompressed by `_read`, under the size limit and with zstd
                 # (which aiohttp would refuse with a plain-text 400).
                 auto_decompress=False,
+                **self._guard.runner_options(),
             )
             await self._runner.setup()
-            site = web.TCPSite(self._runner, host, port)
-            await site.start()
+            await self._guard.site(self._runner, host, port).start()
         except BaseException:
             await self.close()
             raise
@@ -311,46 +305,61 @@ class TrainerServer:
     # ------------------------------------------------------------------ app
 
     def make_app(self) -> web.Application:
-        """The aiohttp application (middlewares: the access log outermost, then JSON
-        errors, then auth)."""
+        """The aiohttp application (middlewares: the connection guard outermost, then
+        the access log, JSON errors, and auth)."""
         app = web.Application(
             middlewares=[access_log.middleware, self._errors_middleware, self._auth_middleware],
             client_max_size=self.config.max_request_bytes,
         )
+        self._guard.install(app)
         app.on_shutdown.append(self._on_shutdown)
-        p = API_PREFIX
+        handlers = self.handlers()
+        # GET routes answer GET only (aiohttp would add HEAD to each).
         routes = [
-            web.post(f"{p}/client/config", self._client_config),
-            web.post(f"{p}/client/dynamic_config", self._dynamic_config),
-            web.post(f"{p}/create_session", self._create_session),
-            web.post(f"{p}/session_heartbeat", self._heartbeat),
-            web.post(f"{p}/sessions/{{session_id}}/finish", self._finish_session),
-            web.post(f"{p}/telemetry", self._telemetry),
-            web.get(f"{p}/healthz", self._healthz, allow_head=False),
-            web.get(f"{p}/get_server_capabilities", self._capabilities_handler, allow_head=False),
-            web.post(f"{p}/create_model", self._create_model),
-            web.post(f"{p}/get_info", self._get_info),
-            web.post(f"{p}/forward", functools.partial(self._forward, "forward")),
-            web.post(f"{p}/forward_backward", functools.partial(self._forward, "forward_backward")),
-            web.post(f"{p}/optim_step", self._optim_step),
-            web.post(f"{p}/save_weights", self._save_weights),
-            web.post(f"{p}/load_weights", self._load_weights),
-            web.post(f"{p}/save_weights_for_sampler", self._save_for_sampler),
-            web.post(f"{p}/save_weights_external", self._save_external),
-            web.get(f"{p}/list_checkpoints", self._list_checkpoints, allow_head=False),
-            web.post(f"{p}/unload_model", self._unload_model),
-            web.post(f"{p}/retrieve_future", self._retrieve_future),
-            web.post(f"{p}/create_sampling_session", self._create_sampling_session),
-            web.post(f"{p}/asample", self._asample),
-            web.post(f"{p}/retrieve_futures", self._retrieve_futures),
-            web.post(f"{p}/join_sampling_session", self._join_sampling_session),
-            web.get(f"{p}/samplers/{{sampling_session_id}}", self._sampler, allow_head=False),
-            *self._rest.routes(p),
+            web.route(
+                endpoint.method,
+                endpoint.path,
+                handlers[endpoint.name],
+                **({"allow_head": False} if endpoint.method == "GET" else {}),
+            )
+            for endpoint in endpoints.TRAINER
+            if endpoint is not endpoints.DEBUG_EXECUTION_LOG or self.config.debug_endpoints
         ]
-        if self.config.debug_endpoints:
-            routes.append(web.get(f"{p}/debug/execution_log", self._debug_log, allow_head=False))
         app.add_routes(routes)
         return app
+
+    def handlers(self) -> dict[str, Handler]:
+        """The handler of every endpoint of `endpoints.TRAINER`, by endpoint name."""
+        return {
+            "client_config": self._client_config,
+            "dynamic_config": self._dynamic_config,
+            "create_session": self._create_session,
+            "session_heartbeat": self._heartbeat,
+            "finish_session": self._finish_session,
+            "telemetry": self._telemetry,
+            "healthz": self._healthz,
+            "get_server_capabilities": self._capabilities_handler,
+            "create_model": self._create_model,
+            "get_info": self._get_info,
+            "forward": functools.partial(self._forward, "forward"),
+            "forward_backward": functools.partial(self._forward, "forward_backward"),
+            "optim_step": self._optim_step,
+            "save_weights": self._save_weights,
+            "load_weights": self._load_weights,
+            "save_weights_for_sampler": self._save_for_sampler,
+            "list_checkpoints": self._list_checkpoints,
+            "unload_model": self._unload_model,
+            "retrieve_future": self._retrieve_future,
+            "cancel_future": self._cancel_future,
+            "create_sampling_session": self._create_sampling_session,
+            "asample": self._asample,
+            "get_sampler": self._sampler,
+            "retrieve_futures": self._retrieve_futures,
+            "join_sampling_session": self._join_sampling_session,
+            "save_weights_external": self._save_external,
+            "debug_execution_log": self._debug_log,
+            **self._rest.handlers(),
+        }
 
     @web.middleware
     async def _errors_middleware(
@@ -367,6 +376,8 @@ class TrainerServer:
             return _error_response(_bad_request(exc))
         except web.HTTPRequestEntityTooLarge:
             return _error_response(self._too_large())
+        except BodyTimeoutError as exc:
+            return _error_response(Problem(408, str(exc), "RequestTimeoutError"))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -376,6 +387,8 @@ class TrainerServer:
             return _error_response(Problem(503, str(exc), "ServiceUnavailable", retry_after=1))
         except OverloadedError as exc:
             return _error_response(Problem(429, str(exc), "RateLimitError", retry_after=1))
+        except SequenceLeadError as exc:
+            return _error_response(_unprocessable(f"seq_id: {exc}"))
         except Exception as exc:
             # Headers (and so the key) are never logged; the traceback stays server-side.
             log.debug("error handling %s %s", request.method, request.path, exc_info=True)
@@ -384,7 +397,7 @@ class TrainerServer:
 
     @web.middleware
     async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith(API_PREFIX + DOWNLOAD_PREFIX) and "signature" in request.query:
+        if is_download(request):
             # Signed download URLs, fetched without the key (`firetitan.local.rest`).
             if not self._rest.signed(request):
                 raise Problem(403, "invalid or expired download signature", "PermissionDenied")
@@ -491,11 +504,26 @@ class TrainerServer:
         if not self._registry.touch(session_id, self._now()):
             raise _not_found(f"session_id: unknown session {session_id!r}")
 
+    def _check_owner(self, request: web.Request, model_id: str) -> None:
+        """Refuse a request for a model of another session (403), when the sender says
+        which session it is (``X-Firetitan-Session-Id``, sent by firetitan's client;
+        tinker and the Fireworks SDK name no session, so their requests pass)."""
+        sender = request.headers.get(_wire.SESSION_HEADER)
+        record = self._registry.models.get(model_id)
+        if sender is None or record is None or sender == record.session_id:
+            return
+        raise Problem(
+            403,
+            f"model_id: model {model_id!r} belongs to another session than {sender!r}",
+            "PermissionDeniedError",
+        )
+
     # ------------------------------------------------------------------ ordered requests
 
     async def _ordered(
         self,
         endpoint: str,
+        request: web.Request,
         address: tuple[str, int] | None,
         decode: Callable[[], Awaitable[Any]],
         build: Callable[[Any, ModelRecord], Run],
@@ -504,6 +532,7 @@ class TrainerServer:
 
         Args:
             endpoint: The endpoint, for the execution log.
+            request: The HTTP request (for the sender's session).
             address: ``(model_id, seq_id)`` if the body has them (see `_address`).
             decode: Decodes the body (raising `WireError`).
             build: ``build(decoded, record)`` validates what the codec cannot and
@@ -511,6 +540,7 @@ class TrainerServer:
         """
         if address is not None:
             access_log.note(model_id=address[0], seq_id=address[1])
+            self._check_owner(request, address[0])
             known = self._executor.lookup_seq(*address)
             if known is not None:  # a retry (whatever its body): same id, runs once
                 return _ack(known, address[0])
@@ -518,6 +548,7 @@ class TrainerServer:
             decoded = await decode()
             access_log.note(model_id=decoded.model_id, seq_id=decoded.seq_id)
             record = self._model(decoded.model_id)
+            self._check_owner(request, record.model_id)
             if decoded.seq_id < 1:
                 raise _unprocessable(f"seq_id must be >= 1, got {decoded.seq_id}")
             run = build(decoded, record)
@@ -540,7 +571,7 @@ class TrainerServer:
     ) -> web.Response:
         raw, obj = await self._object(request)
         decode = functools.partial(self._decode, endpoint, raw, obj)
-        return await self._ordered(endpoint, _address(obj), decode, build)
+        return await self._ordered(endpoint, request, _address(obj), decode, build)
 
     async def _forward(self, endpoint: str, request: web.Request) -> web.Response:
         if dialect.body_is_protobuf(request.headers):
@@ -558,19 +589,22 @@ class TrainerServer:
         try:
             decoded: _wire.ForwardRequest = await self._off_loop(len(raw), decode, raw)
         except tinker_wire.InvalidForwardData as exc:
-            return self._fail_in_turn(exc)
+            return self._fail_in_turn(request, exc)
         if endpoint == "forward" and not decoded.forward_only:
             decoded = attrs.evolve(decoded, forward_only=True)
         address = (decoded.model_id, decoded.seq_id)
         decoded_already = functools.partial(_ready, decoded)
-        return await self._ordered(endpoint, address, decoded_already, self._forward_work)
+        return await self._ordered(endpoint, request, address, decoded_already, self._forward_work)
 
     def _forward_work(self, req: _wire.ForwardRequest, record: ModelRecord) -> Run:
         return self._operations.forward(req, record, self._likely_encoding(record.session_id))
 
-    def _fail_in_turn(self, exc: tinker_wire.InvalidForwardData) -> web.Response:
+    def _fail_in_turn(
+        self, request: web.Request, exc: tinker_wire.InvalidForwardData
+    ) -> web.Response:
         """Accept a forward call whose data is invalid and fail it in its turn: its
         future fails (category ``user``) and the model's later requests still run."""
+        self._check_owner(request, exc.model_id)
         known = self._executor.lookup_seq(exc.model_id, exc.seq_id)
         if known is not None:
             return _ack(known, exc.model_id)
@@ -607,7 +641,7 @@ class TrainerServer:
 
         raw, obj = await self._object(request)
         decode = functools.partial(self._off_loop, len(raw), decode_external_request, obj)
-        return await self._ordered("save_weights_external", _address(obj), decode, build)
+        return await self._ordered("save_weights_external", request, _address(obj), decode, build)
 
     async def _load_weights(self, request: web.Request) -> web.Response:
         raw, obj = await self._object(request)
@@ -619,7 +653,7 @@ class TrainerServer:
             return self._operations.load_weights(req, self._store_path(req.path, "state", "path"))
 
         decode = functools.partial(self._decode, "load_weights", raw, obj)
-        return await self._ordered("load_weights", _address(obj), decode, build)
+        return await self._ordered("load_weights", request, _address(obj), decode, build)
 
     async def _save_for_sampler(self, request: web.Request) -> web.Response:
         def build(req: _wire.SaveWeightsForSamplerRequest, record: ModelRecord) -> Run:
@@ -699,8 +733,10 @@ class TrainerServer:
         return _ack(record.create_request_id, record.model_id)
 
     async def _get_info(self, request: web.Request) -> web.Response:
-        _raw, obj = await self._object(request)
-        record = self._model(_field(obj, "model_id", str))
+        raw, obj = await self._object(request)
+        req: _wire.GetInfoRequest = await self._decode("get_info", raw, obj)
+        record = self._model(req.model_id)
+        self._check_owner(request, record.model_id)
         if record.state == "failed":
             raise _unprocessable(
                 f"model {record.model_id!r} could not be created: {record.failure}"
@@ -708,8 +744,10 @@ class TrainerServer:
         return json_response(await self._operations.get_info(record.model_id))
 
     async def _unload_model(self, request: web.Request) -> web.Response:
-        _raw, obj = await self._object(request)
-        model_id = _field(obj, "model_id", str)
+        raw, obj = await self._object(request)
+        unload: _wire.UnloadModelRequest = await self._decode("unload_model", raw, obj)
+        model_id = unload.model_id
+        self._check_owner(request, model_id)
         keys = self._idempotency_keys(request, "unload_model")
         # A retry may arrive after the unload finished and the model is gone.
         known = next((k for k in map(self._executor.lookup, keys) if k is not None), None)
@@ -742,6 +780,20 @@ class TrainerServer:
         if encoding == "protobuf":
             return web.Response(body=body, content_type=tinker_wire.PROTOBUF_CONTENT_TYPE)
         return web.Response(body=body, content_type="application/json")
+
+    async def _cancel_future(self, request: web.Request) -> web.Response:
+        """tinker's ``cancel_future`` (and firetitan's, for abandoned samples): drop a
+        request that has not run (`Executor.cancel`)."""
+        raw, obj = await self._object(request)
+        req: _wire.CancelFutureRequest = await self._decode("cancel_future", raw, obj)
+        request_id = req.request_id
+        try:
+            cancelled = self._executor.cancel(request_id)
+        except UnknownRequestError as exc:
+            raise _not_found(f"request_id: {exc}") from None
+        except RequestExpiredError as exc:
+            raise Problem(410, f"request_id: {exc}", "GoneError") from None
+        return json_response({"type": "cancel_future", "cancelled": cancelled})
 
     # ------------------------------------------------------------------ sampling
 
@@ -782,6 +834,7 @@ class TrainerServer:
             raise _unprocessable("one of model_path, base_model or sampling_session_id is required")
         if req.num_samples < 1:
             raise _unprocessable(f"num_samples must be >= 1, got {req.num_samples}")
+        self._check_sample_budget(req)
         expect = self._likely_encoding(sampling.session_id if sampling else None)
         ticket = SampleTicket(sampling.session_id if sampling else None)
         run = self._operations.sample(
@@ -805,7 +858,7 @@ class TrainerServer:
         target = obj.get("target")
         if not isinstance(target, dict):
             raise _bad_request(_wire.WireError("target", "must be an object"))
-        sampling_session_id = _field(target, "sampling_session_id", str)
+        sampling_session_id = _sampling_session_id(target, "target.sampling_session_id")
         if sampling_session_id not in self._registry.sampling:
             raise _not_found(f"target.sampling_session_id: unknown {sampling_session_id!r}")
         clone = target.get("cloned_sampler_id", 0)
@@ -825,11 +878,29 @@ class TrainerServer:
 
     async def _join_sampling_session(self, request: web.Request) -> web.Response:
         _raw, obj = await self._object(request)
-        sampling_session_id = _field(obj, "sampling_session_id", str)
+        sampling_session_id = _sampling_session_id(obj, "sampling_session_id")
         if sampling_session_id not in self._registry.sampling:
             raise _not_found(f"sampling_session_id: unknown {sampling_session_id!r}")
         counter = self._completions.join(sampling_session_id)
         return json_response({"type": "join_sampling_session", "client_counter": counter})
+
+    def _check_sample_budget(self, req: _wire.SampleRequest) -> None:
+        """Refuse (422) a sampling request larger than one request may be."""
+        most = self.config.max_samples_per_request
+        if req.num_samples > most:
+            raise _unprocessable(
+                f"num_samples is {req.num_samples}; one request may ask for at most {most} "
+                "(max_samples_per_request): send several requests"
+            )
+        max_tokens = req.sampling_params.max_tokens
+        per_sample = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        budget = self.config.max_sampled_tokens_per_request
+        if req.num_samples * per_sample > budget:
+            raise _unprocessable(
+                f"num_samples * max_tokens is {req.num_samples} * {per_sample} = "
+                f"{req.num_samples * per_sample} tokens; one request may generate at most "
+                f"{budget} (max_sampled_tokens_per_request): send several requests"
+            )
 
     async def _sampler(self, request: web.Request) -> web.Response:
         """tinker's ``GET samplers/{id}``: what a sampling session samples from."""
@@ -878,8 +949,9 @@ class TrainerServer:
         return json_response({"type": "create_session", "session_id": session_id})
 
     async def _heartbeat(self, request: web.Request) -> web.Response:
-        _raw, obj = await self._object(request)
-        self._session(_field(obj, "session_id", str))
+        raw, obj = await self._object(request)
+        req: _wire.SessionHeartbeatRequest = await self._decode("session_heartbeat", raw, obj)
+        self._session(req.session_id)
         return json_response({"type": "session_heartbeat"})
 
     async def _finish_session(self, request: web.Request) -> web.Response:
@@ -912,6 +984,13 @@ class TrainerServer:
             for r in self._executor.execution_log
         ]
         return json_response({"entries": entries})
+
+
+def _sampling_session_id(obj: dict[str, Any], field: str) -> str:
+    value = obj.get("sampling_session_id")
+    if not isinstance(value, str) or not value:
+        raise _bad_request(_wire.WireError(field, "must be a non-empty string"))
+    return value
 
 
 def _valid_name(name: str, field: str) -> str:

@@ -5,7 +5,7 @@ Read from the ``tinker`` 0.38.0 client (``lib/internal_client_holder.py``,
 server tells the two client populations apart lives in `firetitan.local.dialect`;
 protobuf requests are decoded by `firetitan.local.tinker_wire` and protobuf results
 encoded by `firetitan._wire`. This module holds the remaining pure helpers. Paths are
-under ``/api/v1``.
+in `firetitan._wire.endpoints`.
 
 What tinker expects, and where the trainer serves it:
 
@@ -43,8 +43,10 @@ What tinker expects, and where the trainer serves it:
   keeps what ``stable_reinforce`` trains on (`firetitan.local.stability`).
   ``compute_logprobs`` is an ``asample`` with ``prompt_logprobs``; position 0 is NaN.
 
+``cancel_future`` drops a sampling request that has not run (`Executor.cancel`).
+
 Not served, and not called with the flags above: ``retrieve_futures``,
-``cancel_future``, ``join_sampling_session``, ``create_custom_loss``, ``auth/token``,
+``join_sampling_session``, ``create_custom_loss``, ``auth/token``,
 and the REST-only ``training_runs/...``, ``checkpoints``, ``weights_info``,
 ``copy_weights``, ``save_weights_external``, ``sessions/...``.
 """

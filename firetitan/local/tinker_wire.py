@@ -3,7 +3,7 @@
 tinker 0.38 sends every forward and forward_backward call as a protobuf
 ``tinker_public.ForwardBackwardRequest`` (``Content-Type: application/x-protobuf``,
 plus ``Content-Encoding: zstd`` when the trainer's ``client/config`` says
-``proto_compress_fwdbwd``) to ``POST /api/v1/forward_backward``; a forward pass is the
+``proto_compress_fwdbwd``) to the ``forward_backward`` endpoint; a forward pass is the
 same message with ``forward_only`` set. This module turns such a body into the codec's
 `firetitan._wire.ForwardRequest`, with no network and no event loop, and tells from
 headers which wire a request uses and which a ``retrieve_future`` poll wants back
@@ -280,7 +280,7 @@ def decode_forward_backward_request(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_dense_elements: int = MAX_DENSE_ELEMENTS,
 ) -> ForwardRequest:
-    """Decode a tinker 0.38 protobuf ``POST /api/v1/forward_backward`` body.
+    """Decode a tinker 0.38 protobuf body of the ``forward_backward`` endpoint.
 
     Field paths in errors are the JSON codec's (``forward_backward_input.data[2]
     .loss_fn_inputs.weights.data``, ``forward_input...`` for a forward pass), so an

@@ -10,13 +10,12 @@ import pytest_asyncio
 from firetitan import AsyncFiretitanServiceClient
 from firetitan.local import LocalTrainer
 
-from .helpers import FAST_CLIENT, FAST_TRAINER
+from .helpers import FAST_CLIENT
 
 
 @pytest_asyncio.fixture
-async def trainer() -> AsyncIterator[LocalTrainer]:
-    async with LocalTrainer("null", **FAST_TRAINER) as local:
-        yield local
+async def trainer(null_trainer: LocalTrainer) -> LocalTrainer:
+    return null_trainer
 
 
 @pytest_asyncio.fixture

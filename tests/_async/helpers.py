@@ -13,33 +13,20 @@ from typing import Any
 
 import numpy as np
 import tinker
+from shared import BASE_MODEL, FAST_CLIENT, FAST_TRAINER
 
 from firetitan import (
     AsyncAPIFuture,
     AsyncFiretitanTrainingClient,
     ClientConfig,
     Limits,
-    RetryPolicy,
-    Timeouts,
 )
 from firetitan.local import LocalTrainer
 from firetitan.local.null_engine import NullEngine
 
-BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
-ADAM = tinker.AdamParams(learning_rate=1e-3)
+__all__ = ["BASE_MODEL", "FAST_CLIENT", "FAST_TRAINER"]  # re-exported for the tests here
 
-# Quick waits, so retries and long-polls happen in milliseconds.
-FAST_TRAINER: dict[str, Any] = {
-    "long_poll_seconds": 1.0,
-    "gap_wait_seconds": 20.0,
-    "maintenance_interval_seconds": 0.05,
-}
-FAST_CLIENT = ClientConfig(
-    timeouts=Timeouts(connect=2.0, request=10.0, long_poll_read=10.0),
-    retry=RetryPolicy(initial_backoff=0.01, max_backoff=0.2, deadline=30.0, max_retry_after=0.5),
-    future_deadline=60.0,
-    heartbeat_interval=0.2,
-)
+ADAM = tinker.AdamParams(learning_rate=1e-3)
 
 
 def datum(length: int = 8, seed: int = 0, *, weights: bool = True) -> tinker.Datum:

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import tinker
 from faults import FaultProxy
+from shared import Surface
 
 from firetitan import (
     AsyncAPIFuture,
@@ -42,7 +43,9 @@ async def test_forward_forward_backward_optim_step(
     assert back.metrics["response_tokens"] == 24.0
     assert step.metrics is not None
     assert executed(trainer, tc.model_id) == [
-        (1, "forward"), (2, "forward_backward"), (3, "optim_step")
+        (1, "forward"),
+        (2, "forward_backward"),
+        (3, "optim_step"),
     ]
 
 
@@ -125,24 +128,28 @@ async def test_large_batches_are_encoded_off_the_loop(trainer: LocalTrainer) -> 
         assert [s for s, _ in executed(trainer, tc.model_id)] == [1, 2]
 
 
+# The tests taking `surface` run through the async core and through the facade.
+
+
 @pytest.mark.asyncio
 async def test_checkpoints_save_list_load_and_resolve(
-    trainer: LocalTrainer, service: AsyncFiretitanServiceClient
+    null_trainer: LocalTrainer, surface: Surface, any_service: Any
 ) -> None:
-    tc = await service.create_training_client(BASE_MODEL)
-    await tc.forward_backward(batch(2), "cross_entropy")
-    await tc.optim_step(ADAM)
-    saved = await tc.save_state("train_state_step_1")
+    call = surface.call
+    tc = await call(any_service.create_training_client, BASE_MODEL)
+    await call(tc.forward_backward, batch(2), "cross_entropy")
+    await call(tc.optim_step, ADAM)
+    saved = await call(tc.save_state, "train_state_step_1")
     assert saved.path == "train_state_step_1"
-    await tc.save_state("step-2", ttl_seconds=3600)
-    assert await tc.list_checkpoints() == ["step-2", "train_state_step_1"]
-    await tc.load_state(tc.resolve_checkpoint_path(" step-2 "))
-    await tc.load_state_with_optimizer(saved.path)
+    await call(tc.save_state, "step-2", ttl_seconds=3600)
+    assert await call(tc.list_checkpoints) == ["step-2", "train_state_step_1"]
+    await call(tc.load_state, tc.resolve_checkpoint_path(" step-2 "))
+    await call(tc.load_state_with_optimizer, saved.path)
     assert tc.resolve_checkpoint_path("step-4", source_job_id="job-a") == "cross_job://job-a/step-4"
-    own = tc.resolve_checkpoint_path("step-2", source_job_id=trainer.job_id)
-    await tc.load_state_with_optimizer(own)
+    own = tc.resolve_checkpoint_path("step-2", source_job_id=null_trainer.job_id)
+    await call(tc.load_state_with_optimizer, own)
     with pytest.raises(RequestFailedError) as info:
-        await tc.load_state("never-saved")
+        await call(tc.load_state, "never-saved")
     assert info.value.category == "user"
     with pytest.raises(ValueError):
         tc.resolve_checkpoint_path("a/b")
@@ -219,37 +226,37 @@ async def test_lora_exports_are_always_base(service: AsyncFiretitanServiceClient
 
 
 @pytest.mark.asyncio
-async def test_lora_and_base_only_clients(
-    trainer: LocalTrainer, service: AsyncFiretitanServiceClient
-) -> None:
-    lora = await service.create_lora_training_client(BASE_MODEL, rank=4, alpha=8, seed=1)
-    info = await lora.get_info()
+async def test_lora_and_base_only_clients(surface: Surface, any_service: Any) -> None:
+    call = surface.call
+    lora = await call(any_service.create_lora_training_client, BASE_MODEL, rank=4, alpha=8, seed=1)
+    info = await call(lora.get_info)
     assert info.model_id == lora.model_id and info.is_lora and info.lora_rank == 4
-    await lora.forward_backward(batch(2), "cross_entropy")
-    await lora.optim_step(ADAM)
-    base = await service.create_base_training_client(BASE_MODEL)
+    await call(lora.forward_backward, batch(2), "cross_entropy")
+    await call(lora.optim_step, ADAM)
+    base = await call(any_service.create_base_training_client, BASE_MODEL)
     assert base.base_only
-    reference = await base.forward(batch(2), "cross_entropy")
+    reference = await call(base.forward, batch(2), "cross_entropy")
     assert len(reference.loss_fn_outputs) == 2
     with pytest.raises(RequestFailedError) as info_error:
-        await base.forward_backward(batch(1), "cross_entropy")
+        await call(base.forward_backward, batch(1), "cross_entropy")
     assert info_error.value.category == "user"
 
 
 @pytest.mark.asyncio
 async def test_duplicate_training_client_is_refused_before_any_request(
-    trainer: LocalTrainer, service: AsyncFiretitanServiceClient
+    null_trainer: LocalTrainer, surface: Surface, any_service: Any
 ) -> None:
-    await service.create_training_client(BASE_MODEL)
-    models_before = {r.model_id for r in trainer.execution_log}
+    call, create = surface.call, any_service.create_training_client
+    await call(create, BASE_MODEL)
+    models_before = {r.model_id for r in null_trainer.execution_log}
     with pytest.raises(ValueError, match="already exists"):
-        await service.create_training_client(BASE_MODEL, lora_rank=0)
-    assert {r.model_id for r in trainer.execution_log} == models_before
+        await call(create, BASE_MODEL, lora_rank=0)
+    assert {r.model_id for r in null_trainer.execution_log} == models_before
     # Other options make another model.
-    await service.create_training_client(BASE_MODEL, seed=1)
-    await service.create_lora_training_client(BASE_MODEL, rank=8)
+    await call(create, BASE_MODEL, seed=1)
+    await call(any_service.create_lora_training_client, BASE_MODEL, rank=8)
     with pytest.raises(ValueError, match="already exists"):
-        await service.create_training_client(BASE_MODEL, lora_rank=8)
+        await call(create, BASE_MODEL, lora_rank=8)
 
 
 @pytest.mark.asyncio
@@ -289,6 +296,13 @@ async def test_server_capabilities_and_sampling_client(
     assert logprobs[0] is None and len(logprobs) == 4
     base_sampler = await service.create_sampling_client(base_model=BASE_MODEL)
     assert base_sampler.base_model == BASE_MODEL
-    assert len((await base_sampler.sample(
-        tinker.ModelInput.from_ints([1]), 1, tinker.SamplingParams(max_tokens=2)
-    )).sequences) == 1
+    assert (
+        len(
+            (
+                await base_sampler.sample(
+                    tinker.ModelInput.from_ints([1]), 1, tinker.SamplingParams(max_tokens=2)
+                )
+            ).sequences
+        )
+        == 1
+    )

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tinker
+from shared import BASE_MODEL
 
 from firetitan import FiretitanServiceClient, FiretitanTrainingClient
 from firetitan.local import LocalTrainer
@@ -30,7 +31,6 @@ from firetitan.local.null_engine import NullEngine
 ROOT = Path(__file__).resolve().parents[2]
 GEN_SYNC = ROOT / "scripts" / "gen_sync.py"
 TOYKIT_ASYNC = Path(__file__).resolve().parent / "toykit" / "_async"
-BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 
 # Short server waits so that the behaviour under test happens quickly.
 FAST: dict[str, Any] = {"long_poll_seconds": 2.0, "maintenance_interval_seconds": 0.05}

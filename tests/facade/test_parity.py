@@ -1,5 +1,10 @@
 """P10: every public async method has a facade twin with the same signature and docstring.
 
+Docstrings are the async ones with the generator's rewrite table (`DOC_REWRITES`)
+applied, and then speak of the sync surface only: no `aclose`, no async context
+manager, no event loop. A class whose async constructor takes an internal type has no
+public facade constructor.
+
 The expected facade signature is derived here independently of the generator: parameter
 names, kinds and defaults are identical; annotations differ only by the documented
 rewrites (`AsyncAPIFuture` -> `APIFuture`, `AsyncX` -> `X`, awaitables unwrapped), and
@@ -8,8 +13,10 @@ rewrites (`AsyncAPIFuture` -> `APIFuture`, `AsyncX` -> `X`, awaitables unwrapped
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import re
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -21,7 +28,33 @@ import firetitan._async.service
 import firetitan._async.training
 import firetitan._sync
 
+from .conftest import GEN_SYNC
+
 RENAMES = {"aclose": "close", "__aenter__": "__enter__", "__aexit__": "__exit__"}
+
+
+def _doc_rewrites() -> list[tuple[str, str]]:
+    spec = importlib.util.spec_from_file_location("gen_sync_rules", GEN_SYNC)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gen_sync_rules"] = module
+    spec.loader.exec_module(module)
+    return list(module.DOC_REWRITES)
+
+
+DOC_REWRITES = _doc_rewrites()
+ASYNC_WORDING = re.compile(r"\baclose\b|async context manager|event loop|\bawait\b|`Async")
+
+
+def sync_doc(doc: str | None, rewrite_docs: bool) -> str | None:
+    """The docstring the facade should carry for an async docstring."""
+    if doc is None or not rewrite_docs:
+        return doc
+    for pattern, replacement in DOC_REWRITES:
+        doc = re.sub(pattern, replacement, doc)
+    return doc
+
+
 KEPT = {"__init__", "__aenter__", "__aexit__"}
 FACADE_KEPT = {"__init__", "__enter__", "__exit__"}
 
@@ -61,9 +94,13 @@ def public_members(cls: type, kept: set[str]) -> dict[str, Any]:
     }
 
 
-def check_class(facade: type, twins: set[str]) -> None:
+def check_class(facade: type, twins: set[str], *, rewrite_docs: bool = False) -> None:
     source = async_twin(facade)
-    assert inspect.getdoc(facade) == inspect.getdoc(source)
+
+    def doc_of(obj: Any) -> str | None:
+        return sync_doc(inspect.getdoc(obj), rewrite_docs)
+
+    assert inspect.getdoc(facade) == doc_of(source)
     expected = {RENAMES.get(n, n): (n, m) for n, m in public_members(source, KEPT).items()}
     actual = public_members(facade, FACADE_KEPT)
     extra = set(actual) - set(expected)
@@ -74,7 +111,7 @@ def check_class(facade: type, twins: set[str]) -> None:
         where = f"{facade.__name__}.{name}"
         if isinstance(member, property):
             assert isinstance(twin, property), where
-            assert inspect.getdoc(twin) == inspect.getdoc(member), where
+            assert inspect.getdoc(twin) == doc_of(member), where
             assert twin.fget is not None and member.fget is not None
             a_ret = inspect.signature(member.fget).return_annotation
             assert inspect.signature(twin.fget).return_annotation == rewrite(a_ret, twins), where
@@ -82,7 +119,13 @@ def check_class(facade: type, twins: set[str]) -> None:
         if isinstance(member, staticmethod):
             assert isinstance(twin, staticmethod), where
             member, twin = member.__func__, twin.__func__
-        assert inspect.getdoc(twin) == inspect.getdoc(member), where
+        if name == "__init__" and "Transport" in str(inspect.signature(member)):
+            # Made by factory methods only: no public constructor, no internal types.
+            assert str(inspect.signature(twin)) == "(self) -> 'None'", where
+            with pytest.raises(TypeError, match="no public constructor"):
+                facade()
+            continue
+        assert inspect.getdoc(twin) == doc_of(member), where
         assert not inspect.iscoroutinefunction(twin), f"{where} must block, not be a coroutine"
         a_sig, f_sig = inspect.signature(member), inspect.signature(twin)
         a_params, f_params = list(a_sig.parameters.values()), list(f_sig.parameters.values())
@@ -110,7 +153,18 @@ def test_the_firetitan_facade_mirrors_the_async_core() -> None:
     }
     twins = {f"Async{c.__name__}" for c in classes}
     for cls in classes:
-        check_class(cls, twins)
+        check_class(cls, twins, rewrite_docs=True)
+
+
+def test_facade_docstrings_speak_sync() -> None:
+    for cls in facade_classes(firetitan._sync):
+        docs = {cls.__name__: inspect.getdoc(cls)}
+        for name, member in vars(cls).items():
+            target = member.fget if isinstance(member, property) else member
+            if callable(target) and not name.startswith("_"):
+                docs[f"{cls.__name__}.{name}"] = inspect.getdoc(target)
+        for where, doc in docs.items():
+            assert not ASYNC_WORDING.search(doc or ""), f"{where}: {doc}"
 
 
 def test_the_toy_facade_mirrors_the_toy_core(toy: ModuleType) -> None:

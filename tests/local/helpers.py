@@ -7,10 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+from shared import BASE_MODEL
 
 from firetitan.local import LocalTrainer
-
-BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 
 
 def text_datum(

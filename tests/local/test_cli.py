@@ -201,3 +201,19 @@ def test_serve_seed_means_what_local_trainer_seed_means(
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     assert proc.returncode == 0
+
+
+def test_serve_with_a_key_file_keeps_the_key_out_of_the_process_list(
+    processes: list[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    key = "tml-secret-from-file"
+    key_file = tmp_path / "key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    proc = start_serve("--api-key-file", str(key_file))
+    processes.append(proc)
+    match, lines = read_until(proc, r"serving at (http://127\.0\.0\.1:\d+)")
+    assert healthz(match.group(1), key) == {"status": "ok"}
+    cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+    assert key.encode() not in cmdline
+    assert key not in "".join(lines)  # a key the user chose is never printed

@@ -166,11 +166,11 @@ async def test_execution_time_user_errors_fail_the_future_only(
     cases = [
         (
             forward_body(model, 1, [text_datum([1, 2, 3], targets=[1, 2])]),
-            "data[0].loss_fn_inputs.target_tokens",
+            "datum 0: loss_fn_inputs['target_tokens']",
         ),
         (
             forward_body(model, 2, [text_datum([1, 2]), text_datum([1, 9999])]),
-            "data[1].model_input",
+            "datum 1: model_input",
         ),
         (forward_body(model, 3, loss_fn="no_such_loss"), "no_such_loss"),
     ]

@@ -65,7 +65,7 @@ async def test_evicted_results_answer_410(make_trainer: TrainerFactory) -> None:
         status, answer = await api.post("retrieve_future", {"request_id": ids[0]})
         assert status == 410
         assert answer["error_class"] == "GoneError"
-        assert "expired" in answer["detail"]
+        assert "no longer kept" in answer["detail"]
         await api.result(ids[1])  # the newest ones are kept
 
 

@@ -31,11 +31,11 @@ from typing import Any
 
 import attrs
 from hypothesis import strategies as st
+from shared import BASE_MODEL
 
 from firetitan._names import MAX_NAME_LENGTH, parse_checkpoint_path
 
 INT64_MAX = 2**63 - 1
-BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 
 # --------------------------------------------------------------------------- raw client
 

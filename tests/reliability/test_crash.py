@@ -15,9 +15,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -256,83 +257,67 @@ async def _logprobs(tc: AsyncFiretitanTrainingClient) -> list[np.ndarray]:
     return [o["logprobs"].to_numpy() for o in out.loss_fn_outputs]
 
 
+#: Where a checkpoint write is killed: (the checkpoint written, the pause file that
+#: stops the trainer there, the line it prints when paused, steps trained beforehand).
+CRASH_POINTS = {
+    # After the engine wrote a new checkpoint, before it was committed.
+    "before commit": ("partial", "write-state-partial", r"PAUSED write state partial", 0),
+    # While replacing "good": the old folder moved aside, the new one not yet in place.
+    "while replacing": ("good", "swap-state-good", r"PAUSED swap state good", 2),
+}
+
+
 @pytest.mark.asyncio
+@pytest.mark.parametrize("point", list(CRASH_POINTS))
 @pytest.mark.parametrize("scale", scales(short={"rounds": 1}, long={"rounds": 5}))
 async def test_kill_inside_a_checkpoint_write_never_lists_a_partial_checkpoint(
-    scale: Scale, tmp_path: Path, figures: Figures
+    scale: Scale, point: str, tmp_path: Path, figures: Figures
 ) -> None:
+    name, pause, paused, more_steps = CRASH_POINTS[point]
     root, pauses, job_id = tmp_path / "root", tmp_path / "pauses", "write-job"
     pauses.mkdir()
     args = serve_args(root, job_id, "--engine", "null")
     env = {"FIRETITAN_TEST_PAUSE_DIR": str(pauses)}
-    kills = 0
-    for round_ in range(scale.rounds):
-        # A committed checkpoint "good", and the model's outputs at that state.
+
+    @contextlib.asynccontextmanager
+    async def trainer() -> AsyncIterator[tuple[Child, AsyncFiretitanTrainingClient]]:
         async with (
             serve(*args, hooked=True, env=env) as child,
             AsyncFiretitanServiceClient(
                 base_url=child.base_url, api_key=KEY, config=IMPATIENT_CLIENT
             ) as service,
         ):
-            tc = await service.create_training_client(BASE_MODEL)
+            yield child, await service.create_training_client(BASE_MODEL)
+
+    for round_ in range(scale.rounds):
+        # A committed checkpoint "good", and the model's outputs at that state.
+        async with trainer() as (child, tc):
             await sft_steps(tc, range(round_ + 1))
             await tc.save_state("good")
             good = await _logprobs(tc)
-
-            # 1. Killed after the engine wrote a new checkpoint, before it was committed.
-            (pauses / "write-state-partial").touch()
-            pending = tc.save_state("partial")
-            await child.wait_for(r"PAUSED write state partial")
-            assert await tc.list_checkpoints() == ["good"]  # not listed while written
+            await sft_steps(tc, range(100, 100 + more_steps))
+            (pauses / pause).touch()
+            pending = tc.save_state(name)
+            await child.wait_for(paused)
+            if name != "good":  # (a replaced "good" is moved aside meanwhile)
+                assert await tc.list_checkpoints() == ["good"]  # not listed while written
             child.kill()
             with pytest.raises(FiretitanError):
                 async with asyncio.timeout(60):
                     await pending
-            kills += 1
-            (pauses / "write-state-partial").unlink()
+            (pauses / pause).unlink()
 
-        async with (
-            serve(*args, hooked=True, env=env) as child,
-            AsyncFiretitanServiceClient(
-                base_url=child.base_url, api_key=KEY, config=IMPATIENT_CLIENT
-            ) as service,
-        ):
-            tc = await service.create_training_client(BASE_MODEL)
+        # Restarted: the write never completed, "good" is listed alone and intact.
+        async with trainer() as (child, tc):
             assert await tc.list_checkpoints() == ["good"]
             debris = root / job_id / ".tmp"
             assert not debris.exists() or not any(debris.iterdir()), "debris survived"
             await tc.load_state_with_optimizer("good")
             for a, b in zip(await _logprobs(tc), good, strict=True):
                 np.testing.assert_array_equal(a, b)
-
-            # 2. Killed while replacing "good": the old folder moved aside, the new one
-            # not yet in place.
-            await sft_steps(tc, range(100, 102))
-            (pauses / "swap-state-good").touch()
-            pending = tc.save_state("good")
-            await child.wait_for(r"PAUSED swap state good")
-            child.kill()
-            with pytest.raises(FiretitanError):
-                async with asyncio.timeout(60):
-                    await pending
-            kills += 1
-            (pauses / "swap-state-good").unlink()
-
-        async with (
-            serve(*args, hooked=True, env=env) as child,
-            AsyncFiretitanServiceClient(
-                base_url=child.base_url, api_key=KEY, config=IMPATIENT_CLIENT
-            ) as service,
-        ):
-            tc = await service.create_training_client(BASE_MODEL)
-            # The replacement never completed: the old checkpoint is back, intact.
-            assert await tc.list_checkpoints() == ["good"]
-            await tc.load_state_with_optimizer("good")
-            for a, b in zip(await _logprobs(tc), good, strict=True):
-                np.testing.assert_array_equal(a, b)
     figures.record(
-        f"crash (kill inside checkpoint writes, {scale.name})",
-        kills=kills,
+        f"crash (kill inside a checkpoint write, {point}, {scale.name})",
+        kills=scale.rounds,
         partial_checkpoints_listed=0,
         committed_checkpoints_lost=0,
     )

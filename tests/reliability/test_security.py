@@ -21,6 +21,7 @@ import asyncio
 import datetime
 import hmac
 import ipaddress
+import json
 import logging
 import pickle
 import re
@@ -55,6 +56,7 @@ from firetitan import (
     RetryPolicy,
 )
 from firetitan.local import LocalTrainer
+from firetitan.local.checkpoints import MANIFEST_NAME
 from firetitan.local.null_engine import NullEngine
 
 from .common import ADAM, BASE_MODEL, HAS_PROC, QUICK_TRAINER, serve, sft_batch
@@ -196,7 +198,12 @@ def test_unsafe_checkpoint_names_never_touch_the_file_system(
             # it: traversal must not reach the first; cross_job:// reaches the second.
             good = root / "names-job" / "state" / "good"
             shutil.copytree(good, tmp_path / "stolen-job" / "state" / "stolen")
-            shutil.copytree(good, root / "other-job" / "state" / "shared")
+            shared = root / "other-job" / "state" / "shared"
+            shutil.copytree(good, shared)
+            # A checkpoint is valid only where its manifest says it was committed.
+            manifest = json.loads((shared / MANIFEST_NAME).read_text())
+            manifest.update(job_id="other-job", name="shared")
+            (shared / MANIFEST_NAME).write_text(json.dumps(manifest))
             before = _tree(tmp_path)
             tally: dict[str, int] = {f"{e}.{f}": 0 for e, f in _PATH_FIELDS}
             seq_box = [seq]

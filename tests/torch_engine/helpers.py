@@ -9,13 +9,14 @@ from typing import Any
 import numpy as np
 import tinker
 import torch
+from shared import BASE_MODEL
 from torch import nn
 
 from firetitan.local.engine import ModelSpec
 from firetitan.local.torch import ByteTokenizer, TorchEngine
 
 TOK = ByteTokenizer()
-QWEN = "accounts/fireworks/models/qwen3-8b"
+QWEN = BASE_MODEL
 LLAMA = "accounts/fireworks/models/llama-v3p1-8b-instruct"
 TEXTS = (
     "the cat sat on the mat",

@@ -77,7 +77,7 @@ def test_stop_token_and_stop_string(engine: TorchEngine) -> None:
 def test_only_an_empty_stop_list_turns_eos_off(stop: object, eos_stops: bool) -> None:
     # tinker's SamplingParams: None keeps EOS stopping, [] disables every stop, EOS too.
     params = tinker.SamplingParams(max_tokens=4, stop=stop)  # type: ignore[arg-type]
-    plan = plan_sampling(PROMPT, 1, params, tokenizer=TOK, vocab_size=512, context=64)
+    plan = plan_sampling(PROMPT, params, tokenizer=TOK, context=64)
     assert (TOK.eos_token_id in plan.stop_ids) is eos_stops
 
 

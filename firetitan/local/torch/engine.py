@@ -23,7 +23,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,18 @@ import tinker
 import torch
 from torch import nn
 
-from firetitan.local.engine import Engine, ModelSpec, SampleSource, UserError
+from firetitan.local.engine import (
+    Engine,
+    Limits,
+    LossRequest,
+    ModelSpec,
+    SampleSource,
+    SamplingRequest,
+    UserError,
+)
+from firetitan.local.rules import DatumArrays, LossConfig, non_finite_loss, unknown_model
 from firetitan.local.torch import exports, state
-from firetitan.local.torch.inputs import DatumArrays, collate, parse_datums, split_by_budget
+from firetitan.local.torch.inputs import collate, split_by_budget
 from firetitan.local.torch.lora import (
     PEFT_PREFIX,
     LoraSettings,
@@ -44,12 +53,7 @@ from firetitan.local.torch.lora import (
     peft_adapter_config,
     settings_from_peft,
 )
-from firetitan.local.torch.losses import (
-    LossConfig,
-    parse_loss_config,
-    per_datum_loss,
-    target_logprobs,
-)
+from firetitan.local.torch.losses import per_datum_loss, target_logprobs
 from firetitan.local.torch.models import (
     SIZES,
     build_standin,
@@ -65,7 +69,7 @@ from firetitan.local.torch.models import (
     unique_state,
     vocab_size,
 )
-from firetitan.local.torch.optim import AdamW, Window, check_adam_params, normalization_mode
+from firetitan.local.torch.optim import AdamW, Window
 from firetitan.local.torch.sampling import generate, plan_sampling
 from firetitan.local.torch.tokenizer import ByteTokenizer, Tokenizer, load_hf_tokenizer
 
@@ -201,7 +205,7 @@ class TorchEngine(Engine):
         try:
             return self._models[model_id]
         except KeyError:
-            raise UserError(f"unknown model_id {model_id!r}") from None
+            raise unknown_model(model_id) from None
 
     def _trainable(self, model_id: str, what: str) -> tuple[_Model, AdamW]:
         model = self._model(model_id)
@@ -236,15 +240,22 @@ class TorchEngine(Engine):
             names = dict.fromkeys((self.base_model, *_ADVERTISED))
             return [{"model_name": n, "max_context_length": ctx} for n in names]
 
-    def create_model(self, model_id: str, spec: ModelSpec) -> None:
+    def model_spec(self, model_id: str) -> ModelSpec | None:
         with self._lock:
-            if model_id in self._models:
-                raise UserError(f"model_id {model_id!r} already exists")
-            rank: object = spec.lora_rank  # checked at run time: the request is untrusted
-            if not isinstance(rank, int) or rank < 0:
-                raise UserError(f"lora_config.rank must be a non-negative integer, got {rank!r}")
-            if spec.lora_alpha is not None and not spec.lora_alpha > 0:
-                raise UserError(f"lora_config.alpha must be positive, got {spec.lora_alpha!r}")
+            model = self._models.get(model_id)
+            return None if model is None else model.spec
+
+    def limits(self, model_id: str) -> Limits:
+        with self._lock:
+            return _limits(self._model(model_id).module)
+
+    def source_limits(self, source: SampleSource) -> Limits:
+        with self._lock:
+            return _limits(self._sample_module(source)[0])
+
+    def build_model(self, model_id: str, spec: ModelSpec) -> None:
+        with self._lock:
+            rank = spec.lora_rank
             base = self._base(spec.base_model)
             lora = None
             if spec.base_only:
@@ -252,10 +263,6 @@ class TorchEngine(Engine):
             elif rank == 0:
                 module = clone_trainable(base.module)
             else:
-                if not (spec.train_attn or spec.train_mlp or spec.train_unembed):
-                    raise UserError(
-                        "LoRA needs at least one of train_attn, train_mlp, train_unembed"
-                    )
                 lora = LoraSettings.from_flags(
                     rank=rank,
                     alpha=float(spec.lora_alpha if spec.lora_alpha is not None else 2 * rank),
@@ -312,65 +319,32 @@ class TorchEngine(Engine):
 
     # ----------------------------------------------------------------- training
 
-    def forward(
-        self,
-        model_id: str,
-        data: Sequence[tinker.Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, Any] | None,
+    def compute_loss(
+        self, model_id: str, request: LossRequest, *, train: bool
     ) -> tinker.ForwardBackwardOutput:
         with self._lock:
-            return self._run(self._model(model_id), data, loss_fn, loss_fn_config, train=False)
-
-    def forward_backward(
-        self,
-        model_id: str,
-        data: Sequence[tinker.Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, Any] | None,
-    ) -> tinker.ForwardBackwardOutput:
-        with self._lock:
-            model, _ = self._trainable(model_id, "run forward_backward")
-            return self._run(model, data, loss_fn, loss_fn_config, train=True)
-
-    def _run(
-        self,
-        model: _Model,
-        data: Sequence[tinker.Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, Any] | None,
-        *,
-        train: bool,
-    ) -> tinker.ForwardBackwardOutput:
-        vocab = vocab_size(model.module)
-        datums = parse_datums(
-            data, loss_fn, vocab_size=vocab, max_length=context_length(model.module)
-        )
-        config = parse_loss_config(loss_fn, loss_fn_config)
-        outputs: list[dict[str, tinker.TensorData]] = [{} for _ in datums]
-        groups = split_by_budget(datums, MAX_LOGIT_CELLS, vocab)
-        # With several micro-batches, a failure after the first backward must not leave
-        # a partial gradient behind: keep a copy to restore.
-        saved = None
-        if train and len(groups) > 1 and model.optimizer is not None:
-            saved = [g.clone() for g in model.optimizer.grads()]
-        total = 0.0
-        try:
-            for group in groups:
-                total += self._run_group(model, datums, group, loss_fn, config, outputs, train)
-        except BaseException:
-            if saved is not None and model.optimizer is not None:
-                torch._foreach_copy_(model.optimizer.grads(), saved)
-            raise
-        tokens = sum(int(d.loss_positions.sum()) for d in datums)
-        if train:
-            model.window.loss_tokens += tokens
-            model.window.sequences += sum(1 for d in datums if d.loss_positions.any())
-        return tinker.ForwardBackwardOutput(
-            loss_fn_output_type="TorchLossReturn",
-            loss_fn_outputs=outputs,
-            metrics={"loss:sum": total, "loss_tokens:sum": float(tokens)},
-        )
+            model = self._model(model_id)
+            datums = request.datums
+            outputs: list[dict[str, tinker.TensorData]] = [{} for _ in datums]
+            groups = split_by_budget(datums, MAX_LOGIT_CELLS, vocab_size(model.module))
+            accumulate: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+            if train and model.optimizer is not None:
+                accumulate = model.optimizer.accumulating()  # all or nothing
+            total = 0.0
+            with accumulate:
+                for group in groups:
+                    total += self._run_group(
+                        model, datums, group, request.loss_fn, request.config, outputs, train
+                    )
+            tokens = request.loss_tokens()
+            if train:
+                model.window.loss_tokens += tokens
+                model.window.sequences += request.sequences()
+            return tinker.ForwardBackwardOutput(
+                loss_fn_output_type="TorchLossReturn",
+                loss_fn_outputs=outputs,
+                metrics={"loss:sum": total, "loss_tokens:sum": float(tokens)},
+            )
 
     def _run_group(
         self,
@@ -393,11 +367,14 @@ class TorchEngine(Engine):
             losses = per_datum_loss(loss_fn, lp, batch, config)
             finite = torch.isfinite(losses)
             if not bool(finite.all()):
-                bad = group[int((~finite).nonzero()[0, 0])]
-                raise UserError(
-                    f"datum {bad}: the loss is not finite (check loss_fn_inputs['logprobs'] "
-                    "and ['advantages'])"
-                )
+                row = int((~finite).nonzero()[0, 0])
+                if not bool(torch.isfinite(lp[row]).all()):
+                    raise UserError(
+                        f"datum {group[row]}: the model's log-probabilities are not finite "
+                        "(its weights have grown too large, e.g. from a very large "
+                        "learning_rate; load an earlier checkpoint)"
+                    )
+                raise non_finite_loss(group[row])
             loss = losses.sum()
             if train:
                 torch.autograd.backward(loss)
@@ -409,17 +386,12 @@ class TorchEngine(Engine):
             outputs[i] = {"logprobs": tinker.TensorData.from_numpy(arr.copy())}
         return float(loss.detach())
 
-    def optim_step(
-        self,
-        model_id: str,
-        adam_params: tinker.AdamParams,
-        grad_accumulation_normalization: str | None,
+    def compute_optim_step(
+        self, model_id: str, adam_params: tinker.AdamParams, normalization: str
     ) -> dict[str, float]:
         with self._lock:
             model, optimizer = self._trainable(model_id, "take an optimizer step")
-            check_adam_params(adam_params)
-            mode = normalization_mode(grad_accumulation_normalization)
-            return optimizer.apply(adam_params, normalization=mode, window=model.window)
+            return optimizer.apply(adam_params, normalization=normalization, window=model.window)
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -540,50 +512,38 @@ class TorchEngine(Engine):
 
     # ----------------------------------------------------------------- sampling
 
-    def sample(
-        self,
-        source: SampleSource,
-        prompt: Sequence[int],
-        num_samples: int,
-        params: tinker.SamplingParams,
-        *,
-        prompt_logprobs: bool = False,
+    def compute_sample(
+        self, source: SampleSource, request: SamplingRequest
     ) -> tinker.SampleResponse:
         with self._lock:
-            picks = (source.export_dir, source.model_id, source.base_model)
-            if sum(x is not None for x in picks) != 1:
-                raise UserError("sample needs exactly one of export_dir, model_id, base_model")
-            default_rng = self._engine_rng
-            if source.export_dir is not None:
-                module = self._export_module(Path(source.export_dir))
-            elif source.model_id is not None:
-                model = self._model(source.model_id)
-                module, default_rng = model.module, model.sample_rng
-            else:
-                assert source.base_model is not None
-                module = self._base(source.base_model).module
-            plan = plan_sampling(
-                prompt,
-                num_samples,
-                params,
-                tokenizer=self._tokenizer,
-                vocab_size=vocab_size(module),
-                context=context_length(module),
-            )
+            module, default_rng = self._sample_module(source)
+            context = _limits(module).context_length
+            prompt = request.prompt
+            plan = plan_sampling(prompt, request.params, tokenizer=self._tokenizer, context=context)
             generator = default_rng if plan.seed is None else self._generator(plan.seed)
             self._sample_calls += 1
             return generate(
                 module,
                 prompt,
-                num_samples,
+                request.num_samples,
                 plan,
                 generator=generator,
                 tokenizer=self._tokenizer,
                 device=self.device,
                 autocast=self._autocast(),
-                prompt_logprobs=prompt_logprobs,
+                prompt_logprobs=request.prompt_logprobs,
                 id_prefix=f"s{self._sample_calls}",
             )
+
+    def _sample_module(self, source: SampleSource) -> tuple[nn.Module, torch.Generator]:
+        """The module ``source`` names, and the generator for unseeded sampling from it."""
+        if source.export_dir is not None:
+            return self._export_module(Path(source.export_dir)), self._engine_rng
+        if source.model_id is not None:
+            model = self._model(source.model_id)
+            return model.module, model.sample_rng
+        assert source.base_model is not None
+        return self._base(source.base_model).module, self._engine_rng
 
     def _export_module(self, export_dir: Path) -> nn.Module:
         try:
@@ -638,6 +598,10 @@ class TorchEngine(Engine):
                 layer.lora_B.weight.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
         module.requires_grad_(False)
         return module
+
+
+def _limits(module: nn.Module) -> Limits:
+    return Limits(vocab_size=vocab_size(module), context_length=context_length(module))
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:

@@ -24,62 +24,12 @@ than multiplied by zero, so that an extreme ``q_t`` there cannot turn into ``0 Â
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from typing import Any
-
-import attrs
 import torch
 
-from firetitan.local.engine import UserError
+from firetitan.local.rules import LossConfig
 from firetitan.local.torch.inputs import Batch
 
-__all__ = ["LossConfig", "parse_loss_config", "per_datum_loss", "target_logprobs"]
-
-
-@attrs.frozen(kw_only=True)
-class LossConfig:
-    """``loss_fn_config`` values with the defaults of losses.md."""
-
-    clip_low: float = 0.8
-    clip_high: float = 1.2
-    beta: float = 0.05
-    kl_coeff: float = 0.0
-
-
-def parse_loss_config(loss_fn: str, config: Mapping[str, Any] | None) -> LossConfig:
-    """Read the keys ``loss_fn`` uses; other keys pass through unread.
-
-    Raises:
-        UserError: A key has a non-numeric or non-finite value, the clip bounds are
-            out of order, or ``target_logprob_support`` asks for anything but the
-            full vocabulary.
-    """
-    cfg = dict(config or {})
-    support = cfg.get("target_logprob_support", "full_vocabulary")
-    if support != "full_vocabulary":
-        raise UserError(
-            f"loss_fn_config['target_logprob_support'] = {support!r} is not supported; "
-            "this trainer computes log-probabilities over the full vocabulary"
-        )
-    defaults = LossConfig()
-    lo = _number(cfg, "clip_low_threshold", defaults.clip_low)
-    hi = _number(cfg, "clip_high_threshold", defaults.clip_high)
-    beta = _number(cfg, "beta", defaults.beta)
-    kl_coeff = _number(cfg, "kl_coeff", defaults.kl_coeff)
-    if loss_fn in ("ppo", "cispo") and not 0 <= lo <= hi:
-        raise UserError(
-            f"loss_fn_config clip bounds must satisfy 0 <= clip_low_threshold <= "
-            f"clip_high_threshold, got {lo} and {hi}"
-        )
-    return LossConfig(clip_low=lo, clip_high=hi, beta=beta, kl_coeff=kl_coeff)
-
-
-def _number(cfg: Mapping[str, Any], key: str, default: float) -> float:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise UserError(f"loss_fn_config[{key!r}] must be a finite number, got {value!r}")
-    return float(value)
+__all__ = ["per_datum_loss", "target_logprobs"]
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -101,10 +51,10 @@ def per_datum_loss(
     """The loss of each datum, shape (B,); their sum is the request's loss.
 
     Args:
-        loss_fn: A key of `firetitan.local.torch.inputs.LOSS_INPUTS`.
+        loss_fn: A key of `firetitan.local.rules.LOSSES`.
         lp: (B, T, K) float32 target log-probabilities.
         batch: The padded batch the log-probabilities came from.
-        config: Parsed ``loss_fn_config``.
+        config: The checked ``loss_fn_config``.
     """
     if loss_fn == "cross_entropy":
         return -(batch.ce_weights * lp).sum(dim=(1, 2))
@@ -129,7 +79,7 @@ def per_datum_loss(
     elif loss_fn == "stable_reinforce":
         weight = torch.clamp(ratio, max=config.clip_high).detach()
         term = weight * lp1 * adv - 0.5 * config.kl_coeff * (lp1 - q) ** 2
-    else:  # parse_datums rejects unknown losses before we get here
+    else:  # the rules refuse unknown losses before an engine computes
         raise AssertionError(loss_fn)
     weighted = torch.where(active, batch.rl_coef * term, torch.zeros_like(term))
     return -weighted.sum(dim=1)

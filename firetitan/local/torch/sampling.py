@@ -30,14 +30,12 @@ import tinker
 import torch
 from torch import nn
 
-from firetitan.local.engine import UserError
+from firetitan.local.engine import DEFAULT_MAX_TOKENS
 from firetitan.local.torch.models import cache_keyword
 from firetitan.local.torch.tokenizer import Tokenizer
 
 __all__ = ["DEFAULT_MAX_TOKENS", "SamplingPlan", "generate", "plan_sampling"]
 
-#: ``max_tokens`` when the request leaves it unset.
-DEFAULT_MAX_TOKENS = 256
 
 
 @attrs.frozen(kw_only=True)
@@ -55,38 +53,13 @@ class SamplingPlan:
 
 def plan_sampling(
     prompt: Sequence[int],
-    num_samples: int,
     params: tinker.SamplingParams,
     *,
     tokenizer: Tokenizer,
-    vocab_size: int,
     context: int,
 ) -> SamplingPlan:
-    """Check a sampling request against the model.
-
-    Raises:
-        UserError: A parameter is out of range, the prompt is empty, too long or holds
-            a token outside the vocabulary, or ``stop`` has the wrong type.
-    """
-    if num_samples < 1:
-        raise UserError(f"num_samples must be at least 1, got {num_samples}")
-    if not prompt:
-        raise UserError("prompt is empty")
-    values: Sequence[object] = prompt  # checked at run time: the request is untrusted
-    for i, tok in enumerate(values):
-        if not isinstance(tok, int) or not 0 <= tok < vocab_size:
-            raise UserError(
-                f"prompt token {i} is {tok!r}, outside the vocabulary [0, {vocab_size})"
-            )
-    if len(prompt) >= context:
-        raise UserError(f"prompt has {len(prompt)} tokens; the model's context is {context}")
-    if params.max_tokens is not None and params.max_tokens < 0:
-        raise UserError(f"max_tokens must be >= 0, got {params.max_tokens}")
-    if not (math.isfinite(params.temperature) and params.temperature >= 0):
-        raise UserError(f"temperature must be >= 0, got {params.temperature}")
-    if not (math.isfinite(params.top_p) and 0 < params.top_p <= 1):
-        raise UserError(f"top_p must be in (0, 1], got {params.top_p}")
-
+    """The generation plan of checked sampling parameters (`rules.check_sampling`):
+    ``max_tokens`` capped by the context, stop ids and strings, the default stop."""
     wanted = DEFAULT_MAX_TOKENS if params.max_tokens is None else params.max_tokens
     room = context - len(prompt)
     stop_ids: set[int] = set()
@@ -97,14 +70,10 @@ def plan_sampling(
         stop_ids.add(tokenizer.eos_token_id)
     if stop is not None:
         for item in [stop] if isinstance(stop, str) else list(stop):
-            if isinstance(item, str) and item:
+            if isinstance(item, str):
                 stop_strings.append(item)
-            elif isinstance(item, int) and not isinstance(item, bool):
+            elif isinstance(item, int):
                 stop_ids.add(item)
-            else:
-                raise UserError(
-                    f"stop entries must be token ids or non-empty strings, got {item!r}"
-                )
     return SamplingPlan(
         max_new=min(wanted, room),
         temperature=float(params.temperature),

@@ -1,0 +1,225 @@
+"""The engine-independent rules: both engines refuse the same hostile requests with
+exactly the same messages, and the loss catalogue's rules (unknown config keys, all
+missing inputs) read as the losses reference says."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import tinker
+import torch
+from shared import BASE_MODEL as BASE
+
+from firetitan.local.engine import Engine, ModelSpec, SampleSource, UserError
+from firetitan.local.null_engine import NullEngine
+from firetitan.local.rules import LOSSES, Interval
+from firetitan.local.torch import TorchEngine
+
+TOKENS = [1, 2, 3, 4]
+N = len(TOKENS)
+
+
+def _datum(tokens: list[int] = TOKENS, **inputs: Any) -> tinker.Datum:
+    return tinker.Datum(
+        model_input=tinker.ModelInput.from_ints(tokens),
+        loss_fn_inputs={k: v for k, v in inputs.items() if v is not None},
+    )
+
+
+def _rl(**override: Any) -> tinker.Datum:
+    inputs: dict[str, Any] = {
+        "target_tokens": np.asarray(TOKENS, np.int64),
+        "logprobs": np.full(N, -1.0, np.float32),
+        "advantages": np.ones(N, np.float32),
+    }
+    return _datum(**{**inputs, **override})
+
+
+SFT = _datum(target_tokens=np.asarray(TOKENS, np.int64))
+Call = Callable[[Engine, int, int], object]  # (engine, vocab size, context length)
+
+
+def _fb(data: list[tinker.Datum], loss_fn: str = "cross_entropy", cfg: Any = None) -> Call:
+    return lambda e, _v, _c: e.forward_backward("m", data, loss_fn, cfg)
+
+
+def _step(**adam: Any) -> Call:
+    return lambda e, _v, _c: e.optim_step("m", tinker.AdamParams(**adam), None)
+
+
+def _sample(prompt: list[int] = TOKENS, n: int = 1, **params: Any) -> Call:
+    source = SampleSource(model_id="m")
+    return lambda e, _v, _c: e.sample(source, prompt, n, tinker.SamplingParams(**params))
+
+
+HOSTILE: dict[str, Call] = {
+    "unknown loss": _fb([SFT], "mse"),
+    "misspelt clip key": _fb([_rl()], "ppo", {"clip_hihg_threshold": 1.3}),
+    "epsilon-style clip key": _fb([_rl()], "ppo", {"clip_eps": 0.2}),
+    "beta for ppo": _fb([_rl()], "ppo", {"beta": 0.1}),
+    "clip bounds reversed": _fb(
+        [_rl()], "cispo", {"clip_low_threshold": 1.5, "clip_high_threshold": 1.2}
+    ),
+    "clip as a string": _fb([_rl()], "ppo", {"clip_low_threshold": "0.8"}),
+    "negative beta": _fb([_rl()], "dro", {"beta": -0.1}),
+    "candidates support": _fb([SFT], "cross_entropy", {"target_logprob_support": "candidates"}),
+    "empty data": _fb([]),
+    "all RL inputs missing": _fb([_rl(), _datum()], "ppo"),
+    "two RL inputs missing": _fb([_datum(target_tokens=np.asarray(TOKENS, np.int64))], "dro"),
+    "target missing": _fb([SFT, _datum()]),
+    "short targets": _fb([_datum(target_tokens=np.zeros(N - 1, np.int64))]),
+    "float targets": _fb([_datum(target_tokens=np.zeros(N, np.float32))]),
+    "weights shape": _fb(
+        [_datum(target_tokens=np.zeros(N, np.int64), weights=np.ones(N + 1, np.float32))]
+    ),
+    "inf weight": _fb(
+        [_datum(target_tokens=np.zeros(N, np.int64), weights=np.full(N, np.inf, np.float32))]
+    ),
+    "nan advantage": _fb([_rl(), _rl(advantages=np.full(N, np.nan, np.float32))], "dro"),
+    "2-D targets for an RL loss": _fb([_rl(target_tokens=np.zeros((N, 2), np.int64))], "ppo"),
+    "input token out of vocab": lambda e, v, _c: e.forward(
+        "m", [_datum([1, v], target_tokens=np.zeros(2, np.int64))], "cross_entropy", None
+    ),
+    "negative target": _fb([_datum(target_tokens=np.full(N, -1, np.int64))]),
+    "target out of vocab": lambda e, v, _c: e.forward(
+        "m", [_datum(target_tokens=np.full(N, v, np.int64))], "cross_entropy", None
+    ),
+    "empty input": _fb([_datum([], target_tokens=np.zeros(0, np.int64))]),
+    "input longer than the context": lambda e, _v, c: e.forward(
+        "m", [_datum([1] * (c + 1), target_tokens=np.ones(c + 1, np.int64))], "cross_entropy", None
+    ),
+    "loss overflows": _fb(
+        [_rl(), _rl(logprobs=np.full(N, -1e4, np.float32))], "importance_sampling"
+    ),
+    "unknown model": lambda e, _v, _c: e.forward("nope", [SFT], "cross_entropy", None),
+    "frozen model forward_backward": lambda e, _v, _c: e.forward_backward(
+        "ref", [SFT], "cross_entropy", None
+    ),
+    "frozen model optim_step": lambda e, _v, _c: e.optim_step("ref", tinker.AdamParams(), None),
+    "eps zero": _step(eps=0.0),
+    "negative learning rate": _step(learning_rate=-1e-3),
+    "beta1 one": _step(beta1=1.0),
+    "beta2 nan": _step(beta2=math.nan),
+    "negative weight decay": _step(weight_decay=-0.1),
+    "negative clip norm": _step(grad_clip_norm=-1.0),
+    "unknown normalization": lambda e, _v, _c: e.optim_step("m", tinker.AdamParams(), "mean"),
+    "negative LoRA rank": lambda e, _v, _c: e.create_model(
+        "x", ModelSpec(base_model=BASE, lora_rank=-1)
+    ),
+    "zero LoRA alpha": lambda e, _v, _c: e.create_model(
+        "x", ModelSpec(base_model=BASE, lora_rank=4, lora_alpha=0)
+    ),
+    "LoRA that trains nothing": lambda e, _v, _c: e.create_model(
+        "x",
+        ModelSpec(
+            base_model=BASE, lora_rank=4, train_attn=False, train_mlp=False, train_unembed=False
+        ),
+    ),
+    "duplicate model": lambda e, _v, _c: e.create_model("m", ModelSpec(base_model=BASE)),
+    "empty base model": lambda e, _v, _c: e.create_model("x", ModelSpec(base_model="")),
+    "zero samples": _sample(n=0),
+    "empty prompt": _sample(prompt=[]),
+    "prompt token out of vocab": lambda e, v, _c: e.sample(
+        SampleSource(model_id="m"), [1, v], 1, tinker.SamplingParams()
+    ),
+    "prompt fills the context": lambda e, _v, c: e.sample(
+        SampleSource(model_id="m"), [1] * c, 1, tinker.SamplingParams()
+    ),
+    "negative max_tokens": _sample(max_tokens=-1),
+    "negative temperature": _sample(temperature=-1.0),
+    "top_p zero": _sample(top_p=0.0),
+    "top_p above one": _sample(top_p=1.5),
+    "empty stop string": _sample(stop=[""]),
+    "sample an unknown model": lambda e, _v, _c: e.sample(
+        SampleSource(model_id="nope"), TOKENS, 1, tinker.SamplingParams()
+    ),
+    "two sample sources": lambda e, _v, _c: e.sample(
+        SampleSource(model_id="m", base_model=BASE), TOKENS, 1, tinker.SamplingParams()
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def engines() -> tuple[tuple[Engine, int, int], tuple[Engine, int, int]]:
+    """A tiny torch engine and a null engine with the same vocabulary and context, each
+    with a trainable model ``m`` and a frozen ``ref``."""
+    threads = torch.get_num_threads()
+    torch_engine = TorchEngine(BASE, size="tiny", device="cpu", threads=1)
+    torch.set_num_threads(threads)
+    limits = torch_engine.source_limits(SampleSource(base_model=BASE))
+    null_engine = NullEngine(
+        BASE, vocab_size=limits.vocab_size, max_context_length=limits.context_length
+    )
+    for engine in (torch_engine, null_engine):
+        engine.create_model("m", ModelSpec(base_model=BASE))
+        engine.create_model("ref", ModelSpec(base_model=BASE, base_only=True))
+    return (
+        (torch_engine, limits.vocab_size, limits.context_length),
+        (null_engine, limits.vocab_size, limits.context_length),
+    )
+
+
+def _refusal(engine: Engine, vocab: int, context: int, call: Call) -> str:
+    with pytest.raises(UserError) as info:
+        call(engine, vocab, context)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_both_engines_refuse_alike(
+    engines: tuple[tuple[Engine, int, int], tuple[Engine, int, int]], case: str
+) -> None:
+    (torch_engine, vocab, context), (null_engine, _, _) = engines
+    call = HOSTILE[case]
+    assert _refusal(torch_engine, vocab, context, call) == _refusal(
+        null_engine, vocab, context, call
+    )
+
+
+def test_unknown_config_keys_list_the_valid_ones(
+    engines: tuple[tuple[Engine, int, int], tuple[Engine, int, int]],
+) -> None:
+    (engine, vocab, context), _ = engines
+    message = _refusal(engine, vocab, context, HOSTILE["misspelt clip key"])
+    assert message == (
+        "loss_fn_config has unknown key(s) ['clip_hihg_threshold'] for loss_fn 'ppo'; "
+        "valid keys: ['clip_high_threshold', 'clip_low_threshold', 'target_logprob_support']"
+    )
+
+
+def test_all_missing_inputs_are_named_at_once(
+    engines: tuple[tuple[Engine, int, int], tuple[Engine, int, int]],
+) -> None:
+    (engine, vocab, context), _ = engines
+    message = _refusal(engine, vocab, context, HOSTILE["all RL inputs missing"])
+    assert message == (
+        "datum 1: loss_fn_inputs is missing 'target_tokens', 'logprobs', 'advantages', "
+        "required by ppo (it needs target_tokens, logprobs, advantages)"
+    )
+
+
+def test_adam_messages_name_the_range(
+    engines: tuple[tuple[Engine, int, int], tuple[Engine, int, int]],
+) -> None:
+    (engine, vocab, context), _ = engines
+    assert _refusal(engine, vocab, context, HOSTILE["eps zero"]) == (
+        "adam_params.eps must be a finite number > 0, got 0.0"
+    )
+    assert _refusal(engine, vocab, context, HOSTILE["beta1 one"]) == (
+        "adam_params.beta1 must be a finite number in [0, 1), got 1.0"
+    )
+
+
+def test_catalogue_defaults_lie_in_their_ranges() -> None:
+    for spec in LOSSES.values():
+        for key in spec.config_keys().values():
+            if key.allowed is not None:
+                assert isinstance(key.default, float) and key.default in key.allowed
+            else:
+                assert key.default in key.choices
+    assert 0.5 in Interval(0.0, 1.0, hi_open=True) and 1.0 not in Interval(0.0, 1.0, hi_open=True)
+    assert math.nan not in Interval() and str(Interval(0.0, 1.0, lo_open=True)) == "in (0, 1]"
