@@ -498,19 +498,19 @@ class AsyncFiretitanServiceClient:
             model_seq_id=model_seq_id,
             user_metadata=metadata,
         )
-        answer = await self._transport.post("/api/v1/load_weights", _wire.encode_request(request))
-        request_id = ack_request_id(answer, "load_weights")
-        payload = await self._wait(self._poller.wait(request_id, "LoadWeights"), "load_weights")
+        load = endpoints.LOAD_WEIGHTS
+        answer = await self._transport.post(load.path, _wire.encode_request(request))
+        request_id = ack_request_id(answer, load.name)
+        payload = await self._wait(self._poller.wait(request_id, load.request_type), load.name)
         model_id = payload.get("model_id") if isinstance(payload, dict) else None
         if not isinstance(model_id, str) or not model_id:
             raise APIResponseValidationError(
                 "load_weights resolved without a string model_id", body=payload
             )
+        info_request = _wire.GetInfoRequest(model_id=model_id)
         info = validate_model(
             ttypes.GetInfoResponse,
-            await self._transport.post(
-                "/api/v1/get_info", {"model_id": model_id, "type": "get_info"}
-            ),
+            await self._transport.post(endpoints.GET_INFO.path, _wire.encode_request(info_request)),
         )
         return self._adopt(
             model_id,
