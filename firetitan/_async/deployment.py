@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+from collections.abc import Callable
 from types import TracebackType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import attrs
 
@@ -129,11 +131,9 @@ class AsyncDeployment:
             if self._account is None:
                 answer = await self._transport.get(f"{endpoints.LIST_ACCOUNTS.path}?pageSize=2")
                 accounts = answer.get("accounts") if isinstance(answer, dict) else None
-                names = (
-                    [a.get("name") for a in accounts or [] if isinstance(a, dict)]
-                    if isinstance(accounts, list)
-                    else []
-                )
+                if not isinstance(accounts, list):
+                    accounts = []
+                names = [a.get("name") for a in accounts if isinstance(a, dict)]
                 if len(names) != 1 or not isinstance(names[0], str):
                     raise APIResponseValidationError(
                         f"the API key belongs to {len(names)} accounts, not exactly one: "
@@ -293,6 +293,21 @@ class AsyncDeployment:
                 )
             await asyncio.sleep(min(interval, remaining))
             interval = min(interval * 2, self._config.poll_interval)
+
+    # ------------------------------------------------------------------ sampling
+
+    async def _complete(
+        self, body: dict[str, Any], fold: Callable[[], _wire.CompletionStream]
+    ) -> _wire.Completion:
+        """One streamed completion, retried (under one ``x-request-id``) and limited
+        by the transport; see `AsyncDeploymentSampler`."""
+        return await self._transport.stream(
+            endpoints.COMPLETIONS.path,
+            body,
+            fold,
+            headers={"x-request-id": secrets.token_hex(16)},
+            limit=self._limit,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -16,7 +16,6 @@ from a new request. Where the reference client differs, on purpose:
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +24,6 @@ import tinker
 from firetitan import _wire
 from firetitan._async._checks import positive_int
 from firetitan._async.deployment import AsyncDeployment
-from firetitan._wire import endpoints
 
 __all__ = ["AsyncDeploymentSampler", "stop_strings"]
 
@@ -118,26 +116,12 @@ class AsyncDeploymentSampler:
             )
             for i in range(num_samples)
         ]
-        transport = self._deployment._transport
-        limit = self._deployment._limit
 
         def fold() -> _wire.CompletionStream:
             return _wire.CompletionStream(tokens, echo=prompt_logprobs, full_distribution=full)
 
-        return list(
-            await asyncio.gather(
-                *(
-                    transport.stream(
-                        endpoints.COMPLETIONS.path,
-                        body,
-                        fold,
-                        headers={"x-request-id": secrets.token_hex(16)},
-                        limit=limit,
-                    )
-                    for body in bodies
-                )
-            )
-        )
+        complete = self._deployment._complete
+        return list(await asyncio.gather(*(complete(body, fold) for body in bodies)))
 
     async def sample(
         self,

@@ -687,10 +687,6 @@ class TrainerServer:
         known = self._registry.models.get(model_id)
         if known is not None:  # a retry: (session_id, model_seq_id) identifies the call
             return _ack(known.create_request_id, model_id)
-        if req.model_seq_id < 0:
-            raise _unprocessable(f"model_seq_id must be >= 0, got {req.model_seq_id}")
-        if req.lora_rank < 0:
-            raise _unprocessable(f"lora_config.rank must be >= 0, got {req.lora_rank}")
         if req.projection_head_dim:
             raise _unprocessable("projection_head_dim: projection heads are not supported here")
         spec = ModelSpec(
@@ -832,8 +828,6 @@ class TrainerServer:
         base_model = req.base_model or (sampling.base_model if sampling else None)
         if model_path is None and not base_model:
             raise _unprocessable("one of model_path, base_model or sampling_session_id is required")
-        if req.num_samples < 1:
-            raise _unprocessable(f"num_samples must be >= 1, got {req.num_samples}")
         self._check_sample_budget(req)
         expect = self._likely_encoding(sampling.session_id if sampling else None)
         ticket = SampleTicket(sampling.session_id if sampling else None)

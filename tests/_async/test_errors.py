@@ -8,9 +8,11 @@ import logging
 import pickle
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from faults import FaultProxy
+from shared import Surface
 
 from firetitan import (
     APIConnectionError,
@@ -75,13 +77,13 @@ async def test_wrong_key_is_an_authentication_error(trainer: LocalTrainer) -> No
 
 @pytest.mark.asyncio
 async def test_user_errors_are_request_failures_with_category_user(
-    service: AsyncFiretitanServiceClient,
+    surface: Surface, any_service: Any
 ) -> None:
-    tc = await service.create_training_client(BASE_MODEL)
+    tc = await surface.call(any_service.create_training_client, BASE_MODEL)
     bad_token = batch(1)
     bad_token[0].loss_fn_inputs["target_tokens"].to_numpy()[0] = 10**6  # outside the vocab
     with pytest.raises(RequestFailedError) as info:
-        await tc.forward(bad_token, "cross_entropy")
+        await surface.call(tc.forward, bad_token, "cross_entropy")
     error = info.value
     assert error.category == "user" and error.request_id
     assert "data[0]" in error.message or "datum 0" in error.message

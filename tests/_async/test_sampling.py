@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+from typing import Any
 
 import pytest
 import tinker
 from faults import FaultProxy
+from shared import Surface
 
 from firetitan import (
     AsyncFiretitanServiceClient,
@@ -51,6 +53,22 @@ async def test_two_hundred_concurrent_samples_share_a_few_connections(
         samples = [r.body for r in proxy.requests_to("/api/v1/asample")]
         assert sorted(b["seq_id"] for b in samples) == list(range(1, 201))
         assert {b["sampling_session_id"] for b in samples} == {sampler.sampling_session_id}
+
+
+@pytest.mark.asyncio
+async def test_sample_and_compute_logprobs_on_both_surfaces(
+    surface: Surface, any_service: Any
+) -> None:
+    call = surface.call
+    tc = await call(any_service.create_training_client, BASE_MODEL)
+    sampler = await call(tc.save_weights_and_get_sampling_client, "policy")
+    response = await call(sampler.sample, PROMPT, 2, PARAMS)
+    assert len(response.sequences) == 2
+    assert all(1 <= len(s.tokens) <= 4 for s in response.sequences)
+    logprobs = await call(sampler.compute_logprobs, PROMPT)
+    assert len(logprobs) == 4 and logprobs[0] is None
+    with pytest.raises(ValueError, match="num_samples"):
+        await call(sampler.sample, PROMPT, 0, PARAMS)
 
 
 @pytest.mark.asyncio

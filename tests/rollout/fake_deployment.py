@@ -9,11 +9,16 @@ tell which one the client used. Faults are queued per endpoint and consumed in o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
+
+from firetitan._wire import endpoints
 
 KEY = "fake-deployment-key"
 ACCOUNT = "acct"
@@ -46,10 +51,15 @@ class FakeDeployment:
 
     async def start(self) -> FakeDeployment:
         app = web.Application()
-        app.router.add_get("/v1/accounts", self._accounts)
-        app.router.add_post("/hot_load/v1/models/hot_load", self._hot_load)
-        app.router.add_get("/hot_load/v1/models/hot_load", self._status)
-        app.router.add_post("/inference/v1/completions", self._complete)
+        handlers = {
+            endpoints.LIST_ACCOUNTS: self._accounts,
+            endpoints.HOT_LOAD: self._hot_load,
+            endpoints.HOT_LOAD_STATUS: self._status,
+            endpoints.COMPLETIONS: self._complete,
+        }
+        assert set(handlers) == {e for e in endpoints.ALL if e.server == "deployment"}
+        for endpoint, handler in handlers.items():
+            app.router.add_route(endpoint.method, endpoint.path, handler)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -114,6 +124,8 @@ class FakeDeployment:
         self.completions.append(
             {"body": body, "request_id": request.headers.get("x-request-id"), "peer": peer}
         )
+        if body.get("model") != MODEL:
+            return web.json_response({"error": {"message": "model not found"}}, status=404)
         fault = self.completion_faults.popleft() if self.completion_faults else ""
         if fault.startswith("429") or fault.startswith("503"):
             status, _, after = fault.partition(":")
@@ -170,3 +182,19 @@ class FakeDeployment:
         await send({"choices": [final], "usage": {"completion_tokens": len(generated)}})
         await send("[DONE]")
         return response
+
+
+@contextlib.contextmanager
+def fake_in_thread(replicas: int = 1) -> Iterator[FakeDeployment]:
+    """A `FakeDeployment` served from a thread of its own, for blocking callers."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    fake = asyncio.run_coroutine_threadsafe(FakeDeployment(replicas).start(), loop).result(30)
+    try:
+        yield fake
+    finally:
+        asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()

@@ -24,6 +24,7 @@ from firetitan import (
     HotLoadError,
     HotLoadTimeoutError,
     InternalServerError,
+    NotFoundError,
     RetryPolicy,
     Timeouts,
 )
@@ -47,8 +48,13 @@ async def fake() -> AsyncIterator[FakeDeployment]:
 
 
 def _config(fake: FakeDeployment, **changes: Any) -> DeploymentConfig:
-    options: dict[str, Any] = {"base_model": BASE_MODEL, "poll_interval": 0.05, **changes}
-    return DeploymentConfig(base_url=fake.base_url, deployment_id="dep", **options)
+    options: dict[str, Any] = {
+        "deployment_id": "dep",
+        "base_model": BASE_MODEL,
+        "poll_interval": 0.05,
+        **changes,
+    }
+    return DeploymentConfig(base_url=fake.base_url, **options)
 
 
 @pytest_asyncio.fixture
@@ -314,3 +320,13 @@ async def test_hundreds_of_concurrent_samples_share_pooled_connections(
     assert fake.max_in_flight <= 64
     connections = {c["peer"] for c in fake.completions}
     assert len(connections) <= 64  # reused keep-alive connections, not one per request
+
+
+async def test_a_wrong_deployment_fails_at_once_not_after_50_seconds_of_retries(
+    fake: FakeDeployment,
+) -> None:
+    config = _config(fake, account="acct", deployment_id="no-such-deployment")
+    async with AsyncDeployment(config, api_key=KEY, client_config=FAST) as dep:
+        with pytest.raises(NotFoundError, match="model not found"):
+            await AsyncDeploymentSampler(dep).sample_tokens([1], max_tokens=1)
+    assert len(fake.completions) == 1
