@@ -622,8 +622,6 @@ def handoffs(loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
     import concurrent.futures
     import threading
 
-    from anyio.from_thread import start_blocking_portal
-
     def lock() -> None:
         done = threading.Lock()
         done.acquire()
@@ -641,6 +639,11 @@ def handoffs(loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
     def coroutine() -> None:
         asyncio.run_coroutine_threadsafe(noop(), loop).result()
 
+    out = {"lock": lock, "future": future, "coroutine": coroutine}
+    try:  # not a firetitan dependency; tinker and fireworks-ai bring it in through httpx
+        from anyio.from_thread import start_blocking_portal
+    except ImportError:
+        return out
     # Left open for the process's life (the worker's): a portal per round would measure
     # thread start-ups. The context manager is kept, since collecting it stops the portal.
     _KEEP.append(context := start_blocking_portal())
@@ -649,7 +652,7 @@ def handoffs(loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
     def anyio() -> None:
         portal.call(noop)
 
-    return {"lock": lock, "future": future, "coroutine": coroutine, "anyio": anyio}
+    return {**out, "anyio": anyio}
 
 
 # --------------------------------------------------------------------------- codec

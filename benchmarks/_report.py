@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -98,8 +99,8 @@ def fmt_ratio(value: float) -> str:
 class Target:
     """One goal: ``figure <= goal`` (or ``<`` when ``strict``).
 
-    ``figure`` is a median; ``rounds`` holds the same figure measured in each round
-    alone, whose interquartile range the report prints beside it as the spread.
+    ``figure`` is a median (see `of_rounds`); ``rounds`` holds the same figure measured
+    in each round alone, whose interquartile range the report prints as the spread.
     """
 
     name: str
@@ -110,6 +111,16 @@ class Target:
     rounds: tuple[float, ...] = attrs.field(default=(), converter=tuple)
     #: What one entry of ``rounds`` is: a round, or a step (RL), a process (B5).
     per: str = "rounds"
+
+    @classmethod
+    def of_rounds(
+        cls, name: str, rounds: Sequence[float], goal: float, unit: str, **kwargs: Any
+    ) -> Target:
+        """A target judged on the median of its per-round figures: each round compares
+        the peers under the same conditions, so a load that drifts between rounds moves
+        the spread, not the verdict."""
+        figure = median([v for v in rounds if not math.isnan(v)])
+        return cls(name, figure, goal, unit, rounds=tuple(rounds), **kwargs)
 
     def spread(self) -> str:
         values = [v for v in self.rounds if not math.isnan(v)]
@@ -166,9 +177,11 @@ class Report:
             parts += [
                 "## Targets",
                 "",
-                "Each figure is a median over every sample of the run; the spread is the "
-                "interquartile range (p25–p75) of the same figure measured round by round "
-                "(RL: step by step; B5: process by process). A missed goal says so.",
+                "Each target is judged on the median of the same figure measured round by "
+                "round (a ratio: of that round's medians), so that peers are compared under "
+                "the same conditions; the spread is the interquartile range (p25–p75) of "
+                "those per-round figures (RL: per step; B5: per process). The tables below "
+                "pool every sample of the run. A missed goal says so.",
                 "",
                 "| target | median | spread over rounds | goal | status |",
                 "|---|---:|---:|---:|---|",

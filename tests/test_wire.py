@@ -1601,3 +1601,28 @@ def test_forward_backward_output_proto_needs_the_same_fields() -> None:
     with pytest.raises(w.WireError) as info:
         w.encode_forward_backward_output_proto(output)
     assert info.value.field == "loss_fn_outputs[1]"
+
+
+@pytest.mark.parametrize("v2", [True, False])
+def test_a_long_weights_mask_is_written_as_orjson_writes_it(v2: bool) -> None:
+    mask = np.ones(1000, dtype=np.float32)
+    mask[:250] = 0.0
+    mask[600:610] = 0.0
+    tensor = tinker.TensorData.from_numpy(mask)
+    body = w.dumps(w.encode_tensor(tensor, v2=v2))
+    expected = orjson.dumps(
+        {"data": mask if v2 else mask.astype(np.float64), "dtype": "float32", "shape": [1000]},
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
+    assert body == expected
+    assert w.decode_tensor(w.loads(body)).to_numpy().tolist() == mask.tolist()
+
+
+@pytest.mark.parametrize("odd", [-0.0, 0.5, 2.0])
+def test_an_array_that_is_not_a_mask_is_written_as_before(odd: float) -> None:
+    values = np.ones(1000, dtype=np.float32)
+    values[7] = odd
+    body = w.dumps(w.encode_tensor(tinker.TensorData.from_numpy(values), v2=True))
+    assert body == orjson.dumps(
+        {"data": values, "dtype": "float32", "shape": [1000]}, option=orjson.OPT_SERIALIZE_NUMPY
+    )
