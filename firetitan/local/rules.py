@@ -10,10 +10,10 @@ The loss catalogue (`LOSSES`) is also the source of the losses reference
 (``docs/losses.md``, written by ``scripts/gen_losses_doc.py``): add a built-in loss
 here, with its inputs and config keys, and its compute in each engine.
 
-Wording: a field that is out of range reads ``<field> must be <range>, got <value>``;
-a datum's problem starts with ``datum <index>:`` and names the ``loss_fn_inputs`` key.
-Only the engine's facts (vocabulary size, context length) enter the messages, through
-`Limits`.
+Wording: a field that is out of range reads ``<field> must be a finite number <range>,
+got <value>``; a datum's problem starts with ``datum <index>:`` and names the
+``loss_fn_inputs`` key. Only the engine's facts (vocabulary size, context length) enter
+the messages, through `Limits`.
 """
 
 from __future__ import annotations
@@ -165,16 +165,21 @@ COMMON_CONFIG: Final = (
     ),
 )
 
+# Defaults of the config keys below, shared with `LossConfig` (losses.md).
+CLIP_LOW_DEFAULT: Final = 0.8
+CLIP_HIGH_DEFAULT: Final = 1.2
+BETA_DEFAULT: Final = 0.05
+
 _CLIP = (
     ConfigKey(
         name="clip_low_threshold",
-        default=0.8,
+        default=CLIP_LOW_DEFAULT,
         allowed=NON_NEGATIVE,
         doc="Lower bound `lo` of the ratio itself (not ε); at most `clip_high_threshold`.",
     ),
     ConfigKey(
         name="clip_high_threshold",
-        default=1.2,
+        default=CLIP_HIGH_DEFAULT,
         allowed=NON_NEGATIVE,
         doc="Upper bound `hi` of the ratio itself (not ε); at least `clip_low_threshold`.",
     ),
@@ -223,7 +228,7 @@ LOSSES: Final[dict[str, LossSpec]] = {
             (
                 ConfigKey(
                     name="beta",
-                    default=0.05,
+                    default=BETA_DEFAULT,
                     allowed=NON_NEGATIVE,
                     doc="Weight β of the quadratic penalty on `lp_t − q_t`.",
                 ),
@@ -238,7 +243,7 @@ LOSSES: Final[dict[str, LossSpec]] = {
             (
                 ConfigKey(
                     name="clip_high_threshold",
-                    default=1.2,
+                    default=CLIP_HIGH_DEFAULT,
                     allowed=NON_NEGATIVE,
                     doc="Upper bound `hi` of the importance weight (truncated, never raised).",
                 ),
@@ -258,9 +263,9 @@ LOSSES: Final[dict[str, LossSpec]] = {
 class LossConfig:
     """A checked ``loss_fn_config``: the keys each loss reads, defaults filled in."""
 
-    clip_low: float = 0.8
-    clip_high: float = 1.2
-    beta: float = 0.05
+    clip_low: float = CLIP_LOW_DEFAULT
+    clip_high: float = CLIP_HIGH_DEFAULT
+    beta: float = BETA_DEFAULT
     kl_coeff: float = 0.0
 
 

@@ -627,7 +627,6 @@ class TrainerServer:
     async def _save_weights(self, request: web.Request) -> web.Response:
         def build(req: _wire.SaveWeightsRequest, record: ModelRecord) -> Run:
             name = _valid_name(req.path, "path")
-            _valid_ttl(req.ttl_seconds)
             returned = self._client_path(record.session_id, "state", name)
             return self._operations.save_weights(req, record, returned)
 
@@ -657,7 +656,6 @@ class TrainerServer:
 
     async def _save_for_sampler(self, request: web.Request) -> web.Response:
         def build(req: _wire.SaveWeightsForSamplerRequest, record: ModelRecord) -> Run:
-            _valid_ttl(req.ttl_seconds)
             sampling: SamplingSession | None = None
             if req.path is not None:
                 name = _valid_name(req.path, "path")
@@ -1011,8 +1009,3 @@ def _ack(request_id: str, model_id: str) -> web.Response:
 async def _ready(value: T) -> T:
     """An already decoded request, as `TrainerServer._ordered` takes its decoder."""
     return value
-
-
-def _valid_ttl(ttl: float | None) -> None:
-    if ttl is not None and not ttl > 0:
-        raise _unprocessable(f"ttl_seconds must be positive, got {ttl}")

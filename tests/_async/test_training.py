@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import tinker
 from faults import FaultProxy
-from shared import Surface
+from shared import Surface, connect
 
 from firetitan import (
     AsyncAPIFuture,
@@ -89,9 +89,7 @@ async def test_invalid_arguments_raise_at_the_call_site(
 
 @pytest.mark.asyncio
 async def test_chunked_batches_take_contiguous_seq_ids(trainer: LocalTrainer) -> None:
-    async with AsyncFiretitanServiceClient(
-        base_url=trainer.base_url, api_key=trainer.api_key, config=chunked_config(2)
-    ) as service:
+    async with connect(trainer.base_url, trainer.api_key, chunked_config(2)) as service:
         tc = await service.create_training_client(BASE_MODEL)
         data = batch(5)
         fb = tc.forward_backward(data, "cross_entropy")
@@ -112,9 +110,7 @@ async def test_chunked_batches_take_contiguous_seq_ids(trainer: LocalTrainer) ->
 @pytest.mark.asyncio
 async def test_large_batches_are_encoded_off_the_loop(trainer: LocalTrainer) -> None:
     config = FAST_CLIENT.evolve(limits=FAST_CLIENT.limits.__class__(offload_bytes=10))
-    async with AsyncFiretitanServiceClient(
-        base_url=trainer.base_url, api_key=trainer.api_key, config=config
-    ) as service:
+    async with connect(trainer.base_url, trainer.api_key, config) as service:
         tc = await service.create_training_client(BASE_MODEL)
         out = await tc.forward(batch(4), "cross_entropy")
         assert len(out.loss_fn_outputs) == 4
@@ -191,9 +187,7 @@ async def test_peer_path_forms_and_training_clients_from_state(
 async def test_sampler_exports_name_and_checkpoint_type(trainer: LocalTrainer) -> None:
     async with (
         FaultProxy(trainer.base_url) as proxy,
-        AsyncFiretitanServiceClient(
-            base_url=proxy.base_url, api_key=trainer.api_key, config=FAST_CLIENT
-        ) as service,
+        connect(proxy.base_url, trainer.api_key) as service,
     ):
         tc = await service.create_training_client(BASE_MODEL)
         suffix = tc.session_id

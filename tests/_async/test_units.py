@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 from faults import FaultPlan, FaultProxy
+from shared import connect
 
 from firetitan import (
     AsyncAPIFuture,
-    AsyncFiretitanServiceClient,
     ClientConfig,
     FutureState,
     FutureTimeoutError,
@@ -112,9 +112,7 @@ async def test_retry_after_is_honoured(
     config = FAST_CLIENT.evolve(retry=RetryPolicy(initial_backoff=0.001, max_retry_after=5))
     async with FaultProxy(trainer.base_url, FaultPlan(retry_after=0.3)) as proxy:
         proxy.inject("status_429", "/api/v1/create_session")
-        async with AsyncFiretitanServiceClient(
-            base_url=proxy.base_url, api_key=trainer.api_key, config=config
-        ) as service:
+        async with connect(proxy.base_url, trainer.api_key, config) as service:
             assert service.session_id  # opened after one 429
     attempts = proxy.requests_to("/api/v1/create_session")
     assert [r.fault for r in attempts] == ["status_429", None]
@@ -130,9 +128,7 @@ async def test_polls_per_model_are_bounded() -> None:
     async with (
         LocalTrainer(SlowEngine(pause=0.02), **FAST_TRAINER) as trainer,
         FaultProxy(trainer.base_url) as proxy,
-        AsyncFiretitanServiceClient(
-            base_url=proxy.base_url, api_key=trainer.api_key, config=config
-        ) as service,
+        connect(proxy.base_url, trainer.api_key, config) as service,
     ):
         tc = await service.create_training_client(BASE_MODEL)
         futures: list[AsyncAPIFuture[Any]] = [
@@ -150,9 +146,7 @@ async def test_complete_metadata_makes_the_next_poll_ask_for_the_full_body(
 ) -> None:
     async with (
         FaultProxy(trainer.base_url) as proxy,
-        AsyncFiretitanServiceClient(
-            base_url=proxy.base_url, api_key=trainer.api_key, config=FAST_CLIENT
-        ) as service,
+        connect(proxy.base_url, trainer.api_key) as service,
     ):
         tc = await service.create_training_client(BASE_MODEL)
         proxy.inject("complete_metadata", "/api/v1/retrieve_future")
