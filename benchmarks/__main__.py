@@ -31,6 +31,7 @@ from typing import IO, Any
 
 import attrs
 
+from benchmarks._b7 import measure_b7
 from benchmarks._common import (
     B1_TOKENS,
     B3_DATUMS,
@@ -87,6 +88,7 @@ class Plan:
         b6_rounds: Interleaved rounds of B6.
         b6_steps: SFT steps per path and round (B6).
         rl_steps: Demo RL steps profiled (RL), after one warm-up step.
+        b7_rounds: Interleaved rounds of B7 (each of its paths once per round).
     """
 
     rounds: int
@@ -100,16 +102,19 @@ class Plan:
     b6_rounds: int
     b6_steps: int
     rl_steps: int
+    b7_rounds: int
 
 
 # The full plan takes about 6 minutes on 2 cores (10 under load); the budget is 12.
 FULL = Plan(
     rounds=12, b1_calls=120, b2_pairs=200, b3_calls=3, b4_calls=500, b5_rounds=3,
     b5_futures=1000, codec_repeats=9, b6_rounds=12, b6_steps=1, rl_steps=8,
+    b7_rounds=3,
 )  # fmt: skip
 QUICK = Plan(
     rounds=2, b1_calls=15, b2_pairs=200, b3_calls=1, b4_calls=40, b5_rounds=1,
     b5_futures=1000, codec_repeats=2, b6_rounds=3, b6_steps=1, rl_steps=2,
+    b7_rounds=1,
 )  # fmt: skip
 
 #: The goals each target is judged against (issue #16).
@@ -640,6 +645,12 @@ def run_rl(run: Run) -> None:
         section_rl(run.report, answers["rl"], run.plan)
 
 
+def run_b7(run: Run) -> None:
+    """B7: the local deployment's sampling throughput (continuous batching)."""
+    _progress("B7: the local deployment (tiny stand-in, CPU)")
+    measure_b7(run.report, run.plan.b7_rounds, run.failed)
+
+
 #: Every benchmark, by the group that runs it. A group starts the trainer it needs,
 #: runs the benchmarks of its own that were asked for, and adds sections and targets to
 #: `Run.report`. To add a benchmark, write its group (or extend one) and list it here;
@@ -648,6 +659,7 @@ GROUPS: tuple[tuple[tuple[str, ...], Callable[[Run], None]], ...] = (
     (("B1", "B2", "B3", "B4", "B5"), run_null),
     (("B6",), run_b6),
     (("RL",), run_rl),
+    (("B7",), run_b7),
 )
 BENCHMARKS = tuple(b for ids, _ in GROUPS for b in ids)
 

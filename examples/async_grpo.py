@@ -10,8 +10,10 @@ lowercase ASCII letters (an untrained stand-in scores about 0.1). Each step:
 3. asks the frozen reference model (``create_base_training_client``) for its logprobs
    of the same answers, and subtracts ``KL_COEF * (sampler logprob - reference
    logprob)`` from every answer token's advantage;
-4. trains with the built-in ``ppo`` loss; ``forward_backward`` and ``optim_step`` are
-   sent back to back (call order is execution order) and awaited together.
+4. trains with the built-in ``ppo`` loss (docs/losses.md: its inputs, which tokens
+   count under ``NUM_LOSS_TOKENS``, its config keys); ``forward_backward`` and
+   ``optim_step`` are sent back to back (call order is execution order) and awaited
+   together.
 
 Run it on the embedded trainer (torch engine, tiny stand-in of qwen3-8b, byte-level
 tokenizer)::

@@ -8,6 +8,9 @@ with LocalTrainer(engine="null") as trainer:          # own background thread an
 
 async with LocalTrainer(engine="torch") as trainer:   # on the caller's event loop
     ...
+
+with LocalTrainer(deployment=True) as trainer:        # plus an inference deployment
+    trainer.deployment.base_url, trainer.deployment.model
 ```
 """
 
@@ -26,6 +29,7 @@ from typing import Any
 
 from firetitan.local.checkpoints import CheckpointStore
 from firetitan.local.config import ServerConfig
+from firetitan.local.deployment import LocalDeployment
 from firetitan.local.engine import Engine
 from firetitan.local.executor import ExecutionRecord
 from firetitan.local.null_engine import DEFAULT_BASE_MODEL, NullEngine
@@ -34,6 +38,7 @@ from firetitan.local.server import TrainerServer
 __all__ = [
     "DEFAULT_BASE_MODEL",
     "ExecutionRecord",
+    "LocalDeployment",
     "LocalTrainer",
     "ServerConfig",
     "generate_api_key",
@@ -102,6 +107,9 @@ class LocalTrainer:
             model and size start from identical weights), the LoRA initialisation of
             models created without a seed of their own, and unseeded sampling (null
             engine: every generated value). The ``--seed`` of ``firetitan serve``.
+        deployment: Also start a `LocalDeployment` (``trainer.deployment``) over the
+            same checkpoint folder, base model, size, weights and seed, sharing the API
+            key, for sampling hot-loaded snapshots the Fireworks way.
         **limits: `ServerConfig` fields (``long_poll_seconds=...``, ...).
 
     Attributes:
@@ -133,6 +141,7 @@ class LocalTrainer:
         weights: str | Path | None = None,
         device: str = "auto",
         seed: int = 0,
+        deployment: bool = False,
         **limits: Any,
     ) -> None:
         unknown = set(limits) - ServerConfig.field_names()
@@ -155,6 +164,12 @@ class LocalTrainer:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._deployment_args: dict[str, Any] | None = None
+        if deployment:
+            self._deployment_args = {
+                "base_model": base_model, "size": size, "weights": weights, "seed": seed,
+            }  # fmt: skip
+        self._deployment: LocalDeployment | None = None
 
     @property
     def api_key(self) -> str:
@@ -175,6 +190,15 @@ class LocalTrainer:
         if self._server is None:
             raise RuntimeError("the LocalTrainer is not running")
         return self._server
+
+    @property
+    def deployment(self) -> LocalDeployment:
+        """The inference deployment started with ``deployment=True``."""
+        if self._deployment is None:
+            raise RuntimeError(
+                "no deployment: create the LocalTrainer with deployment=True and enter it"
+            )
+        return self._deployment
 
     @property
     def engine(self) -> Engine:
@@ -216,10 +240,21 @@ class LocalTrainer:
             self._remove_temp_dir()
             raise
         self._server = server
+        if self._deployment_args is not None:
+            deployment = LocalDeployment(root, api_key=self._api_key, **self._deployment_args)
+            try:
+                await deployment.__aenter__()
+            except BaseException:
+                await self._close()
+                raise
+            self._deployment = deployment
 
     async def _close(self) -> None:
         server, self._server = self._server, None
+        deployment, self._deployment = self._deployment, None
         try:
+            if deployment is not None:
+                await deployment.__aexit__(None, None, None)
             if server is not None:
                 await server.close()
         finally:

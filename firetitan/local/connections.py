@@ -86,6 +86,28 @@ class BodyTimeoutError(web.HTTPRequestTimeout):
         return self.message
 
 
+def _within_descriptor_limit(wanted: int, log: logging.Logger) -> int:
+    """``wanted``, or half the process's descriptor limit if that is lower: connections
+    must be refused by the guard, before ``accept`` runs out of descriptors (which
+    asyncio logs with a traceback per attempt) and the engine cannot open its files."""
+    try:
+        import resource  # POSIX only
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return wanted
+    if soft == resource.RLIM_INFINITY or wanted <= soft // 2:
+        return wanted
+    room = max(1, soft // 2)
+    log.warning(
+        "max_connections %d lowered to %d: the process may open only %d file descriptors",
+        wanted,
+        room,
+        soft,
+    )
+    return room
+
+
 def raw_response(status: int, reason: str, detail: str, error_class: str) -> bytes:
     """A complete HTTP/1.1 JSON error answer that closes the connection, for the
     moments when aiohttp is not handling the connection (refused, head timed out)."""
@@ -111,6 +133,9 @@ class ConnectionGuard:
     def __init__(self, limits: ConnectionLimits, log: logging.Logger) -> None:
         self.limits = limits
         self._log = log
+        #: The connection cap in force: ``limits.max_connections``, or less when the
+        #: process may not open that many descriptors.
+        self.max_connections = _within_descriptor_limit(limits.max_connections, log)
         self._open: dict[asyncio.BaseTransport, _GuardedProtocol] = {}
         self._refused_since_log = 0
         self._last_refusal_log = float("-inf")
@@ -139,7 +164,7 @@ class ConnectionGuard:
         return lambda: _GuardedProtocol(self, server)
 
     def _admit(self, protocol: _GuardedProtocol, transport: asyncio.BaseTransport) -> bool:
-        if len(self._open) < self.limits.max_connections:
+        if len(self._open) < self.max_connections:
             self._open[transport] = protocol
             return True
         self.refused_total += 1
@@ -149,7 +174,7 @@ class ConnectionGuard:
             self._log.warning(
                 "refused %d connection(s): already %d open, the limit (max_connections)",
                 self._refused_since_log,
-                self.limits.max_connections,
+                self.max_connections,
             )
             self._refused_since_log = 0
             self._last_refusal_log = now
@@ -207,7 +232,7 @@ class _GuardedProtocol(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         if not self._guard._admit(self, transport):
-            limit = self._guard.limits.max_connections
+            limit = self._guard.max_connections
             detail = f"the server has reached its limit of {limit} open connections; retry"
             transport.write(raw_response(503, "Service Unavailable", detail, "ServiceUnavailable"))
             transport.close()

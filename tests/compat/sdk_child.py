@@ -30,23 +30,29 @@ _ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_flow(
-    module: str, trainer: LocalTrainer, *, stdin: str = "", timeout: float = 100
+    module: str,
+    trainer: LocalTrainer,
+    *,
+    stdin: str = "",
+    timeout: float = 100,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run ``python -W error -m <module>`` against ``trainer``; return its report.
 
     The address and key go through the environment, not argv, which other processes
-    can read. ``stdin`` is the child's input (e.g. its data as JSON).
+    can read. ``stdin`` is the child's input (e.g. its data as JSON); ``env`` adds
+    variables (e.g. where a deployment is).
 
     Raises:
         AssertionError: The child failed; the message holds the end of its stderr.
     """
-    env = {**os.environ, _URL_VAR: trainer.base_url, _KEY_VAR: trainer.api_key}
+    child_env = {**os.environ, **(env or {}), _URL_VAR: trainer.base_url, _KEY_VAR: trainer.api_key}
     # TINKER_TELEMETRY stays on: the trainer accepts telemetry, and the SDKs' telemetry
     # flush on close is part of what must work without warnings.
-    env.pop("TINKER_TELEMETRY", None)
+    child_env.pop("TINKER_TELEMETRY", None)
     proc = subprocess.run(
         [sys.executable, "-W", "error", "-m", module],
-        env=env,
+        env=child_env,
         cwd=_ROOT,
         input=stdin,
         capture_output=True,

@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from firetitan.local.connections import ConnectionGuard, ConnectionLimits
+
 from .conftest import TrainerFactory
 from .helpers import forward_body
 
@@ -101,3 +103,15 @@ async def test_connections_over_the_cap_get_503_without_tracebacks(
     refusal_logs = [r for r in caplog.records if "refused" in r.getMessage()]
     assert len(refusal_logs) == 1  # one summary line, not one per connection
     assert not any(r.exc_info for r in caplog.records)
+
+
+async def test_the_cap_stays_within_the_descriptor_limit(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _what: (256, 4096))
+    log = logging.getLogger("firetitan.local")
+    assert ConnectionGuard(ConnectionLimits(max_connections=100), log).max_connections == 100
+    assert ConnectionGuard(ConnectionLimits(max_connections=512), log).max_connections == 128
+    assert "max_connections 512 lowered to 128" in caplog.text

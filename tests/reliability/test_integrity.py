@@ -95,6 +95,7 @@ async def test_1_2_a_refused_step_changes_nothing(scale: Scale, figures: Figures
         assert hit_losses[-1] < hit_losses[0]
         figures.record(
             f"integrity: refused steps change nothing ({scale.name})",
+            engine="torch",
             refused=sorted(refused),
             clean_steps_after=scale.clean_steps,
             loss_first=hit_losses[0],
@@ -135,6 +136,7 @@ async def test_3_4_exports_survive_names_and_ttls(
         assert not (swept / short.snapshot_name).exists()
         figures.record(
             f"integrity: exports survive names and TTLs ({scale.name})",
+            engine="torch",
             saves_under_one_name=scale.saves,
             loadable_after_each=loadable,
             expired_base_kept_for_live_delta=True,
@@ -168,6 +170,7 @@ async def test_5_a_far_seq_id_or_another_session_cannot_brick_a_model(
         assert len(after) == 5
         figures.record(
             "integrity: seq_id bound and session ownership",
+            engine="null",
             seq_id_10e15=far.status,
             other_session=foreign.status,
             client_steps_after=len(after),
@@ -207,6 +210,7 @@ async def test_6_half_sent_heads_are_timed_out_and_capped(
         assert peak <= 256 and guard.open_connections == 0 and healthy and tracebacks == 0
         figures.record(
             f"integrity: half-sent heads ({scale.name})",
+            engine="null",
             sockets=scale.sockets,
             max_connections=256,
             peak_open=peak,
@@ -266,6 +270,7 @@ async def test_7_retained_results_and_one_request_are_bounded(
         assert peak <= max(cap, one_result) and refused == 422
         figures.record(
             f"integrity: memory bounds ({scale.name})",
+            engine="null",
             forwards=scale.forwards,
             result_mib=one_result / 2**20,
             retained_cap_mib=cap / 2**20,
@@ -303,6 +308,7 @@ async def test_8_links_out_of_the_root_are_not_followed(figures: Figures, tmp_pa
         assert listed == [] and loaded == 0
         figures.record(
             "integrity: links out of the checkpoint root",
+            engine="null",
             linked_job_and_name=2,
             listed=len(listed),
             loaded=loaded,
@@ -330,6 +336,7 @@ async def test_9_the_documented_serve_keeps_the_key_out_of_the_process_list(
     assert not any(seen.values())
     figures.record(
         "integrity: API key and the process list",
+        engine="null",
         forms=sorted(seen),
         key_visible_in_ps=any(seen.values()),
     )

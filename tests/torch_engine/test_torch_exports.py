@@ -1,15 +1,19 @@
-"""Sampler exports: HF base, XOR delta chains, PEFT adapters, merged LoRA."""
+"""Sampler exports: HF base, arc_v2 (fireworks-delta-compression) delta chains, PEFT
+adapters, merged LoRA."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import zlib
 from pathlib import Path
 
 import pytest
 import tinker
 import torch
-from safetensors.torch import load_file
+from fireworks_delta_compression import delta_decompress_dict_from_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from firetitan.local.engine import UserError
 from firetitan.local.torch import TorchEngine, materialize_snapshot, rebuild_snapshot
@@ -69,11 +73,21 @@ def test_delta_chain_rebuilds_every_export_bit_exactly(engine: TorchEngine, tmp_
         "delta.safetensors",
         "firetitan-export.json",
     ]
-    # the delta is the XOR of the integer views
-    delta = load_file(str(dirs[1] / "delta.safetensors"))
+    # the delta is the product's hot-load format: the library alone turns the previous
+    # tensors and the file into the new ones, and the metadata says which format it is
+    assert meta["compression_format"] == "arc_v2" and meta["checksum_format"] == "alder32"
+    applied = delta_decompress_dict_from_file(
+        src=dict(expected[1]),
+        diff_file=str(dirs[2] / "delta.safetensors"),
+        compression_format="arc_v2",
+    )
+    assert bit_equal(applied, expected[2])
+    # each tensor carries the Adler-32 checksum of its new bytes
+    with safe_open(str(dirs[2] / "delta.safetensors"), framework="pt") as f:
+        checksums = f.metadata()
     name = "model.embed_tokens.weight"
-    xor = expected[1][name].view(torch.int32) ^ expected[0][name].view(torch.int32)
-    assert torch.equal(delta[name], xor)
+    raw = expected[2][name].contiguous().view(torch.uint8).numpy().tobytes()
+    assert checksums[name] == str(zlib.adler32(raw))
     # a standalone HF folder from the end of the chain loads in transformers
     out = materialize_snapshot(dirs[3], tmp_path / "full")
     assert bit_equal(dict(load_hf(out).state_dict()), expected[3])
@@ -104,6 +118,22 @@ def test_broken_chains_are_reported(engine: TorchEngine, tmp_path: Path) -> None
         rebuild_snapshot(delta)
     shutil.rmtree(base)
     with pytest.raises(ValueError, match="not a sampler export"):
+        rebuild_snapshot(delta)
+
+
+def test_a_corrupted_delta_fails_its_checksum(engine: TorchEngine, tmp_path: Path) -> None:
+    m = full_model(engine, "m")
+    base = export(engine, m, tmp_path / "a")
+    _train(engine, m, "one")
+    delta = export(engine, m, tmp_path / "b", "delta", base)
+    diff = load_file(str(delta / "delta.safetensors"))
+    with safe_open(str(delta / "delta.safetensors"), framework="pt") as f:
+        checksums = f.metadata()
+    # a delta computed against other weights, under the real checksums: the library's
+    # checksum refuses it, so the chain never rebuilds into other weights
+    other = {n: torch.zeros_like(t) for n, t in diff.items()}
+    save_file(other, str(delta / "delta.safetensors"), metadata=checksums)
+    with pytest.raises(ValueError, match="does not apply"):
         rebuild_snapshot(delta)
 
 

@@ -48,10 +48,8 @@ from firetitan.local.torch.lora import (
     PEFT_PREFIX,
     LoraSettings,
     apply_lora,
-    lora_modules,
     merged_state,
     peft_adapter_config,
-    settings_from_peft,
 )
 from firetitan.local.torch.losses import per_datum_loss, target_logprobs
 from firetitan.local.torch.models import (
@@ -62,7 +60,6 @@ from firetitan.local.torch.models import (
     derive_seed,
     load_pretrained,
     model_config,
-    model_from_config,
     named_trainable,
     share_frozen,
     tensor_digest,
@@ -71,6 +68,7 @@ from firetitan.local.torch.models import (
 )
 from firetitan.local.torch.optim import AdamW, Window
 from firetitan.local.torch.sampling import generate, plan_sampling
+from firetitan.local.torch.snapshots import module_from_export
 from firetitan.local.torch.tokenizer import ByteTokenizer, Tokenizer, load_hf_tokenizer
 
 __all__ = ["TorchEngine"]
@@ -117,7 +115,8 @@ class _Model:
     last_export: tuple[str, dict[str, torch.Tensor]] | None = None
 
 
-def _pick_device(device: str) -> torch.device:
+def pick_device(device: str) -> torch.device:
+    """``\"auto\"``: CUDA when available, else the CPU; any other name as given."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -158,7 +157,7 @@ class TorchEngine(Engine):
         self.base_model = base_model
         self.size = size
         self.seed = seed
-        self.device = _pick_device(device)
+        self.device = pick_device(device)
         if self.device.type == "cuda":
             _deterministic_cuda()
         # The tiny stand-in gains nothing from intra-op parallelism, while spinning
@@ -569,35 +568,13 @@ class TorchEngine(Engine):
     def _load_export(self, export_dir: Path) -> nn.Module:
         meta = exports.read_export_meta(export_dir)
         tensors = exports.rebuild_snapshot(export_dir)
-        config_path = exports.config_file(export_dir, meta)
-        if meta["format"] == "hf":
-            from transformers import AutoConfig
+        return module_from_export(
+            export_dir, meta, tensors, base=self._base_weights, device=self.device
+        )
 
-            config = AutoConfig.from_pretrained(str(config_path.parent), local_files_only=True)
-            module = model_from_config(config)
-            result = module.load_state_dict(tensors, strict=False)
-            if result.unexpected_keys or set(unique_state(module)) != set(tensors):
-                raise ValueError("its tensors do not match its config.json")
-            return module.to(self.device)
-        base = self._base(str(meta.get("base_model")))
-        if meta.get("base_digest") != base.digest():
-            raise ValueError(f"it was trained on other base weights than {base.name!r} here")
-        settings = settings_from_peft(json.loads(config_path.read_text()))
-        module = share_frozen(base.module)
-        apply_lora(module, settings)
-        expected = {
-            f"{PEFT_PREFIX}{name}.{factor}.weight"
-            for name, _ in lora_modules(module)
-            for factor in ("lora_A", "lora_B")
-        }
-        if expected != set(tensors):
-            raise ValueError("its adapter tensors do not match its adapter_config.json")
-        with torch.no_grad():
-            for name, layer in lora_modules(module):
-                layer.lora_A.weight.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"])
-                layer.lora_B.weight.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
-        module.requires_grad_(False)
-        return module
+    def _base_weights(self, name: str) -> tuple[nn.Module, str]:
+        base = self._base(name)
+        return base.module, base.digest()
 
 
 def _limits(module: nn.Module) -> Limits:

@@ -6,13 +6,18 @@ Every export folder holds ``firetitan-export.json`` (`EXPORT_FILE`) and one of:
   a Hugging Face checkpoint that ``from_pretrained`` loads as is;
 * ``base``, LoRA (``format: "peft"``): ``adapter_config.json`` +
   ``adapter_model.safetensors`` with PEFT key names (``base_model.model.<module>.lora_A.weight``);
-* ``delta`` (either format): ``delta.safetensors`` holding, per tensor, the bitwise XOR
-  of the new tensor and the previous export's reconstructed tensor, both viewed as
-  integers of the same width (float32 -> int32, bf16 -> int16, ...), next to the same
-  config file. The metadata names the previous export (a sibling folder) and its digest.
+* ``delta`` (either format): ``delta.safetensors`` in the Fireworks hot-load delta
+  format (``compression_format: "arc_v2"``, ``checksum_format: "alder32"``), written and
+  read with the fireworks-delta-compression library: per tensor, the bytewise XOR of the
+  new tensor and the previous export's reconstructed tensor, zstd-compressed, with the
+  Adler-32 checksum of the new tensor in the file's safetensors metadata. The config
+  file sits next to it; the export metadata names the previous export (a sibling
+  folder) and its digest.
 
-XOR is exact and self-inverse: ``new = prev ^ delta`` bit for bit, and unchanged bits
-are zero, so a delta between nearby weights is mostly zero bytes.
+XOR is exact and self-inverse, and unchanged bytes are zero, so a delta between nearby
+weights compresses well. The checksum makes applying a delta onto the wrong base fail
+instead of producing other weights; an inference deployment applies the same files with
+the same library (`firetitan.local.deployment`).
 
 The metadata also records ``digest``, the SHA-256 of the reconstructed tensors
 (`firetitan.local.torch.models.tensor_digest`): `rebuild_snapshot` checks every link of
@@ -24,19 +29,30 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from fireworks_delta_compression import (
+    delta_compress_dicts_to_file,
+    delta_decompress_dict_from_file,
+)
 from safetensors.torch import load_file, save_file
 
 from firetitan._names import validate_name
 from firetitan.local.torch.models import tensor_digest
 
 __all__ = [
+    "CHECKSUM_FORMAT",
+    "COMPRESSION_FORMAT",
     "EXPORT_FILE",
     "ExportMeta",
+    "apply_delta",
+    "config_file",
+    "export_chain",
+    "load_base_export",
     "materialize_snapshot",
     "read_export_meta",
     "rebuild_snapshot",
@@ -48,17 +64,14 @@ FORMAT_VERSION = 1
 _WEIGHTS_FILE = {"hf": "model.safetensors", "peft": "adapter_model.safetensors"}
 _CONFIG_FILE = {"hf": "config.json", "peft": "adapter_config.json"}
 _DELTA_FILE = "delta.safetensors"
+#: The hot-load delta format of delta exports, as ``incremental_snapshot_metadata`` names it.
+COMPRESSION_FORMAT = "arc_v2"
+#: Its per-tensor checksum (spelled as the Fireworks SDK spells it).
+CHECKSUM_FORMAT = "alder32"
 #: A chain longer than this is treated as a cycle or a corrupt store.
 _MAX_CHAIN = 100_000
 
 ExportMeta = dict[str, Any]
-
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """``t`` reinterpreted as integers of the same width (no copy)."""
-    return t.contiguous().view(_INT_VIEW[t.element_size()])
 
 
 def write_export(
@@ -105,8 +118,14 @@ def write_export(
             raise ValueError("a delta export needs the previous export to diff against")
         prev_dir, prev = previous
         _check_aligned(tensors, prev, prev_dir.name)
-        delta = {n: _bits(tensors[n].cpu()) ^ _bits(prev[n]) for n in tensors}
-        save_file(delta, str(directory / _DELTA_FILE), metadata={"format": "pt"})
+        delta_compress_dicts_to_file(
+            src={n: prev[n].contiguous() for n in tensors},
+            dst={n: t.cpu().contiguous() for n, t in tensors.items()},
+            diff_file=str(directory / _DELTA_FILE),
+            compression_format=COMPRESSION_FORMAT,
+        )
+        meta["compression_format"] = COMPRESSION_FORMAT
+        meta["checksum_format"] = CHECKSUM_FORMAT
         meta["previous"] = prev_dir.name
         meta["previous_digest"] = tensor_digest(prev)
     else:
@@ -147,15 +166,11 @@ def read_export_meta(export_dir: Path) -> ExportMeta:
     return meta
 
 
-def rebuild_snapshot(export_dir: Path | str) -> dict[str, torch.Tensor]:
-    """The full tensors of any export, bit-exact, following its chain of deltas.
-
-    For a ``hf`` export these are the model's tensors under Hugging Face names; for a
-    ``peft`` export, the adapter tensors under PEFT names.
+def export_chain(export_dir: Path | str) -> list[tuple[Path, ExportMeta]]:
+    """An export and the exports it builds on, newest first, ending at a base export.
 
     Raises:
-        ValueError: The chain is broken: a missing or unreadable export, a previous
-            export that was replaced (digest mismatch), a cycle, or mixed formats.
+        ValueError: A missing or unreadable export, or a cycle.
     """
     export_dir = Path(export_dir)
     chain: list[tuple[Path, ExportMeta]] = []
@@ -169,14 +184,74 @@ def rebuild_snapshot(export_dir: Path | str) -> dict[str, torch.Tensor]:
         meta = read_export_meta(current)
         chain.append((current, meta))
         if meta.get("checkpoint_type") != "delta":
-            break
+            return chain
         prev_name = validate_name(meta.get("previous"), "previous export name")
         current = current.parent / prev_name
 
+
+def load_base_export(export_dir: Path, meta: ExportMeta) -> dict[str, torch.Tensor]:
+    """The tensors of a base export, checked against its recorded digest.
+
+    Raises:
+        ValueError: Unreadable weights, or weights other than the ones recorded.
+    """
+    try:
+        tensors = load_file(str(export_dir / _WEIGHTS_FILE[meta["format"]]))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"export {export_dir.name!r} has unreadable weights: {exc}") from exc
+    _verify(export_dir, meta, tensors)
+    return tensors
+
+
+def apply_delta(
+    previous: Mapping[str, torch.Tensor], export_dir: Path, meta: ExportMeta
+) -> dict[str, torch.Tensor]:
+    """The tensors of the delta export ``export_dir``, applied onto ``previous`` (the
+    tensors of the export it names), verified by checksum and digest.
+
+    Raises:
+        ValueError: The delta does not apply: other tensors, another compression format,
+            a checksum mismatch (``previous`` is not its base, or the file is corrupt),
+            or a result other than the recorded digest.
+    """
+    fmt = meta.get("compression_format", COMPRESSION_FORMAT)
+    if fmt != COMPRESSION_FORMAT:
+        raise ValueError(f"export {export_dir.name!r} uses compression {fmt!r}")
+    try:
+        with warnings.catch_warnings():
+            # The library wraps zstd's read-only output in a tensor that it only reads
+            # (XOR into a new tensor); torch warns about the buffer regardless.
+            warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+            tensors: dict[str, torch.Tensor] = delta_decompress_dict_from_file(
+                src=dict(previous),
+                diff_file=str(export_dir / _DELTA_FILE),
+                compression_format=COMPRESSION_FORMAT,
+            )
+    except (OSError, ValueError, RuntimeError) as exc:
+        cause = exc.__cause__ or exc
+        raise ValueError(
+            f"delta export {export_dir.name!r} does not apply onto {meta.get('previous')!r}: "
+            f"{exc}" + (f" ({cause})" if cause is not exc else "")
+        ) from exc
+    _verify(export_dir, meta, tensors)
+    return tensors
+
+
+def rebuild_snapshot(export_dir: Path | str) -> dict[str, torch.Tensor]:
+    """The full tensors of any export, bit-exact, following its chain of deltas.
+
+    For a ``hf`` export these are the model's tensors under Hugging Face names; for a
+    ``peft`` export, the adapter tensors under PEFT names.
+
+    Raises:
+        ValueError: The chain is broken: a missing or unreadable export, a previous
+            export that was replaced (digest mismatch), a corrupted delta (checksum
+            mismatch), a cycle, or mixed formats.
+    """
+    chain = export_chain(export_dir)
     base_dir, base_meta = chain[-1]
     fmt = base_meta["format"]
-    tensors = load_file(str(base_dir / _WEIGHTS_FILE[fmt]))
-    _verify(base_dir, base_meta, tensors)
+    tensors = load_base_export(base_dir, base_meta)
     for link_dir, meta in reversed(chain[:-1]):
         if meta["format"] != fmt:
             raise ValueError(f"export {link_dir.name!r} is {meta['format']}; its base is {fmt}")
@@ -185,14 +260,7 @@ def rebuild_snapshot(export_dir: Path | str) -> dict[str, torch.Tensor]:
                 f"export {link_dir.name!r} was diffed against another version of "
                 f"{meta.get('previous')!r} than the one on disk"
             )
-        delta = load_file(str(link_dir / _DELTA_FILE))
-        if set(delta) != set(tensors) or any(
-            delta[n].shape != t.shape or delta[n].element_size() != t.element_size()
-            for n, t in tensors.items()
-        ):
-            raise ValueError(f"export {link_dir.name!r} holds a delta of other tensors")
-        tensors = {n: (_bits(tensors[n]) ^ delta[n]).view(tensors[n].dtype) for n in tensors}
-        _verify(link_dir, meta, tensors)
+        tensors = apply_delta(tensors, link_dir, meta)
         base_meta = meta
     return tensors
 

@@ -34,7 +34,16 @@ from firetitan.local.engine import DEFAULT_MAX_TOKENS
 from firetitan.local.torch.models import cache_keyword
 from firetitan.local.torch.tokenizer import Tokenizer
 
-__all__ = ["DEFAULT_MAX_TOKENS", "SamplingPlan", "generate", "plan_sampling"]
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "SamplingPlan",
+    "cache_of",
+    "generate",
+    "has_stop",
+    "plan_sampling",
+    "sampling_logits",
+    "stop_window",
+]
 
 
 
@@ -85,10 +94,9 @@ def plan_sampling(
     )
 
 
-def _choose(logits: torch.Tensor, plan: SamplingPlan, generator: torch.Generator) -> torch.Tensor:
-    """Pick one token per row of (B, V) float32 logits."""
-    if plan.temperature == 0:
-        return logits.argmax(dim=-1)
+def sampling_logits(logits: torch.Tensor, plan: SamplingPlan) -> torch.Tensor:
+    """The (B, V) logits of the distribution that ``plan`` samples from (temperature,
+    then top-k, then top-p; excluded tokens at -inf). Needs ``plan.temperature > 0``."""
     scaled = logits / plan.temperature
     if 0 < plan.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, plan.top_k, dim=-1).values[:, -1:]
@@ -103,7 +111,14 @@ def _choose(logits: torch.Tensor, plan: SamplingPlan, generator: torch.Generator
         drop_sorted = mass_above >= plan.top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scaled = scaled.masked_fill(drop, -math.inf)
-    probs = torch.softmax(scaled, dim=-1)
+    return scaled
+
+
+def _choose(logits: torch.Tensor, plan: SamplingPlan, generator: torch.Generator) -> torch.Tensor:
+    """Pick one token per row of (B, V) float32 logits."""
+    if plan.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(sampling_logits(logits, plan), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -125,7 +140,7 @@ def generate(
     tokens: list[list[int]] = [[] for _ in range(n)]
     logprobs: list[list[float]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
-    window = 4 * max((len(s) for s in plan.stop_strings), default=0) + 4
+    window = stop_window(plan)
     prompt_lp: np.ndarray | None = None
     keyword = cache_keyword(module)
 
@@ -138,7 +153,7 @@ def generate(
             prompt_lp = np.full(len(prompt), np.nan, dtype=np.float32)
             prompt_lp[1:] = picked.cpu().numpy()
         logits = out.logits[:, -1, :].float()
-        cache = _cache_of(out)
+        cache = cache_of(out)
         for step in range(plan.max_new):
             choice = _choose(logits, plan, generator)
             lp = torch.log_softmax(logits, dim=-1).gather(-1, choice[:, None]).squeeze(-1)
@@ -149,14 +164,14 @@ def generate(
                 logprobs[i].append(val)
                 if tok in plan.stop_ids or (
                     plan.stop_strings
-                    and _has_stop(tokenizer.decode(tokens[i][-window:]), plan.stop_strings)
+                    and has_stop(tokenizer.decode(tokens[i][-window:]), plan.stop_strings)
                 ):
                     reasons[i] = "stop"
             if all(r is not None for r in reasons) or step == plan.max_new - 1:
                 break
             out = module(input_ids=choice[:, None], use_cache=True, **{keyword: cache})
             logits = out.logits[:, -1, :].float()
-            cache = _cache_of(out)
+            cache = cache_of(out)
 
     sequences = [
         tinker.SampledSequence(
@@ -170,11 +185,19 @@ def generate(
     return tinker.SampleResponse(sequences=sequences, prompt_logprobs_np=prompt_lp)
 
 
-def _has_stop(text: str, stops: Sequence[str]) -> bool:
+def stop_window(plan: SamplingPlan) -> int:
+    """How many trailing tokens to decode to see any stop string completed (a token
+    decodes to at least a quarter of a character)."""
+    return 4 * max((len(s) for s in plan.stop_strings), default=0) + 4
+
+
+def has_stop(text: str, stops: Sequence[str]) -> bool:
+    """Whether ``text`` contains one of the stop strings."""
     return any(s in text for s in stops)
 
 
-def _cache_of(out: object) -> object:
+def cache_of(out: object) -> object:
+    """The KV cache of a model output."""
     # transformers 5 returns the KV cache as ``cache``; earlier releases as
     # ``past_key_values``.
     cache = getattr(out, "cache", None)
