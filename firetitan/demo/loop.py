@@ -40,6 +40,7 @@ from firetitan import (
     AsyncFiretitanServiceClient,
     AsyncFiretitanTrainingClient,
     AsyncSamplingClient,
+    DeploymentConfig,
     GradAccNormalization,
 )
 from firetitan.demo import task
@@ -57,7 +58,7 @@ _PPO_CONFIG = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
 
 
 class DemoError(Exception):
-    """The trainer cannot run the demo (e.g. its model uses another vocabulary)."""
+    """The trainer cannot run the demo (e.g. its tokenizer cannot be loaded here)."""
 
 
 @attrs.frozen
@@ -85,12 +86,14 @@ class TrainingOutcome:
         resume: The resume drill's result.
         answers_before: The greedy answer to each prompt after the warm-up.
         answers_after: The greedy answer to each prompt after RL.
+        rollouts_from: ``deployment <url>`` or ``trainer``.
     """
 
     final_sampler_path: str
     resume: ResumeDrill
     answers_before: dict[str, str]
     answers_after: dict[str, str]
+    rollouts_from: str = "trainer"
 
 
 @attrs.frozen
@@ -142,8 +145,14 @@ class _Policy:
             The export's kind: ``base`` (full weights) or ``delta``.
         """
         kind = "base" if self.exports % rebase_every == 0 else "delta"
+        deployment = self.service.deployment
+        if kind == "delta" and deployment is not None:
+            # A delta only if the deployment holds the export it applies to.
+            kind = await self.client.next_checkpoint_type(deployment)
         saved = await self.client.save_weights_for_sampler_ext(name, checkpoint_type=kind)
         self.exports += 1
+        # With a deployment this hot-loads the export into it (the delta naming the
+        # export it applies to) and samples there; otherwise it samples on the trainer.
         self._sampler = await self.service.create_sampling_client(model_path=saved.path)
         return kind
 
@@ -157,14 +166,23 @@ class _Policy:
         await self.service.aclose()
 
 
-def _service(base_url: str, api_key: str | None) -> AsyncFiretitanServiceClient:
-    return AsyncFiretitanServiceClient(base_url=base_url, api_key=api_key, user_metadata=_METADATA)
+def _service(
+    base_url: str, api_key: str | None, deployment: DeploymentConfig | None = None
+) -> AsyncFiretitanServiceClient:
+    return AsyncFiretitanServiceClient(
+        base_url=base_url, api_key=api_key, user_metadata=_METADATA, deployment=deployment
+    )
 
 
 async def train(
-    cfg: DemoConfig, base_url: str, api_key: str | None, sink: StepSink
+    cfg: DemoConfig,
+    base_url: str,
+    api_key: str | None,
+    sink: StepSink,
+    deployment: DeploymentConfig | None = None,
 ) -> TrainingOutcome:
-    """Run the warm-up and the RL loop against the trainer at ``base_url``.
+    """Run the warm-up and the RL loop against the trainer at ``base_url``, sampling
+    rollouts from ``deployment`` (each export hot-loaded into it) when one is given.
 
     Raises:
         DemoError: The tokenizer the trainer reports cannot be loaded here, or has no
@@ -172,7 +190,7 @@ async def train(
         FiretitanError: A request failed.
     """
     async with contextlib.AsyncExitStack() as stack:
-        policy = _Policy(_service(base_url, api_key))
+        policy = _Policy(_service(base_url, api_key, deployment))
         stack.push_async_callback(policy.aclose)  # whichever session is current then
         client = await policy.start(cfg.base_model)
         vocab = policy.vocab = await _vocabulary(client)
@@ -189,12 +207,13 @@ async def train(
         for step in range(cfg.rl_steps):
             extra: dict[str, Any] = {}
             if step == cfg.rl_steps // 2:
-                drill = await _resume_drill(policy, cfg, base_url, api_key, step)
+                drill = await _resume_drill(policy, cfg, base_url, api_key, step, deployment)
                 extra = {"resumed_from": drill.checkpoint}
             sink({**await _rl_step(policy, reference, cfg, step), **extra})
         assert drill is not None  # rl_steps >= 2, so the drill ran
         after = await _greedy_answers(policy.sampler, cfg, vocab)
-        outcome = TrainingOutcome(policy.sampler.model_path or "", drill, before, after)
+        where = "trainer" if deployment is None else f"deployment {deployment.base_url}"
+        outcome = TrainingOutcome(policy.sampler.model_path or "", drill, before, after, where)
     return outcome
 
 
@@ -410,7 +429,12 @@ async def _rl_step(
 
 
 async def _resume_drill(
-    policy: _Policy, cfg: DemoConfig, base_url: str, api_key: str | None, step: int
+    policy: _Policy,
+    cfg: DemoConfig,
+    base_url: str,
+    api_key: str | None,
+    step: int,
+    deployment: DeploymentConfig | None,
 ) -> ResumeDrill:
     """Checkpoint, then continue from the checkpoint in a new session, as a restarted
     training script would; the old session is closed."""
@@ -418,7 +442,7 @@ async def _resume_drill(
     probe = [policy.vocab.sft_datum(task.Example(d, task.WORDS[d])) for d in task.DIGITS]
     before = await policy.client.forward(probe, "cross_entropy")
 
-    fresh = _Policy(_service(base_url, api_key))
+    fresh = _Policy(_service(base_url, api_key, deployment))
     try:
         client = await fresh.start(cfg.base_model)
         await client.load_state_with_optimizer(saved.path)
