@@ -14,7 +14,7 @@ store then writes the manifest and renames the folder into place. A rename withi
 file system is atomic, so a crash mid-write leaves only debris in ``.tmp/`` (removed at
 the next start), never a checkpoint that lists as valid.
 
-Every name passes `firetitan._names.validate_name` before it touches the file system.
+Every name passes `firetitan._checkpoint_paths.validate_name` before it touches the file system.
 Nothing here unpickles: manifests are JSON.
 """
 
@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import attrs
 
-from firetitan._names import CheckpointRef, parse_checkpoint_path, validate_name
+from firetitan._checkpoint_paths import CheckpointRef, parse_checkpoint_path, validate_name
 
 __all__ = ["KINDS", "MANIFEST_NAME", "CheckpointStore", "Kind", "Manifest"]
 

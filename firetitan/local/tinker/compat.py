@@ -2,8 +2,8 @@
 
 Read from the ``tinker`` 0.38.0 client (``lib/internal_client_holder.py``,
 ``lib/api_future_impl.py``, ``lib/public_interfaces/*``, ``resources/*``). How the
-server tells the two client populations apart lives in `firetitan.local.dialect`;
-protobuf requests are decoded by `firetitan.local.tinker_wire` and protobuf results
+server tells the two client populations apart lives in `firetitan.local.tinker.dialect`;
+protobuf requests are decoded by `firetitan.local.tinker.wire` and protobuf results
 encoded by `firetitan._wire`. This module holds the remaining pure helpers. Paths are
 in `firetitan._wire.endpoints`.
 
@@ -62,7 +62,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from firetitan._names import CheckpointRef, validate_name
+from firetitan._checkpoint_paths import CheckpointRef, validate_name
 from firetitan._wire import WireError
 from firetitan.local.checkpoints import Kind
 
@@ -184,7 +184,7 @@ def tinker_path(job_id: str, kind: Kind, name: str) -> str:
 
     tinker splits such a path into exactly three segments and reads the middle one as
     the checkpoint type, so job id and name must be single segments: both pass
-    `firetitan._names.validate_name`.
+    `firetitan._checkpoint_paths.validate_name`.
 
     Raises:
         ValueError: An invalid job id or name, or an unknown kind.
