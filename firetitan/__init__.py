@@ -6,6 +6,7 @@ Public names come only from this module; everything in underscored modules is pr
 from firetitan._async.deployment import AsyncDeployment
 from firetitan._async.deployment_sampler import AsyncDeploymentSampler
 from firetitan._async.futures import AsyncAPIFuture, FutureState
+from firetitan._async.rest import AsyncRestClient
 from firetitan._async.sampling import AsyncSamplingClient
 from firetitan._async.service import AsyncFiretitanServiceClient
 from firetitan._async.training import AsyncFiretitanTrainingClient
@@ -42,6 +43,7 @@ from firetitan._sync import (
     DeploymentSampler,
     FiretitanServiceClient,
     FiretitanTrainingClient,
+    RestClient,
     SamplingClient,
     WeightSyncer,
 )
@@ -62,6 +64,7 @@ __all__ = [
     "AsyncDeploymentSampler",
     "AsyncFiretitanServiceClient",
     "AsyncFiretitanTrainingClient",
+    "AsyncRestClient",
     "AsyncSamplingClient",
     "AsyncWeightSyncer",
     "AuthenticationError",
@@ -93,6 +96,7 @@ __all__ = [
     "ReplicaStatus",
     "RequestFailedError",
     "RequestTooLargeError",
+    "RestClient",
     "RetryPolicy",
     "SamplingClient",
     "SaveSamplerResult",

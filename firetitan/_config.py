@@ -8,6 +8,7 @@ client and everything created from it (training and sampling clients share it).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -153,6 +154,11 @@ class ClientConfig:
             future fails with `FutureTimeoutError` (None: no deadline). Each RPC method
             takes a ``deadline=`` override.
         heartbeat_interval: Seconds between session heartbeats.
+        on_queue_state: Called with the new state each time a trainer reports that its
+            queue changed state while a future waits (``"paused_rate_limit"``,
+            ``"paused_capacity"``, ..., and ``"active"`` again), on the event loop:
+            keep it short. Each change is also logged once (logger ``firetitan``).
+            A configuration holding a callback pickles only if the callback does.
     """
 
     timeouts: Timeouts = attrs.field(factory=Timeouts, validator=v.instance_of(Timeouts))
@@ -160,6 +166,9 @@ class ClientConfig:
     limits: Limits = attrs.field(factory=Limits, validator=v.instance_of(Limits))
     future_deadline: float | None = attrs.field(default=7200.0, validator=_positive_or_none)
     heartbeat_interval: float = attrs.field(default=10.0, validator=_positive)
+    on_queue_state: Callable[[str], None] | None = attrs.field(
+        default=None, validator=v.optional(v.is_callable())
+    )
 
     def evolve(self, **changes: Any) -> ClientConfig:
         """Return a copy with ``changes`` applied (validated like the original).

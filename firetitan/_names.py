@@ -8,7 +8,9 @@ separators, ``..``, NUL, absolute paths, drive letters, URL schemes.
 
 A *checkpoint path*, as `load_state` takes it, is either a bare name (this job's
 checkpoint) or ``cross_job://<job_id>/<name>`` (another job's checkpoint under the same
-checkpoint root).
+checkpoint root). The peers' forms of the latter are accepted too and mean the same:
+tinker's ``tinker://<job_id>/weights/<name>`` (or ``sampler_weights``) and Fireworks'
+``<account>/<job_id>/<name>`` (e.g. ``acme/run-1a2b/step-4``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ __all__ = [
 ]
 
 CROSS_JOB_SCHEME = "cross_job://"
+TINKER_SCHEME = "tinker://"
+_TINKER_SEGMENTS = ("weights", "sampler_weights")
 MAX_NAME_LENGTH = 128
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -87,7 +91,9 @@ def parse_checkpoint_path(path: object) -> CheckpointRef:
     """Parse a checkpoint path as `load_state` takes it.
 
     Args:
-        path: A bare checkpoint name, or ``cross_job://<job_id>/<name>``.
+        path: A bare checkpoint name, ``cross_job://<job_id>/<name>``,
+            ``tinker://<job_id>/<weights|sampler_weights>/<name>`` or
+            ``<account>/<job_id>/<name>``.
 
     Returns:
         The parsed reference.
@@ -104,9 +110,21 @@ def parse_checkpoint_path(path: object) -> CheckpointRef:
         if not sep:
             raise ValueError(f"checkpoint path {path!r} must look like cross_job://<job_id>/<name>")
         return CheckpointRef(name=validate_name(name), job_id=validate_name(job_id, "job id"))
+    if path.startswith(TINKER_SCHEME):
+        parts = path[len(TINKER_SCHEME) :].split("/")
+        if len(parts) != 3 or parts[1] not in _TINKER_SEGMENTS:
+            raise ValueError(
+                f"checkpoint path {path!r} must look like tinker://<job_id>/weights/<name>"
+            )
+        return CheckpointRef(name=validate_name(parts[2]), job_id=validate_name(parts[0], "job id"))
     if "://" in path:
         raise ValueError(
-            f"checkpoint path {path!r} has an unsupported scheme; "
-            "use a bare name or cross_job://<job_id>/<name>"
+            f"checkpoint path {path!r} has an unsupported scheme; use a bare name, "
+            "cross_job://<job_id>/<name>, tinker://<job_id>/weights/<name> or "
+            "<account>/<job_id>/<name>"
         )
+    if path.count("/") == 2:  # Fireworks: <account>/<job_id>/<checkpoint>
+        account, job_id, name = path.split("/")
+        validate_name(account, "account")
+        return CheckpointRef(name=validate_name(name), job_id=validate_name(job_id, "job id"))
     return CheckpointRef(name=validate_name(path))

@@ -352,6 +352,29 @@ class Transport:
             headers={**self._base_headers, **headers} if headers else self._base_headers,
         )
 
+    async def put(self, path: str, body: Any) -> Any:
+        """PUT a JSON body (a REST update that sets a value, so retried like a GET).
+
+        Raises:
+            APIStatusError, APIConnectionError, APIResponseValidationError: As for `get`.
+        """
+        return await self._request(
+            "PUT", path, await self.encode(body), pool="submit", retry=True,
+            attempt_timeout=None, offload=False, headers=self._body_headers,
+        )
+
+    async def delete(self, path: str) -> Any:
+        """DELETE a resource, in one attempt: a retry of a delete that went through
+        would answer 404 for a call that succeeded.
+
+        Raises:
+            APIStatusError, APIConnectionError, APIResponseValidationError: As for `get`.
+        """
+        return await self._request(
+            "DELETE", path, None, pool="submit", retry=False, attempt_timeout=None,
+            offload=False, headers=self._base_headers,
+        )
+
     def _policy(self, pool: Pool, retry: bool) -> RetryPolicy:
         cached = self._policies.get((pool, retry))
         if cached is not None:

@@ -38,6 +38,13 @@ FAST_CLIENT = ClientConfig(
 )
 
 
+def connect(
+    base_url: str, api_key: str, config: ClientConfig = FAST_CLIENT
+) -> AsyncFiretitanServiceClient:
+    """An async service client with the tests' quick settings (``async with`` it)."""
+    return AsyncFiretitanServiceClient(base_url=base_url, api_key=api_key, config=config)
+
+
 class Surface:
     """One client surface, driven from an async test.
 
@@ -57,9 +64,7 @@ class Surface:
     async def service(self, base_url: str, api_key: str) -> AsyncIterator[Any]:
         """A service client of this surface, closed on exit."""
         if self.name == "async":
-            async with AsyncFiretitanServiceClient(
-                base_url=base_url, api_key=api_key, config=FAST_CLIENT
-            ) as client:
+            async with connect(base_url, api_key) as client:
                 yield client
             return
         blocking = await asyncio.to_thread(

@@ -409,6 +409,10 @@ def test_simple_request_round_trips() -> None:
         ),
         (w.SaveWeightsRequest(model_id="m", seq_id=10, path="step-10"), "save_weights"),
         (
+            w.SaveWeightsRequest(model_id="m", seq_id=10, path="m", user_metadata={"a": "b"}),
+            "save_weights",
+        ),
+        (
             w.SaveWeightsRequest(model_id="m", seq_id=10, path="s", overwrite=True, ttl_seconds=60),
             "save_weights",
         ),
@@ -885,7 +889,9 @@ def test_decode_accepts_what_tinker_038_sends() -> None:
         "save_weights",
         dump(t.SaveWeightsRequest(model_id="m", path="p", seq_id=3, user_metadata={"a": "b"})),
     )
-    assert save == w.SaveWeightsRequest(model_id="m", seq_id=3, path="p")
+    assert save == w.SaveWeightsRequest(
+        model_id="m", seq_id=3, path="p", user_metadata={"a": "b"}
+    )
     sampler = w.decode_request(
         "save_weights_for_sampler",
         dump(

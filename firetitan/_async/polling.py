@@ -10,11 +10,16 @@ Transport-level failures (connection errors, 408, 429, 5xx) are retried by the
 transport; what reaches here is an outcome (§4.3) or a final error: 410 becomes
 `GoneError`, 404 `NotFoundError`. A poll that is lost (timeout, dropped connection)
 is simply sent again, so a lost answer never turns into a hang.
+
+A ``try_again`` names the trainer's queue state (``active``, ``paused_rate_limit``,
+``paused_capacity``...). Each change, and the return to ``active`` when a result comes,
+is logged once and handed to ``ClientConfig.on_queue_state``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from firetitan import _wire
@@ -23,6 +28,8 @@ from firetitan._transport import PROTOBUF, ProtobufBody, Transport
 from firetitan._wire import endpoints
 
 __all__ = ["Poller"]
+
+log = logging.getLogger("firetitan")
 
 # A trainer that answers try_again at once (rather than holding the poll) would be
 # hammered by an immediate re-poll; such answers get a short, growing pause.
@@ -39,6 +46,7 @@ class Poller:
         self._slots: asyncio.Semaphore | None = None
         # Set when the trainer refused a protobuf-only poll (406): ask for JSON from then on.
         self._json_only = False
+        self._queue_state = "active"
 
     async def wait(self, request_id: str, request_type: str, *, protobuf: bool = False) -> Any:
         """Long-poll ``request_id`` until it resolves and return its payload.
@@ -102,6 +110,7 @@ class Poller:
                     f"retrieve_future for {request_id} answered {exc}", request_id=request_id
                 ) from exc
             if isinstance(outcome, _wire.FutureResult):
+                self._note_queue_state("active", request_id)
                 return outcome.payload
             if isinstance(outcome, _wire.FutureFailed):
                 raise RequestFailedError(
@@ -115,8 +124,21 @@ class Poller:
                 allow_metadata_only = False
                 continue
             # TryAgain: the trainer held the poll as long as it wanted; ask again.
+            self._note_queue_state(outcome.queue_state or "active", request_id)
             if loop.time() - started < _FAST_ANSWER_S:
                 fast_answers += 1
                 await asyncio.sleep(min(_MAX_PAUSE_S, 0.005 * 2**fast_answers))
             else:
                 fast_answers = 0
+
+    def _note_queue_state(self, state: str, request_id: str) -> None:
+        if state == self._queue_state:
+            return
+        self._queue_state = state
+        if state == "active":
+            log.info("trainer queue is active again (request %s)", request_id)
+        else:
+            log.warning("trainer queue is %s; request %s waits", state, request_id)
+        callback = self._transport.config.on_queue_state
+        if callback is not None:
+            callback(state)

@@ -207,6 +207,33 @@ class AsyncSamplingClient:
             raise ClientUsageError("the API key can only be set before the client's first use")
         self._api_key = api_key
 
+    async def get_base_model(self) -> str:
+        """The base model this client samples from; for a sampler export, the one its
+        model was trained from (the trainer reads it from the export, once).
+
+        Raises:
+            ClientUsageError: A standalone client made from a ``model_path`` alone (no
+                sampling session to ask about).
+            APIStatusError: The trainer does not know the sampling session.
+        """
+        if self._base_model:
+            return self._base_model
+        if self._sampling_session_id is None:
+            raise ClientUsageError(
+                "this sampling client has no sampling session to ask its base model about; "
+                "create it with the service client's create_sampling_client"
+            )
+        self._check_usable()
+        path = endpoints.GET_SAMPLER.path.format(sampling_session_id=self._sampling_session_id)
+        answer = await self._connect().get(path)
+        base_model = answer.get("base_model") if isinstance(answer, dict) else None
+        if not isinstance(base_model, str) or not base_model:
+            raise APIResponseValidationError(
+                "the sampler's description names no base_model", body=answer
+            )
+        self._base_model = base_model
+        return base_model
+
     async def get_tokenizer(self) -> Any:
         """The tokenizer of the sampled model: the one configured on the service client
         (or its deployment), else the one the exporting model's trainer names

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import attrs
 from tinker import types as ttypes
 
-from firetitan import _wire
+from firetitan import _names, _wire
 from firetitan._async._checks import non_empty_str, positive_int, string_map
 from firetitan._async._tasks import TaskSet
 from firetitan._async.deployment import AsyncDeployment
@@ -433,6 +433,93 @@ class AsyncFiretitanServiceClient:
             )
         )
 
+    async def create_training_client_from_state(
+        self, path: str, user_metadata: Mapping[str, str] | None = None
+    ) -> AsyncFiretitanTrainingClient:
+        """Create a model from a ``save_state`` checkpoint: its weights, a fresh optimizer.
+
+        The model's base model and LoRA options are those of the model that saved the
+        checkpoint (tinker's recommended way to start from a checkpoint).
+
+        Args:
+            path: A checkpoint path as `AsyncFiretitanTrainingClient.load_state` takes
+                it: a name, ``cross_job://<job_id>/<name>``,
+                ``tinker://<job_id>/weights/<name>`` or ``<account>/<job_id>/<name>``.
+            user_metadata: String pairs recorded with the model; None uses the
+                service client's.
+
+        Returns:
+            The training client, once the trainer has created and loaded the model.
+
+        Raises:
+            ValueError: An invalid path (checked before anything is sent).
+            RequestFailedError: No such checkpoint, or the model could not be created.
+            ClientClosedError: The service client was closed.
+        """
+        return await self._create_from_state(path, user_metadata, optimizer=False)
+
+    async def create_training_client_from_state_with_optimizer(
+        self, path: str, user_metadata: Mapping[str, str] | None = None
+    ) -> AsyncFiretitanTrainingClient:
+        """Like `create_training_client_from_state`, with the checkpoint's optimizer state
+        too: the way to resume an interrupted run.
+
+        Args:
+            path: A checkpoint path (see `create_training_client_from_state`).
+            user_metadata: String pairs recorded with the model; None uses the
+                service client's.
+
+        Returns:
+            The training client, once the trainer has created and loaded the model.
+
+        Raises:
+            ValueError: An invalid path (checked before anything is sent).
+            RequestFailedError: No such checkpoint, or the model could not be created.
+            ClientClosedError: The service client was closed.
+        """
+        return await self._create_from_state(path, user_metadata, optimizer=True)
+
+    async def _create_from_state(
+        self, path: str, user_metadata: Mapping[str, str] | None, *, optimizer: bool
+    ) -> AsyncFiretitanTrainingClient:
+        ref = _names.parse_checkpoint_path(path)
+        metadata = (
+            string_map(user_metadata, "user_metadata")
+            if user_metadata is not None
+            else self._user_metadata
+        )
+        self._check_open()
+        session_id = await self._open()
+        model_seq_id, self._model_seq = self._model_seq, self._model_seq + 1
+        request = _wire.LoadWeightsRequest(
+            path=str(ref),
+            optimizer=optimizer,
+            session_id=session_id,
+            model_seq_id=model_seq_id,
+            user_metadata=metadata,
+        )
+        load = endpoints.LOAD_WEIGHTS
+        answer = await self._transport.post(load.path, _wire.encode_request(request))
+        request_id = ack_request_id(answer, load.name)
+        payload = await self._wait(self._poller.wait(request_id, load.request_type), load.name)
+        model_id = payload.get("model_id") if isinstance(payload, dict) else None
+        if not isinstance(model_id, str) or not model_id:
+            raise APIResponseValidationError(
+                "load_weights resolved without a string model_id", body=payload
+            )
+        info_request = _wire.GetInfoRequest(model_id=model_id)
+        info = validate_model(
+            ttypes.GetInfoResponse,
+            await self._transport.post(endpoints.GET_INFO.path, _wire.encode_request(info_request)),
+        )
+        return self._adopt(
+            model_id,
+            base_model=info.model_data.model_name or "",
+            lora_rank=info.lora_rank or 0,
+            base_only=False,
+            capabilities=payload,
+        )
+
     async def _create_model(
         self, template: _wire.CreateModelRequest
     ) -> AsyncFiretitanTrainingClient:
@@ -452,15 +539,33 @@ class AsyncFiretitanServiceClient:
             raise APIResponseValidationError(
                 "create_model resolved without a string model_id", body=payload
             )
+        return self._adopt(
+            model_id,
+            base_model=request.base_model,
+            lora_rank=request.lora_rank,
+            base_only=request.base_only,
+            capabilities=payload,
+        )
+
+    def _adopt(
+        self,
+        model_id: str,
+        *,
+        base_model: str,
+        lora_rank: int,
+        base_only: bool,
+        capabilities: Any,
+    ) -> AsyncFiretitanTrainingClient:
+        """The training client of a model the trainer has just created."""
         self._check_open()
         client = AsyncFiretitanTrainingClient(
             service=self,
             transport=self._transport,
             model_id=model_id,
-            base_model=request.base_model,
-            lora_rank=request.lora_rank,
-            base_only=request.base_only,
-            capabilities=payload,
+            base_model=base_model,
+            lora_rank=lora_rank,
+            base_only=base_only,
+            capabilities=capabilities,
         )
         self._training_clients.append(client)
         return client

@@ -29,7 +29,7 @@ from tinker import types as ttypes
 
 from firetitan import _names, _wire
 from firetitan._async import custom_loss
-from firetitan._async._checks import non_empty_str, positive_int
+from firetitan._async._checks import non_empty_str, positive_int, string_map
 from firetitan._async._tasks import TaskSet
 from firetitan._async.deployment import AsyncDeployment
 from firetitan._async.futures import AsyncAPIFuture, FutureState, resolve_deadline
@@ -461,7 +461,14 @@ class AsyncFiretitanTrainingClient:
     # ------------------------------------------------------------------ checkpoints
 
     def save_state(
-        self, name: str, ttl_seconds: int | None = None, *, deadline: float | None = None
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        *,
+        overwrite: bool = False,
+        user_metadata: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
     ) -> AsyncAPIFuture[ttypes.SaveWeightsResponse]:
         """Save the full training state (weights and optimizer) as a checkpoint.
 
@@ -469,6 +476,11 @@ class AsyncFiretitanTrainingClient:
             name: The checkpoint name, e.g. ``"step-100"``: letters, digits, ``-``,
                 ``_`` and ``.``.
             ttl_seconds: Delete the checkpoint after this many seconds; None keeps it.
+            overwrite: Replace a checkpoint of the same name (sent as tinker and
+                Fireworks send it; the local trainer always replaces).
+            user_metadata: String pairs recorded with the checkpoint (tinker's
+                ``RestClient`` lists them).
+            timeout: Fireworks' name for ``deadline``; give one or the other.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 
@@ -476,28 +488,54 @@ class AsyncFiretitanTrainingClient:
             A future for the answer; its ``path`` is what `load_state` takes.
 
         Raises:
-            ValueError: An invalid name or TTL.
+            ValueError: An invalid name, TTL or metadata, or both ``timeout`` and
+                ``deadline``.
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._check_save_state(name, ttl_seconds, deadline=deadline)
+        self._check_save_state(
+            name,
+            ttl_seconds,
+            overwrite=overwrite,
+            user_metadata=user_metadata,
+            timeout=timeout,
+            deadline=deadline,
+        )
         self._check_usable()
         request = _wire.SaveWeightsRequest(
             model_id=self._model_id,
             seq_id=0,
-            path=_names.validate_name(name),
-            ttl_seconds=_check_ttl(ttl_seconds),
+            path=name,
+            overwrite=bool(overwrite),
+            ttl_seconds=ttl_seconds,
+            user_metadata=None
+            if user_metadata is None
+            else string_map(user_metadata, "user_metadata"),
         )
         return self._simple_call(
-            endpoints.SAVE_WEIGHTS, request, ttypes.SaveWeightsResponse, deadline
+            endpoints.SAVE_WEIGHTS,
+            request,
+            ttypes.SaveWeightsResponse,
+            deadline if timeout is None else timeout,
         )
 
     def _check_save_state(
-        self, name: str, ttl_seconds: int | None = None, *, deadline: float | None = None
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        *,
+        overwrite: bool = False,
+        user_metadata: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
     ) -> None:
         self._check_open()
         _names.validate_name(name)
         _check_ttl(ttl_seconds)
-        self._resolve_deadline(deadline)
+        if timeout is not None and deadline is not None:
+            raise ValueError("give timeout or deadline, not both")
+        if user_metadata is not None:
+            string_map(user_metadata, "user_metadata")
+        self._resolve_deadline(deadline if timeout is None else timeout)
 
     def load_state(
         self, path: str, *, deadline: float | None = None
@@ -505,8 +543,9 @@ class AsyncFiretitanTrainingClient:
         """Load a checkpoint's weights; the optimizer starts fresh.
 
         Args:
-            path: A checkpoint name of this job, or ``cross_job://<job_id>/<name>``
-                (see `resolve_checkpoint_path`).
+            path: A checkpoint name of this job, ``cross_job://<job_id>/<name>`` (see
+                `resolve_checkpoint_path`), or the peers' forms of it,
+                ``tinker://<job_id>/weights/<name>`` and ``<account>/<job_id>/<name>``.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 
@@ -531,8 +570,9 @@ class AsyncFiretitanTrainingClient:
         """Load a checkpoint's weights and optimizer state, to resume training.
 
         Args:
-            path: A checkpoint name of this job, or ``cross_job://<job_id>/<name>``
-                (see `resolve_checkpoint_path`).
+            path: A checkpoint name of this job, ``cross_job://<job_id>/<name>`` (see
+                `resolve_checkpoint_path`), or the peers' forms of it,
+                ``tinker://<job_id>/weights/<name>`` and ``<account>/<job_id>/<name>``.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from firetitan._sync.deployment import Deployment
 from firetitan._sync.deployment_sampler import DeploymentSampler
+from firetitan._sync.rest import RestClient
 from firetitan._sync.sampling import SamplingClient
 from firetitan._sync.service import FiretitanServiceClient
 from firetitan._sync.training import FiretitanTrainingClient
@@ -16,6 +17,7 @@ __all__ = [
     "DeploymentSampler",
     "FiretitanServiceClient",
     "FiretitanTrainingClient",
+    "RestClient",
     "SamplingClient",
     "WeightSyncer",
 ]

@@ -130,6 +130,17 @@ class SamplingClient:
         """
         self._inner.set_api_key(api_key)
 
+    def get_base_model(self) -> str:
+        """The base model this client samples from; for a sampler export, the one its
+        model was trained from (the trainer reads it from the export, once).
+
+        Raises:
+            ClientUsageError: A standalone client made from a ``model_path`` alone (no
+                sampling session to ask about).
+            APIStatusError: The trainer does not know the sampling session.
+        """
+        return self._portal.call(self._inner.get_base_model)
+
     def get_tokenizer(self) -> Any:
         """The tokenizer of the sampled model: the one configured on the service client
         (or its deployment), else the one the exporting model's trainer names

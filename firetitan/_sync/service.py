@@ -273,6 +273,66 @@ class FiretitanServiceClient:
         result = self._portal.call(self._inner.create_base_training_client, base_model)
         return cast("FiretitanTrainingClient", wrap_twin(self._portal, result))
 
+    def create_training_client_from_state(
+        self,
+        path: str,
+        user_metadata: Mapping[str, str] | None = None,
+    ) -> FiretitanTrainingClient:
+        """Create a model from a ``save_state`` checkpoint: its weights, a fresh optimizer.
+
+        The model's base model and LoRA options are those of the model that saved the
+        checkpoint (tinker's recommended way to start from a checkpoint).
+
+        Args:
+            path: A checkpoint path as `FiretitanTrainingClient.load_state` takes
+                it: a name, ``cross_job://<job_id>/<name>``,
+                ``tinker://<job_id>/weights/<name>`` or ``<account>/<job_id>/<name>``.
+            user_metadata: String pairs recorded with the model; None uses the
+                service client's.
+
+        Returns:
+            The training client, once the trainer has created and loaded the model.
+
+        Raises:
+            ValueError: An invalid path (checked before anything is sent).
+            RequestFailedError: No such checkpoint, or the model could not be created.
+            ClientClosedError: The service client was closed.
+        """
+        result = self._portal.call(
+            self._inner.create_training_client_from_state,
+            path,
+            user_metadata,
+        )
+        return cast("FiretitanTrainingClient", wrap_twin(self._portal, result))
+
+    def create_training_client_from_state_with_optimizer(
+        self,
+        path: str,
+        user_metadata: Mapping[str, str] | None = None,
+    ) -> FiretitanTrainingClient:
+        """Like `create_training_client_from_state`, with the checkpoint's optimizer state
+        too: the way to resume an interrupted run.
+
+        Args:
+            path: A checkpoint path (see `create_training_client_from_state`).
+            user_metadata: String pairs recorded with the model; None uses the
+                service client's.
+
+        Returns:
+            The training client, once the trainer has created and loaded the model.
+
+        Raises:
+            ValueError: An invalid path (checked before anything is sent).
+            RequestFailedError: No such checkpoint, or the model could not be created.
+            ClientClosedError: The service client was closed.
+        """
+        result = self._portal.call(
+            self._inner.create_training_client_from_state_with_optimizer,
+            path,
+            user_metadata,
+        )
+        return cast("FiretitanTrainingClient", wrap_twin(self._portal, result))
+
     def create_sampling_client(
         self,
         model_path: str | None = None,

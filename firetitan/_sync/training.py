@@ -282,6 +282,9 @@ class FiretitanTrainingClient:
         name: str,
         ttl_seconds: int | None = None,
         *,
+        overwrite: bool = False,
+        user_metadata: Mapping[str, str] | None = None,
+        timeout: float | None = None,
         deadline: float | None = None,
     ) -> APIFuture[ttypes.SaveWeightsResponse]:
         """Save the full training state (weights and optimizer) as a checkpoint.
@@ -290,6 +293,11 @@ class FiretitanTrainingClient:
             name: The checkpoint name, e.g. ``"step-100"``: letters, digits, ``-``,
                 ``_`` and ``.``.
             ttl_seconds: Delete the checkpoint after this many seconds; None keeps it.
+            overwrite: Replace a checkpoint of the same name (sent as tinker and
+                Fireworks send it; the local trainer always replaces).
+            user_metadata: String pairs recorded with the checkpoint (tinker's
+                ``RestClient`` lists them).
+            timeout: Fireworks' name for ``deadline``; give one or the other.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 
@@ -297,11 +305,27 @@ class FiretitanTrainingClient:
             A future for the answer; its ``path`` is what `load_state` takes.
 
         Raises:
-            ValueError: An invalid name or TTL.
+            ValueError: An invalid name, TTL or metadata, or both ``timeout`` and
+                ``deadline``.
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._inner._check_save_state(name, ttl_seconds, deadline=deadline)
-        return self._portal.start(self._inner.save_state, name, ttl_seconds, deadline=deadline)
+        self._inner._check_save_state(
+            name,
+            ttl_seconds,
+            overwrite=overwrite,
+            user_metadata=user_metadata,
+            timeout=timeout,
+            deadline=deadline,
+        )
+        return self._portal.start(
+            self._inner.save_state,
+            name,
+            ttl_seconds,
+            overwrite=overwrite,
+            user_metadata=user_metadata,
+            timeout=timeout,
+            deadline=deadline,
+        )
 
     def load_state(
         self,
@@ -312,8 +336,9 @@ class FiretitanTrainingClient:
         """Load a checkpoint's weights; the optimizer starts fresh.
 
         Args:
-            path: A checkpoint name of this job, or ``cross_job://<job_id>/<name>``
-                (see `resolve_checkpoint_path`).
+            path: A checkpoint name of this job, ``cross_job://<job_id>/<name>`` (see
+                `resolve_checkpoint_path`), or the peers' forms of it,
+                ``tinker://<job_id>/weights/<name>`` and ``<account>/<job_id>/<name>``.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 
@@ -336,8 +361,9 @@ class FiretitanTrainingClient:
         """Load a checkpoint's weights and optimizer state, to resume training.
 
         Args:
-            path: A checkpoint name of this job, or ``cross_job://<job_id>/<name>``
-                (see `resolve_checkpoint_path`).
+            path: A checkpoint name of this job, ``cross_job://<job_id>/<name>`` (see
+                `resolve_checkpoint_path`), or the peers' forms of it,
+                ``tinker://<job_id>/weights/<name>`` and ``<account>/<job_id>/<name>``.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 

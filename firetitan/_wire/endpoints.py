@@ -31,27 +31,42 @@ __all__ = [
     "CREATE_SAMPLING_SESSION",
     "CREATE_SESSION",
     "DEBUG_EXECUTION_LOG",
+    "DELETE_CHECKPOINT",
     "DYNAMIC_CONFIG",
+    "EXTERNAL_FILE",
+    "EXTERNAL_WEIGHTS_URLS",
     "FINISH_SESSION",
     "FORWARD",
     "FORWARD_BACKWARD",
     "GET_INFO",
     "GET_SAMPLER",
     "GET_SERVER_CAPABILITIES",
+    "GET_SESSION",
+    "GET_TRAINING_RUN",
     "HEALTHZ",
     "HOT_LOAD",
     "HOT_LOAD_STATUS",
+    "JOIN_SAMPLING_SESSION",
     "LIST_ACCOUNTS",
     "LIST_CHECKPOINTS",
+    "LIST_RUN_CHECKPOINTS",
+    "LIST_SESSIONS",
+    "LIST_TRAINING_RUNS",
+    "LIST_USER_CHECKPOINTS",
     "LOAD_WEIGHTS",
     "OPTIM_STEP",
+    "PUBLISH_CHECKPOINT",
     "RETRIEVE_FUTURE",
+    "RETRIEVE_FUTURES",
     "SAVE_WEIGHTS",
+    "SAVE_WEIGHTS_EXTERNAL",
     "SAVE_WEIGHTS_FOR_SAMPLER",
     "SESSION_HEARTBEAT",
+    "SET_CHECKPOINT_TTL",
     "TELEMETRY",
     "TRAINER",
     "UNLOAD_MODEL",
+    "UNPUBLISH_CHECKPOINT",
     "Endpoint",
 ]
 
@@ -64,7 +79,7 @@ class Endpoint:
 
     Attributes:
         name: Its name: the key of its server handler and of its request decoder.
-        method: ``"GET"`` or ``"POST"``.
+        method: ``"GET"``, ``"POST"``, ``"PUT"`` or ``"DELETE"``.
         path: The URL path; ``{field}`` segments are path parameters.
         ordered: It carries a ``seq_id`` and runs in the model's call order.
         future: It is answered with a ``request_id`` to poll with ``retrieve_future``.
@@ -76,7 +91,7 @@ class Endpoint:
     """
 
     name: str
-    method: Literal["GET", "POST"]
+    method: Literal["GET", "POST", "PUT", "DELETE"]
     path: str
     ordered: bool = False
     future: bool = False
@@ -96,6 +111,10 @@ def _post(name: str, path: str | None = None, **kw: Any) -> Endpoint:
 
 def _get(name: str, path: str | None = None, **kw: Any) -> Endpoint:
     return Endpoint(name=name, method="GET", path=f"{API_PREFIX}/{path or name}", **kw)
+
+
+def _rest(method: Literal["GET", "POST", "PUT", "DELETE"], name: str, path: str) -> Endpoint:
+    return Endpoint(name=name, method=method, path=f"{API_PREFIX}/{path}")
 
 
 def _ordered(name: str, request_type: str) -> Endpoint:
@@ -120,6 +139,13 @@ OPTIM_STEP: Final = _ordered("optim_step", "OptimStep")
 SAVE_WEIGHTS: Final = _ordered("save_weights", "SaveWeights")
 LOAD_WEIGHTS: Final = _ordered("load_weights", "LoadWeights")
 SAVE_WEIGHTS_FOR_SAMPLER: Final = _ordered("save_weights_for_sampler", "SaveWeightsForSampler")
+SAVE_WEIGHTS_EXTERNAL: Final = _post(
+    "save_weights_external",
+    ordered=True,
+    future=True,
+    request_type="SaveWeightsExternal",
+    client=False,
+)
 LIST_CHECKPOINTS: Final = _get("list_checkpoints")
 UNLOAD_MODEL: Final = _post("unload_model", future=True, request_type="Unload model")
 # Futures (§4).
@@ -128,7 +154,30 @@ CANCEL_FUTURE: Final = _post("cancel_future")
 # Sampling (tinker's sampling sessions).
 CREATE_SAMPLING_SESSION: Final = _post("create_sampling_session")
 ASAMPLE: Final = _post("asample", future=True, request_type="Sample")
-GET_SAMPLER: Final = _get("get_sampler", "samplers/{sampling_session_id}", client=False)
+GET_SAMPLER: Final = _get("get_sampler", "samplers/{sampling_session_id}")
+RETRIEVE_FUTURES: Final = _post("retrieve_futures", client=False)
+JOIN_SAMPLING_SESSION: Final = _post("join_sampling_session", client=False)
+# tinker's REST view (training runs, checkpoints, sessions), for its RestClient and ours.
+_CHECKPOINT = "training_runs/{run_id}/checkpoints/{segment}/{name}"
+LIST_TRAINING_RUNS: Final = _rest("GET", "list_training_runs", "training_runs")
+GET_TRAINING_RUN: Final = _rest("GET", "get_training_run", "training_runs/{run_id}")
+LIST_RUN_CHECKPOINTS: Final = _rest(
+    "GET", "list_run_checkpoints", "training_runs/{run_id}/checkpoints"
+)
+DELETE_CHECKPOINT: Final = _rest("DELETE", "delete_checkpoint", _CHECKPOINT)
+SET_CHECKPOINT_TTL: Final = _rest("PUT", "set_checkpoint_ttl", f"{_CHECKPOINT}/ttl")
+PUBLISH_CHECKPOINT: Final = _rest("POST", "publish_checkpoint", f"{_CHECKPOINT}/publish")
+UNPUBLISH_CHECKPOINT: Final = _rest("DELETE", "unpublish_checkpoint", f"{_CHECKPOINT}/publish")
+LIST_USER_CHECKPOINTS: Final = _rest("GET", "list_user_checkpoints", "checkpoints")
+LIST_SESSIONS: Final = _rest("GET", "list_sessions", "sessions")
+GET_SESSION: Final = _rest("GET", "get_session", "sessions/{session_id}")
+EXTERNAL_WEIGHTS_URLS: Final = attrs.evolve(
+    _rest("GET", "external_weights_urls", f"{_CHECKPOINT}/external_weights_urls"), client=False
+)
+#: Signed download URLs of external weights: the one route served without the API key.
+EXTERNAL_FILE: Final = attrs.evolve(
+    _rest("GET", "external_file", "external_files/{name}/{file}"), client=False
+)
 # The local trainer's own (served only with ``debug_endpoints``).
 DEBUG_EXECUTION_LOG: Final = _get("debug_execution_log", "debug/execution_log", client=False)
 

@@ -227,6 +227,9 @@ def _decode_save_weights(body: dict[str, Any], _: _Budget) -> SaveWeightsRequest
         path=_str(_required(body, "path", ""), "path"),
         overwrite=_opt_bool(body, "overwrite", "", False),
         ttl_seconds=_opt_int(body, "ttl_seconds", "", lo=1),
+        user_metadata=None
+        if body.get("user_metadata") is None
+        else _str_dict(body["user_metadata"], "user_metadata"),
     )
 
 

@@ -112,6 +112,7 @@ class SaveWeightsRequest:
     path: str
     overwrite: bool = False
     ttl_seconds: int | None = None
+    user_metadata: dict[str, str] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -336,6 +337,8 @@ def _encode_save_weights(r: SaveWeightsRequest) -> JSON:
     body: JSON = {"model_id": r.model_id, "path": r.path, "seq_id": r.seq_id}
     if r.ttl_seconds is not None:
         body["ttl_seconds"] = r.ttl_seconds
+    if r.user_metadata is not None:
+        body["user_metadata"] = dict(r.user_metadata)
     body.update(overwrite=r.overwrite, type="save_weights")
     return body
 

@@ -5,9 +5,10 @@ another job's checkpoints::
 
     <root>/<job_id>/state/<name>/      save_state checkpoints (weights + optimizer)
     <root>/<job_id>/sampler/<name>/    save_weights_for_sampler exports
+    <root>/<job_id>/external/<name>/   save_weights_external exports (downloadable)
     <root>/<job_id>/.tmp/              checkpoints being written
 
-A checkpoint is valid only once its folder sits under ``state/`` or ``sampler/`` with a
+A checkpoint is valid only once its folder sits under its kind's folder with a
 ``MANIFEST_NAME`` file in it. An engine writes into a fresh folder under ``.tmp/``; the
 store then writes the manifest and renames the folder into place. A rename within one
 file system is atomic, so a crash mid-write leaves only debris in ``.tmp/`` (removed at
@@ -34,10 +35,11 @@ import attrs
 
 from firetitan._names import CheckpointRef, parse_checkpoint_path, validate_name
 
-__all__ = ["MANIFEST_NAME", "CheckpointStore", "Kind", "Manifest"]
+__all__ = ["KINDS", "MANIFEST_NAME", "CheckpointStore", "Kind", "Manifest"]
 
 MANIFEST_NAME = "firetitan-checkpoint.json"
-Kind = Literal["state", "sampler"]
+Kind = Literal["state", "sampler", "external"]
+KINDS: tuple[Kind, ...] = ("state", "sampler", "external")
 
 
 @attrs.frozen(kw_only=True)
@@ -84,7 +86,7 @@ class CheckpointStore:
             try:
                 raw = json.loads((aside / MANIFEST_NAME).read_text())
                 kind, name = raw["kind"], raw["name"]
-                if kind not in ("state", "sampler"):
+                if kind not in KINDS:
                     continue
                 final = self._dir(kind, name)
             except (OSError, ValueError, KeyError, TypeError):
@@ -255,7 +257,7 @@ class CheckpointStore:
                 needed.add(link)
                 link = sampler[link].metadata.get("delta_of")
         removed = []
-        for kind in ("state", "sampler"):
+        for kind in KINDS:
             for manifest in self._manifests(kind):
                 if manifest.expired(now) and not (kind == "sampler" and manifest.name in needed):
                     with self._lock:
@@ -270,6 +272,57 @@ class CheckpointStore:
             return []
         found = (self._committed(kind, c.name) for c in base.iterdir() if _valid(c))
         return [m for m in found if m is not None]
+
+    def manifests(self, kind: Kind) -> list[Manifest]:
+        """Manifests of this job's valid, unexpired checkpoints of one kind, in `names`
+        order."""
+        now = time.time()
+        live = [m for m in self._manifests(kind) if not m.expired(now)]
+        return sorted(live, key=lambda m: _natural_key(m.name))
+
+    def files(self, kind: Kind, name: str) -> dict[str, Path]:
+        """A valid checkpoint's files (its manifest left out), keyed by their path
+        relative to the checkpoint folder.
+
+        Raises:
+            FileNotFoundError: No valid checkpoint has that name.
+        """
+        directory, _manifest = self.resolve(kind, name)
+        return {
+            str(p.relative_to(directory)): p
+            for p in sorted(directory.rglob("*"))
+            if p.is_file() and not p.is_symlink() and p.name != MANIFEST_NAME
+        }
+
+    def delete(self, kind: Kind, name: str) -> None:
+        """Delete one of this job's checkpoints.
+
+        Raises:
+            FileNotFoundError: No valid checkpoint has that name.
+        """
+        directory, _manifest = self.resolve(kind, name)
+        with self._lock:
+            trash = self._job_dir / ".tmp" / f"old-del-{uuid.uuid4().hex}"
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            # The manifest goes first, so that an interrupted delete never leaves a
+            # checkpoint that lists as valid but lacks files (nor one restored at start).
+            (directory / MANIFEST_NAME).unlink()
+            os.rename(directory, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def update(self, kind: Kind, name: str, **changes: Any) -> Manifest:
+        """Change a committed checkpoint's manifest (``expires_at``, ``metadata``).
+
+        Raises:
+            FileNotFoundError: No valid checkpoint has that name.
+        """
+        directory, manifest = self.resolve(kind, name)
+        updated = attrs.evolve(manifest, **changes)
+        tmp = directory / f".{MANIFEST_NAME}.{uuid.uuid4().hex}"
+        _write_json(tmp, attrs.asdict(updated))
+        with self._lock:
+            os.replace(tmp, directory / MANIFEST_NAME)
+        return updated
 
 
 def _valid(child: Path) -> bool:

@@ -304,6 +304,9 @@ def _loss_terms(
         terms = -np.clip(ratio, lo, hi) * logp * adv
     elif loss_fn == "dro":
         terms = -(logp * adv - 0.5 * config.beta * (logp - q) ** 2)
+    elif loss_fn == "stable_reinforce":
+        weight = np.minimum(ratio, config.clip_high)
+        terms = -(weight * logp * adv - 0.5 * config.kl_coeff * (logp - q) ** 2)
     else:  # the rules refuse unknown losses before an engine computes
         raise AssertionError(loss_fn)
     return np.where(datum.loss_positions, terms * w, 0.0)

@@ -23,6 +23,7 @@ import numpy.typing as npt
 import tinker
 
 from firetitan import _wire
+from firetitan.local import stability
 from firetitan.local.checkpoints import MANIFEST_NAME, CheckpointStore, Kind, Manifest
 from firetitan.local.engine import Engine, ModelSpec, SampleSource, UserError
 from firetitan.local.executor import (
@@ -33,6 +34,7 @@ from firetitan.local.executor import (
     success_json,
     success_result,
 )
+from firetitan.local.external import ExternalRequest, encrypt_files
 from firetitan.local.sessions import ModelRecord, Registry, SamplingSession
 from firetitan.local.tinker_compat import mask_prompt_logprobs
 
@@ -74,10 +76,25 @@ def _two_way_result(
     return result
 
 
-def _model_spec_metadata(spec: ModelSpec) -> dict[str, Any]:
+def _model_metadata(record: ModelRecord) -> dict[str, Any]:
     # Recorded in every checkpoint manifest: create-via-load rebuilds the model from
-    # it, and a sampler's base model is read from it.
-    return {"model_spec": attrs.asdict(spec)}
+    # it, a sampler's base model is read from it, and tinker's REST view reports the
+    # training run's user_metadata from it.
+    metadata: dict[str, Any] = {"model_spec": attrs.asdict(record.spec)}
+    if record.user_metadata:
+        metadata["user_metadata"] = dict(record.user_metadata)
+    return metadata
+
+
+@attrs.define
+class SampleTicket:
+    """Who asked for a sample, its request id and the sequence ids its ACK hands out.
+    The server fills the ids right after submitting, before the work can start (the
+    executor runs it in a task of its own, on the next turn of the loop)."""
+
+    session_id: str | None
+    sequence_ids: list[str] = attrs.field(factory=list)
+    request_id: str = ""
 
 
 class Operations:
@@ -88,6 +105,7 @@ class Operations:
     ) -> None:
         self._engine = engine
         self._store = store
+        self.stability = stability.StabilityRecords()
         self._registry = registry
         self._executor = executor
 
@@ -182,17 +200,20 @@ class Operations:
 
     # ------------------------------------------------------------------ training
 
-    def forward(self, request: _wire.ForwardRequest, expect: Encoding) -> Run:
+    def forward(self, request: _wire.ForwardRequest, record: ModelRecord, expect: Encoding) -> Run:
         """``forward`` or ``forward_backward`` (``request.forward_only`` tells which).
 
         ``expect`` is the encoding the client will likely poll for (made at once).
+        ``stable_reinforce`` data get their sampler logprobs from the stability records
+        of the model's session.
         """
         compute = self._engine.forward if request.forward_only else self._engine.forward_backward
 
         def work() -> Result:
-            output = compute(
-                request.model_id, list(request.data), request.loss_fn, request.loss_fn_config
-            )
+            data = list(request.data)
+            if request.loss_fn == stability.LOSS:
+                data = self.stability.resolve(record.session_id, data)
+            output = compute(request.model_id, data, request.loss_fn, request.loss_fn_config)
             if len(output.loss_fn_outputs) != len(request.data):
                 raise RuntimeError(
                     f"engine returned {len(output.loss_fn_outputs)} outputs for "
@@ -223,15 +244,44 @@ class Operations:
         """
 
         def work() -> Result:
+            metadata = _model_metadata(record)
+            if request.user_metadata is not None:  # the checkpoint's own
+                metadata["checkpoint_user_metadata"] = dict(request.user_metadata)
             with self._store.write(
                 "state",
                 request.path,
                 model_id=request.model_id,
                 ttl_seconds=request.ttl_seconds,
-                metadata=_model_spec_metadata(record.spec),
+                metadata=metadata,
             ) as directory:
                 self._engine.save_state(request.model_id, directory)
             return success_result({"type": "save_weights", "path": returned_path})
+
+        return self._model_run(request.model_id, work)
+
+    def save_external(
+        self, request: ExternalRequest, record: ModelRecord, returned_path: str
+    ) -> Run:
+        """``save_weights_external``: the model's weights in sampler-export form, for
+        download (`firetitan.local.external`), encrypted when recipients are given."""
+
+        def work() -> Result:
+            metadata = {**_model_metadata(record), "encrypted": bool(request.recipients)}
+            with self._store.write(
+                "external",
+                request.path,
+                model_id=request.model_id,
+                ttl_seconds=request.ttl_seconds,
+                metadata=metadata,
+            ) as directory:
+                self._engine.save_for_sampler(request.model_id, directory, "base", None)
+                if request.recipients:
+                    encrypt_files(directory, request.recipients)
+            files = self._store.files("external", request.path).values()
+            size = sum(p.stat().st_size for p in files)
+            return success_result(
+                {"type": "save_weights_external", "path": returned_path, "size_bytes": size}
+            )
 
         return self._model_run(request.model_id, work)
 
@@ -305,7 +355,7 @@ class Operations:
                 "requested_checkpoint_type": requested,
                 # The export this one is a difference to; None: it holds full weights.
                 "delta_of": previous.name if actual == "delta" and previous else None,
-                **_model_spec_metadata(record.spec),
+                **_model_metadata(record),
             }
             if actual != requested:
                 metadata["fallback_reason"] = fallback
@@ -348,6 +398,7 @@ class Operations:
         model_path: str | None,
         base_model: str | None,
         expect: Encoding,
+        ticket: SampleTicket,
     ) -> Run:
         """``asample``: from a sampler export or a base model.
 
@@ -356,6 +407,8 @@ class Operations:
             model_path: The export to sample from, in the form the store resolves.
             base_model: The base model to sample from when there is no export.
             expect: The encoding the client will likely poll for (made at once).
+            ticket: Who sampled and the sequence ids handed out, for the stability
+                records ``record_stability_info`` asks for.
         """
 
         def work() -> Result:
@@ -378,6 +431,12 @@ class Operations:
                 request.sampling_params,
                 prompt_logprobs=request.prompt_logprobs,
             )
+            if request.record_stability_info:
+                if ticket.session_id is None:
+                    raise UserError(
+                        "record_stability_info needs a sampling session (sampling_session_id)"
+                    )
+                self.stability.record(ticket.session_id, ticket.sequence_ids, prompt, response)
             response = _last_n_prompt_logprobs(response, request.prompt_logprobs_last_n)
             return _two_way_result(response, _SAMPLE_ENCODERS, expect)
 

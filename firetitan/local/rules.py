@@ -10,10 +10,10 @@ The loss catalogue (`LOSSES`) is also the source of the losses reference
 (``docs/losses.md``, written by ``scripts/gen_losses_doc.py``): add a built-in loss
 here, with its inputs and config keys, and its compute in each engine.
 
-Wording: a field that is out of range reads ``<field> must be <range>, got <value>``;
-a datum's problem starts with ``datum <index>:`` and names the ``loss_fn_inputs`` key.
-Only the engine's facts (vocabulary size, context length) enter the messages, through
-`Limits`.
+Wording: a field that is out of range reads ``<field> must be a finite number <range>,
+got <value>``; a datum's problem starts with ``datum <index>:`` and names the
+``loss_fn_inputs`` key. Only the engine's facts (vocabulary size, context length) enter
+the messages, through `Limits`.
 """
 
 from __future__ import annotations
@@ -165,16 +165,21 @@ COMMON_CONFIG: Final = (
     ),
 )
 
+# Defaults of the config keys below, shared with `LossConfig` (losses.md).
+CLIP_LOW_DEFAULT: Final = 0.8
+CLIP_HIGH_DEFAULT: Final = 1.2
+BETA_DEFAULT: Final = 0.05
+
 _CLIP = (
     ConfigKey(
         name="clip_low_threshold",
-        default=0.8,
+        default=CLIP_LOW_DEFAULT,
         allowed=NON_NEGATIVE,
         doc="Lower bound `lo` of the ratio itself (not ε); at most `clip_high_threshold`.",
     ),
     ConfigKey(
         name="clip_high_threshold",
-        default=1.2,
+        default=CLIP_HIGH_DEFAULT,
         allowed=NON_NEGATIVE,
         doc="Upper bound `hi` of the ratio itself (not ε); at least `clip_low_threshold`.",
     ),
@@ -223,9 +228,30 @@ LOSSES: Final[dict[str, LossSpec]] = {
             (
                 ConfigKey(
                     name="beta",
-                    default=0.05,
+                    default=BETA_DEFAULT,
                     allowed=NON_NEGATIVE,
                     doc="Weight β of the quadratic penalty on `lp_t − q_t`.",
+                ),
+            ),
+        ),
+        _rl_loss(
+            "stable_reinforce",
+            "r_t = exp(lp_t − q_t); L = −Σ_t [sg(min(r_t, hi)) · lp_t · A_t − ½ · κ · "
+            "(lp_t − q_t)²], with q_t the sampler's logprobs as the trainer recorded them "
+            "(`record_stability_info`), never the client's copy; every datum carries "
+            "provenance spans naming its sampled sequences, and A_t = 0 on prompt tokens",
+            (
+                ConfigKey(
+                    name="clip_high_threshold",
+                    default=CLIP_HIGH_DEFAULT,
+                    allowed=NON_NEGATIVE,
+                    doc="Upper bound `hi` of the importance weight (truncated, never raised).",
+                ),
+                ConfigKey(
+                    name="kl_coeff",
+                    default=0.0,
+                    allowed=NON_NEGATIVE,
+                    doc="Weight κ of the quadratic pull of `lp_t` towards the sampler's `q_t`.",
                 ),
             ),
         ),
@@ -237,9 +263,10 @@ LOSSES: Final[dict[str, LossSpec]] = {
 class LossConfig:
     """A checked ``loss_fn_config``: the keys each loss reads, defaults filled in."""
 
-    clip_low: float = 0.8
-    clip_high: float = 1.2
-    beta: float = 0.05
+    clip_low: float = CLIP_LOW_DEFAULT
+    clip_high: float = CLIP_HIGH_DEFAULT
+    beta: float = BETA_DEFAULT
+    kl_coeff: float = 0.0
 
 
 def _loss_spec(loss_fn: str) -> LossSpec:
@@ -277,12 +304,17 @@ def check_loss_config(spec: LossSpec, config: Mapping[str, Any] | None) -> LossC
     defaults = LossConfig()
     lo = values.get("clip_low_threshold", defaults.clip_low)
     hi = values.get("clip_high_threshold", defaults.clip_high)
-    if lo > hi:
+    if "clip_low_threshold" in keys and lo > hi:
         raise UserError(
             f"loss_fn_config['clip_low_threshold'] must be <= "
             f"loss_fn_config['clip_high_threshold'], got {lo} and {hi}"
         )
-    return LossConfig(clip_low=lo, clip_high=hi, beta=values.get("beta", defaults.beta))
+    return LossConfig(
+        clip_low=lo,
+        clip_high=hi,
+        beta=values.get("beta", defaults.beta),
+        kl_coeff=values.get("kl_coeff", defaults.kl_coeff),
+    )
 
 
 # --------------------------------------------------------------------------- datums

@@ -34,6 +34,7 @@ import functools
 import hmac
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
@@ -45,6 +46,7 @@ from firetitan._names import parse_checkpoint_path, validate_name
 from firetitan._wire import endpoints
 from firetitan.local import access_log, dialect, tinker_compat, tinker_wire
 from firetitan.local.checkpoints import CheckpointStore, Kind
+from firetitan.local.completions import CompletionQueues
 from firetitan.local.config import ServerConfig
 from firetitan.local.connections import BodyTimeoutError, ConnectionGuard
 from firetitan.local.engine import DEFAULT_MAX_TOKENS, Engine, ModelSpec, UserError
@@ -60,7 +62,9 @@ from firetitan.local.executor import (
     SequenceLeadError,
     UnknownRequestError,
 )
-from firetitan.local.operations import Operations
+from firetitan.local.external import ExternalRequest, decode_external_request
+from firetitan.local.operations import Operations, SampleTicket
+from firetitan.local.rest import RestApi, RestError, is_download
 from firetitan.local.sessions import ModelRecord, Registry, SamplingSession, model_id_for
 
 __all__ = ["TrainerServer"]
@@ -72,15 +76,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # client/config flags. The Fireworks SDK fails client-side if either proto flag is true
 # (tinker sends protobuf forward bodies regardless, uncompressed with these flags); no
-# JWT exchange; and none of the tinker features that need endpoints this trainer lacks
-# (retrieve_futures, create_custom_loss, join_sampling_session).
+# JWT exchange. tinker's sampling features are on: one completion poll per sampling
+# session (retrieve_futures) and clone ids from the trainer (join_sampling_session).
+# Custom losses run client-side: this trainer does not run uploaded loss graphs.
 CLIENT_CONFIG_FLAGS = {
     "pjwt_auth_enabled": False,
     "proto_write_fwdbwd": False,
     "proto_compress_fwdbwd": False,
-    "sample_use_retrieve_futures": False,
+    "sample_use_retrieve_futures": True,
     "custom_loss_server_side": False,
-    "sample_join_sampling_session": False,
+    "sample_join_sampling_session": True,
 }
 #: Most datums tinker puts in one forward_backward chunk.
 FWDBWD_MAX_CHUNK_LEN = 1024
@@ -182,6 +187,8 @@ class TrainerServer:
         self._executor = Executor(self.config, private_root=store.root)
         self._guard = ConnectionGuard(self.config.connection_limits, log)
         self._registry = Registry()
+        self._rest = RestApi(store, self._registry, json_response, self._read)
+        self._completions = CompletionQueues()
         self._engine: Engine | None = None
         self._ops: Operations | None = None
         self._capabilities: list[dict[str, Any]] = []
@@ -279,6 +286,9 @@ class TrainerServer:
 
     def _end_session(self, session_id: str, why: str) -> None:
         assert self._ops is not None
+        for sampling in list(self._registry.sampling.values()):
+            if sampling.session_id == session_id:
+                self._completions.forget(sampling.sampling_session_id)
         for model_id in self._registry.end_session(session_id):
             record = self._registry.models.get(model_id)
             if record is None or record.unload_request_id is not None:
@@ -344,7 +354,11 @@ class TrainerServer:
             "create_sampling_session": self._create_sampling_session,
             "asample": self._asample,
             "get_sampler": self._sampler,
+            "retrieve_futures": self._retrieve_futures,
+            "join_sampling_session": self._join_sampling_session,
+            "save_weights_external": self._save_external,
             "debug_execution_log": self._debug_log,
+            **self._rest.handlers(),
         }
 
     @web.middleware
@@ -355,6 +369,9 @@ class TrainerServer:
             return await handler(request)
         except Problem as problem:
             return _error_response(problem)
+        except RestError as exc:
+            error_class = "NotFoundError" if exc.status == 404 else "BadRequestError"
+            return _error_response(Problem(exc.status, exc.detail, error_class))
         except _wire.WireError as exc:
             return _error_response(_bad_request(exc))
         except web.HTTPRequestEntityTooLarge:
@@ -380,11 +397,19 @@ class TrainerServer:
 
     @web.middleware
     async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if is_download(request):
+            # Signed download URLs, fetched without the key (`firetitan.local.rest`).
+            if not self._rest.signed(request):
+                raise Problem(403, "invalid or expired download signature", "PermissionDenied")
+            return await handler(request)
         provided = request.headers.get("X-API-Key")
         if provided is None:
             raise Problem(401, "missing X-API-Key header", "AuthenticationError")
         if not hmac.compare_digest(provided.encode("utf-8", "replace"), self._key):
             raise Problem(401, "invalid API key in X-API-Key header", "AuthenticationError")
+        length = request.content_length
+        if length is not None and length > self.config.max_request_bytes:
+            raise self._too_large()  # also on routes that never read their body
         return await handler(request)
 
     def _too_large(self) -> Problem:
@@ -572,7 +597,7 @@ class TrainerServer:
         return await self._ordered(endpoint, request, address, decoded_already, self._forward_work)
 
     def _forward_work(self, req: _wire.ForwardRequest, record: ModelRecord) -> Run:
-        return self._operations.forward(req, self._likely_encoding(record.session_id))
+        return self._operations.forward(req, record, self._likely_encoding(record.session_id))
 
     def _fail_in_turn(
         self, request: web.Request, exc: tinker_wire.InvalidForwardData
@@ -602,11 +627,20 @@ class TrainerServer:
     async def _save_weights(self, request: web.Request) -> web.Response:
         def build(req: _wire.SaveWeightsRequest, record: ModelRecord) -> Run:
             name = _valid_name(req.path, "path")
-            _valid_ttl(req.ttl_seconds)
             returned = self._client_path(record.session_id, "state", name)
             return self._operations.save_weights(req, record, returned)
 
         return await self._ordered_json("save_weights", request, build)
+
+    async def _save_external(self, request: web.Request) -> web.Response:
+        def build(req: ExternalRequest, record: ModelRecord) -> Run:
+            name = _valid_name(req.path, "path")
+            returned = self._client_path(record.session_id, "external", name)
+            return self._operations.save_external(req, record, returned)
+
+        raw, obj = await self._object(request)
+        decode = functools.partial(self._off_loop, len(raw), decode_external_request, obj)
+        return await self._ordered("save_weights_external", request, _address(obj), decode, build)
 
     async def _load_weights(self, request: web.Request) -> web.Response:
         raw, obj = await self._object(request)
@@ -622,7 +656,6 @@ class TrainerServer:
 
     async def _save_for_sampler(self, request: web.Request) -> web.Response:
         def build(req: _wire.SaveWeightsForSamplerRequest, record: ModelRecord) -> Run:
-            _valid_ttl(req.ttl_seconds)
             sampling: SamplingSession | None = None
             if req.path is not None:
                 name = _valid_name(req.path, "path")
@@ -664,7 +697,7 @@ class TrainerServer:
             train_unembed=req.train_unembed,
             base_only=req.base_only,
         )
-        record = ModelRecord(model_id, req.session_id, spec)
+        record = ModelRecord(model_id, req.session_id, spec, user_metadata=req.user_metadata)
         return self._add_model(record, "create_model", self._operations.create_model(record))
 
     def _create_via_load(self, req: _wire.LoadWeightsRequest) -> web.Response:
@@ -678,11 +711,17 @@ class TrainerServer:
         if known is not None:
             return _ack(known.create_request_id, model_id)
         store_path = self._store_path(req.path, "state", "path")
-        record = ModelRecord(model_id, req.session_id, ModelSpec(base_model=req.base_model or ""))
+        record = ModelRecord(
+            model_id,
+            req.session_id,
+            ModelSpec(base_model=req.base_model or ""),
+            user_metadata=req.user_metadata,
+        )
         run = self._operations.create_from_checkpoint(record, req, store_path)
         return self._add_model(record, "load_weights", run)
 
     def _add_model(self, record: ModelRecord, kind: str, run: Run) -> web.Response:
+        record.last_request_time = time.time()
         record.create_request_id = self._executor.add_model(record.model_id, kind, run)
         self._registry.add_model(record)
         return _ack(record.create_request_id, record.model_id)
@@ -789,15 +828,53 @@ class TrainerServer:
             raise _unprocessable("one of model_path, base_model or sampling_session_id is required")
         self._check_sample_budget(req)
         expect = self._likely_encoding(sampling.session_id if sampling else None)
+        ticket = SampleTicket(sampling.session_id if sampling else None)
         run = self._operations.sample(
-            req, model_path=model_path, base_model=base_model, expect=expect
+            req, model_path=model_path, base_model=base_model, expect=expect, ticket=ticket
         )
+        if sampling is not None and req.seq_id is not None:
+            target = self._completions.target_of(sampling.sampling_session_id, req.seq_id)
+            run = self._completions.tracked(target, lambda: ticket.request_id, run)
         request_id = self._executor.submit("asample", run, keys=keys)
+        ticket.request_id = request_id
         access_log.note(request_id=request_id)
         # tinker requires one id per sample; a retry gets the same request id, so the same ids.
         ids = tinker_compat.sample_sequence_ids(request_id, req.num_samples)
+        ticket.sequence_ids = ids
         ack = _wire.FutureAck(request_id=request_id, sample_sequence_ids=ids)
         return json_response(_wire.encode_future_ack(ack))
+
+    async def _retrieve_futures(self, request: web.Request) -> web.Response:
+        """tinker's per-sampling-session completion poll (`firetitan.local.completions`)."""
+        _raw, obj = await self._object(request)
+        target = obj.get("target")
+        if not isinstance(target, dict):
+            raise _bad_request(_wire.WireError("target", "must be an object"))
+        sampling_session_id = _sampling_session_id(target, "target.sampling_session_id")
+        if sampling_session_id not in self._registry.sampling:
+            raise _not_found(f"target.sampling_session_id: unknown {sampling_session_id!r}")
+        clone = target.get("cloned_sampler_id", 0)
+        prev_cursor = obj.get("prev_cursor", 0)
+        timeout = obj.get("timeout")
+        for name, value in (("target.cloned_sampler_id", clone), ("prev_cursor", prev_cursor)):
+            if type(value) is not int or value < 0:
+                raise _bad_request(_wire.WireError(name, "must be a non-negative integer"))
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float)
+        ):
+            raise _bad_request(_wire.WireError("timeout", "must be a number or null"))
+        answer = await self._completions.retrieve(
+            (sampling_session_id, clone), prev_cursor, None if timeout is None else float(timeout)
+        )
+        return json_response(answer)
+
+    async def _join_sampling_session(self, request: web.Request) -> web.Response:
+        _raw, obj = await self._object(request)
+        sampling_session_id = _sampling_session_id(obj, "sampling_session_id")
+        if sampling_session_id not in self._registry.sampling:
+            raise _not_found(f"sampling_session_id: unknown {sampling_session_id!r}")
+        counter = self._completions.join(sampling_session_id)
+        return json_response({"type": "join_sampling_session", "client_counter": counter})
 
     def _check_sample_budget(self, req: _wire.SampleRequest) -> None:
         """Refuse (422) a sampling request larger than one request may be."""
@@ -860,6 +937,7 @@ class TrainerServer:
         key = request.headers.get("X-Idempotency-Key")
         session_dialect = dialect.session_dialect(req.sdk_version)
         session_id = self._registry.create_session(self._now(), key, session_dialect)
+        self._registry.sessions[session_id].user_metadata = dict(req.user_metadata) or None
         return json_response({"type": "create_session", "session_id": session_id})
 
     async def _heartbeat(self, request: web.Request) -> web.Response:
@@ -900,6 +978,13 @@ class TrainerServer:
         return json_response({"entries": entries})
 
 
+def _sampling_session_id(obj: dict[str, Any], field: str) -> str:
+    value = obj.get("sampling_session_id")
+    if not isinstance(value, str) or not value:
+        raise _bad_request(_wire.WireError(field, "must be a non-empty string"))
+    return value
+
+
 def _valid_name(name: str, field: str) -> str:
     try:
         return validate_name(name)
@@ -924,8 +1009,3 @@ def _ack(request_id: str, model_id: str) -> web.Response:
 async def _ready(value: T) -> T:
     """An already decoded request, as `TrainerServer._ordered` takes its decoder."""
     return value
-
-
-def _valid_ttl(ttl: float | None) -> None:
-    if ttl is not None and not ttl > 0:
-        raise _unprocessable(f"ttl_seconds must be positive, got {ttl}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import secrets
+import time
 from pathlib import Path
 
 import attrs
@@ -42,6 +43,10 @@ class ModelRecord:
         state: ``creating``, ``ready``, ``failed`` or ``unloading``.
         last_export: The folder of its latest sampler export (the base of a ``delta``).
         unload_request_id: The unload request, once one was accepted.
+        user_metadata: What the client attached at creation (tinker's training-run
+            metadata; tinker-cookbook records its renderer there).
+        last_request_time: When a request last named it (wall clock, for tinker's
+            REST view).
     """
 
     model_id: str
@@ -52,6 +57,8 @@ class ModelRecord:
     failure: str | None = None
     last_export: Path | None = None
     unload_request_id: str | None = None
+    user_metadata: dict[str, str] | None = None
+    last_request_time: float = 0.0
 
 
 @attrs.define(eq=False)
@@ -62,6 +69,7 @@ class Session:
     last_seen: float
     dialect: Dialect = Dialect.FIREWORKS
     models: set[str] = attrs.field(factory=set)
+    user_metadata: dict[str, str] | None = None
 
 
 @attrs.frozen
@@ -85,6 +93,9 @@ class Registry:
         self._sampling_by_seq: dict[tuple[str, int], str] = {}
         self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._by_idempotency_key: collections.OrderedDict[str, str] = collections.OrderedDict()
+        #: The model created last, kept after it is unloaded: tinker's REST view
+        #: describes the job's training run by it.
+        self.latest_model: ModelRecord | None = None
 
     # ------------------------------------------------------------------ sessions
 
@@ -144,12 +155,14 @@ class Registry:
 
     def add_model(self, record: ModelRecord) -> None:
         self.models[record.model_id] = record
+        self.latest_model = record
         self.sessions[record.session_id].models.add(record.model_id)
 
     def touch_model(self, model_id: str, now: float) -> None:
         """Activity on a model keeps its session alive, even if heartbeats are late."""
         record = self.models.get(model_id)
         if record is not None:
+            record.last_request_time = time.time()
             self.touch(record.session_id, now)
 
     def remove_model(self, model_id: str) -> None:

@@ -39,7 +39,8 @@ What tinker expects, and where the trainer serves it:
 * ``asample`` acknowledgements carry ``sample_sequence_ids`` (`sample_sequence_ids`);
   ``prompt_logprobs_last_n`` is applied (`mask_prompt_logprobs`); options the trainer
   cannot honour (another optimizer, ``weights_access_token``, top-k and alternative
-  token logprobs, stability records) are refused by `check_tinker_options`.
+  token logprobs) are refused by `check_tinker_options`. ``record_stability_info``
+  keeps what ``stable_reinforce`` trains on (`firetitan.local.stability`).
   ``compute_logprobs`` is an ``asample`` with ``prompt_logprobs``; position 0 is NaN.
 
 ``cancel_future`` drops a sampling request that has not run (`Executor.cancel`).
@@ -82,9 +83,12 @@ __all__ = [
 
 TINKER_KEY_PREFIX: Final = "tml-"
 TINKER_SCHEME: Final = "tinker://"
-# The path segment tinker uses for each store kind (tinker also has "external_weights",
-# for exports this trainer does not make).
-_SEGMENT: Final[dict[Kind, str]] = {"state": "weights", "sampler": "sampler_weights"}
+# The path segment tinker uses for each store kind.
+_SEGMENT: Final[dict[Kind, str]] = {
+    "state": "weights",
+    "sampler": "sampler_weights",
+    "external": "external_weights",
+}
 _KIND_OF_SEGMENT: Final[dict[str, Kind]] = {v: k for k, v in _SEGMENT.items()}
 _VERSION_RE = re.compile(r"(\d+)\.(\d+)")
 
@@ -216,8 +220,8 @@ def parse_tinker_path(path: object) -> TinkerPath:
     kind = _KIND_OF_SEGMENT.get(segment)
     if kind is None:
         raise ValueError(
-            f"tinker path {text!r} has segment {segment!r}; this trainer serves "
-            "'weights' and 'sampler_weights'"
+            f"tinker path {text!r} has segment {segment!r}; expected one of "
+            f"{sorted(_KIND_OF_SEGMENT)}"
         )
     return TinkerPath(validate_name(job_id, "job id"), kind, validate_name(name))
 
@@ -269,8 +273,7 @@ def check_tinker_options(endpoint: str, body: Mapping[str, Any]) -> None:
         WireError: Naming the option: an ``optimizer_config`` other than AdamW, a
             ``weights_access_token``, Dimuon ``optimizer_params``, or a sampling option
             above its default (``topk_prompt_logprobs``, ``topk_sample_logprobs``,
-            ``prompt_alt_tokens_k``, ``target_prompt_logprobs``,
-            ``record_stability_info``).
+            ``prompt_alt_tokens_k``, ``target_prompt_logprobs``).
     """
     if endpoint in ("create_model", "load_weights"):
         _check_optimizer_config(body.get("optimizer_config"))
@@ -282,9 +285,8 @@ def check_tinker_options(endpoint: str, body: Mapping[str, Any]) -> None:
         for key in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
             if body.get(key) not in (None, 0):
                 raise WireError(key, "is not supported by this trainer; send 0")
-        for key in ("target_prompt_logprobs", "record_stability_info"):
-            if body.get(key) not in (None, False):
-                raise WireError(key, "is not supported by this trainer")
+        if body.get("target_prompt_logprobs") is not None:
+            raise WireError("target_prompt_logprobs", "is not supported by this trainer")
 
 
 def _check_optimizer_config(value: Any) -> None:

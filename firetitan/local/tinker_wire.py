@@ -29,8 +29,8 @@ the two wires apart:
   the call and fail its future (spec §5.5) instead of rejecting the POST, which would
   poison the client's whole request sequence.
 * Only text goes in: image and audio (dmel) chunks are refused by name.
-* ``model_input_spans`` / ``loss_fn_input_spans`` (provenance of sampled tokens, used
-  by server-side stability records that this trainer does not keep) are dropped.
+* ``model_input_spans`` / ``loss_fn_input_spans`` (provenance of sampled tokens, which
+  ``stable_reinforce`` reads, `firetitan.local.stability`) are kept on the datum.
 
 Size guards: a body is refused above ``max_body_bytes`` *after* decompression (zstd is
 inflated in bounded steps, so a small bomb cannot allocate the full size first), and
@@ -40,6 +40,7 @@ tiny on the wire but its dense form is rows × cols).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any, Final, Literal
@@ -53,6 +54,11 @@ import zstandard
 # No type stubs ship for protobuf's runtime; the message classes are typed by tinker's .pyi.
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from tinker.proto import tinker_public_pb2 as pb
+from tinker.types.provenance_spans import (
+    PromptProvenanceSpan,
+    ProvenanceSpans,
+    SampledProvenanceSpan,
+)
 
 from firetitan._wire import MAX_DENSE_ELEMENTS, ForwardRequest, WireError
 
@@ -376,7 +382,34 @@ def _decode_datum(msg: pb.Datum, field: str, budget: _Budget) -> tinker.Datum:
         inputs[name] = _decode_tensor(
             msg.loss_fn_inputs[name], f"{field}.loss_fn_inputs.{name}", budget
         )
-    return tinker.Datum(model_input=tinker.ModelInput(chunks=chunks), loss_fn_inputs=inputs)
+    datum = tinker.Datum(model_input=tinker.ModelInput(chunks=chunks), loss_fn_inputs=inputs)
+    if not (msg.model_input_spans or msg.loss_fn_input_spans):
+        return datum
+    # proto3 cannot tell an empty list from an absent one; tinker sends both or neither.
+    return dataclasses.replace(
+        datum,
+        model_input_spans=_decode_spans(msg.model_input_spans, f"{field}.model_input_spans"),
+        loss_fn_input_spans=_decode_spans(
+            msg.loss_fn_input_spans, f"{field}.loss_fn_input_spans"
+        ),
+    )
+
+
+def _decode_spans(spans: Any, field: str) -> ProvenanceSpans:
+    out: ProvenanceSpans = []
+    for i, span in enumerate(spans):
+        arm = span.WhichOneof("span")
+        if arm is None:
+            raise WireError(f"{field}[{i}]", "sets neither prompt_tokens nor sampled_tokens")
+        value = getattr(span, arm)
+        kind = SampledProvenanceSpan if arm == "sampled_tokens" else PromptProvenanceSpan
+        try:
+            out.append(
+                kind(sequence_id=value.sequence_id, offset=value.offset, length=value.length)
+            )
+        except ValueError as exc:
+            raise WireError(f"{field}[{i}]", str(exc)) from None
+    return out
 
 
 def _decode_chunk(msg: pb.Chunk, field: str) -> tinker.EncodedTextChunk:

@@ -6,11 +6,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest_asyncio
+from shared import connect
 
 from firetitan import AsyncFiretitanServiceClient
 from firetitan.local import LocalTrainer
-
-from .helpers import FAST_CLIENT
 
 
 @pytest_asyncio.fixture
@@ -20,7 +19,5 @@ async def trainer(null_trainer: LocalTrainer) -> LocalTrainer:
 
 @pytest_asyncio.fixture
 async def service(trainer: LocalTrainer) -> AsyncIterator[AsyncFiretitanServiceClient]:
-    async with AsyncFiretitanServiceClient(
-        base_url=trainer.base_url, api_key=trainer.api_key, config=FAST_CLIENT
-    ) as client:
+    async with connect(trainer.base_url, trainer.api_key) as client:
         yield client

@@ -11,11 +11,12 @@ import pytest
 import tinker
 import torch
 from faults import FaultProxy
+from shared import connect
 
 from firetitan import AsyncFiretitanServiceClient, FutureState
 from firetitan.local import LocalTrainer
 
-from .helpers import ADAM, BASE_MODEL, FAST_CLIENT, batch, datum, executed
+from .helpers import ADAM, BASE_MODEL, batch, datum, executed
 
 
 def doubled_sum(data: list[tinker.Datum], logprobs: list[torch.Tensor]) -> tuple[Any, Any]:
@@ -28,9 +29,7 @@ def doubled_sum(data: list[tinker.Datum], logprobs: list[torch.Tensor]) -> tuple
 async def test_custom_loss_runs_forward_then_linearised_backward(trainer: LocalTrainer) -> None:
     async with (
         FaultProxy(trainer.base_url) as proxy,
-        AsyncFiretitanServiceClient(
-            base_url=proxy.base_url, api_key=trainer.api_key, config=FAST_CLIENT
-        ) as service,
+        connect(proxy.base_url, trainer.api_key) as service,
     ):
         tc = await service.create_training_client(BASE_MODEL)
         data = [datum(6, 1, weights=False), datum(6, 2)]

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from faults import FaultProxy
-from shared import Surface
+from shared import Surface, connect
 
 from firetitan import (
     APIConnectionError,
@@ -95,9 +95,7 @@ async def test_user_errors_are_request_failures_with_category_user(
 async def test_unknown_and_expired_futures(trainer: LocalTrainer) -> None:
     async with (
         LocalTrainer("null", **{**FAST_TRAINER, "max_retained_results": 1}) as small,
-        AsyncFiretitanServiceClient(
-            base_url=small.base_url, api_key=small.api_key, config=FAST_CLIENT
-        ) as service,
+        connect(small.base_url, small.api_key) as service,
     ):
         tc = await service.create_training_client(BASE_MODEL)
         first = tc.forward(batch(1), "cross_entropy")
@@ -114,9 +112,7 @@ async def test_unknown_and_expired_futures(trainer: LocalTrainer) -> None:
 @pytest.mark.asyncio
 async def test_unreachable_trainer_is_a_connection_error() -> None:
     config = FAST_CLIENT.evolve(retry=RetryPolicy(max_attempts=3, initial_backoff=0.01))
-    client = AsyncFiretitanServiceClient(
-        base_url=f"http://127.0.0.1:{free_port()}", api_key=SECRET, config=config
-    )
+    client = connect(f"http://127.0.0.1:{free_port()}", SECRET, config)
     with pytest.raises(APIConnectionError) as info:
         await client.__aenter__()
     await client.aclose()
@@ -149,9 +145,7 @@ async def test_closed_clients_refuse_work_and_fail_pending_futures(
 
 def test_a_client_belongs_to_one_event_loop() -> None:
     with LocalTrainer("null", **FAST_TRAINER) as trainer:
-        service = AsyncFiretitanServiceClient(
-            base_url=trainer.base_url, api_key=trainer.api_key, config=FAST_CLIENT
-        )
+        service = connect(trainer.base_url, trainer.api_key)
         home = asyncio.new_event_loop()
         try:
             tc = home.run_until_complete(service.create_training_client(BASE_MODEL))
@@ -177,9 +171,7 @@ async def test_the_key_never_shows_in_reprs_logs_errors_or_pickles(
     async with FaultProxy(trainer.base_url) as proxy:
         proxy.inject("status_503", "/api/v1/forward_backward")
         proxy.inject("cut_after", "/api/v1/optim_step")
-        async with AsyncFiretitanServiceClient(
-            base_url=proxy.base_url, api_key=key, config=FAST_CLIENT
-        ) as service:
+        async with connect(proxy.base_url, key) as service:
             tc = await service.create_training_client(BASE_MODEL)
             fb = tc.forward_backward(batch(2), "cross_entropy")
             step = tc.optim_step(ADAM)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import tinker
 from faults import FAULT_KINDS, FaultPlan, FaultProxy
+from shared import connect
 
 from firetitan import AsyncFiretitanServiceClient, ClientConfig, Limits, RetryPolicy, Timeouts
 from firetitan.local import LocalTrainer
@@ -67,9 +68,7 @@ async def test_every_call_completes_and_executes_exactly_once(seed: int) -> None
         async with (
             LocalTrainer("null", seed=3, **FAST_TRAINER) as trainer,
             FaultProxy(trainer.base_url, FaultPlan(rate=rate, seed=seed, delay=1.2)) as proxy,
-            AsyncFiretitanServiceClient(
-                base_url=proxy.base_url, api_key=trainer.api_key, config=FAULTY_CLIENT
-            ) as service,
+            connect(proxy.base_url, trainer.api_key, FAULTY_CLIENT) as service,
         ):
             model_id, results = await scripted_run(service)
             proxy.set_rate(0.0)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from faults import FaultProxy
+from shared import connect
 
 from firetitan import (
     AsyncAPIFuture,
@@ -22,7 +23,6 @@ from firetitan.local import LocalTrainer
 from .helpers import (
     ADAM,
     BASE_MODEL,
-    FAST_CLIENT,
     FAST_TRAINER,
     SlowEngine,
     batch,
@@ -43,9 +43,7 @@ async def test_fifty_pipelined_pairs_match_the_sequential_run() -> None:
     for flow in (pipelined_pairs, sequential_pairs):
         async with (
             LocalTrainer("null", seed=5, **FAST_TRAINER) as trainer,
-            AsyncFiretitanServiceClient(
-                base_url=trainer.base_url, api_key=trainer.api_key, config=FAST_CLIENT
-            ) as service,
+            connect(trainer.base_url, trainer.api_key) as service,
         ):
             tc = await service.create_training_client(BASE_MODEL)
             results = await flow(tc, PAIRS)
@@ -69,9 +67,7 @@ async def test_fifty_pipelined_pairs_match_the_sequential_run() -> None:
 async def test_calls_are_sent_without_waiting_for_results() -> None:
     async with (
         LocalTrainer(SlowEngine(pause=0.15), **FAST_TRAINER) as trainer,
-        AsyncFiretitanServiceClient(
-            base_url=trainer.base_url, api_key=trainer.api_key, config=FAST_CLIENT
-        ) as service,
+        connect(trainer.base_url, trainer.api_key) as service,
     ):
         tc = await service.create_training_client(BASE_MODEL)
         futures: list[AsyncAPIFuture[Any]] = [
@@ -112,9 +108,7 @@ async def test_a_call_cancelled_before_sending_takes_no_seq_id(
 async def test_a_sent_call_cancelled_still_runs_and_later_calls_proceed() -> None:
     async with (
         LocalTrainer(SlowEngine(pause=0.3), **FAST_TRAINER) as trainer,
-        AsyncFiretitanServiceClient(
-            base_url=trainer.base_url, api_key=trainer.api_key, config=FAST_CLIENT
-        ) as service,
+        connect(trainer.base_url, trainer.api_key) as service,
     ):
         tc = await service.create_training_client(BASE_MODEL)
         first = tc.forward_backward(batch(2), "cross_entropy")
@@ -202,9 +196,7 @@ async def test_calls_from_many_tasks_keep_call_order(
 @pytest.mark.asyncio
 async def test_two_services_on_two_trainers_from_one_loop() -> None:
     async def run(trainer: LocalTrainer) -> list[object]:
-        async with AsyncFiretitanServiceClient(
-            base_url=trainer.base_url, api_key=trainer.api_key, config=FAST_CLIENT
-        ) as service:
+        async with connect(trainer.base_url, trainer.api_key) as service:
             tc = await service.create_training_client(BASE_MODEL)
             reference = await service.create_base_training_client(BASE_MODEL)
             results = await pipelined_pairs(tc, 5)
@@ -226,9 +218,7 @@ async def test_two_services_on_two_trainers_from_one_loop() -> None:
 async def test_a_refused_submission_fails_only_its_call(trainer: LocalTrainer) -> None:
     async with (
         FaultProxy(trainer.base_url) as proxy,
-        AsyncFiretitanServiceClient(
-            base_url=proxy.base_url, api_key=trainer.api_key, config=FAST_CLIENT
-        ) as service,
+        connect(proxy.base_url, trainer.api_key) as service,
     ):
         tc = await service.create_training_client(BASE_MODEL)
         proxy.inject("status_400", "/api/v1/forward_backward")
@@ -249,9 +239,7 @@ async def test_a_refused_submission_fails_only_its_call(trainer: LocalTrainer) -
 async def test_a_partly_refused_chunked_call_spends_its_seq_ids(trainer: LocalTrainer) -> None:
     async with (
         FaultProxy(trainer.base_url) as proxy,
-        AsyncFiretitanServiceClient(
-            base_url=proxy.base_url, api_key=trainer.api_key, config=chunked_config(1)
-        ) as service,
+        connect(proxy.base_url, trainer.api_key, chunked_config(1)) as service,
     ):
         tc = await service.create_training_client(BASE_MODEL)
         proxy.inject("status_400", "/api/v1/forward_backward")

@@ -131,3 +131,18 @@ async def test_standalone_client_and_closed_service(
         sampler.sample(PROMPT, 1, PARAMS)
     with pytest.raises(ValueError, match="num_samples"):
         AsyncSamplingClient(trainer.base_url, base_model=BASE_MODEL).sample(PROMPT, 0, PARAMS)
+
+
+@pytest.mark.asyncio
+async def test_get_base_model_of_a_sampler_made_from_a_path(
+    trainer: LocalTrainer, service: AsyncFiretitanServiceClient
+) -> None:
+    tc = await service.create_training_client(BASE_MODEL)
+    saved = await tc.save_weights_for_sampler_ext("for-base-model")
+    sampler = await service.create_sampling_client(model_path=saved.path)
+    assert sampler.base_model is None
+    assert await sampler.get_base_model() == BASE_MODEL  # read from the export
+    standalone = AsyncSamplingClient(trainer.base_url, model_path=saved.path)
+    with pytest.raises(ClientUsageError, match="sampling session"):
+        await standalone.get_base_model()
+    await standalone.aclose()

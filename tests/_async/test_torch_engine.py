@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import tinker
 import torch
+from shared import connect
 
-from firetitan import AsyncFiretitanServiceClient, AsyncFiretitanTrainingClient
+from firetitan import AsyncFiretitanTrainingClient
 from firetitan.local import LocalTrainer
 
-from .helpers import ADAM, BASE_MODEL, FAST_CLIENT, FAST_TRAINER, batch
+from .helpers import ADAM, BASE_MODEL, FAST_TRAINER, batch
 
 pytest.importorskip("firetitan.local.torch", reason="needs the local extra (torch engine)")
 
@@ -31,9 +32,7 @@ async def probe(tc: AsyncFiretitanTrainingClient) -> list[np.ndarray]:
 async def test_pipelined_and_awaited_runs_end_with_identical_weights() -> None:
     async with (
         LocalTrainer("torch", **FAST_TRAINER) as trainer,
-        AsyncFiretitanServiceClient(
-            base_url=trainer.base_url, api_key=trainer.api_key, config=FAST_CLIENT
-        ) as service,
+        connect(trainer.base_url, trainer.api_key) as service,
     ):
         pipelined = await service.create_training_client(BASE_MODEL, seed=1)
         awaited = await service.create_training_client(BASE_MODEL, seed=2)
@@ -64,9 +63,7 @@ async def test_custom_cross_entropy_trains_like_the_builtin_loss() -> None:
 
     async with (
         LocalTrainer("torch", **FAST_TRAINER) as trainer,
-        AsyncFiretitanServiceClient(
-            base_url=trainer.base_url, api_key=trainer.api_key, config=FAST_CLIENT
-        ) as service,
+        connect(trainer.base_url, trainer.api_key) as service,
     ):
         custom = await service.create_training_client(BASE_MODEL, seed=1)
         builtin = await service.create_training_client(BASE_MODEL, seed=2)

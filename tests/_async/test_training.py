@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import tinker
 from faults import FaultProxy
-from shared import Surface
+from shared import Surface, connect
 
 from firetitan import (
     AsyncAPIFuture,
@@ -18,6 +18,7 @@ from firetitan import (
     RequestFailedError,
     SaveSamplerResult,
 )
+from firetitan._names import CheckpointRef
 from firetitan.local import LocalTrainer
 
 from .helpers import ADAM, BASE_MODEL, FAST_CLIENT, batch, chunked_config, datum, executed
@@ -77,7 +78,7 @@ async def test_invalid_arguments_raise_at_the_call_site(
     with pytest.raises(ValueError, match="ttl_seconds"):
         tc.save_state("ok", ttl_seconds=0)
     with pytest.raises(ValueError, match="scheme"):
-        tc.load_state("tinker://run/weights/x")
+        tc.load_state("s3://bucket/weights/x")
     with pytest.raises(ValueError, match="checkpoint_type"):
         tc.save_weights_for_sampler("s", checkpoint_type="full")
     with pytest.raises(ValueError, match="deadline"):
@@ -88,9 +89,7 @@ async def test_invalid_arguments_raise_at_the_call_site(
 
 @pytest.mark.asyncio
 async def test_chunked_batches_take_contiguous_seq_ids(trainer: LocalTrainer) -> None:
-    async with AsyncFiretitanServiceClient(
-        base_url=trainer.base_url, api_key=trainer.api_key, config=chunked_config(2)
-    ) as service:
+    async with connect(trainer.base_url, trainer.api_key, chunked_config(2)) as service:
         tc = await service.create_training_client(BASE_MODEL)
         data = batch(5)
         fb = tc.forward_backward(data, "cross_entropy")
@@ -111,9 +110,7 @@ async def test_chunked_batches_take_contiguous_seq_ids(trainer: LocalTrainer) ->
 @pytest.mark.asyncio
 async def test_large_batches_are_encoded_off_the_loop(trainer: LocalTrainer) -> None:
     config = FAST_CLIENT.evolve(limits=FAST_CLIENT.limits.__class__(offload_bytes=10))
-    async with AsyncFiretitanServiceClient(
-        base_url=trainer.base_url, api_key=trainer.api_key, config=config
-    ) as service:
+    async with connect(trainer.base_url, trainer.api_key, config) as service:
         tc = await service.create_training_client(BASE_MODEL)
         out = await tc.forward(batch(4), "cross_entropy")
         assert len(out.loss_fn_outputs) == 4
@@ -155,12 +152,42 @@ async def test_checkpoints_save_list_load_and_resolve(
 
 
 @pytest.mark.asyncio
+async def test_peer_path_forms_and_training_clients_from_state(
+    trainer: LocalTrainer, service: AsyncFiretitanServiceClient
+) -> None:
+    tc = await service.create_lora_training_client(BASE_MODEL, rank=4)
+    await tc.forward_backward(batch(2), "cross_entropy")
+    await tc.optim_step(ADAM)
+    await tc.save_state("s1", overwrite=True, user_metadata={"note": "n"}, timeout=60)
+    job = trainer.job_id
+    # tinker's and Fireworks' forms of the same checkpoint path
+    await tc.load_state(f"tinker://{job}/weights/s1")
+    await tc.load_state_with_optimizer(f"acme/{job}/s1")
+    manifest = trainer.server.store.manifest("state", CheckpointRef("s1"))
+    assert manifest is not None and manifest.metadata["checkpoint_user_metadata"] == {"note": "n"}
+
+    fresh = await service.create_training_client_from_state(f"tinker://{job}/weights/s1")
+    resumed = await service.create_training_client_from_state_with_optimizer(
+        "s1", user_metadata={"run": "resumed"}
+    )
+    for client in (fresh, resumed):
+        assert client.model_id != tc.model_id
+        assert client.base_model == BASE_MODEL and client.lora_rank == 4
+        await client.forward_backward(batch(1), "cross_entropy")
+    assert executed(trainer, resumed.model_id)[0] == (0, "load_weights")
+    with pytest.raises(RequestFailedError):
+        await service.create_training_client_from_state("never-saved")
+    with pytest.raises(ValueError):
+        await service.create_training_client_from_state("s3://bucket/x")
+    with pytest.raises(ValueError, match="not both"):
+        tc.save_state("s2", timeout=1, deadline=1)
+
+
+@pytest.mark.asyncio
 async def test_sampler_exports_name_and_checkpoint_type(trainer: LocalTrainer) -> None:
     async with (
         FaultProxy(trainer.base_url) as proxy,
-        AsyncFiretitanServiceClient(
-            base_url=proxy.base_url, api_key=trainer.api_key, config=FAST_CLIENT
-        ) as service,
+        connect(proxy.base_url, trainer.api_key) as service,
     ):
         tc = await service.create_training_client(BASE_MODEL)
         suffix = tc.session_id

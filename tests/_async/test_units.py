@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 from faults import FaultPlan, FaultProxy
+from shared import connect
 
 from firetitan import (
     AsyncAPIFuture,
-    AsyncFiretitanServiceClient,
     ClientConfig,
     FutureState,
     FutureTimeoutError,
@@ -22,6 +22,7 @@ from firetitan import (
     RetryPolicy,
     Timeouts,
 )
+from firetitan._async.polling import Poller
 from firetitan._transport import _detail, _retry_after
 from firetitan.local import LocalTrainer
 
@@ -111,9 +112,7 @@ async def test_retry_after_is_honoured(
     config = FAST_CLIENT.evolve(retry=RetryPolicy(initial_backoff=0.001, max_retry_after=5))
     async with FaultProxy(trainer.base_url, FaultPlan(retry_after=0.3)) as proxy:
         proxy.inject("status_429", "/api/v1/create_session")
-        async with AsyncFiretitanServiceClient(
-            base_url=proxy.base_url, api_key=trainer.api_key, config=config
-        ) as service:
+        async with connect(proxy.base_url, trainer.api_key, config) as service:
             assert service.session_id  # opened after one 429
     attempts = proxy.requests_to("/api/v1/create_session")
     assert [r.fault for r in attempts] == ["status_429", None]
@@ -129,9 +128,7 @@ async def test_polls_per_model_are_bounded() -> None:
     async with (
         LocalTrainer(SlowEngine(pause=0.02), **FAST_TRAINER) as trainer,
         FaultProxy(trainer.base_url) as proxy,
-        AsyncFiretitanServiceClient(
-            base_url=proxy.base_url, api_key=trainer.api_key, config=config
-        ) as service,
+        connect(proxy.base_url, trainer.api_key, config) as service,
     ):
         tc = await service.create_training_client(BASE_MODEL)
         futures: list[AsyncAPIFuture[Any]] = [
@@ -149,9 +146,7 @@ async def test_complete_metadata_makes_the_next_poll_ask_for_the_full_body(
 ) -> None:
     async with (
         FaultProxy(trainer.base_url) as proxy,
-        AsyncFiretitanServiceClient(
-            base_url=proxy.base_url, api_key=trainer.api_key, config=FAST_CLIENT
-        ) as service,
+        connect(proxy.base_url, trainer.api_key) as service,
     ):
         tc = await service.create_training_client(BASE_MODEL)
         proxy.inject("complete_metadata", "/api/v1/retrieve_future")
@@ -165,3 +160,30 @@ async def test_complete_metadata_makes_the_next_poll_ask_for_the_full_body(
         assert polls[0].fault == "complete_metadata"
         assert polls[0].body["allow_metadata_only"] is True
         assert all(p.body["allow_metadata_only"] is False for p in polls[1:])
+
+
+class _ScriptedTransport:
+    """Answers retrieve_future polls from a script (the queue states a trainer reports)."""
+
+    def __init__(self, config: ClientConfig, answers: list[dict[str, Any]]) -> None:
+        self.config = config
+        self._answers = answers
+
+    async def post(self, path: str, body: Any, **_: Any) -> Any:
+        return self._answers.pop(0)
+
+
+@pytest.mark.asyncio
+async def test_queue_state_changes_reach_the_callback_and_the_log_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seen: list[str] = []
+    config = ClientConfig(on_queue_state=seen.append)
+    paused = {"type": "try_again", "request_id": "r", "queue_state": "paused_rate_limit"}
+    script = [paused, paused, {"type": "try_again", "request_id": "r"}, {"ok": 1}]
+    poller = Poller(_ScriptedTransport(config, script), 1)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="firetitan"):
+        assert await poller.wait("r", "Sample") == {"ok": 1}
+    assert seen == ["paused_rate_limit", "active"]
+    lines = [r.getMessage() for r in caplog.records if "queue" in r.getMessage()]
+    assert len(lines) == 2 and "paused_rate_limit" in lines[0]

@@ -148,6 +148,7 @@ def test_the_firetitan_facade_mirrors_the_async_core() -> None:
         "DeploymentSampler",
         "FiretitanServiceClient",
         "FiretitanTrainingClient",
+        "RestClient",
         "SamplingClient",
         "WeightSyncer",
     }
@@ -183,6 +184,7 @@ def test_the_toy_facade_mirrors_the_toy_core(toy: ModuleType) -> None:
         "APIFuture",
         "Deployment",
         "DeploymentSampler",
+        "RestClient",
         "WeightSyncer",
     ],
 )

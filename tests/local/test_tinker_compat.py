@@ -73,7 +73,10 @@ def test_sample_sequence_ids() -> None:
 # --------------------------------------------------------------------------- paths
 
 
-@pytest.mark.parametrize(("kind", "tinker_type"), [("state", "training"), ("sampler", "sampler")])
+@pytest.mark.parametrize(
+    ("kind", "tinker_type"),
+    [("state", "training"), ("sampler", "sampler"), ("external", "external")],
+)
 def test_tinker_paths_parse_in_tinker_and_back(kind: Kind, tinker_type: str) -> None:
     path = tc.tinker_path("job-1", kind, "step_10")
     parsed = ParsedCheckpointTinkerPath.from_tinker_path(path)
@@ -86,7 +89,7 @@ def test_tinker_paths_parse_in_tinker_and_back(kind: Kind, tinker_type: str) -> 
 @pytest.mark.parametrize(
     "path",
     [
-        "tinker://job-1/external_weights/x",
+        "tinker://job-1/other_weights/x",
         "tinker://job-1/weights",
         "tinker://job-1/weights/a/b",
         "tinker://job-1/weights/..",
@@ -205,7 +208,6 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ("asample", _sample_body(topk_prompt_logprobs=3), "topk_prompt_logprobs"),
     ("asample", _sample_body(topk_sample_logprobs=1), "topk_sample_logprobs"),
     ("asample", _sample_body(prompt_alt_tokens_k=2), "prompt_alt_tokens_k"),
-    ("asample", _sample_body(record_stability_info=True), "record_stability_info"),
     ("asample", _sample_body(target_prompt_logprobs=TARGET), "target_prompt_logprobs"),
 ]
 

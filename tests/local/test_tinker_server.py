@@ -89,9 +89,9 @@ async def test_client_config_sets_tinkers_knobs(trainer_api: TinkerApi) -> None:
     assert status == 200
     parsed = tinker.types.ClientConfigResponse.model_validate(config)
     assert not parsed.proto_compress_fwdbwd
-    assert not parsed.sample_use_retrieve_futures
+    assert parsed.sample_use_retrieve_futures
     assert not parsed.custom_loss_server_side
-    assert not parsed.sample_join_sampling_session
+    assert parsed.sample_join_sampling_session
     assert parsed.fwdbwd_max_chunk_len == 1024
     assert parsed.fwdbwd_max_chunk_bytes_count <= 5_000_000
 
@@ -270,6 +270,42 @@ async def test_prompt_logprobs_last_n(trainer_api: TinkerApi) -> None:
     failure = await api.outcome(await api.submit("asample", too_many))
     assert failure["category"] == "user"
     assert "prompt_logprobs_last_n" in failure["error"]
+
+
+@pytest.mark.asyncio
+async def test_completion_queue_per_sampling_session_and_clone(trainer_api: TinkerApi) -> None:
+    _trainer, api = trainer_api
+    create = {
+        "session_id": await tinker_session(api),
+        "sampling_session_seq_id": 0,
+        "base_model": BASE_MODEL,
+        "type": "create_sampling_session",
+    }
+    sampling_id = (await api.post("create_sampling_session", create))[1]["sampling_session_id"]
+    joined = [
+        (await api.post("join_sampling_session", {"sampling_session_id": sampling_id}))[1]
+        for _ in range(2)
+    ]
+    assert [j["client_counter"] for j in joined] == [1, 2]  # 0 is the original client
+
+    def poll(clone: int, cursor: int, timeout: float | None = None) -> dict[str, Any]:
+        target = {"sampling_session_id": sampling_id, "cloned_sampler_id": clone}
+        return {"target": target, "prev_cursor": cursor, "timeout": timeout}
+
+    first = (await api.post("asample", sample_body(sampling_id, 1)))[1]["request_id"]
+    clone = (await api.post("asample", sample_body(sampling_id, 2_000_000_001)))[1]["request_id"]
+    status, answer = await api.post("retrieve_futures", poll(0, 0))
+    assert status == 200
+    assert answer["completions"] == [{"state": "finished", "request_id": first}]
+    assert (await api.post("retrieve_futures", poll(0, answer["cursor"], 0)))[1] == {
+        "completions": [],
+        "cursor": answer["cursor"],
+    }
+    clone_answer = (await api.post("retrieve_futures", poll(2, 0)))[1]
+    assert [c["request_id"] for c in clone_answer["completions"]] == [clone]
+    assert "sequences" in await api.result(first)  # then fetched as before
+    unknown = {"target": {"sampling_session_id": "samp-x"}, "prev_cursor": 0}
+    assert (await api.post("retrieve_futures", unknown))[0] == 404
 
 
 @pytest.mark.asyncio

@@ -26,6 +26,7 @@ from tinker.types import (
     ImageChunk,
     SampledSequence,
 )
+from tinker.types.provenance_spans import PromptProvenanceSpan, SampledProvenanceSpan
 
 from firetitan import _wire
 from firetitan.local import tinker_wire as tw
@@ -256,14 +257,22 @@ def test_a_missing_shape_means_one_dimension_and_empty_tensors_decode() -> None:
     assert inputs["t1"].to_numpy().shape == (0, 3)
 
 
-def test_provenance_spans_are_dropped() -> None:
+def test_provenance_spans_are_kept() -> None:
     msg = proto_request(dense([1.0, 1.0, 1.0]))
     span = msg.data[0].model_input_spans.add()
     span.sampled_tokens.sequence_id = "s:0:0"
     span.sampled_tokens.length = 3
+    prompt = msg.data[0].loss_fn_input_spans.add()
+    prompt.prompt_tokens.sequence_id = "s:0:0"
+    prompt.prompt_tokens.offset = 1
+    prompt.prompt_tokens.length = 3
     datum = tw.decode_forward_backward_request(msg.SerializeToString()).data[0]
-    assert datum.model_input_spans is None
-    assert datum.loss_fn_input_spans is None
+    assert datum.model_input_spans == [SampledProvenanceSpan(sequence_id="s:0:0", length=3)]
+    assert datum.loss_fn_input_spans == [
+        PromptProvenanceSpan(sequence_id="s:0:0", offset=1, length=3)
+    ]
+    bare = tw.decode_forward_backward_request(proto_request(dense([1.0])).SerializeToString())
+    assert bare.data[0].model_input_spans is None and bare.data[0].loss_fn_input_spans is None
 
 
 @settings(max_examples=40, deadline=None)

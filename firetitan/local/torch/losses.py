@@ -9,6 +9,11 @@ Every loss is a plain sum over positions and datums; nothing is averaged. Notati
 * ``ppo``: ``L = -Σ_t c_t · min(r_t·A_t, clip(r_t, lo, hi)·A_t)``.
 * ``cispo``: ``L = -Σ_t c_t · sg(clip(r_t, lo, hi)) · lp_t · A_t``.
 * ``dro``: ``L = -Σ_t c_t · [lp_t·A_t - ½·β·(lp_t - q_t)²]``.
+* ``stable_reinforce``: ``L = -Σ_t c_t · [sg(min(r_t, hi))·lp_t·A_t - ½·κ·(lp_t - q_t)²]``,
+  REINFORCE with the importance weight truncated from above (``hi`` is
+  ``clip_high_threshold``) and an optional quadratic pull κ (``kl_coeff``, default 0)
+  towards the sampler. ``q_t`` is the trainer's own record of what the sampler computed
+  (`firetitan.local.stability`), never the client's copy.
 
 For RL losses ``c_t = w_t`` (1 when no weights) where ``A_t != 0`` and 0 elsewhere:
 losses.md says positions with ``A_t = 0`` contribute no gradient, which the first three
@@ -71,6 +76,9 @@ def per_datum_loss(
         term = clipped * lp1 * adv
     elif loss_fn == "dro":
         term = lp1 * adv - 0.5 * config.beta * (lp1 - q) ** 2
+    elif loss_fn == "stable_reinforce":
+        weight = torch.clamp(ratio, max=config.clip_high).detach()
+        term = weight * lp1 * adv - 0.5 * config.kl_coeff * (lp1 - q) ** 2
     else:  # the rules refuse unknown losses before an engine computes
         raise AssertionError(loss_fn)
     weighted = torch.where(active, batch.rl_coef * term, torch.zeros_like(term))

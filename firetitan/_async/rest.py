@@ -1,0 +1,231 @@
+"""`AsyncRestClient`: a trainer's training runs, checkpoints and sessions, as tinker's
+``RestClient`` sees them.
+
+The REST endpoints need no session: the client holds only a connection pool, opened on
+first use and closed by `aclose` (or an ``async with`` block). Answers are tinker's own
+types. Checkpoints are named by their ``tinker://<run>/<weights|sampler_weights|
+external_weights>/<name>`` path, as every tinker checkpoint listing gives it.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from types import TracebackType
+from typing import Any, NoReturn
+
+from tinker import types as ttypes
+
+from firetitan._async._checks import non_empty_str, positive_int
+from firetitan._async.training import validate_model
+from firetitan._config import ClientConfig, resolve_api_key, resolve_base_url
+from firetitan._errors import ClientClosedError
+from firetitan._transport import Transport
+from firetitan._wire import endpoints
+
+__all__ = ["AsyncRestClient"]
+
+
+class AsyncRestClient:
+    """Training runs, checkpoints and sessions of a trainer (tinker's REST API).
+
+    Args:
+        base_url: The trainer's URL; None reads ``FIRETITAN_BASE_URL``.
+        api_key: The API key; None reads ``FIRETITAN_API_KEY``.
+        config: Timeouts and retries.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        config: ClientConfig | None = None,
+    ) -> None:
+        self._transport = Transport(
+            resolve_base_url(base_url), resolve_api_key(api_key), config or ClientConfig()
+        )
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"AsyncRestClient(base_url={self._transport.base_url!r})"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a REST client holds connections and cannot be pickled")
+
+    async def __aenter__(self) -> AsyncRestClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connections; calling it again does nothing."""
+        if not self._closed:
+            self._closed = True
+            await self._transport.aclose()
+
+    # ------------------------------------------------------------------ runs
+
+    async def list_training_runs(
+        self, limit: int = 20, offset: int = 0
+    ) -> ttypes.TrainingRunsResponse:
+        """List the trainer's training runs, a page at a time.
+
+        Raises:
+            ValueError: ``limit`` below 1 or ``offset`` below 0.
+            APIStatusError: The trainer refused the request.
+        """
+        query = _page(limit, offset)
+        answer = await self._get(f"{endpoints.LIST_TRAINING_RUNS.path}?{query}")
+        return validate_model(ttypes.TrainingRunsResponse, answer)
+
+    async def get_training_run(self, training_run_id: str) -> ttypes.TrainingRun:
+        """Describe one training run (base model, LoRA rank, last checkpoints, metadata).
+
+        Raises:
+            NotFoundError: No such run.
+        """
+        run = _segment(training_run_id, "training_run_id")
+        return validate_model(
+            ttypes.TrainingRun, await self._get(endpoints.GET_TRAINING_RUN.path.format(run_id=run))
+        )
+
+    async def get_training_run_by_tinker_path(self, tinker_path: str) -> ttypes.TrainingRun:
+        """The training run that owns a checkpoint.
+
+        Raises:
+            ValueError: Not a ``tinker://`` checkpoint path.
+            NotFoundError: No such run.
+        """
+        return await self.get_training_run(_parse(tinker_path).training_run_id)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    async def list_checkpoints(self, training_run_id: str) -> ttypes.CheckpointsListResponse:
+        """Every checkpoint of a training run (training, sampler and external).
+
+        Raises:
+            NotFoundError: No such run.
+        """
+        run = _segment(training_run_id, "training_run_id")
+        answer = await self._get(endpoints.LIST_RUN_CHECKPOINTS.path.format(run_id=run))
+        return validate_model(ttypes.CheckpointsListResponse, answer)
+
+    async def list_user_checkpoints(
+        self, limit: int = 100, offset: int = 0
+    ) -> ttypes.CheckpointsListResponse:
+        """Every checkpoint the API key can see, a page at a time.
+
+        Raises:
+            ValueError: ``limit`` below 1 or ``offset`` below 0.
+        """
+        answer = await self._get(f"{endpoints.LIST_USER_CHECKPOINTS.path}?{_page(limit, offset)}")
+        return validate_model(ttypes.CheckpointsListResponse, answer)
+
+    async def delete_checkpoint(self, tinker_path: str) -> None:
+        """Delete a checkpoint.
+
+        Raises:
+            ValueError: Not a ``tinker://`` checkpoint path.
+            NotFoundError: No such checkpoint.
+        """
+        await self._transport.delete(_checkpoint_url(endpoints.DELETE_CHECKPOINT, tinker_path))
+
+    async def set_checkpoint_ttl(self, tinker_path: str, ttl_seconds: int | None) -> None:
+        """Make a checkpoint expire ``ttl_seconds`` from now; None keeps it for good.
+
+        Raises:
+            ValueError: Not a ``tinker://`` checkpoint path, or a TTL below 1.
+            NotFoundError: No such checkpoint.
+        """
+        if ttl_seconds is not None:
+            positive_int(ttl_seconds, "ttl_seconds")
+        await self._transport.put(
+            _checkpoint_url(endpoints.SET_CHECKPOINT_TTL, tinker_path), {"ttl_seconds": ttl_seconds}
+        )
+
+    async def publish_checkpoint(self, tinker_path: str) -> None:
+        """Mark a checkpoint public.
+
+        Raises:
+            ValueError: Not a ``tinker://`` checkpoint path.
+            NotFoundError: No such checkpoint.
+        """
+        await self._post(_checkpoint_url(endpoints.PUBLISH_CHECKPOINT, tinker_path), {})
+
+    async def unpublish_checkpoint(self, tinker_path: str) -> None:
+        """Mark a checkpoint private again.
+
+        Raises:
+            ValueError: Not a ``tinker://`` checkpoint path.
+            NotFoundError: No such checkpoint.
+        """
+        await self._transport.delete(_checkpoint_url(endpoints.UNPUBLISH_CHECKPOINT, tinker_path))
+
+    # ------------------------------------------------------------------ sessions
+
+    async def list_sessions(self, limit: int = 20, offset: int = 0) -> ttypes.ListSessionsResponse:
+        """The ids of the trainer's live sessions, a page at a time.
+
+        Raises:
+            ValueError: ``limit`` below 1 or ``offset`` below 0.
+        """
+        answer = await self._get(f"{endpoints.LIST_SESSIONS.path}?{_page(limit, offset)}")
+        return validate_model(ttypes.ListSessionsResponse, answer)
+
+    async def get_session(self, session_id: str) -> ttypes.GetSessionResponse:
+        """A session's models (training run ids) and sampling sessions.
+
+        Raises:
+            NotFoundError: No such live session.
+        """
+        session = _segment(session_id, "session_id")
+        return validate_model(
+            ttypes.GetSessionResponse,
+            await self._get(endpoints.GET_SESSION.path.format(session_id=session)),
+        )
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosedError("the REST client was closed")
+
+    async def _get(self, path: str) -> Any:
+        self._check_open()
+        return await self._transport.get(path)
+
+    async def _post(self, path: str, body: Any) -> Any:
+        self._check_open()
+        return await self._transport.post(path, body)
+
+
+def _page(limit: int, offset: int) -> str:
+    positive_int(limit, "limit")
+    positive_int(offset, "offset", zero=True)
+    return urllib.parse.urlencode({"limit": limit, "offset": offset})
+
+
+def _segment(value: str, what: str) -> str:
+    return urllib.parse.quote(non_empty_str(value, what), safe="")
+
+
+def _parse(tinker_path: str) -> ttypes.ParsedCheckpointTinkerPath:
+    return ttypes.ParsedCheckpointTinkerPath.from_tinker_path(
+        non_empty_str(tinker_path, "tinker_path")
+    )
+
+
+def _checkpoint_url(endpoint: endpoints.Endpoint, tinker_path: str) -> str:
+    parsed = _parse(tinker_path)
+    segment, name = parsed.checkpoint_id.split("/", 1)
+    return endpoint.path.format(
+        run_id=urllib.parse.quote(parsed.training_run_id, safe=""),
+        segment=segment,
+        name=urllib.parse.quote(name, safe=""),
+    )
