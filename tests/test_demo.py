@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 from pathlib import Path
@@ -67,6 +68,8 @@ def test_quick_demo_on_the_embedded_trainer(
     summary = _check_outputs(out_dir, DemoConfig().quick())
     # save_state + load_state_with_optimizer restore the weights bit for bit.
     assert summary["resume_drill"]["max_abs_logprob_diff"] == 0.0
+    # Rollouts came from the local deployment, each export hot-loaded into it.
+    assert summary["rollouts_from"].startswith("deployment http://127.0.0.1:")
 
 
 def test_quick_demo_against_a_remote_trainer(tmp_path: Path) -> None:
@@ -78,7 +81,42 @@ def test_quick_demo_against_a_remote_trainer(tmp_path: Path) -> None:
         ).quick()
         result = run_demo(cfg, out=io.StringIO())
     assert result.metrics_path == tmp_path / "metrics.jsonl"
+    assert result.rollouts_from == "trainer"  # no deployment given: the trainer samples
     _check_outputs(tmp_path, cfg)
+
+
+def test_quick_demo_against_a_remote_trainer_and_deployment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The Fireworks shape: a trainer URL, a deployment URL and id. The deployment is a
+    # scriptable stand-in (toy completions), so this checks the path, not learning.
+    from rollout.fake_deployment import KEY, fake_in_thread
+
+    with LocalTrainer("null", api_key=KEY) as trainer, fake_in_thread() as fake:
+        argv = ["demo", "--quick", "--no-progress", "--out", str(tmp_path)]
+        argv += ["--base-url", trainer.base_url, "--api-key", KEY]
+        argv += ["--deployment-url", fake.base_url, "--deployment-id", "dep"]
+        assert main(argv) == 0
+    summary = _check_outputs(tmp_path, DemoConfig().quick())
+    assert summary["rollouts_from"] == f"deployment {fake.base_url}"
+    loads = fake.hot_load_posts
+    assert loads and "incremental_snapshot_metadata" not in loads[0]  # a base first
+    for earlier, later in itertools.pairwise(loads):
+        metadata = later.get("incremental_snapshot_metadata")
+        if metadata is not None:  # a delta names the snapshot loaded just before it
+            assert metadata["previous_snapshot_identity"] == earlier["identity"]
+    assert len(fake.completions) > 0
+    assert "rollouts sampled from the deployment" in capsys.readouterr().out
+
+
+def test_deployment_options_come_in_pairs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["demo", "--out", str(tmp_path), "--base-url", "http://127.0.0.1:1"]
+    assert main([*argv, "--deployment-url", "http://127.0.0.1:2"]) == 2
+    assert "--deployment-id" in capsys.readouterr().err
+    assert main(["demo", "--deployment-url", "http://x", "--deployment-id", "d"]) == 2
+    assert "needs --base-url" in capsys.readouterr().err
 
 
 @pytest.mark.slow

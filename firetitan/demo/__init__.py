@@ -27,6 +27,7 @@ from typing import TextIO
 
 import attrs
 
+from firetitan import DeploymentConfig
 from firetitan.demo import task
 from firetitan.demo.config import DemoConfig
 from firetitan.demo.loop import DemoError, ResumeDrill, train
@@ -50,6 +51,8 @@ class DemoResult:
         final_sampler_path: The trained policy's last sampler export.
         answers_before: The greedy answer to each prompt after the warm-up.
         answers_after: The greedy answer to each prompt after RL.
+        rollouts_from: Where rollouts were sampled: ``deployment <url>`` (snapshots
+            hot-loaded into it) or ``trainer``.
     """
 
     metrics_path: Path
@@ -62,6 +65,7 @@ class DemoResult:
     final_sampler_path: str
     answers_before: dict[str, str]
     answers_after: dict[str, str]
+    rollouts_from: str = "trainer"
 
 
 def run_demo(cfg: DemoConfig, *, out: TextIO | None = None) -> DemoResult:
@@ -83,15 +87,22 @@ async def run_demo_async(cfg: DemoConfig, *, out: TextIO | None = None) -> DemoR
     metrics_path = out_dir / "metrics.jsonl"
     with MetricsLog(metrics_path, cfg.sft_steps + cfg.rl_steps, progress=cfg.progress) as log:
         if cfg.base_url is not None:
-            outcome = await train(cfg, cfg.base_url, cfg.api_key, log)
+            outcome = await train(cfg, cfg.base_url, cfg.api_key, log, cfg.deployment)
         else:
             # Imported here: only the embedded trainer needs the engine's dependencies.
             from firetitan.local import LocalTrainer
 
             async with LocalTrainer(
-                "torch", base_model=cfg.base_model, size="tiny", seed=cfg.seed
+                "torch", base_model=cfg.base_model, size="tiny", seed=cfg.seed, deployment=True
             ) as trainer:
-                outcome = await train(cfg, trainer.base_url, trainer.api_key, log)
+                local = trainer.deployment
+                deployment = DeploymentConfig(
+                    base_url=local.base_url,
+                    account=local.account,
+                    deployment_id=local.deployment_id,
+                    poll_interval=0.5,
+                )
+                outcome = await train(cfg, trainer.base_url, trainer.api_key, log, deployment)
     seconds = time.perf_counter() - start
 
     rewards = [r["reward_mean"] for r in log.rows if r["phase"] == "rl"]
@@ -112,6 +123,7 @@ async def run_demo_async(cfg: DemoConfig, *, out: TextIO | None = None) -> DemoR
         final_sampler_path=outcome.final_sampler_path,
         answers_before=outcome.answers_before,
         answers_after=outcome.answers_after,
+        rollouts_from=outcome.rollouts_from,
     )
     _write_summary(result, cfg)
     _print_summary(result, cfg, out or sys.stdout)
@@ -129,6 +141,7 @@ def _write_summary(result: DemoResult, cfg: DemoConfig) -> None:
         "final_sampler_path": result.final_sampler_path,
         "answers_before_rl": result.answers_before,
         "answers_after_rl": result.answers_after,
+        "rollouts_from": result.rollouts_from,
     }
     result.summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
@@ -150,6 +163,7 @@ def _print_summary(result: DemoResult, cfg: DemoConfig, out: TextIO) -> None:
         f"optimizer; logprobs {same} (max difference {drill.max_abs_logprob_diff:.3g})\n"
         f"greedy answers after the warm-up: {_answers(result.answers_before)}\n"
         f"greedy answers after RL:          {_answers(result.answers_after)}\n"
+        f"rollouts sampled from the {result.rollouts_from}\n"
         f"outputs:\n"
         f"  metrics  {result.metrics_path}\n"
         f"  plot     {result.plot_path}\n"

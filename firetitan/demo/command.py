@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from firetitan import FiretitanError
+from firetitan import DeploymentConfig, FiretitanError
 from firetitan.demo import DemoConfig, DemoError, run_demo
 from firetitan.demo.config import DEFAULT_BASE_MODEL
 
@@ -45,6 +45,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="model to train (default: %(default)s)",
     )
+    parser.add_argument(
+        "--deployment-url",
+        default=None,
+        metavar="URL",
+        help="with --base-url: sample rollouts from this hot-load deployment (e.g. "
+        "https://api.fireworks.ai), each export hot-loaded into it; needs --deployment-id",
+    )
+    parser.add_argument("--deployment-id", default=None, metavar="ID", help="the deployment's id")
+    parser.add_argument(
+        "--account",
+        default=None,
+        metavar="ID",
+        help="the deployment's account (default: the one the API key belongs to)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="NAME",
+        help="the model's tokenizer (a Hugging Face name or folder), if the trainer names none",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     parser.add_argument(
         "--quick", action="store_true", help="a few steps of everything (a smoke test)"
@@ -57,8 +77,27 @@ def run(args: argparse.Namespace) -> int:
     if args.api_key and not args.base_url:
         print("firetitan demo: --api-key needs --base-url", file=sys.stderr)
         return 2
+    if (args.deployment_url is None) != (args.deployment_id is None):
+        print("firetitan demo: give both --deployment-url and --deployment-id", file=sys.stderr)
+        return 2
+    if args.deployment_url and not args.base_url:
+        print(
+            "firetitan demo: --deployment-url needs --base-url (the embedded trainer brings "
+            "its own deployment)",
+            file=sys.stderr,
+        )
+        return 2
+    deployment = None
+    if args.deployment_url:
+        deployment = DeploymentConfig(
+            base_url=args.deployment_url,
+            deployment_id=args.deployment_id,
+            account=args.account,
+            tokenizer=args.tokenizer,
+        )
     cfg = DemoConfig(
         out_dir=args.out,
+        deployment=deployment,
         base_url=args.base_url,
         api_key=args.api_key,
         base_model=args.base_model,

@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 
+from firetitan import DeploymentConfig
 from firetitan.demo import task
 from firetitan.local import DEFAULT_BASE_MODEL
 
@@ -51,6 +52,10 @@ class DemoConfig:
         rebase_every: Publish full weights (``base``) every this many sampler exports
             and ``delta`` exports in between, so a sampler never replays a long chain.
         progress: Show a progress bar (on stderr).
+        deployment: Where rollouts are sampled with a remote trainer: a hot-load
+            deployment (each export is hot-loaded into it and sampled there). None
+            samples on the remote trainer. The embedded trainer always brings its own
+            local deployment.
     """
 
     out_dir: Path = attrs.field(converter=Path, default=Path("firetitan-demo"))
@@ -73,6 +78,7 @@ class DemoConfig:
     max_tokens: int = attrs.field(default=8, validator=_at_least(1))
     rebase_every: int = attrs.field(default=10, validator=_at_least(1))
     progress: bool = True
+    deployment: DeploymentConfig | None = None
 
     def quick(self) -> DemoConfig:
         """A few steps of everything: checks the whole pipeline, learns little."""

@@ -40,6 +40,7 @@ from firetitan import (
     AsyncFiretitanServiceClient,
     AsyncFiretitanTrainingClient,
     AsyncSamplingClient,
+    DeploymentConfig,
     GradAccNormalization,
 )
 from firetitan.demo import task
@@ -84,12 +85,14 @@ class TrainingOutcome:
         resume: The resume drill's result.
         answers_before: The greedy answer to each prompt after the warm-up.
         answers_after: The greedy answer to each prompt after RL.
+        rollouts_from: ``deployment <url>`` or ``trainer``.
     """
 
     final_sampler_path: str
     resume: ResumeDrill
     answers_before: dict[str, str]
     answers_after: dict[str, str]
+    rollouts_from: str = "trainer"
 
 
 @attrs.frozen
@@ -139,8 +142,14 @@ class _Policy:
             The export's kind: ``base`` (full weights) or ``delta``.
         """
         kind = "base" if self.exports % rebase_every == 0 else "delta"
+        deployment = self.service.deployment
+        if kind == "delta" and deployment is not None:
+            # A delta only if the deployment holds the export it applies to.
+            kind = await self.client.next_checkpoint_type(deployment)
         saved = await self.client.save_weights_for_sampler_ext(name, checkpoint_type=kind)
         self.exports += 1
+        # With a deployment this hot-loads the export into it (the delta naming the
+        # export it applies to) and samples there; otherwise it samples on the trainer.
         self._sampler = await self.service.create_sampling_client(model_path=saved.path)
         return kind
 
@@ -154,21 +163,30 @@ class _Policy:
         await self.service.aclose()
 
 
-def _service(base_url: str, api_key: str | None) -> AsyncFiretitanServiceClient:
-    return AsyncFiretitanServiceClient(base_url=base_url, api_key=api_key, user_metadata=_METADATA)
+def _service(
+    base_url: str, api_key: str | None, deployment: DeploymentConfig | None = None
+) -> AsyncFiretitanServiceClient:
+    return AsyncFiretitanServiceClient(
+        base_url=base_url, api_key=api_key, user_metadata=_METADATA, deployment=deployment
+    )
 
 
 async def train(
-    cfg: DemoConfig, base_url: str, api_key: str | None, sink: StepSink
+    cfg: DemoConfig,
+    base_url: str,
+    api_key: str | None,
+    sink: StepSink,
+    deployment: DeploymentConfig | None = None,
 ) -> TrainingOutcome:
-    """Run the warm-up and the RL loop against the trainer at ``base_url``.
+    """Run the warm-up and the RL loop against the trainer at ``base_url``, sampling
+    rollouts from ``deployment`` (each export hot-loaded into it) when one is given.
 
     Raises:
         DemoError: The trainer's model does not use the byte-level vocabulary.
         FiretitanError: A request failed.
     """
     async with contextlib.AsyncExitStack() as stack:
-        policy = _Policy(_service(base_url, api_key))
+        policy = _Policy(_service(base_url, api_key, deployment))
         stack.push_async_callback(policy.aclose)  # whichever session is current then
         client = await policy.start(cfg.base_model)
         await _check_vocabulary(client)
@@ -185,12 +203,13 @@ async def train(
         for step in range(cfg.rl_steps):
             extra: dict[str, Any] = {}
             if step == cfg.rl_steps // 2:
-                drill = await _resume_drill(policy, cfg, base_url, api_key, step)
+                drill = await _resume_drill(policy, cfg, base_url, api_key, step, deployment)
                 extra = {"resumed_from": drill.checkpoint}
             sink({**await _rl_step(policy, reference, cfg, step), **extra})
         assert drill is not None  # rl_steps >= 2, so the drill ran
         after = await _greedy_answers(policy.sampler, cfg)
-        outcome = TrainingOutcome(policy.sampler.model_path or "", drill, before, after)
+        where = "trainer" if deployment is None else f"deployment {deployment.base_url}"
+        outcome = TrainingOutcome(policy.sampler.model_path or "", drill, before, after, where)
     return outcome
 
 
@@ -394,7 +413,12 @@ async def _rl_step(
 
 
 async def _resume_drill(
-    policy: _Policy, cfg: DemoConfig, base_url: str, api_key: str | None, step: int
+    policy: _Policy,
+    cfg: DemoConfig,
+    base_url: str,
+    api_key: str | None,
+    step: int,
+    deployment: DeploymentConfig | None,
 ) -> ResumeDrill:
     """Checkpoint, then continue from the checkpoint in a new session, as a restarted
     training script would; the old session is closed."""
@@ -402,7 +426,7 @@ async def _resume_drill(
     probe = [task.sft_datum(task.Example(d, task.WORDS[d])) for d in task.DIGITS]
     before = await policy.client.forward(probe, "cross_entropy")
 
-    fresh = _Policy(_service(base_url, api_key))
+    fresh = _Policy(_service(base_url, api_key, deployment))
     try:
         client = await fresh.start(cfg.base_model)
         await client.load_state_with_optimizer(saved.path)

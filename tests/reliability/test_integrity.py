@@ -144,8 +144,9 @@ async def test_3_4_exports_survive_names_and_ttls(
         )
 
 
+@pytest.mark.parametrize("scale", scales(short={"steps": 5}, long={"steps": 50}))
 async def test_5_a_far_seq_id_or_another_session_cannot_brick_a_model(
-    figures: Figures, request: pytest.FixtureRequest
+    scale: Scale, figures: Figures, request: pytest.FixtureRequest
 ) -> None:
     async with (
         LocalTrainer("null", api_key=KEY, **QUICK_TRAINER) as trainer,
@@ -165,11 +166,11 @@ async def test_5_a_far_seq_id_or_another_session_cannot_brick_a_model(
             json.dumps({**body, "seq_id": 1}).encode(),
             {"X-Firetitan-Session-Id": session.json["session_id"]},
         )
-        after = await losses(tc, 5)
+        after = await losses(tc, scale.steps)
         assert (far.status, foreign.status) == (422, 403)
-        assert len(after) == 5
+        assert len(after) == scale.steps
         figures.record(
-            "integrity: seq_id bound and session ownership",
+            f"integrity: seq_id bound and session ownership ({scale.name})",
             engine="null",
             seq_id_10e15=far.status,
             other_session=foreign.status,
@@ -280,7 +281,10 @@ async def test_7_retained_results_and_one_request_are_bounded(
         )
 
 
-async def test_8_links_out_of_the_root_are_not_followed(figures: Figures, tmp_path: Path) -> None:
+@pytest.mark.parametrize("scale", scales(short={}, long={}))
+async def test_8_links_out_of_the_root_are_not_followed(
+    scale: Scale, figures: Figures, tmp_path: Path
+) -> None:
     root, outside = tmp_path / "root", tmp_path / "outside"
     async with (
         LocalTrainer("null", api_key=KEY, checkpoint_dir=outside, job_id="victim") as other,
@@ -307,7 +311,7 @@ async def test_8_links_out_of_the_root_are_not_followed(figures: Figures, tmp_pa
                 pass
         assert listed == [] and loaded == 0
         figures.record(
-            "integrity: links out of the checkpoint root",
+            f"integrity: links out of the checkpoint root ({scale.name})",
             engine="null",
             linked_job_and_name=2,
             listed=len(listed),
@@ -316,8 +320,9 @@ async def test_8_links_out_of_the_root_are_not_followed(figures: Figures, tmp_pa
 
 
 @pytest.mark.skipif(not HAS_PROC, reason="reads the process list from /proc")
+@pytest.mark.parametrize("scale", scales(short={}, long={}))
 async def test_9_the_documented_serve_keeps_the_key_out_of_the_process_list(
-    figures: Figures, tmp_path: Path
+    scale: Scale, figures: Figures, tmp_path: Path
 ) -> None:
     key_file = tmp_path / "key"
     key_file.write_text(KEY + "\n")
@@ -335,7 +340,7 @@ async def test_9_the_documented_serve_keeps_the_key_out_of_the_process_list(
             seen[form] = KEY in ps.stdout or KEY.encode() in cmdline
     assert not any(seen.values())
     figures.record(
-        "integrity: API key and the process list",
+        f"integrity: API key and the process list ({scale.name})",
         engine="null",
         forms=sorted(seen),
         key_visible_in_ps=any(seen.values()),
