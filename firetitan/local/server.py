@@ -932,7 +932,8 @@ class TrainerServer:
 
     async def _dynamic_config(self, request: web.Request) -> web.Response:
         await self._object(request)
-        return json_response({})
+        # tinker cancels the sampling requests whose futures it abandons (cancel_future).
+        return json_response({"sample_cancel_enabled": True})
 
     async def _create_session(self, request: web.Request) -> web.Response:
         raw, obj = await self._object(request)

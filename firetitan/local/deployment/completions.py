@@ -205,9 +205,13 @@ class Rows:
 
     def token(self, token: Token) -> dict[str, Any]:
         """The choice that carries one generated token."""
-        self.tokens.append(token.token_id)
-        entry = self._entry(token.token_id, token.logprob, token.sampling_logprob, token.top)
-        return self._choice(self._tok.piece(token.token_id), [entry])
+        return self.tokens_choice([token])
+
+    def tokens_choice(self, tokens: Sequence[Token]) -> dict[str, Any]:
+        """The choice that carries consecutive generated tokens."""
+        self.tokens.extend(t.token_id for t in tokens)
+        entries = [self._entry(t.token_id, t.logprob, t.sampling_logprob, t.top) for t in tokens]
+        return self._choice("".join(self._tok.piece(t.token_id) for t in tokens), entries)
 
     def final(self, finish: Finish) -> dict[str, Any]:
         """The last choice: finish reason and every id in ``raw_output``."""

@@ -45,7 +45,14 @@ from aiohttp import web
 from firetitan._wire import endpoints
 from firetitan.local import rules
 from firetitan.local.connections import BodyTimeoutError, ConnectionGuard, ConnectionLimits
-from firetitan.local.deployment.batching import Batcher, Event, Finish, Generation, PromptRows
+from firetitan.local.deployment.batching import (
+    Batcher,
+    Event,
+    Finish,
+    Generation,
+    PromptRows,
+    Token,
+)
 from firetitan.local.deployment.completions import (
     CompletionRequest,
     RequestError,
@@ -70,6 +77,8 @@ HOT_LOAD_PATH = endpoints.HOT_LOAD.path
 COMPLETIONS_PATH = endpoints.COMPLETIONS.path
 _HOT_LOAD_KEYS = frozenset({"identity", "reset_prompt_cache", "incremental_snapshot_metadata"})
 _METADATA_KEYS = frozenset({"previous_snapshot_identity", "compression_format", "checksum_format"})
+#: Streams get their new tokens at most this often (see `_Mailbox`).
+FLUSH_INTERVAL_SECONDS = 0.04
 #: How long a hot-load POST waits for the load before answering "loading".
 HOT_LOAD_ANSWER_WAIT_SECONDS = 2.0
 _COMPRESSION = "arc_v2"
@@ -414,7 +423,7 @@ class DeploymentServer:
         assert mailbox is not None
 
         def listener(event: Event) -> None:  # runs on the batcher thread
-            mailbox.post(queue, (index, event))
+            mailbox.post(queue, (index, event), urgent=isinstance(event, Finish))
 
         return Generation(
             prompt=req.prompt,
@@ -462,10 +471,12 @@ class DeploymentServer:
             while not queue.empty():
                 events.append(queue.get_nowait())
             out = bytearray()
-            for index, event in events:
+            for index, event in _merge_tokens(events):
                 row = rows[index]
                 extra: dict[str, Any] = {}
-                if isinstance(event, PromptRows):
+                if isinstance(event, list):  # consecutive tokens of one sample
+                    choice = row.tokens_choice(event)
+                elif isinstance(event, PromptRows):
                     choice = row.prompt(event)
                 elif isinstance(event, Finish):
                     open_rows -= 1
@@ -535,29 +546,64 @@ class DeploymentServer:
 
 
 class _Mailbox:
-    """Hands the batcher thread's events to the event loop: one loop wake-up for all
-    events posted before it runs (a decode step yields one event per sequence), not
-    one per event."""
+    """Hands the batcher thread's events to the event loop, at most once per
+    `FLUSH_INTERVAL_SECONDS`.
+
+    Every delivery costs each open stream a socket write, and each write gives the GIL
+    back to the batcher thread, which may keep it for a while: one write per token per
+    stream is what made a loaded deployment slow (profiled: socket sends were most of
+    the loop's time at 64 streams). Grouping a stream's tokens per interval divides the
+    writes; the first event after a quiet interval still goes out at once.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._lock = threading.Lock()
         self._items: list[tuple[asyncio.Queue[Any], Any]] = []
+        self._last_drain = float("-inf")
 
-    def post(self, queue: asyncio.Queue[Any], item: Any) -> None:
+    def post(self, queue: asyncio.Queue[Any], item: Any, *, urgent: bool = False) -> None:
+        """Queue ``item`` for ``queue``; ``urgent`` delivers everything queued at once
+        (the end of a generation: its caller waits for nothing else)."""
         with self._lock:
             self._items.append((queue, item))
-            if len(self._items) > 1:
-                return  # a drain is already scheduled
+            scheduled = len(self._items) > 1
         # A closed loop (the server stopped) has nobody left to listen.
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._drain)
+            if urgent:
+                self._loop.call_soon_threadsafe(self._drain)
+            elif not scheduled:
+                self._loop.call_soon_threadsafe(self._schedule)
+
+    def _schedule(self) -> None:
+        due = self._last_drain + FLUSH_INTERVAL_SECONDS
+        self._loop.call_at(max(due, self._loop.time()), self._drain)
 
     def _drain(self) -> None:
         with self._lock:
             items, self._items = self._items, []
+        if not items:
+            return  # an earlier urgent drain took them
+        self._last_drain = self._loop.time()
         for queue, item in items:
             queue.put_nowait(item)
+
+
+def _merge_tokens(
+    events: list[tuple[int, Event]],
+) -> list[tuple[int, Event | list[Token]]]:
+    """``events`` with each run of one sample's consecutive tokens as one list (sent as
+    one chunk: clients concatenate ``text`` and ``logprobs.content`` across chunks)."""
+    out: list[tuple[int, Event | list[Token]]] = []
+    for index, event in events:
+        if isinstance(event, Token):
+            if out and out[-1][0] == index and isinstance(out[-1][1], list):
+                out[-1][1].append(event)
+                continue
+            out.append((index, [event]))
+        else:
+            out.append((index, event))
+    return out
 
 
 def _sse(obj: Any, event: str | None = None) -> bytes:

@@ -12,11 +12,12 @@ What tinker expects, and where the trainer serves it:
 * Keys start with ``tml-`` (or are a JWT); tinker refuses anything else before sending
   (`tinker_accepts_api_key`). Generated keys have the prefix.
 * ``client/config`` is called whatever the key, before ``create_session``: it answers
-  the chunk knobs (``fwdbwd_max_chunk_len``, ``fwdbwd_max_chunk_bytes_count``) and pins
-  off every feature that would call endpoints this trainer lacks
-  (``sample_use_retrieve_futures``, ``custom_loss_server_side``,
-  ``sample_join_sampling_session``, both proto compression flags).
-  ``client/dynamic_config`` and ``sessions/{id}/finish`` are answered.
+  the chunk knobs (``fwdbwd_max_chunk_len``, ``fwdbwd_max_chunk_bytes_count``), turns
+  on tinker's sampling features (``sample_use_retrieve_futures``,
+  ``sample_join_sampling_session``: `firetitan.local.completions`) and leaves off
+  ``custom_loss_server_side`` (custom losses then run client-side) and both proto
+  compression flags. ``client/dynamic_config`` turns on ``sample_cancel_enabled``;
+  ``sessions/{id}/finish`` is answered.
 * Every forward and forward_backward arrives on ``/forward_backward`` as protobuf
   (``forward_only`` marks a forward), possibly zstd-compressed; automatic
   decompression is off so that `tinker_wire.decompress_body` enforces the size cap.
@@ -44,11 +45,13 @@ What tinker expects, and where the trainer serves it:
   ``compute_logprobs`` is an ``asample`` with ``prompt_logprobs``; position 0 is NaN.
 
 ``cancel_future`` drops a sampling request that has not run (`Executor.cancel`).
+``save_weights_external`` and the REST endpoints (``training_runs/...``,
+``checkpoints``, ``sessions/...``) are `firetitan.local.external` and
+`firetitan.local.rest`.
 
-Not served, and not called with the flags above: ``retrieve_futures``,
-``join_sampling_session``, ``create_custom_loss``, ``auth/token``,
-and the REST-only ``training_runs/...``, ``checkpoints``, ``weights_info``,
-``copy_weights``, ``save_weights_external``, ``sessions/...``.
+Not served, and not called with the flags above: ``create_custom_loss``,
+``auth/token``, and the REST-only ``weights_info``, ``copy_weights``, session trace
+export and project assignment.
 """
 
 from __future__ import annotations
