@@ -582,7 +582,7 @@ class FacadePeer:
     def _hop(calls: int) -> dict[str, list[float]]:
         """The facade's own machinery alone: a call whose async future is already
         resolved when the loop makes it, waited for with ``result()`` (one hop each way)."""
-        from firetitan._async.futures import AsyncAPIFuture
+        from firetitan._async.async_future import AsyncAPIFuture
         from firetitan._portal import get_portal
 
         portal = get_portal()

@@ -5,7 +5,9 @@ in lowercase letters. The reward of an answer is the share of its characters tha
 lowercase ASCII letters (an untrained stand-in scores about 0.1). Each step:
 
 1. exports the policy's weights and samples a group of answers per prompt from the
-   export, every request in flight at once;
+   export, every request in flight at once (on the trainer, or with ``--deployment`` on
+   an inference deployment that hot-loads each export: the first as full weights, the
+   later ones as deltas);
 2. scores them and computes group-relative advantages (reward minus the group's mean);
 3. asks the frozen reference model (``create_base_training_client``) for its logprobs
    of the same answers, and subtracts ``KL_COEF * (sampler logprob - reference
@@ -18,8 +20,9 @@ lowercase ASCII letters (an untrained stand-in scores about 0.1). Each step:
 Run it on the embedded trainer (torch engine, tiny stand-in of qwen3-8b, byte-level
 tokenizer)::
 
-    python examples/async_grpo.py            # 30 steps
-    python examples/async_grpo.py --quick    # 2 steps, what CI runs
+    python examples/async_grpo.py                  # 30 steps
+    python examples/async_grpo.py --quick          # 2 steps, what CI runs
+    python examples/async_grpo.py --deployment     # sample on a local deployment
 
 or on any trainer: ``--base-url URL --api-key KEY --base-model NAME`` (the task is
 written in the stand-ins' byte-level vocabulary).
@@ -36,7 +39,12 @@ from collections.abc import AsyncIterator
 import numpy as np
 import tinker
 
-from firetitan import AsyncFiretitanServiceClient, ByteTokenizer, GradAccNormalization
+from firetitan import (
+    AsyncFiretitanServiceClient,
+    ByteTokenizer,
+    DeploymentConfig,
+    GradAccNormalization,
+)
 from firetitan.local import LocalTrainer
 
 BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
@@ -68,9 +76,16 @@ def rl_datum(prompt: list[int], answer: list[int], values: dict[str, list[float]
 
 
 async def train(
-    base_url: str, api_key: str | None, base_model: str, steps: int, group: int
+    base_url: str,
+    api_key: str | None,
+    base_model: str,
+    steps: int,
+    group: int,
+    deployment: DeploymentConfig | None = None,
 ) -> None:
-    async with AsyncFiretitanServiceClient(base_url=base_url, api_key=api_key) as service:
+    async with AsyncFiretitanServiceClient(
+        base_url=base_url, api_key=api_key, deployment=deployment
+    ) as service:
         policy = await service.create_training_client(base_model, lora_rank=0)
         reference = await service.create_base_training_client(base_model)  # never stepped
         adam = tinker.AdamParams(learning_rate=3e-3, beta1=0.9, beta2=0.95)
@@ -78,8 +93,12 @@ async def train(
         prompts = [TOKENIZER.encode(p) for p in PROMPTS]
         rewards: list[float] = []
         for step in range(steps):
-            # Full-parameter exports: the first is "base", the later ones "delta".
+            # Full-parameter exports: the first is "base", the later ones "delta". With a
+            # deployment, each is hot-loaded there and the sampler samples from it.
             sampler = await policy.save_weights_and_get_sampling_client(f"grpo-{step}")
+            if step == 0:
+                on = "the deployment" if sampler.deployment_sampler else "the trainer"
+                print(f"sampling on {on}")
             responses = await asyncio.gather(
                 *(sampler.sample(tinker.ModelInput.from_ints(p), group, params) for p in prompts)
             )
@@ -123,13 +142,23 @@ async def train(
 
 
 @contextlib.asynccontextmanager
-async def trainer(args: argparse.Namespace) -> AsyncIterator[tuple[str, str | None, str]]:
-    """The trainer to use: the one given on the command line, or an embedded one."""
+async def trainer(
+    args: argparse.Namespace,
+) -> AsyncIterator[tuple[str, str | None, DeploymentConfig | None]]:
+    """The trainer to use (the one given on the command line, or an embedded one), and
+    the deployment to sample on (None: sample on the trainer)."""
     if args.base_url:
-        yield args.base_url, args.api_key, args.base_model
+        yield args.base_url, args.api_key, None
         return
-    async with LocalTrainer(base_model=args.base_model) as local:
-        yield local.base_url, local.api_key, args.base_model
+    async with LocalTrainer(base_model=args.base_model, deployment=args.deployment) as local:
+        deployment = None
+        if args.deployment:
+            deployment = DeploymentConfig(
+                base_url=local.deployment.base_url,
+                deployment_id=local.deployment.deployment_id,
+                account=local.deployment.account,
+            )
+        yield local.base_url, local.api_key, deployment
 
 
 async def main() -> None:
@@ -139,10 +168,13 @@ async def main() -> None:
     parser.add_argument("--base-url", help="a running trainer (default: an embedded one)")
     parser.add_argument("--api-key")
     parser.add_argument("--base-model", default=BASE_MODEL)
+    parser.add_argument(
+        "--deployment", action="store_true", help="sample on a local inference deployment"
+    )
     args = parser.parse_args()
     steps, group = (2, 4) if args.quick else (args.steps, 8)
-    async with trainer(args) as (base_url, api_key, base_model):
-        await train(base_url, api_key, base_model, steps, group)
+    async with trainer(args) as (base_url, api_key, deployment):
+        await train(base_url, api_key, args.base_model, steps, group, deployment)
 
 
 if __name__ == "__main__":

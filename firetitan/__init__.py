@@ -3,14 +3,15 @@
 Public names come only from this module; everything in underscored modules is private.
 """
 
+from firetitan._async.async_future import AsyncAPIFuture, FutureState
 from firetitan._async.deployment import AsyncDeployment
 from firetitan._async.deployment_sampler import AsyncDeploymentSampler
-from firetitan._async.futures import AsyncAPIFuture, FutureState
 from firetitan._async.rest import AsyncRestClient
 from firetitan._async.sampling import AsyncSamplingClient
 from firetitan._async.service import AsyncFiretitanServiceClient
 from firetitan._async.training import AsyncFiretitanTrainingClient
 from firetitan._async.weight_sync import AsyncWeightSyncer
+from firetitan._blocking_future import APIFuture
 from firetitan._config import ClientConfig, DeploymentConfig, Limits, RetryPolicy, Timeouts
 from firetitan._errors import (
     APIConnectionError,
@@ -37,7 +38,6 @@ from firetitan._errors import (
     RequestTooLargeError,
     UnprocessableEntityError,
 )
-from firetitan._futures import APIFuture
 from firetitan._sync import (
     Deployment,
     DeploymentSampler,

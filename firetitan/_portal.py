@@ -51,8 +51,8 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
+from firetitan._blocking_future import APIFuture, AsyncFutureLike
 from firetitan._errors import BlockingCallInLoopError, ClientClosedError, ClientUsageError
-from firetitan._futures import APIFuture, AsyncFutureLike
 
 if TYPE_CHECKING:
     from _typeshed import FileDescriptorLike

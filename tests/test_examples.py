@@ -12,14 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def run_example(name: str) -> str:
+def run_example(name: str, *options: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), "--quick"],
+        [sys.executable, str(EXAMPLES / name), "--quick", *options],
         capture_output=True,
         text=True,
         env=env,
@@ -35,8 +37,11 @@ def test_every_example_is_tested() -> None:
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
-def test_async_grpo() -> None:
-    out = run_example("async_grpo.py")
+@pytest.mark.parametrize("where", ["trainer", "deployment"])
+def test_async_grpo(where: str) -> None:
+    # Sampling on the trainer, or on a local deployment that hot-loads every export.
+    out = run_example("async_grpo.py", *(["--deployment"] if where == "deployment" else []))
+    assert f"sampling on the {where}\n" in out
     steps = re.findall(r"^step (\d+): mean reward ([\d.]+), loss:sum (-?[\d.]+)$", out, re.M)
     assert [s[0] for s in steps] == ["0", "1"]
     assert all(0.0 <= float(reward) <= 1.0 for _, reward, _ in steps)

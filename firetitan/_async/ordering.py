@@ -47,7 +47,7 @@ import attrs
 
 from firetitan import _wire
 from firetitan._async._tasks import TaskSet
-from firetitan._async.futures import AsyncAPIFuture, FutureState
+from firetitan._async.async_future import AsyncAPIFuture, FutureState
 from firetitan._async.polling import Poller
 from firetitan._errors import APIResponseValidationError, APIStatusError, ClientClosedError
 from firetitan._transport import Transport

@@ -38,8 +38,8 @@ import tinker
 from firetitan import _wire
 from firetitan._async._checks import positive_int
 from firetitan._async._tasks import TaskSet
+from firetitan._async.async_future import AsyncAPIFuture, FutureState, resolve_deadline
 from firetitan._async.deployment_sampler import AsyncDeploymentSampler
-from firetitan._async.futures import AsyncAPIFuture, FutureState, resolve_deadline
 from firetitan._async.ordering import ack_request_id
 from firetitan._async.polling import Poller
 from firetitan._config import ClientConfig, resolve_api_key, resolve_base_url

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import attrs
 from tinker import types as ttypes
 
-from firetitan import _names, _wire
+from firetitan import _checkpoint_paths, _wire
 from firetitan._async._checks import non_empty_str, positive_int, string_map
 from firetitan._async._tasks import TaskSet
 from firetitan._async.deployment import AsyncDeployment
@@ -482,7 +482,7 @@ class AsyncFiretitanServiceClient:
     async def _create_from_state(
         self, path: str, user_metadata: Mapping[str, str] | None, *, optimizer: bool
     ) -> AsyncFiretitanTrainingClient:
-        ref = _names.parse_checkpoint_path(path)
+        ref = _checkpoint_paths.parse_checkpoint_path(path)
         metadata = (
             string_map(user_metadata, "user_metadata")
             if user_metadata is not None

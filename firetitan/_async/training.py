@@ -27,12 +27,12 @@ import pydantic
 import tinker
 from tinker import types as ttypes
 
-from firetitan import _names, _wire
+from firetitan import _checkpoint_paths, _wire
 from firetitan._async import custom_loss
 from firetitan._async._checks import non_empty_str, positive_int, string_map
 from firetitan._async._tasks import TaskSet
+from firetitan._async.async_future import AsyncAPIFuture, FutureState, resolve_deadline
 from firetitan._async.deployment import AsyncDeployment
-from firetitan._async.futures import AsyncAPIFuture, FutureState, resolve_deadline
 from firetitan._async.ordering import (
     JSON,
     Call,
@@ -529,7 +529,7 @@ class AsyncFiretitanTrainingClient:
         deadline: float | None = None,
     ) -> None:
         self._check_open()
-        _names.validate_name(name)
+        _checkpoint_paths.validate_name(name)
         _check_ttl(ttl_seconds)
         if timeout is not None and deadline is not None:
             raise ValueError("give timeout or deadline, not both")
@@ -561,7 +561,7 @@ class AsyncFiretitanTrainingClient:
 
     def _check_load_state(self, path: str, *, deadline: float | None = None) -> None:
         self._check_open()
-        _names.parse_checkpoint_path(path)
+        _checkpoint_paths.parse_checkpoint_path(path)
         self._resolve_deadline(deadline)
 
     def load_state_with_optimizer(
@@ -595,7 +595,7 @@ class AsyncFiretitanTrainingClient:
         self, path: str, *, optimizer: bool, deadline: float | None
     ) -> AsyncAPIFuture[ttypes.LoadWeightsResponse]:
         self._check_usable()
-        ref = _names.parse_checkpoint_path(path)
+        ref = _checkpoint_paths.parse_checkpoint_path(path)
         request = _wire.LoadWeightsRequest(
             model_id=self._model_id, seq_id=0, path=str(ref), optimizer=optimizer
         )
@@ -617,10 +617,10 @@ class AsyncFiretitanTrainingClient:
             ValueError: An invalid name or job id.
         """
         if source_job_id is not None:
-            return _names.cross_job_path(
+            return _checkpoint_paths.cross_job_path(
                 _stripped(source_job_id, "source_job_id"), _stripped(name, "name")
             )
-        return str(_names.parse_checkpoint_path(name))
+        return str(_checkpoint_paths.parse_checkpoint_path(name))
 
     async def list_checkpoints(self) -> list[str]:
         """List the trainer's saved training-state checkpoints.
@@ -836,8 +836,9 @@ class AsyncFiretitanTrainingClient:
         return await self._service._tokenizer_for(self)
 
     def _snapshot_name(self, name: str) -> str:
-        _names.validate_name(name, "sampler export name")
-        return _names.validate_name(f"{name}-{self._session_suffix}", "sampler snapshot name")
+        _checkpoint_paths.validate_name(name, "sampler export name")
+        snapshot = f"{name}-{self._session_suffix}"
+        return _checkpoint_paths.validate_name(snapshot, "sampler snapshot name")
 
     def _checkpoint_type(self, checkpoint_type: str | None) -> str:
         if checkpoint_type is not None:

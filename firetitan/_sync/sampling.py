@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Self, cast
 import tinker
 
 from firetitan._async.sampling import AsyncSamplingClient
+from firetitan._blocking_future import APIFuture
 from firetitan._config import ClientConfig
-from firetitan._futures import APIFuture
 from firetitan._portal import Portal, get_portal, register_twin, rewrap, wrap_twin
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from tinker import types as ttypes
 
 from firetitan._async import custom_loss
 from firetitan._async.training import AsyncFiretitanTrainingClient
-from firetitan._futures import APIFuture
+from firetitan._blocking_future import APIFuture
 from firetitan._portal import Portal, get_portal, register_twin, rewrap, wrap_twin
 from firetitan._types import GradAccNormalization, SaveSamplerResult
 

@@ -12,7 +12,7 @@ public name, so import from ``firetitan._wire``):
 * `tensors`: tensors (dense and CSR), model inputs and datums.
 * `requests`: the request classes (`Request`) and `encode_request`.
 * `request_decoders`: `decode_request`.
-* `futures`: submission acknowledgements (`FutureAck`) and ``retrieve_future`` outcomes.
+* `outcomes`: submission acknowledgements (`FutureAck`) and ``retrieve_future`` outcomes.
 * `results`: forward/backward results, metric reductions, batch chunking, sampling
   results.
 * `proto`: tinker's protobuf results.
@@ -49,7 +49,7 @@ tinker 0.38 compatibility: tinker's SDK reads ``SampleResponse`` and
 ``ForwardBackwardOutput`` results only as protobuf; `encode_sample_response_proto` and
 `encode_forward_backward_output_proto` write those messages with tinker's own generated
 message classes (imported lazily). Its protobuf ``forward_backward`` requests are read by
-`firetitan.local.tinker_wire`; everything else tinker sends is JSON and goes through
+`firetitan.local.tinker.wire`; everything else tinker sends is JSON and goes through
 `decode_request`.
 """
 
@@ -65,7 +65,8 @@ from firetitan._wire.completions import (
     UpstreamError,
     completion_body,
 )
-from firetitan._wire.futures import (
+from firetitan._wire.hotload import ReplicaStatus, decode_hot_load_status, hot_load_body
+from firetitan._wire.outcomes import (
     CompleteMetadata,
     FutureAck,
     FutureFailed,
@@ -77,7 +78,6 @@ from firetitan._wire.futures import (
     encode_future_ack,
     encode_future_outcome,
 )
-from firetitan._wire.hotload import ReplicaStatus, decode_hot_load_status, hot_load_body
 from firetitan._wire.proto import (
     decode_forward_backward_output_proto,
     encode_forward_backward_output_proto,

@@ -15,7 +15,7 @@ into place. A rename within one file system is atomic, so a crash mid-write leav
 debris in ``.tmp/`` (removed at the next start), never a checkpoint that lists as valid,
 and a power loss never leaves a manifest naming files whose data was not on disk.
 
-Every name passes `firetitan._names.validate_name` before it touches the file system.
+Every name passes `firetitan._checkpoint_paths.validate_name` before it touches the file system.
 Nothing here unpickles: manifests are JSON.
 """
 
@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import attrs
 
-from firetitan._names import CheckpointRef, parse_checkpoint_path, validate_name
+from firetitan._checkpoint_paths import CheckpointRef, parse_checkpoint_path, validate_name
 
 __all__ = ["KINDS", "MANIFEST_NAME", "CheckpointStore", "Kind", "Manifest"]
 

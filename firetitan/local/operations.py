@@ -36,7 +36,7 @@ from firetitan.local.executor import (
 )
 from firetitan.local.external import ExternalRequest, encrypt_files
 from firetitan.local.sessions import ModelRecord, Registry, SamplingSession
-from firetitan.local.tinker_compat import mask_prompt_logprobs
+from firetitan.local.tinker.compat import mask_prompt_logprobs
 
 __all__ = ["CREATE_MODEL_CAPABILITIES", "Operations"]
 

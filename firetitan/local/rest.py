@@ -41,11 +41,11 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from firetitan._names import validate_name
+from firetitan._checkpoint_paths import validate_name
 from firetitan._wire import endpoints
-from firetitan.local import tinker_compat
 from firetitan.local.checkpoints import KINDS, CheckpointStore, Kind, Manifest
 from firetitan.local.sessions import Registry
+from firetitan.local.tinker import compat as tinker_compat
 
 __all__ = ["URL_LIFETIME_SECONDS", "RestApi", "RestError", "is_download"]
 

@@ -6,7 +6,7 @@ what tinker 0.38 needs (wire.md §12): protobuf ``forward_backward`` bodies (opt
 zstd), protobuf results, ``tinker://`` paths, the sampling endpoints
 (``create_sampling_session``, ``asample``, ``get_sampler``), ``dynamic_config`` and
 ``finish_session``.
-Where the two client populations differ, `firetitan.local.dialect` decides. Handlers
+Where the two client populations differ, `firetitan.local.tinker.dialect` decides. Handlers
 only parse, validate and register work; the executor (``executor.py``) decides when
 it runs and ``operations.py`` what it does.
 
@@ -42,9 +42,9 @@ import attrs
 from aiohttp import web
 
 from firetitan import _wire
-from firetitan._names import parse_checkpoint_path, validate_name
+from firetitan._checkpoint_paths import parse_checkpoint_path, validate_name
 from firetitan._wire import endpoints
-from firetitan.local import access_log, dialect, tinker_compat, tinker_wire
+from firetitan.local import access_log
 from firetitan.local.checkpoints import CheckpointStore, Kind
 from firetitan.local.completions import CompletionQueues
 from firetitan.local.config import ServerConfig
@@ -66,6 +66,9 @@ from firetitan.local.external import ExternalRequest, decode_external_request
 from firetitan.local.operations import Operations, SampleTicket
 from firetitan.local.rest import RestApi, RestError, is_download
 from firetitan.local.sessions import ModelRecord, Registry, SamplingSession, model_id_for
+from firetitan.local.tinker import compat as tinker_compat
+from firetitan.local.tinker import dialect
+from firetitan.local.tinker import wire as tinker_wire
 
 __all__ = ["TrainerServer"]
 
@@ -941,7 +944,8 @@ class TrainerServer:
 
     async def _dynamic_config(self, request: web.Request) -> web.Response:
         await self._object(request)
-        return json_response({})
+        # tinker cancels the sampling requests whose futures it abandons (cancel_future).
+        return json_response({"sample_cancel_enabled": True})
 
     async def _create_session(self, request: web.Request) -> web.Response:
         raw, obj = await self._object(request)

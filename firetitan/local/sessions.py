@@ -19,8 +19,8 @@ from pathlib import Path
 
 import attrs
 
-from firetitan.local.dialect import Dialect
 from firetitan.local.engine import ModelSpec
+from firetitan.local.tinker.dialect import Dialect
 
 __all__ = ["ModelRecord", "Registry", "SamplingSession", "Session", "model_id_for"]
 

@@ -18,7 +18,7 @@ from firetitan import (
     RequestFailedError,
     SaveSamplerResult,
 )
-from firetitan._names import CheckpointRef
+from firetitan._checkpoint_paths import CheckpointRef
 from firetitan.local import LocalTrainer
 
 from .helpers import ADAM, BASE_MODEL, FAST_CLIENT, batch, chunked_config, datum, executed

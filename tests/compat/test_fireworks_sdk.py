@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from firetitan._names import CheckpointRef
+from firetitan._checkpoint_paths import CheckpointRef
 from firetitan.local import LocalTrainer
 
 from .sdk_child import run_flow

@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-import firetitan._futures
+import firetitan._blocking_future
 import firetitan._portal
 from firetitan import APIFuture, FiretitanServiceClient, FutureTimeoutError
 from firetitan.local import LocalTrainer
 
 from .conftest import BASE_MODEL, FAST, SlowEngine, datum, wait_until
 
-FACADE_FILES = {firetitan._futures.__file__, firetitan._portal.__file__}
+FACADE_FILES = {firetitan._blocking_future.__file__, firetitan._portal.__file__}
 
 
 def main_thread_is_waiting() -> bool:

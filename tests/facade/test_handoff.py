@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from firetitan._async.futures import AsyncAPIFuture
+from firetitan._async.async_future import AsyncAPIFuture
 from firetitan._portal import Portal, get_portal
 
 WAIT_S = 30.0  # generous: only a hang would take this long

@@ -191,5 +191,5 @@ def test_the_toy_facade_mirrors_the_toy_core(toy: ModuleType) -> None:
 def test_the_facade_is_exported(name: str) -> None:
     assert name in firetitan.__all__
     assert getattr(firetitan, name).__module__.startswith(
-        ("firetitan._sync.", "firetitan._futures")
+        ("firetitan._sync.", "firetitan._blocking_future")
     )

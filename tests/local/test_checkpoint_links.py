@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from firetitan._names import CheckpointRef
+from firetitan._checkpoint_paths import CheckpointRef
 from firetitan.local.checkpoints import MANIFEST_NAME, CheckpointStore
 
 

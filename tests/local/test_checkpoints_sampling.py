@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from firetitan._names import CheckpointRef
+from firetitan._checkpoint_paths import CheckpointRef
 
 from .conftest import TrainerFactory
 from .helpers import BASE_MODEL, Api, forward_body, optim_body

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from firetitan._names import CheckpointRef
+from firetitan._checkpoint_paths import CheckpointRef
 from firetitan.local import LocalTrainer
 
 from .conftest import TrainerFactory

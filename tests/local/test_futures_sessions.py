@@ -170,7 +170,8 @@ async def test_service_endpoints(trainer_api: tuple[Any, Api]) -> None:
     assert status == 200
     assert config["proto_write_fwdbwd"] is False
     assert config["proto_compress_fwdbwd"] is False
-    assert await api.post("client/dynamic_config", {"sdk_version": "0.38.0"}) == (200, {})
+    status, dynamic = await api.post("client/dynamic_config", {"sdk_version": "0.38.0"})
+    assert (status, dynamic) == (200, {"sample_cancel_enabled": True})
     telemetry = {"events": [], "platform": "Linux", "sdk_version": "1.2.30", "session_id": "x"}
     assert await api.post("telemetry", telemetry) == (200, {"status": "accepted"})
 

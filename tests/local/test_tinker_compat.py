@@ -15,10 +15,10 @@ from tinker.lib._auth_token_provider import ApiKeyAuthProvider
 from tinker.lib.public_interfaces.sampling_client import _check_prompt_logprobs_last_n_honored
 from tinker.types.checkpoint import ParsedCheckpointTinkerPath
 
-from firetitan._names import CheckpointRef, parse_checkpoint_path
+from firetitan._checkpoint_paths import CheckpointRef, parse_checkpoint_path
 from firetitan._wire import WireError
-from firetitan.local import tinker_compat as tc
 from firetitan.local.checkpoints import Kind
+from firetitan.local.tinker import compat as tc
 
 
 def dump(model: Any) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """tinker 0.38's protobuf forward_backward bodies: built by tinker's own request code,
-decoded by `firetitan.local.tinker_wire`, compared with the datums that went in."""
+decoded by `firetitan.local.tinker.wire`, compared with the datums that went in."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from tinker.types import (
 from tinker.types.provenance_spans import PromptProvenanceSpan, SampledProvenanceSpan
 
 from firetitan import _wire
-from firetitan.local import tinker_wire as tw
+from firetitan.local.tinker import wire as tw
 
 # --------------------------------------------------------------------------- helpers
 

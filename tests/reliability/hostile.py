@@ -33,7 +33,7 @@ import attrs
 from hypothesis import strategies as st
 from shared import BASE_MODEL
 
-from firetitan._names import MAX_NAME_LENGTH, parse_checkpoint_path
+from firetitan._checkpoint_paths import MAX_NAME_LENGTH, parse_checkpoint_path
 
 INT64_MAX = 2**63 - 1
 

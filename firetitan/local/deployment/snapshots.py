@@ -28,9 +28,9 @@ import attrs
 import torch
 from torch import nn
 
-from firetitan._names import parse_checkpoint_path
-from firetitan.local import tinker_compat
+from firetitan._checkpoint_paths import parse_checkpoint_path
 from firetitan.local.checkpoints import MANIFEST_NAME, Manifest
+from firetitan.local.tinker import compat as tinker_compat
 from firetitan.local.torch import exports
 from firetitan.local.torch.models import (
     build_standin,

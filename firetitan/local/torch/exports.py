@@ -41,7 +41,7 @@ from fireworks_delta_compression import (
 )
 from safetensors.torch import load_file, save_file
 
-from firetitan._names import validate_name
+from firetitan._checkpoint_paths import validate_name
 from firetitan.local.torch.models import tensor_digest
 
 __all__ = [

@@ -7,7 +7,7 @@ import collections
 import contextvars
 from typing import TYPE_CHECKING
 
-from firetitan._async.futures import AsyncAPIFuture
+from firetitan._async.async_future import AsyncAPIFuture
 
 if TYPE_CHECKING:
     from fractions import Fraction

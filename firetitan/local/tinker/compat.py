@@ -2,8 +2,8 @@
 
 Read from the ``tinker`` 0.38.0 client (``lib/internal_client_holder.py``,
 ``lib/api_future_impl.py``, ``lib/public_interfaces/*``, ``resources/*``). How the
-server tells the two client populations apart lives in `firetitan.local.dialect`;
-protobuf requests are decoded by `firetitan.local.tinker_wire` and protobuf results
+server tells the two client populations apart lives in `firetitan.local.tinker.dialect`;
+protobuf requests are decoded by `firetitan.local.tinker.wire` and protobuf results
 encoded by `firetitan._wire`. This module holds the remaining pure helpers. Paths are
 in `firetitan._wire.endpoints`.
 
@@ -12,11 +12,12 @@ What tinker expects, and where the trainer serves it:
 * Keys start with ``tml-`` (or are a JWT); tinker refuses anything else before sending
   (`tinker_accepts_api_key`). Generated keys have the prefix.
 * ``client/config`` is called whatever the key, before ``create_session``: it answers
-  the chunk knobs (``fwdbwd_max_chunk_len``, ``fwdbwd_max_chunk_bytes_count``) and pins
-  off every feature that would call endpoints this trainer lacks
-  (``sample_use_retrieve_futures``, ``custom_loss_server_side``,
-  ``sample_join_sampling_session``, both proto compression flags).
-  ``client/dynamic_config`` and ``sessions/{id}/finish`` are answered.
+  the chunk knobs (``fwdbwd_max_chunk_len``, ``fwdbwd_max_chunk_bytes_count``), turns
+  on tinker's sampling features (``sample_use_retrieve_futures``,
+  ``sample_join_sampling_session``: `firetitan.local.completions`) and leaves off
+  ``custom_loss_server_side`` (custom losses then run client-side) and both proto
+  compression flags. ``client/dynamic_config`` turns on ``sample_cancel_enabled``;
+  ``sessions/{id}/finish`` is answered.
 * Every forward and forward_backward arrives on ``/forward_backward`` as protobuf
   (``forward_only`` marks a forward), possibly zstd-compressed; automatic
   decompression is off so that `tinker_wire.decompress_body` enforces the size cap.
@@ -44,11 +45,13 @@ What tinker expects, and where the trainer serves it:
   ``compute_logprobs`` is an ``asample`` with ``prompt_logprobs``; position 0 is NaN.
 
 ``cancel_future`` drops a sampling request that has not run (`Executor.cancel`).
+``save_weights_external`` and the REST endpoints (``training_runs/...``,
+``checkpoints``, ``sessions/...``) are `firetitan.local.external` and
+`firetitan.local.rest`.
 
-Not served, and not called with the flags above: ``retrieve_futures``,
-``join_sampling_session``, ``create_custom_loss``, ``auth/token``,
-and the REST-only ``training_runs/...``, ``checkpoints``, ``weights_info``,
-``copy_weights``, ``save_weights_external``, ``sessions/...``.
+Not served, and not called with the flags above: ``create_custom_loss``,
+``auth/token``, and the REST-only ``weights_info``, ``copy_weights``, session trace
+export and project assignment.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from firetitan._names import CheckpointRef, validate_name
+from firetitan._checkpoint_paths import CheckpointRef, validate_name
 from firetitan._wire import WireError
 from firetitan.local.checkpoints import Kind
 
@@ -184,7 +187,7 @@ def tinker_path(job_id: str, kind: Kind, name: str) -> str:
 
     tinker splits such a path into exactly three segments and reads the middle one as
     the checkpoint type, so job id and name must be single segments: both pass
-    `firetitan._names.validate_name`.
+    `firetitan._checkpoint_paths.validate_name`.
 
     Raises:
         ValueError: An invalid job id or name, or an unknown kind.

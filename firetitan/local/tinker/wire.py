@@ -10,7 +10,7 @@ headers which wire a request uses and which a ``retrieve_future`` poll wants bac
 (``spec/wire.md`` §12). The protobuf *results* tinker insists on are encoded by
 `firetitan._wire.encode_forward_backward_output_proto` and
 `firetitan._wire.encode_sample_response_proto`; what else tinker needs from the server
-is listed in `firetitan.local.tinker_compat`.
+is listed in `firetitan.local.tinker.compat`.
 
 The message classes are the ones the installed ``tinker`` package ships
 (``tinker.proto.tinker_public_pb2``), so the schema cannot drift from the client's.

@@ -30,10 +30,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 
-from firetitan._names import CheckpointRef
-from firetitan.local import tinker_compat, tinker_wire
+from firetitan._checkpoint_paths import CheckpointRef
 from firetitan.local.checkpoints import Kind
 from firetitan.local.executor import Encoding
+from firetitan.local.tinker import compat as tinker_compat
+from firetitan.local.tinker import wire as tinker_wire
 
 __all__ = [
     "Dialect",
