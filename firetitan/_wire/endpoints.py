@@ -27,6 +27,7 @@ __all__ = [
     "CANCEL_FUTURE",
     "CLIENT_CONFIG",
     "COMPLETIONS",
+    "CREATE_CUSTOM_LOSS",
     "CREATE_MODEL",
     "CREATE_SAMPLING_SESSION",
     "CREATE_SESSION",
@@ -148,6 +149,10 @@ SAVE_WEIGHTS_EXTERNAL: Final = _post(
 )
 LIST_CHECKPOINTS: Final = _get("list_checkpoints")
 UNLOAD_MODEL: Final = _post("unload_model", future=True, request_type="Unload model")
+# tinker's uploaded custom losses (firetitan.local.loss_graphs).
+CREATE_CUSTOM_LOSS: Final = _post(
+    "create_custom_loss", future=True, request_type="CreateCustomLoss", client=False
+)
 # Futures (§4).
 RETRIEVE_FUTURE: Final = _post("retrieve_future")
 CANCEL_FUTURE: Final = _post("cancel_future")
