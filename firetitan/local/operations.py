@@ -225,8 +225,11 @@ class Operations:
             data = list(request.data)
             if request.loss_fn == stability.LOSS:
                 data = self.stability.resolve(record.session_id, data)
+            # Only a custom request passes its graph: an engine subclass written against
+            # the four-argument methods keeps serving the built-in losses.
+            uploaded = {} if graph is None else {"graph": graph}
             output = compute(
-                request.model_id, data, request.loss_fn, request.loss_fn_config, graph
+                request.model_id, data, request.loss_fn, request.loss_fn_config, **uploaded
             )
             if len(output.loss_fn_outputs) != len(request.data):
                 raise RuntimeError(
