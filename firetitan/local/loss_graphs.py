@@ -202,6 +202,7 @@ class LossGraph:
         session_id: The session that uploaded it; only that session's models use it.
         name: The loss function's name (for messages).
         inputs: ``logprobs`` first, then the ``loss_fn_inputs`` keys, in call order.
+        placeholders: The names of the nodes that stand for `inputs`, in that order.
         nodes: The computations, in execution order.
         loss: The value returned as the loss (a scalar tensor at run time).
         metrics: ``(key, value)`` pairs, keys ``custom/<name>:sum|mean``.
@@ -211,6 +212,7 @@ class LossGraph:
     session_id: str
     name: str
     inputs: tuple[LossInput, ...]
+    placeholders: tuple[str, ...]
     nodes: tuple[Node, ...]
     loss: Ref
     metrics: tuple[tuple[str, Ref], ...]
@@ -229,8 +231,7 @@ def loss_id_of(session_id: str, custom_loss_seq_id: int) -> str:
 def no_gradient(graph: LossGraph) -> UserError:
     """The error for training on a loss that does not depend on the logprobs."""
     return UserError(
-        f"custom loss {graph.name!r} does not depend on logprobs, so it has no gradient "
-        "to train on"
+        f"custom loss {graph.name!r} does not depend on logprobs, so it has no gradient to train on"
     )
 
 
@@ -311,7 +312,8 @@ class _GraphChecker:
         self.defined: set[str] = set()
 
     def check(self, nodes: list[Any], *, loss_id: str, session_id: str, name: str) -> LossGraph:
-        placeholders: list[str] = []
+        placeholders: list[str] = []  # the inputs they stand for (their targets), in order
+        placeholder_names: list[str] = []
         computed: list[Node] = []
         output: tuple[Ref, tuple[tuple[str, Ref], ...]] | None = None
         for index, raw in enumerate(nodes):
@@ -322,7 +324,8 @@ class _GraphChecker:
             if op == "placeholder":
                 if computed:
                     raise UserError(f"{at}: placeholders must come before every computation")
-                placeholders.append(self._placeholder(at, raw, node_name, target))
+                placeholders.append(self._placeholder(at, raw, target))
+                placeholder_names.append(node_name)
             elif op in ("call_function", "call_method"):
                 computed.append(self._call(at, raw, op, node_name, target))
             elif op == "output":
@@ -344,6 +347,7 @@ class _GraphChecker:
             session_id=session_id,
             name=name,
             inputs=self.inputs,
+            placeholders=tuple(placeholder_names),
             nodes=tuple(computed),
             loss=loss,
             metrics=metrics,
@@ -385,13 +389,15 @@ class _GraphChecker:
             )
         return f"{at}: unknown op; a node is placeholder, call_function, call_method or output"
 
-    def _placeholder(self, at: str, raw: Mapping[str, Any], name: str, target: str) -> str:
-        if target != name or raw.get("args") or raw.get("kwargs"):
-            raise UserError(f"{at}: a placeholder's target is its name and it has no arguments")
+    def _placeholder(self, at: str, raw: Mapping[str, Any], target: str) -> str:
+        # torch.fx may rename a placeholder's node (a parameter named ``sum`` becomes
+        # ``sum_1``); its target is the parameter, the input it stands for.
+        if raw.get("args") or raw.get("kwargs"):
+            raise UserError(f"{at}: a placeholder takes no arguments")
         declared = [item.name for item in self.inputs]
-        if name not in declared:
+        if target not in declared:
             raise UserError(f"{at}: is not among the loss's declared inputs {declared}")
-        return name
+        return target
 
     def _call(self, at: str, raw: Mapping[str, Any], op: str, name: str, target: str) -> Node:
         allowed = FUNCTIONS if op == "call_function" else METHODS

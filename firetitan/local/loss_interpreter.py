@@ -51,7 +51,6 @@ def _resolve(name: str) -> Callable[..., Any]:
 _FUNCTIONS: Final = {name: _resolve(name) for name in sorted(loss_graphs.FUNCTIONS)}
 _METHODS: Final = {name: getattr(torch.Tensor, name) for name in sorted(loss_graphs.METHODS)}
 _DTYPES: Final = {name: getattr(torch, name) for name in sorted(loss_graphs.DTYPES)}
-_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, ZeroDivisionError, OverflowError)
 
 
 def run(
@@ -72,9 +71,7 @@ def run(
         UserError: A node failed or broke a run-time guard, or the loss is not a scalar
             tensor, or a metric not a single number.
     """
-    env: dict[str, Any] = {
-        item.name: value for item, value in zip(graph.inputs, values, strict=True)
-    }
+    env: dict[str, Any] = dict(zip(graph.placeholders, values, strict=True))
     where = f"datum {index}: custom loss {graph.name!r}"
     for node in graph.nodes:
         env[node.name] = _call(where, node, env)
@@ -115,8 +112,8 @@ def _call(where: str, node: Node, env: Mapping[str, Any]) -> Any:
         function = _FUNCTIONS[node.target]
     try:
         result = function(*args, **kwargs)
-    except _ERRORS as exc:
-        raise UserError(f"{at} failed: {exc}") from None
+    except Exception as exc:  # whatever the client's graph does wrong is its mistake
+        raise UserError(f"{at} failed: {type(exc).__name__}: {exc}") from None
     if isinstance(result, torch.Tensor) and result.numel() > MAX_ELEMENTS:
         raise UserError(
             f"{at}: makes a tensor of {result.numel()} values; the limit is {MAX_ELEMENTS}"

@@ -14,7 +14,12 @@ import pytest
 import pytest_asyncio
 import torch
 from tinker import types
-from tinker.lib.public_interfaces.custom_loss import encode_graph, run_loss_handle, trace_loss
+from tinker.lib.public_interfaces.custom_loss import (
+    LossHandle,
+    encode_graph,
+    run_loss_handle,
+    trace_loss,
+)
 
 from firetitan._wire import decode_datum
 from firetitan.local.loss_graphs import MAX_LOSSES_PER_SESSION, MAX_NODES
@@ -39,13 +44,16 @@ def clipped_is(logprobs: Any, sampler: Any, advantages: Any) -> Any:
 HANDLE = trace_loss(clipped_is, RANKS, "session")
 
 
-def upload_body(session_id: str, seq: int = 0, **override: Any) -> dict[str, Any]:
+def upload_body(
+    session_id: str, seq: int = 0, handle: LossHandle = HANDLE, **override: Any
+) -> dict[str, Any]:
+    """``create_custom_loss`` as tinker sends it, with ``override`` fields."""
     body = {
         "session_id": session_id,
         "custom_loss_seq_id": seq,
-        "name": HANDLE.name,
-        "inputs": [i.model_dump() for i in HANDLE.inputs],
-        "graph": encode_graph(HANDLE).model_dump(mode="json"),
+        "name": handle.name,
+        "inputs": [i.model_dump() for i in handle.inputs],
+        "graph": encode_graph(handle).model_dump(mode="json"),
         "type": "create_custom_loss",
     }
     return {**body, **override}
@@ -101,6 +109,26 @@ async def test_an_uploaded_loss_computes_what_the_client_side_run_computes(
     for key, value in metrics.items():
         assert out["metrics"][key] == pytest.approx(value, rel=1e-6)
     assert out["metrics"]["custom/tokens:sum"] == 6.0
+
+
+def shadowing(logprobs: Any, sum: Any) -> Any:  # torch.fx renames the placeholder sum_1
+    return -(logprobs * sum).sum(), {}
+
+
+@pytest.mark.asyncio
+async def test_an_input_whose_placeholder_torch_fx_renamed(api_session: tuple[Api, str]) -> None:
+    api, session = api_session
+    handle = trace_loss(shadowing, {"logprobs": 1, "sum": 1}, "s")
+    assert [n.name for n in encode_graph(handle).nodes][:2] == ["logprobs", "sum_1"]
+    loss_id = (await upload(api, session, handle=handle))["loss_id"]
+    model = await api.model(session)
+    datum = text_datum(TOKENS)
+    datum["loss_fn_inputs"]["sum"] = {"data": [0.5] * 4, "dtype": "float32", "shape": [4]}
+    body = forward_body(model, 1, [datum], backward=True, loss_fn="custom")
+    body["forward_backward_input"]["loss_fn_config"] = {"loss_id": loss_id}
+    out = await api.result(await api.submit("forward_backward", body))
+    logprobs = out["loss_fn_outputs"][0]["logprobs"]["data"]
+    assert out["metrics"]["loss:sum"] == pytest.approx(-0.5 * sum(logprobs), rel=1e-6)
 
 
 def _graph_with(edit: Any) -> dict[str, Any]:
