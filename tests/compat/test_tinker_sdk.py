@@ -14,13 +14,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from shared import BASE_MODEL
 
 from firetitan.local import LocalTrainer
 from firetitan.tokenizers import ByteTokenizer
 
 from .sdk_child import run_flow
 
-BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 # Prompt (weight 0) and completion (weight 1), as tinker-cookbook renders SFT examples.
 SFT_PAIRS = [
     ("Q: cat\nA:", " meow"),

@@ -9,31 +9,23 @@ WARNING-or-worse record the SDK logged.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
 from typing import Any
 
 import tinker
+from shared import next_token_datum
 from tinker import types
 
-from tests.compat.sdk_child import SdkProblems, report, trainer_address
+from tests.compat.sdk_child import run_child
 
 ADAM = types.AdamParams(learning_rate=1e-4)
 
 
 def datum(tokens: list[int], weights: list[float] | None = None) -> types.Datum:
-    """Next-token prediction: inputs ``tokens[:-1]``, targets ``tokens[1:]``."""
-    n = len(tokens) - 1
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": types.TensorData(data=tokens[1:], dtype="int64", shape=[n]),
-            "weights": types.TensorData(
-                data=weights[1:] if weights else [1.0] * n, dtype="float32", shape=[n]
-            ),
-        },
-    )
+    return next_token_datum(types, tokens, weights)
 
 
 def training_flow(service: tinker.ServiceClient, base_model: str) -> dict[str, Any]:
@@ -135,20 +127,15 @@ def sft_flow(
     return {"losses": losses}
 
 
-def main() -> int:
-    collect = SdkProblems("tinker").install()
-    base_url, api_key = trainer_address()
-    given = json.load(sys.stdin)
-    summary: dict[str, Any] = {}
+def all_flows(given: dict[str, Any], base_url: str, api_key: str) -> dict[str, Any]:
     with tinker.ServiceClient(base_url=base_url, api_key=api_key) as service:
         base_model = given["base_model"]
-        summary["training"] = training_flow(service, base_model)
-        summary["sampling"] = sampling_flow(service, base_model, given["prompt"])
-        summary["sft"] = sft_flow(service, base_model, given["sft"])
-    summary["sdk_problems"] = collect.problems
-    report(summary)
-    return 0
+        return {
+            "training": training_flow(service, base_model),
+            "sampling": sampling_flow(service, base_model, given["prompt"]),
+            "sft": sft_flow(service, base_model, given["sft"]),
+        }
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_child(functools.partial(all_flows, json.load(sys.stdin)), "tinker"))
