@@ -31,6 +31,7 @@ from firetitan.local.engine import (
     Limits,
     LossRequest,
     ModelSpec,
+    SamplerExport,
     SampleSource,
     SamplingRequest,
     UserError,
@@ -191,26 +192,16 @@ class NullEngine(Engine):
         model.adam_step = int(state["adam_step"]) if with_optimizer else 0
         model.window_tokens = model.window_sequences = 0
 
-    def save_for_sampler(
-        self,
-        model_id: str,
-        directory: Path,
-        checkpoint_type: str,
-        previous: Path | None,
-    ) -> dict[str, Any]:
+    def write_sampler_export(self, model_id: str, export: SamplerExport) -> dict[str, Any]:
         model = self._model(model_id)
-        if checkpoint_type not in ("base", "delta"):
-            raise UserError(f"checkpoint_type must be 'base' or 'delta', got {checkpoint_type!r}")
-        if checkpoint_type == "delta" and previous is None:
-            raise UserError("a delta export needs a previous export of this model")
         marker = {
             "format": _FORMAT,
             "base_model": model.spec.base_model,
             "step": model.step,
-            "checkpoint_type": checkpoint_type,
-            "previous": None if previous is None else previous.name,
+            "checkpoint_type": export.kind,
+            "previous": None if export.previous is None else export.previous.name,
         }
-        (directory / SAMPLER_FILE).write_text(json.dumps(marker))
+        (export.directory / SAMPLER_FILE).write_text(json.dumps(marker))
         return {"engine": self.name, "step": model.step}
 
     # ------------------------------------------------------------------ sampling

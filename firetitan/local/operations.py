@@ -35,6 +35,7 @@ from firetitan.local.executor import (
     success_result,
 )
 from firetitan.local.external import ExternalRequest, encrypt_files
+from firetitan.local.rules import check_export_kind
 from firetitan.local.sessions import ModelRecord, Registry, SamplingSession
 from firetitan.local.tinker.compat import mask_prompt_logprobs
 
@@ -324,11 +325,7 @@ class Operations:
         requested = (request.checkpoint_type or "base").lower()
 
         def work(previous: Path | None) -> tuple[Result, Path]:
-            if requested not in self._engine.checkpoint_types:
-                raise UserError(
-                    f"checkpoint_type {requested!r} is not supported by the {self._engine.name} "
-                    f"engine; use one of {list(self._engine.checkpoint_types)}"
-                )
+            check_export_kind(requested, self._engine.name, self._engine.checkpoint_types)
             dependents = [d for d in self._store.dependents(name) if d != name]
             if dependents:
                 raise UserError(

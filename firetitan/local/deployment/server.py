@@ -35,7 +35,7 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -177,6 +177,14 @@ class DeploymentServer:
             raise
         self.base_url = f"http://{url_host(host)}:{self._runner.addresses[0][1]}"
         return self.base_url
+
+    @contextlib.asynccontextmanager
+    async def serving(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+        """Serve for the length of the block, which gets the base URL (see `start`)."""
+        try:
+            yield await self.start(host, port)
+        finally:
+            await self.close()
 
     async def close(self) -> None:
         """Stop serving; fail generations still running."""

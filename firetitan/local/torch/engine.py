@@ -37,6 +37,7 @@ from firetitan.local.engine import (
     Limits,
     LossRequest,
     ModelSpec,
+    SamplerExport,
     SampleSource,
     SamplingRequest,
     UserError,
@@ -450,21 +451,10 @@ class TorchEngine(Engine):
 
     # ----------------------------------------------------------------- sampler exports
 
-    def save_for_sampler(
-        self,
-        model_id: str,
-        directory: Path,
-        checkpoint_type: str,
-        previous: Path | None,
-    ) -> dict[str, Any]:
+    def write_sampler_export(self, model_id: str, export: SamplerExport) -> dict[str, Any]:
+        kind, previous = export.kind, export.previous
         with self._lock:
             model = self._model(model_id)
-            kind = str(checkpoint_type).lower()
-            if kind not in self.checkpoint_types:
-                raise UserError(
-                    f"checkpoint_type {checkpoint_type!r} is not one of "
-                    f"{list(self.checkpoint_types)}"
-                )
             if kind == "merged_base" and model.lora is None:
                 raise UserError("checkpoint_type 'merged_base' needs a LoRA model")
             extra: dict[str, Any] = {
@@ -489,11 +479,10 @@ class TorchEngine(Engine):
                     config["tie_word_embeddings"] = False  # the adapter untied the output layer
             reference = None
             if kind == "delta":
-                if previous is None:
-                    raise UserError("a 'delta' export needs a previous sampler export")
+                assert previous is not None  # checked by save_for_sampler
                 reference = (previous, self._previous_export(model, previous, fmt))
             meta = exports.write_export(
-                directory,
+                export.directory,
                 fmt=fmt,
                 tensors=tensors,
                 config=config,
