@@ -48,6 +48,8 @@ __all__ = [
     "optim_metrics",
 ]
 
+#: A request's ``loss_fn_config``, as sent (None: the loss's defaults).
+Config = Mapping[str, Any] | None
 #: The ``max_tokens`` a sampling request that leaves it unset gets (and is budgeted as).
 DEFAULT_MAX_TOKENS = 256
 
@@ -180,11 +182,7 @@ class Engine(abc.ABC):
         self.build_model(model_id, spec)
 
     def forward(
-        self,
-        model_id: str,
-        data: Sequence[tinker.Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, Any] | None,
+        self, model_id: str, data: Sequence[tinker.Datum], loss_fn: str, loss_fn_config: Config
     ) -> tinker.ForwardBackwardOutput:
         """Compute the loss and per-datum outputs without touching gradients."""
         self._require_model(model_id)
@@ -192,11 +190,7 @@ class Engine(abc.ABC):
         return self.compute_loss(model_id, request, train=False)
 
     def forward_backward(
-        self,
-        model_id: str,
-        data: Sequence[tinker.Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, Any] | None,
+        self, model_id: str, data: Sequence[tinker.Datum], loss_fn: str, loss_fn_config: Config
     ) -> tinker.ForwardBackwardOutput:
         """Compute the loss and accumulate its gradient (and the loss-token counts used
         by ``grad_accumulation_normalization``) into the model."""

@@ -26,18 +26,15 @@ import numpy as np
 import numpy.typing as npt
 import tinker
 
+from firetitan.local import rules
 from firetitan.local.engine import (
     Engine,
-    Limits,
-    LossRequest,
     ModelSpec,
     SamplerExport,
     SampleSource,
-    SamplingRequest,
     UserError,
     optim_metrics,
 )
-from firetitan.local.rules import DatumArrays, LossConfig, non_finite_loss, unknown_model
 
 __all__ = ["NullEngine"]
 
@@ -98,12 +95,12 @@ class NullEngine(Engine):
         model = self._models.get(model_id)
         return None if model is None else model.spec
 
-    def limits(self, model_id: str) -> Limits:
-        return Limits(vocab_size=self.vocab_size, context_length=self.max_context_length)
+    def limits(self, model_id: str) -> rules.Limits:
+        return rules.Limits(vocab_size=self.vocab_size, context_length=self.max_context_length)
 
-    def source_limits(self, source: SampleSource) -> Limits:
+    def source_limits(self, source: SampleSource) -> rules.Limits:
         self._source_step(source)  # an unreadable export is refused here
-        return Limits(vocab_size=self.vocab_size, context_length=self.max_context_length)
+        return rules.Limits(vocab_size=self.vocab_size, context_length=self.max_context_length)
 
     def build_model(self, model_id: str, spec: ModelSpec) -> None:
         self._models[model_id] = _Model(spec)
@@ -123,7 +120,7 @@ class NullEngine(Engine):
     # ------------------------------------------------------------------ compute
 
     def compute_loss(
-        self, model_id: str, request: LossRequest, *, train: bool
+        self, model_id: str, request: rules.LossRequest, *, train: bool
     ) -> tinker.ForwardBackwardOutput:
         model = self._model(model_id)
         outputs: list[dict[str, tinker.TensorData]] = []
@@ -134,7 +131,7 @@ class NullEngine(Engine):
             with np.errstate(over="ignore", invalid="ignore"):  # reported just below
                 loss = float(_loss_terms(request.loss_fn, lp, datum, request.config).sum())
             if not math.isfinite(loss):
-                raise non_finite_loss(index)
+                raise rules.non_finite_loss(index)
             total += loss
             outputs.append({"logprobs": tinker.TensorData.from_numpy(lp)})
         tokens = request.loss_tokens()
@@ -207,7 +204,7 @@ class NullEngine(Engine):
     # ------------------------------------------------------------------ sampling
 
     def compute_sample(
-        self, source: SampleSource, request: SamplingRequest
+        self, source: SampleSource, request: rules.SamplingRequest
     ) -> tinker.SampleResponse:
         step = self._source_step(source)
         params, num_samples = request.params, request.num_samples
@@ -246,7 +243,7 @@ class NullEngine(Engine):
     def _model(self, model_id: str) -> _Model:
         model = self._models.get(model_id)
         if model is None:
-            raise unknown_model(model_id)
+            raise rules.unknown_model(model_id)
         return model
 
     def _source_step(self, source: SampleSource) -> int:
@@ -274,7 +271,7 @@ def _fake_logprobs(rng: np.random.Generator, shape: tuple[int, ...]) -> F32:
 
 
 def _loss_terms(
-    loss_fn: str, lp: F32, datum: DatumArrays, config: LossConfig
+    loss_fn: str, lp: F32, datum: rules.DatumArrays, config: rules.LossConfig
 ) -> npt.NDArray[np.float64]:
     """Per-position loss terms (the formulas of `rules.LOSSES`), zero where an RL loss
     has no loss token."""

@@ -32,17 +32,8 @@ import tinker
 import torch
 from torch import nn
 
-from firetitan.local.engine import (
-    Engine,
-    Limits,
-    LossRequest,
-    ModelSpec,
-    SamplerExport,
-    SampleSource,
-    SamplingRequest,
-    UserError,
-)
-from firetitan.local.rules import DatumArrays, LossConfig, non_finite_loss, unknown_model
+from firetitan.local import rules
+from firetitan.local.engine import Engine, ModelSpec, SamplerExport, SampleSource, UserError
 from firetitan.local.torch import exports, state
 from firetitan.local.torch.inputs import collate, split_by_budget
 from firetitan.local.torch.lora import (
@@ -212,7 +203,7 @@ class TorchEngine(Engine):
         try:
             return self._models[model_id]
         except KeyError:
-            raise unknown_model(model_id) from None
+            raise rules.unknown_model(model_id) from None
 
     def _trainable(self, model_id: str, what: str) -> tuple[_Model, AdamW]:
         model = self._model(model_id)
@@ -252,11 +243,11 @@ class TorchEngine(Engine):
             model = self._models.get(model_id)
             return None if model is None else model.spec
 
-    def limits(self, model_id: str) -> Limits:
+    def limits(self, model_id: str) -> rules.Limits:
         with self._lock:
             return _limits(self._model(model_id).module)
 
-    def source_limits(self, source: SampleSource) -> Limits:
+    def source_limits(self, source: SampleSource) -> rules.Limits:
         with self._lock:
             return _limits(self._sample_module(source)[0])
 
@@ -327,7 +318,7 @@ class TorchEngine(Engine):
     # ----------------------------------------------------------------- training
 
     def compute_loss(
-        self, model_id: str, request: LossRequest, *, train: bool
+        self, model_id: str, request: rules.LossRequest, *, train: bool
     ) -> tinker.ForwardBackwardOutput:
         with self._lock:
             model = self._model(model_id)
@@ -356,10 +347,10 @@ class TorchEngine(Engine):
     def _run_group(
         self,
         model: _Model,
-        datums: Sequence[DatumArrays],
+        datums: Sequence[rules.DatumArrays],
         group: Sequence[int],
         loss_fn: str,
-        config: LossConfig,
+        config: rules.LossConfig,
         outputs: list[dict[str, tinker.TensorData]],
         train: bool,
     ) -> float:
@@ -381,7 +372,7 @@ class TorchEngine(Engine):
                         "(its weights have grown too large, e.g. from a very large "
                         "learning_rate; load an earlier checkpoint)"
                     )
-                raise non_finite_loss(group[row])
+                raise rules.non_finite_loss(group[row])
             loss = losses.sum()
             if train:
                 torch.autograd.backward(loss)
@@ -428,26 +419,21 @@ class TorchEngine(Engine):
 
     def save_state(self, model_id: str, directory: Path) -> None:
         with self._lock:
-            model, optimizer = self._trainable(model_id, "save training state")
-            state.save_state(
-                directory,
-                description=self._describe(model, optimizer),
-                optimizer=optimizer,
-                window=model.window,
-                sample_rng=model.sample_rng,
-            )
+            state.save_state(directory, self._training_state(model_id, "save training state"))
 
     def load_state(self, model_id: str, directory: Path, *, with_optimizer: bool) -> None:
         with self._lock:
-            model, optimizer = self._trainable(model_id, "load training state")
-            state.load_state(
-                directory,
-                description=self._describe(model, optimizer),
-                optimizer=optimizer,
-                window=model.window,
-                sample_rng=model.sample_rng,
-                with_optimizer=with_optimizer,
-            )
+            training = self._training_state(model_id, "load training state")
+            state.load_state(directory, training, with_optimizer=with_optimizer)
+
+    def _training_state(self, model_id: str, what: str) -> state.TrainingState:
+        model, optimizer = self._trainable(model_id, what)
+        return state.TrainingState(
+            description=self._describe(model, optimizer),
+            optimizer=optimizer,
+            window=model.window,
+            sample_rng=model.sample_rng,
+        )
 
     # ----------------------------------------------------------------- sampler exports
 
@@ -508,7 +494,7 @@ class TorchEngine(Engine):
     # ----------------------------------------------------------------- sampling
 
     def compute_sample(
-        self, source: SampleSource, request: SamplingRequest
+        self, source: SampleSource, request: rules.SamplingRequest
     ) -> tinker.SampleResponse:
         with self._lock:
             module, default_rng = self._sample_module(source)
@@ -573,8 +559,8 @@ class TorchEngine(Engine):
         return base.module, base.digest()
 
 
-def _limits(module: nn.Module) -> Limits:
-    return Limits(vocab_size=vocab_size(module), context_length=context_length(module))
+def _limits(module: nn.Module) -> rules.Limits:
+    return rules.Limits(vocab_size=vocab_size(module), context_length=context_length(module))
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
