@@ -121,6 +121,11 @@ class Operations:
         self._registry = registry
         self._executor = executor
 
+    @property
+    def engine(self) -> Engine:
+        """The engine the work runs on."""
+        return self._engine
+
     # ------------------------------------------------------------------ models
 
     def create_model(self, record: ModelRecord) -> Run:

@@ -220,13 +220,8 @@ class TrainerServer:
 
     @property
     def engine(self) -> Engine:
-        if self._engine is None:
-            raise RuntimeError("the trainer is not started")
-        return self._engine
-
-    @property
-    def execution_log(self) -> list[ExecutionRecord]:
-        return self._executor.execution_log
+        """The running engine (for in-process inspection)."""
+        return self._operations.engine
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Build the engine, bind, and serve; return the base URL.
@@ -961,10 +956,15 @@ class TrainerServer:
         names = await asyncio.to_thread(self.store.names, "state")
         return json_response({"checkpoints": names})
 
+    @property
+    def execution_log(self) -> list[ExecutionRecord]:
+        """Requests executed so far, in order (``debug_execution_log`` serves it)."""
+        return self._executor.execution_log
+
     async def _debug_log(self, _request: web.Request) -> web.Response:
         entries = [
             {"model_id": r.model_id, "seq_id": r.seq_id, "request_id": r.request_id, "kind": r.kind}
-            for r in self._executor.execution_log
+            for r in self.execution_log
         ]
         return json_response({"entries": entries})
 
