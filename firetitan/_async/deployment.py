@@ -24,7 +24,6 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, NoReturn
 
 import attrs
@@ -318,12 +317,7 @@ class AsyncDeployment:
     async def __aenter__(self) -> AsyncDeployment:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
 

@@ -10,7 +10,6 @@ external_weights>/<name>`` path, as every tinker checkpoint listing gives it.
 from __future__ import annotations
 
 import urllib.parse
-from types import TracebackType
 from typing import Any, NoReturn
 
 from tinker import types as ttypes
@@ -55,12 +54,7 @@ class AsyncRestClient:
     async def __aenter__(self) -> AsyncRestClient:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:

@@ -15,7 +15,6 @@ import logging
 import os
 import weakref
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any, NoReturn
 
 import attrs
@@ -179,12 +178,7 @@ class AsyncFiretitanServiceClient:
             raise
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:

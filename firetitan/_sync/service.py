@@ -9,7 +9,6 @@ objects are safe to share between threads.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, cast
 
 from tinker import types as ttypes
@@ -138,13 +137,8 @@ class FiretitanServiceClient:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._portal.close(self._inner.__aexit__, exc_type, exc, tb)
+    def __exit__(self, *exc_info: object) -> None:
+        self._portal.close(self._inner.__aexit__, *exc_info)
 
     def close(self) -> None:
         """Close the session: stop the heartbeat, fail pending futures of every client
