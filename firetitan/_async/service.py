@@ -11,6 +11,7 @@ a closed client refuses further use with `ClientClosedError`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import weakref
@@ -27,7 +28,7 @@ from firetitan._async.deployment import AsyncDeployment
 from firetitan._async.deployment_sampler import AsyncDeploymentSampler
 from firetitan._async.ordering import ack_request_id
 from firetitan._async.polling import Poller
-from firetitan._async.sampling import AsyncSamplingClient
+from firetitan._async.sampling import AsyncSamplingClient, Parent
 from firetitan._async.training import AsyncFiretitanTrainingClient, validate_model
 from firetitan._config import ClientConfig, DeploymentConfig, resolve_api_key, resolve_base_url
 from firetitan._errors import (
@@ -623,15 +624,14 @@ class AsyncFiretitanServiceClient:
             raise APIResponseValidationError(
                 "create_sampling_session answered without a sampling_session_id", body=answer
             )
+        exporter = self._exporter(snapshot_identity(model_path))[0] if model_path else None
         client = AsyncSamplingClient._attached(
-            self,
+            self._sampling_parent(exporter),
             self._transport,
             model_path=model_path,
             base_model=base_model,
             sampling_session_id=sampling_session_id,
         )
-        if model_path:
-            client._exporter = self._exporter(snapshot_identity(model_path))[0]
         self._sampling_clients.add(client)
         return client
 
@@ -652,11 +652,22 @@ class AsyncFiretitanServiceClient:
             base_model = base_model or owner.base_model
         await deployment.ensure_serving(identity, previous=previous, base_model=base_model)
         sampling = AsyncSamplingClient._on_deployment(
-            self, AsyncDeploymentSampler(deployment), model_path=model_path, base_model=base_model
+            self._sampling_parent(owner),
+            AsyncDeploymentSampler(deployment),
+            model_path=model_path,
+            base_model=base_model,
+            config=self._config,
         )
-        sampling._exporter = owner
         self._sampling_clients.add(sampling)
         return sampling
+
+    def _sampling_parent(self, exporter: AsyncFiretitanTrainingClient | None) -> Parent:
+        """What a sampling client asks of this service client; ``exporter`` made the
+        snapshot it samples (its trainer names the tokenizer if none is configured)."""
+        return Parent(
+            check_open=self._check_open,
+            tokenizer=functools.partial(self._tokenizer_for, exporter),
+        )
 
     def _exporter(
         self, identity: str

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import secrets
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import attrs
 import numpy as np
@@ -43,6 +43,7 @@ from firetitan._async.ordering import (
     unfilled,
 )
 from firetitan._async.polling import Poller
+from firetitan._async.sampling import AsyncSamplingClient
 from firetitan._errors import (
     APIResponseValidationError,
     ClientClosedError,
@@ -50,10 +51,6 @@ from firetitan._errors import (
 from firetitan._transport import ProtobufBody, Transport
 from firetitan._types import GradAccNormalization, SaveSamplerResult
 from firetitan._wire import endpoints
-
-if TYPE_CHECKING:
-    from firetitan._async.sampling import AsyncSamplingClient
-    from firetitan._async.service import AsyncFiretitanServiceClient
 
 __all__ = ["AsyncFiretitanTrainingClient", "validate_model"]
 
@@ -68,6 +65,26 @@ _BYTES_PER_NUMBER = 10
 #: times `Limits.offload_bytes` (estimated): a few milliseconds of encoding, short
 #: enough not to hold up other clients' polls on a shared loop.
 _INLINE_WHEN_IDLE = 32
+
+
+class Parent(Protocol):
+    """What a training client asks of the service client that created it.
+
+    Named here, so that this module does not import the service client's.
+    """
+
+    @property
+    def deployment(self) -> AsyncDeployment | None: ...
+
+    def _check_open(self) -> None: ...
+
+    def _forget(self, client: AsyncFiretitanTrainingClient) -> None: ...
+
+    async def _tokenizer_for(self, client: AsyncFiretitanTrainingClient | None) -> Any: ...
+
+    async def create_sampling_client(
+        self, model_path: str | None = None, base_model: str | None = None
+    ) -> AsyncSamplingClient: ...
 
 
 class AsyncFiretitanTrainingClient:
@@ -91,7 +108,7 @@ class AsyncFiretitanTrainingClient:
     def __init__(
         self,
         *,
-        service: AsyncFiretitanServiceClient,
+        service: Parent,
         transport: Transport,
         model_id: str,
         base_model: str,
