@@ -72,8 +72,17 @@ from firetitan._errors import (
     status_error_class,
 )
 from firetitan._version import __version__
+from firetitan._wire.endpoints import Endpoint
 
-__all__ = ["PROTOBUF", "USER_AGENT", "Pool", "ProtobufBody", "StreamFold", "Transport"]
+__all__ = [
+    "PROTOBUF",
+    "USER_AGENT",
+    "Pool",
+    "ProtobufBody",
+    "StreamFold",
+    "Transport",
+    "decode_result",
+]
 
 log = logging.getLogger("firetitan.transport")
 
@@ -168,6 +177,23 @@ class ProtobufBody:
     """
 
     data: bytes = attrs.field(repr=lambda data: f"<{len(data)} bytes>")
+
+
+def decode_result(endpoint: Endpoint[T], answer: Any, *, request_id: str | None = None) -> T:
+    """``answer`` (a direct answer, or a future's polled result) decoded by
+    ``endpoint``'s result codec: the one place where the client reads results.
+
+    Raises:
+        APIResponseValidationError: The answer does not fit the codec.
+    """
+    try:
+        return endpoint.result(answer.data if isinstance(answer, ProtobufBody) else answer)
+    except ValueError as exc:
+        raise APIResponseValidationError(
+            f"unreadable {endpoint.name} answer: {exc}",
+            body=None if isinstance(answer, ProtobufBody) else answer,
+            request_id=request_id,
+        ) from exc
 
 
 @attrs.frozen
@@ -391,6 +417,34 @@ class Transport:
             offload=False,
             headers={**self._base_headers, **headers} if headers else self._base_headers,
         )
+
+    async def call(
+        self, endpoint: Endpoint[T], body: Any = None, *, path: str | None = None, **options: Any
+    ) -> T:
+        """Send one request to ``endpoint`` and return its answer, decoded by the
+        endpoint's result codec.
+
+        Args:
+            endpoint: The endpoint (`firetitan._wire.endpoints`).
+            body: The JSON body of a POST or PUT.
+            path: The path with its parameters (and query) filled in; the endpoint's
+                own path otherwise.
+            options: Options of `post` or `get`.
+
+        Raises:
+            APIResponseValidationError: The answer does not fit the result codec.
+            APIStatusError, APIConnectionError: As for `post` and `get`.
+        """
+        url = endpoint.path if path is None else path
+        if endpoint.method == "POST":
+            answer = await self.post(url, body, **options)
+        elif endpoint.method == "GET":
+            answer = await self.get(url, **options)
+        elif endpoint.method == "PUT":
+            answer = await self.put(url, body)
+        else:
+            answer = await self.delete(url)
+        return decode_result(endpoint, answer)
 
     async def put(self, path: str, body: Any) -> Any:
         """PUT a JSON body (a REST update that sets a value, so retried like a GET).

@@ -128,16 +128,12 @@ class AsyncDeployment:
             self._account_lock = asyncio.Lock()
         async with self._account_lock:
             if self._account is None:
-                answer = await self._transport.get(f"{endpoints.LIST_ACCOUNTS.path}?pageSize=2")
-                accounts = answer.get("accounts") if isinstance(answer, dict) else None
-                if not isinstance(accounts, list):
-                    accounts = []
-                names = [a.get("name") for a in accounts if isinstance(a, dict)]
-                if len(names) != 1 or not isinstance(names[0], str):
+                accounts = endpoints.LIST_ACCOUNTS
+                names = await self._transport.call(accounts, path=f"{accounts.path}?pageSize=2")
+                if len(names) != 1:
                     raise APIResponseValidationError(
                         f"the API key belongs to {len(names)} accounts, not exactly one: "
-                        "set DeploymentConfig(account=...)",
-                        body=answer,
+                        "set DeploymentConfig(account=...)"
                     )
                 self._account = names[0].removeprefix("accounts/")
             return self._account
@@ -154,13 +150,9 @@ class AsyncDeployment:
             APIResponseValidationError: The answer has no replicas list.
             APIError: The deployment could not answer.
         """
-        answer = await self._transport.get(
-            endpoints.HOT_LOAD_STATUS.path, headers=await self._headers(base_model)
+        return await self._transport.call(
+            endpoints.HOT_LOAD_STATUS, headers=await self._headers(base_model)
         )
-        try:
-            return _wire.decode_hot_load_status(answer)
-        except _wire.WireError as exc:
-            raise APIResponseValidationError(f"hot-load status: {exc}", body=answer) from exc
 
     async def serving(self, *, base_model: str | None = None) -> str | None:
         """The snapshot every replica is ready on, or None (no replicas, a replica not
@@ -251,7 +243,7 @@ class AsyncDeployment:
             identity, previous=previous, reset_prompt_cache=self._reset_prompt_cache
         )
         try:
-            await self._transport.post(endpoints.HOT_LOAD.path, body, headers=headers)
+            await self._transport.call(endpoints.HOT_LOAD, body, headers=headers)
         except BadRequestError as exc:
             text = str(exc).lower()
             if not (
@@ -263,7 +255,7 @@ class AsyncDeployment:
             log.info("the deployment refuses reset_prompt_cache; hot-loading without it")
             self._reset_prompt_cache = False
             body.pop("reset_prompt_cache", None)
-            await self._transport.post(endpoints.HOT_LOAD.path, body, headers=headers)
+            await self._transport.call(endpoints.HOT_LOAD, body, headers=headers)
 
     async def _wait(self, identity: str, base_model: str | None, limit: float) -> None:
         loop = asyncio.get_running_loop()

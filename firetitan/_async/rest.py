@@ -10,18 +10,19 @@ external_weights>/<name>`` path, as every tinker checkpoint listing gives it.
 from __future__ import annotations
 
 import urllib.parse
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from tinker import types as ttypes
 
 from firetitan._async._checks import non_empty_str, positive_int
-from firetitan._async.training import validate_model
 from firetitan._config import ClientConfig, resolve_api_key, resolve_base_url
 from firetitan._errors import ClientClosedError
 from firetitan._transport import Transport
 from firetitan._wire import endpoints
 
 __all__ = ["AsyncRestClient"]
+
+R = TypeVar("R")
 
 
 class AsyncRestClient:
@@ -74,9 +75,7 @@ class AsyncRestClient:
             ValueError: ``limit`` below 1 or ``offset`` below 0.
             APIStatusError: The trainer refused the request.
         """
-        query = _page(limit, offset)
-        answer = await self._get(f"{endpoints.LIST_TRAINING_RUNS.path}?{query}")
-        return validate_model(ttypes.TrainingRunsResponse, answer)
+        return await self._paged(endpoints.LIST_TRAINING_RUNS, limit, offset)
 
     async def get_training_run(self, training_run_id: str) -> ttypes.TrainingRun:
         """Describe one training run (base model, LoRA rank, last checkpoints, metadata).
@@ -85,9 +84,7 @@ class AsyncRestClient:
             NotFoundError: No such run.
         """
         run = _segment(training_run_id, "training_run_id")
-        return validate_model(
-            ttypes.TrainingRun, await self._get(endpoints.GET_TRAINING_RUN.path.format(run_id=run))
-        )
+        return await self._call(endpoints.GET_TRAINING_RUN, run_id=run)
 
     async def get_training_run_by_tinker_path(self, tinker_path: str) -> ttypes.TrainingRun:
         """The training run that owns a checkpoint.
@@ -107,8 +104,7 @@ class AsyncRestClient:
             NotFoundError: No such run.
         """
         run = _segment(training_run_id, "training_run_id")
-        answer = await self._get(endpoints.LIST_RUN_CHECKPOINTS.path.format(run_id=run))
-        return validate_model(ttypes.CheckpointsListResponse, answer)
+        return await self._call(endpoints.LIST_RUN_CHECKPOINTS, run_id=run)
 
     async def list_user_checkpoints(
         self, limit: int = 100, offset: int = 0
@@ -118,8 +114,7 @@ class AsyncRestClient:
         Raises:
             ValueError: ``limit`` below 1 or ``offset`` below 0.
         """
-        answer = await self._get(f"{endpoints.LIST_USER_CHECKPOINTS.path}?{_page(limit, offset)}")
-        return validate_model(ttypes.CheckpointsListResponse, answer)
+        return await self._paged(endpoints.LIST_USER_CHECKPOINTS, limit, offset)
 
     async def delete_checkpoint(self, tinker_path: str) -> None:
         """Delete a checkpoint.
@@ -128,7 +123,7 @@ class AsyncRestClient:
             ValueError: Not a ``tinker://`` checkpoint path.
             NotFoundError: No such checkpoint.
         """
-        await self._transport.delete(_checkpoint_url(endpoints.DELETE_CHECKPOINT, tinker_path))
+        await self._on_checkpoint(endpoints.DELETE_CHECKPOINT, tinker_path)
 
     async def set_checkpoint_ttl(self, tinker_path: str, ttl_seconds: int | None) -> None:
         """Make a checkpoint expire ``ttl_seconds`` from now; None keeps it for good.
@@ -139,8 +134,8 @@ class AsyncRestClient:
         """
         if ttl_seconds is not None:
             positive_int(ttl_seconds, "ttl_seconds")
-        await self._transport.put(
-            _checkpoint_url(endpoints.SET_CHECKPOINT_TTL, tinker_path), {"ttl_seconds": ttl_seconds}
+        await self._on_checkpoint(
+            endpoints.SET_CHECKPOINT_TTL, tinker_path, {"ttl_seconds": ttl_seconds}
         )
 
     async def publish_checkpoint(self, tinker_path: str) -> None:
@@ -150,7 +145,7 @@ class AsyncRestClient:
             ValueError: Not a ``tinker://`` checkpoint path.
             NotFoundError: No such checkpoint.
         """
-        await self._post(_checkpoint_url(endpoints.PUBLISH_CHECKPOINT, tinker_path), {})
+        await self._on_checkpoint(endpoints.PUBLISH_CHECKPOINT, tinker_path, {})
 
     async def unpublish_checkpoint(self, tinker_path: str) -> None:
         """Mark a checkpoint private again.
@@ -159,7 +154,7 @@ class AsyncRestClient:
             ValueError: Not a ``tinker://`` checkpoint path.
             NotFoundError: No such checkpoint.
         """
-        await self._transport.delete(_checkpoint_url(endpoints.UNPUBLISH_CHECKPOINT, tinker_path))
+        await self._on_checkpoint(endpoints.UNPUBLISH_CHECKPOINT, tinker_path)
 
     # ------------------------------------------------------------------ sessions
 
@@ -169,8 +164,7 @@ class AsyncRestClient:
         Raises:
             ValueError: ``limit`` below 1 or ``offset`` below 0.
         """
-        answer = await self._get(f"{endpoints.LIST_SESSIONS.path}?{_page(limit, offset)}")
-        return validate_model(ttypes.ListSessionsResponse, answer)
+        return await self._paged(endpoints.LIST_SESSIONS, limit, offset)
 
     async def get_session(self, session_id: str) -> ttypes.GetSessionResponse:
         """A session's models (training run ids) and sampling sessions.
@@ -179,10 +173,7 @@ class AsyncRestClient:
             NotFoundError: No such live session.
         """
         session = _segment(session_id, "session_id")
-        return validate_model(
-            ttypes.GetSessionResponse,
-            await self._get(endpoints.GET_SESSION.path.format(session_id=session)),
-        )
+        return await self._call(endpoints.GET_SESSION, session_id=session)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -190,19 +181,32 @@ class AsyncRestClient:
         if self._closed:
             raise ClientClosedError("the REST client was closed")
 
-    async def _get(self, path: str) -> Any:
+    async def _call(
+        self, endpoint: endpoints.Endpoint[R], body: Any = None, query: str = "", **params: str
+    ) -> R:
+        """Call ``endpoint`` with its path parameters (already quoted) and query."""
         self._check_open()
-        return await self._transport.get(path)
+        path = endpoint.path.format(**params) + (f"?{query}" if query else "")
+        return await self._transport.call(endpoint, body, path=path)
 
-    async def _post(self, path: str, body: Any) -> Any:
-        self._check_open()
-        return await self._transport.post(path, body)
+    async def _paged(self, endpoint: endpoints.Endpoint[R], limit: int, offset: int) -> R:
+        positive_int(limit, "limit")
+        positive_int(offset, "offset", zero=True)
+        query = urllib.parse.urlencode({"limit": limit, "offset": offset})
+        return await self._call(endpoint, query=query)
 
-
-def _page(limit: int, offset: int) -> str:
-    positive_int(limit, "limit")
-    positive_int(offset, "offset", zero=True)
-    return urllib.parse.urlencode({"limit": limit, "offset": offset})
+    async def _on_checkpoint(
+        self, endpoint: endpoints.Endpoint[Any], tinker_path: str, body: Any = None
+    ) -> None:
+        parsed = _parse(tinker_path)
+        segment, name = parsed.checkpoint_id.split("/", 1)
+        await self._call(
+            endpoint,
+            body,
+            run_id=urllib.parse.quote(parsed.training_run_id, safe=""),
+            segment=segment,
+            name=urllib.parse.quote(name, safe=""),
+        )
 
 
 def _segment(value: str, what: str) -> str:
@@ -212,14 +216,4 @@ def _segment(value: str, what: str) -> str:
 def _parse(tinker_path: str) -> ttypes.ParsedCheckpointTinkerPath:
     return ttypes.ParsedCheckpointTinkerPath.from_tinker_path(
         non_empty_str(tinker_path, "tinker_path")
-    )
-
-
-def _checkpoint_url(endpoint: endpoints.Endpoint, tinker_path: str) -> str:
-    parsed = _parse(tinker_path)
-    segment, name = parsed.checkpoint_id.split("/", 1)
-    return endpoint.path.format(
-        run_id=urllib.parse.quote(parsed.training_run_id, safe=""),
-        segment=segment,
-        name=urllib.parse.quote(name, safe=""),
     )

@@ -50,7 +50,7 @@ from firetitan._errors import (
     ClientUsageError,
     FiretitanError,
 )
-from firetitan._transport import Transport
+from firetitan._transport import Transport, decode_result
 from firetitan._wire import endpoints
 
 __all__ = ["AsyncSamplingClient"]
@@ -235,15 +235,13 @@ class AsyncSamplingClient:
                 "create it with the service client's create_sampling_client"
             )
         self._check_usable()
-        path = endpoints.GET_SAMPLER.path.format(sampling_session_id=self._sampling_session_id)
-        answer = await self._connect().get(path)
-        base_model = answer.get("base_model") if isinstance(answer, dict) else None
-        if not isinstance(base_model, str) or not base_model:
-            raise APIResponseValidationError(
-                "the sampler's description names no base_model", body=answer
-            )
-        self._base_model = base_model
-        return base_model
+        sampler = endpoints.GET_SAMPLER
+        path = sampler.path.format(sampling_session_id=self._sampling_session_id)
+        answer = await self._connect().call(sampler, path=path)
+        if not answer.base_model:
+            raise APIResponseValidationError("the sampler's description names no base_model")
+        self._base_model = answer.base_model
+        return answer.base_model
 
     async def get_tokenizer(self) -> Any:
         """The tokenizer of the sampled model: the one configured on the service client
@@ -480,7 +478,7 @@ class AsyncSamplingClient:
         assert self._transport is not None
         try:
             body = _wire.encode_request(_wire.CancelFutureRequest(request_id=request_id))
-            await self._transport.post(endpoints.CANCEL_FUTURE.path, body)
+            await self._transport.call(endpoints.CANCEL_FUTURE, body)
         except FiretitanError as exc:  # nothing to undo: the sample stays unread
             log.debug("firetitan: cancelling %s on the trainer failed: %s", request_id, exc)
 
@@ -500,12 +498,7 @@ class AsyncSamplingClient:
             future._add_request_id(request_id)
             future._set_state(FutureState.SENT)
             payload = await self._poller.wait(request_id, endpoints.ASAMPLE.request_type)
-            try:
-                response = _wire.decode_sample_response(payload)
-            except ValueError as exc:
-                raise APIResponseValidationError(
-                    f"unreadable sample response: {exc}", request_id=request_id
-                ) from exc
+            response = decode_result(endpoints.ASAMPLE, payload, request_id=request_id)
             future._set_result(transform(response))
         except Exception as exc:
             future._set_exception(exc)

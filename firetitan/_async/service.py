@@ -16,7 +16,7 @@ import logging
 import os
 import weakref
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import attrs
 from tinker import types as ttypes
@@ -29,7 +29,7 @@ from firetitan._async.deployment_sampler import AsyncDeploymentSampler
 from firetitan._async.ordering import ack_request_id
 from firetitan._async.polling import Poller
 from firetitan._async.sampling import AsyncSamplingClient, Parent
-from firetitan._async.training import AsyncFiretitanTrainingClient, validate_model
+from firetitan._async.training import AsyncFiretitanTrainingClient
 from firetitan._config import ClientConfig, DeploymentConfig, resolve_api_key, resolve_base_url
 from firetitan._errors import (
     APIResponseValidationError,
@@ -39,7 +39,7 @@ from firetitan._errors import (
     FutureTimeoutError,
     GoneError,
 )
-from firetitan._transport import Transport
+from firetitan._transport import Transport, decode_result
 from firetitan._wire import endpoints
 from firetitan.tokenizers import load_tokenizer
 
@@ -55,6 +55,7 @@ _SERVICE_POLLS = 8
 _HEARTBEAT_WARN_S = 120.0
 
 _TrainingKey = tuple[str, int, int | None, bool, bool, bool, int | None]
+R = TypeVar("R")
 
 
 class AsyncFiretitanServiceClient:
@@ -224,14 +225,14 @@ class AsyncFiretitanServiceClient:
         async with self._opening:
             if self._session_id is None:
                 if self._fetch_client_config:
-                    await self._transport.post(
-                        endpoints.CLIENT_CONFIG.path, {"sdk_version": SDK_VERSION}
+                    await self._transport.call(
+                        endpoints.CLIENT_CONFIG, {"sdk_version": SDK_VERSION}
                     )
                 request = _wire.CreateSessionRequest(
                     tags=self._tags, user_metadata=self._user_metadata, sdk_version=SDK_VERSION
                 )
-                answer = await self._transport.post(
-                    endpoints.CREATE_SESSION.path, _wire.encode_request(request)
+                answer = await self._transport.call(
+                    endpoints.CREATE_SESSION, _wire.encode_request(request)
                 )
                 self._session_id = _session_id(answer)
                 self._transport.name_session(self._session_id)
@@ -247,8 +248,8 @@ class AsyncFiretitanServiceClient:
         while True:
             await asyncio.sleep(self._config.heartbeat_interval)
             try:
-                await self._transport.post(
-                    endpoints.SESSION_HEARTBEAT.path,
+                await self._transport.call(
+                    endpoints.SESSION_HEARTBEAT,
                     body,
                     retry=False,
                     attempt_timeout=self._config.timeouts.heartbeat,
@@ -493,20 +494,14 @@ class AsyncFiretitanServiceClient:
             model_seq_id=model_seq_id,
             user_metadata=metadata,
         )
-        load = endpoints.LOAD_WEIGHTS
-        answer = await self._transport.post(load.path, _wire.encode_request(request))
-        request_id = ack_request_id(answer, load.name)
-        payload = await self._wait(self._poller.wait(request_id, load.request_type), load.name)
-        model_id = payload.get("model_id") if isinstance(payload, dict) else None
-        if not isinstance(model_id, str) or not model_id:
+        payload, loaded = await self._future(endpoints.LOAD_WEIGHTS, request)
+        model_id = loaded.model_id
+        if not model_id:
             raise APIResponseValidationError(
-                "load_weights resolved without a string model_id", body=payload
+                "load_weights resolved without a model_id", body=payload
             )
         info_request = _wire.GetInfoRequest(model_id=model_id)
-        info = validate_model(
-            ttypes.GetInfoResponse,
-            await self._transport.post(endpoints.GET_INFO.path, _wire.encode_request(info_request)),
-        )
+        info = await self._transport.call(endpoints.GET_INFO, _wire.encode_request(info_request))
         return self._adopt(
             model_id,
             base_model=info.model_data.model_name or "",
@@ -523,23 +518,14 @@ class AsyncFiretitanServiceClient:
         # the trainer deduplicates a retried create_model on (session_id, model_seq_id).
         model_seq_id, self._model_seq = self._model_seq, self._model_seq + 1
         request = attrs.evolve(template, session_id=session_id, model_seq_id=model_seq_id)
-        answer = await self._transport.post(
-            endpoints.CREATE_MODEL.path, _wire.encode_request(request)
-        )
-        request_id = ack_request_id(answer, "create_model")
-        kind = "CreateBaseModel" if request.base_only else endpoints.CREATE_MODEL.request_type
-        payload = await self._wait(self._poller.wait(request_id, kind), "create_model")
-        model_id = payload.get("model_id") if isinstance(payload, dict) else None
-        if not isinstance(model_id, str) or not model_id:
-            raise APIResponseValidationError(
-                "create_model resolved without a string model_id", body=payload
-            )
+        kind = "CreateBaseModel" if request.base_only else None
+        _, created = await self._future(endpoints.CREATE_MODEL, request, kind)
         return self._adopt(
-            model_id,
+            created["model_id"],
             base_model=request.base_model,
             lora_rank=request.lora_rank,
             base_only=request.base_only,
-            capabilities=payload,
+            capabilities=created,
         )
 
     def _adopt(
@@ -565,13 +551,32 @@ class AsyncFiretitanServiceClient:
         self._training_clients.append(client)
         return client
 
-    async def _wait(self, awaitable: Any, what: str) -> Any:
+    async def _future(
+        self,
+        endpoint: endpoints.Endpoint[R],
+        request: _wire.Request,
+        request_type: str | None = None,
+    ) -> tuple[Any, R]:
+        """Submit a request answered by a future and wait for it (within the
+        configuration's ``future_deadline``): its result as sent, and decoded.
+
+        Args:
+            request_type: What the polls send as ``X-Tinker-Request-Type``; None uses
+                the endpoint's.
+        """
+        answer = await self._transport.post(endpoint.path, _wire.encode_request(request))
+        request_id = ack_request_id(answer, endpoint.name)
         deadline = self._config.future_deadline
         try:
             async with asyncio.timeout(deadline):
-                return await awaitable
+                payload = await self._poller.wait(
+                    request_id, request_type or endpoint.request_type
+                )
         except TimeoutError:
-            raise FutureTimeoutError(f"{what} did not finish within {deadline} s") from None
+            raise FutureTimeoutError(
+                f"{endpoint.name} did not finish within {deadline} s"
+            ) from None
+        return payload, decode_result(endpoint, payload, request_id=request_id)
 
     # ------------------------------------------------------------------ sampling, info
 
@@ -614,15 +619,13 @@ class AsyncFiretitanServiceClient:
             base_model=base_model,
             model_path=model_path,
         )
-        answer = await self._transport.post(
-            endpoints.CREATE_SAMPLING_SESSION.path, _wire.encode_request(request)
+        answer = await self._transport.call(
+            endpoints.CREATE_SAMPLING_SESSION, _wire.encode_request(request)
         )
-        sampling_session_id = (
-            answer.get("sampling_session_id") if isinstance(answer, dict) else None
-        )
-        if not isinstance(sampling_session_id, str) or not sampling_session_id:
+        sampling_session_id = answer.sampling_session_id
+        if not sampling_session_id:
             raise APIResponseValidationError(
-                "create_sampling_session answered without a sampling_session_id", body=answer
+                "create_sampling_session answered an empty sampling_session_id"
             )
         exporter = self._exporter(snapshot_identity(model_path))[0] if model_path else None
         client = AsyncSamplingClient._attached(
@@ -711,8 +714,7 @@ class AsyncFiretitanServiceClient:
             ClientClosedError: The service client was closed.
         """
         self._check_open()
-        answer = await self._transport.get(endpoints.GET_SERVER_CAPABILITIES.path)
-        return validate_model(ttypes.GetServerCapabilitiesResponse, answer)
+        return await self._transport.call(endpoints.GET_SERVER_CAPABILITIES)
 
 
 def snapshot_identity(model_path: str) -> str:
@@ -723,18 +725,15 @@ def snapshot_identity(model_path: str) -> str:
     return model_path
 
 
-def _session_id(answer: Any) -> str:
-    session_id = answer.get("session_id") if isinstance(answer, dict) else None
-    if not isinstance(session_id, str) or not session_id:
-        raise APIResponseValidationError(
-            "create_session answered without a string session_id", body=answer
-        )
-    for level, key in (
-        (logging.INFO, "info_message"),
-        (logging.WARNING, "warning_message"),
-        (logging.ERROR, "error_message"),
+def _session_id(answer: ttypes.CreateSessionResponse) -> str:
+    """The new session's id; logs what the trainer had to say about it."""
+    if not answer.session_id:
+        raise APIResponseValidationError("create_session answered an empty session_id")
+    for level, message in (
+        (logging.INFO, answer.info_message),
+        (logging.WARNING, answer.warning_message),
+        (logging.ERROR, answer.error_message),
     ):
-        message = answer.get(key)
-        if isinstance(message, str) and message:
+        if message:
             log.log(level, "firetitan: trainer says: %s", message)
-    return session_id
+    return answer.session_id

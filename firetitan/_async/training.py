@@ -23,7 +23,6 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 import attrs
 import numpy as np
-import pydantic
 import tinker
 from tinker import types as ttypes
 
@@ -45,18 +44,17 @@ from firetitan._async.ordering import (
 from firetitan._async.polling import Poller
 from firetitan._async.sampling import AsyncSamplingClient
 from firetitan._errors import (
-    APIResponseValidationError,
     ClientClosedError,
 )
-from firetitan._transport import ProtobufBody, Transport
+from firetitan._transport import ProtobufBody, Transport, decode_result
 from firetitan._types import GradAccNormalization, SaveSamplerResult
 from firetitan._wire import endpoints
 
-__all__ = ["AsyncFiretitanTrainingClient", "validate_model"]
+__all__ = ["AsyncFiretitanTrainingClient", "Parent"]
 
 log = logging.getLogger("firetitan")
 
-M = TypeVar("M", bound=pydantic.BaseModel)
+R = TypeVar("R")
 
 _CHECKPOINT_TYPES = ("base", "delta", "merged_base")
 # Rough JSON size of one number in a request body; used to decide off-loop encoding.
@@ -407,8 +405,8 @@ class AsyncFiretitanTrainingClient:
             tokens = _response_tokens(linear)
 
             async def finish(payloads: list[Any]) -> tinker.ForwardBackwardOutput:
-                out = await self._finish_forward(
-                    payloads, offload=prepared.offload, response_tokens=tokens
+                out = await _forward_output(
+                    backward.endpoint, payloads, offload=prepared.offload, response_tokens=tokens
                 )
                 return custom_loss.merge_result(out, result)
 
@@ -458,7 +456,7 @@ class AsyncFiretitanTrainingClient:
             adam_params=adam_params,
             grad_accumulation_normalization=_normalization(grad_accumulation_normalization),
         )
-        return self._simple_call(endpoints.OPTIM_STEP, request, ttypes.OptimStepResponse, deadline)
+        return self._simple_call(endpoints.OPTIM_STEP, request, deadline)
 
     def _check_optim_step(
         self,
@@ -529,10 +527,7 @@ class AsyncFiretitanTrainingClient:
             else string_map(user_metadata, "user_metadata"),
         )
         return self._simple_call(
-            endpoints.SAVE_WEIGHTS,
-            request,
-            ttypes.SaveWeightsResponse,
-            deadline if timeout is None else timeout,
+            endpoints.SAVE_WEIGHTS, request, deadline if timeout is None else timeout
         )
 
     def _check_save_state(
@@ -616,9 +611,7 @@ class AsyncFiretitanTrainingClient:
         request = _wire.LoadWeightsRequest(
             model_id=self._model_id, seq_id=0, path=str(ref), optimizer=optimizer
         )
-        return self._simple_call(
-            endpoints.LOAD_WEIGHTS, request, ttypes.LoadWeightsResponse, deadline
-        )
+        return self._simple_call(endpoints.LOAD_WEIGHTS, request, deadline)
 
     def resolve_checkpoint_path(self, name: str, source_job_id: str | None = None) -> str:
         """Return the path that `load_state` takes for a checkpoint (no network).
@@ -654,13 +647,7 @@ class AsyncFiretitanTrainingClient:
             APIError: The trainer could not answer.
         """
         self._check_usable()
-        answer = await self._transport.get(endpoints.LIST_CHECKPOINTS.path)
-        names = answer.get("checkpoints") if isinstance(answer, dict) else None
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise APIResponseValidationError(
-                "list_checkpoints answered without a 'checkpoints' list of strings", body=answer
-            )
-        return list(names)
+        return await self._transport.call(endpoints.LIST_CHECKPOINTS)
 
     # ------------------------------------------------------------------ sampler exports
 
@@ -706,12 +693,7 @@ class AsyncFiretitanTrainingClient:
             checkpoint_type=self._checkpoint_type(checkpoint_type),
             ttl_seconds=_check_ttl(ttl_seconds),
         )
-        future = self._simple_call(
-            endpoints.SAVE_WEIGHTS_FOR_SAMPLER,
-            request,
-            ttypes.SaveWeightsForSamplerResponse,
-            deadline,
-        )
+        future = self._simple_call(endpoints.SAVE_WEIGHTS_FOR_SAMPLER, request, deadline)
         # Track exports for the base/delta default: an export counts once it is in
         # flight, and stops counting if it fails.
         self._exports_pending += 1
@@ -878,11 +860,8 @@ class AsyncFiretitanTrainingClient:
             APIError: The trainer could not answer.
         """
         self._check_usable()
-        answer = await self._transport.post(
-            endpoints.GET_INFO.path,
-            _wire.encode_request(_wire.GetInfoRequest(model_id=self._model_id)),
-        )
-        return validate_model(ttypes.GetInfoResponse, answer)
+        request = _wire.GetInfoRequest(model_id=self._model_id)
+        return await self._transport.call(endpoints.GET_INFO, _wire.encode_request(request))
 
     async def unload_model(self) -> ttypes.UnloadModelResponse:
         """Finish every pending call, then unload the model from the trainer.
@@ -899,13 +878,12 @@ class AsyncFiretitanTrainingClient:
         self._check_usable()
         self._closed_reason = "the model was unloaded"
         await self._drain()
-        answer = await self._transport.post(
-            endpoints.UNLOAD_MODEL.path,
-            _wire.encode_request(_wire.UnloadModelRequest(model_id=self._model_id)),
-        )
-        request_id = ack_request_id(answer, "unload_model")
-        payload = await self._poller.wait(request_id, endpoints.UNLOAD_MODEL.request_type)
-        response = validate_model(ttypes.UnloadModelResponse, payload)
+        unload = endpoints.UNLOAD_MODEL
+        request = _wire.UnloadModelRequest(model_id=self._model_id)
+        answer = await self._transport.post(unload.path, _wire.encode_request(request))
+        request_id = ack_request_id(answer, unload.name)
+        payload = await self._poller.wait(request_id, unload.request_type)
+        response = decode_result(unload, payload, request_id=request_id)
         await self._shutdown("the model was unloaded")
         self._service._forget(self)
         return response
@@ -935,19 +913,15 @@ class AsyncFiretitanTrainingClient:
         self._queue.put(call)
 
     def _simple_call(
-        self,
-        endpoint: endpoints.Endpoint,
-        request: _wire.Request,
-        model: type[M],
-        deadline: float | None,
-    ) -> AsyncAPIFuture[M]:
+        self, endpoint: endpoints.Endpoint[R], request: _wire.Request, deadline: float | None
+    ) -> AsyncAPIFuture[R]:
         resolved = self._resolve_deadline(deadline)
         bodies = templates([_wire.encode_request(request)])
         # The future is made last: a call that raises leaves nothing pending behind.
-        future: AsyncAPIFuture[M] = self._new_future(endpoint.name, resolved)
+        future: AsyncAPIFuture[R] = self._new_future(endpoint.name, resolved)
 
-        async def finish(payloads: list[Any]) -> M:
-            return validate_model(model, payloads[0])
+        async def finish(payloads: list[Any]) -> R:
+            return decode_result(endpoint, payloads[0])
 
         self._enqueue(
             Call(
@@ -975,12 +949,16 @@ class AsyncFiretitanTrainingClient:
         # The future is made last: a call that raises leaves nothing pending behind.
         future: AsyncAPIFuture[tinker.ForwardBackwardOutput] = self._new_future(kind, deadline)
 
+        endpoint = endpoints.BY_NAME[kind]
+
         async def finish(payloads: list[Any]) -> tinker.ForwardBackwardOutput:
-            return await self._finish_forward(payloads, offload=offload, response_tokens=tokens)
+            return await _forward_output(
+                endpoint, payloads, offload=offload, response_tokens=tokens
+            )
 
         self._enqueue(
             Call(
-                endpoint=endpoints.BY_NAME[kind],
+                endpoint=endpoint,
                 future=future,
                 finish=finish,
                 bodies=prepared.bodies,
@@ -1059,30 +1037,6 @@ class AsyncFiretitanTrainingClient:
         task = loop.create_task(asyncio.to_thread(serialise))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return _Prepared(task, offload=True, protobuf=protobuf)
-
-    async def _finish_forward(
-        self, payloads: list[Any], *, offload: bool, response_tokens: float | None
-    ) -> tinker.ForwardBackwardOutput:
-        def decode() -> tinker.ForwardBackwardOutput:
-            outputs = [
-                _wire.decode_forward_backward_output_proto(p.data)
-                if isinstance(p, ProtobufBody)
-                else _wire.decode_forward_backward_output(p)
-                for p in payloads
-            ]
-            return _wire.combine_outputs(outputs)
-
-        # Protobuf results decode in a fraction of a millisecond even when large: a
-        # worker thread would cost more than it saves. Large JSON goes off the loop.
-        heavy = offload and not all(isinstance(p, ProtobufBody) for p in payloads)
-        try:
-            output = await asyncio.to_thread(decode) if heavy else decode()
-        except ValueError as exc:
-            raise APIResponseValidationError(f"unreadable forward output: {exc}") from exc
-        if response_tokens is not None and "response_tokens" not in output.metrics:
-            metrics = {**output.metrics, "response_tokens": response_tokens}
-            output = dataclasses.replace(output, metrics=metrics)
-        return output
 
     async def _drain(self) -> None:
         """Wait until every call made so far has been sent and has resolved."""
@@ -1200,15 +1154,23 @@ def _check_ttl(ttl_seconds: int | None) -> int | None:
     return None if ttl_seconds is None else positive_int(ttl_seconds, "ttl_seconds")
 
 
-def validate_model(model: type[M], payload: Any) -> M:
-    """Validate a JSON answer into a tinker response model.
+async def _forward_output(
+    endpoint: endpoints.Endpoint[tinker.ForwardBackwardOutput],
+    payloads: list[Any],
+    *,
+    offload: bool,
+    response_tokens: float | None,
+) -> tinker.ForwardBackwardOutput:
+    """One forward (or forward_backward) output from the results of its chunks."""
 
-    Raises:
-        APIResponseValidationError: The answer does not fit the model.
-    """
-    try:
-        return model.model_validate(payload)
-    except pydantic.ValidationError as exc:
-        raise APIResponseValidationError(
-            f"unreadable {model.__name__}: {exc}", body=payload
-        ) from exc
+    def decode() -> tinker.ForwardBackwardOutput:
+        return _wire.combine_outputs([decode_result(endpoint, p) for p in payloads])
+
+    # Protobuf results decode in a fraction of a millisecond even when large: a
+    # worker thread would cost more than it saves. Large JSON goes off the loop.
+    heavy = offload and not all(isinstance(p, ProtobufBody) for p in payloads)
+    output = await asyncio.to_thread(decode) if heavy else decode()
+    if response_tokens is not None and "response_tokens" not in output.metrics:
+        metrics = {**output.metrics, "response_tokens": response_tokens}
+        output = dataclasses.replace(output, metrics=metrics)
+    return output
