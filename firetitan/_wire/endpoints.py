@@ -163,6 +163,12 @@ def _rest(
     return Endpoint(name=name, method=method, path=f"{API_PREFIX}/{path}", result=result)
 
 
+def _deployment(
+    method: Literal["GET", "POST"], name: str, path: str, result: Callable[[Any], R]
+) -> Endpoint[R]:
+    return Endpoint(name=name, method=method, path=path, server="deployment", result=result)
+
+
 def _ordered(name: str, request_type: str, result: Callable[[Any], R]) -> Endpoint[R]:
     return _post(name, ordered=True, future=True, request_type=request_type, result=result)
 
@@ -269,35 +275,13 @@ DEBUG_EXECUTION_LOG: Final = _get(
 
 # An inference deployment's (spec/deployment.md): hot-loading snapshots, completions,
 # and the control plane's account lookup.
-HOT_LOAD: Final = Endpoint(
-    name="hot_load",
-    method="POST",
-    path="/hot_load/v1/models/hot_load",
-    server="deployment",
-    result=_as_is,
-)
-HOT_LOAD_STATUS: Final = Endpoint(
-    name="hot_load_status",
-    method="GET",
-    path="/hot_load/v1/models/hot_load",
-    server="deployment",
-    result=decode_hot_load_status,
+HOT_LOAD: Final = _deployment("POST", "hot_load", "/hot_load/v1/models/hot_load", _as_is)
+HOT_LOAD_STATUS: Final = _deployment(
+    "GET", "hot_load_status", "/hot_load/v1/models/hot_load", decode_hot_load_status
 )
 #: Answered as a stream of server-sent events (`firetitan._wire.SSEDecoder`).
-COMPLETIONS: Final = Endpoint(
-    name="completions",
-    method="POST",
-    path="/inference/v1/completions",
-    server="deployment",
-    result=_as_is,
-)
-LIST_ACCOUNTS: Final = Endpoint(
-    name="list_accounts",
-    method="GET",
-    path="/v1/accounts",
-    server="deployment",
-    result=decode_account_names,
-)
+COMPLETIONS: Final = _deployment("POST", "completions", "/inference/v1/completions", _as_is)
+LIST_ACCOUNTS: Final = _deployment("GET", "list_accounts", "/v1/accounts", decode_account_names)
 
 ALL: Final[tuple[Endpoint[Any], ...]] = tuple(
     value for value in list(globals().values()) if isinstance(value, Endpoint)
