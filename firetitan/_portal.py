@@ -451,10 +451,7 @@ class Portal:
         Raises:
             BlockingCallInLoopError: Called on the loop thread.
         """
-        self._check_blocking(cls)
-        obj: _C = self._wait(self._schedule(_construct, (cls, args, kwargs), {}))
-        self.track(obj)
-        return obj
+        return self._build(_construct, cls, args, kwargs)
 
     def open(self, cls: Callable[_P, _O], /, *args: _P.args, **kwargs: _P.kwargs) -> _O:
         """Build an async client on the loop and enter it (`__aenter__`: connect).
@@ -464,8 +461,18 @@ class Portal:
         Raises:
             BlockingCallInLoopError: Called on the loop thread.
         """
+        return self._build(_construct_and_enter, cls, args, kwargs)
+
+    def _build(
+        self,
+        make: Callable[[Callable[..., _T], tuple[Any, ...], dict[str, Any]], Awaitable[_T]],
+        cls: Callable[..., _T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> _T:
+        """Run ``make(cls, args, kwargs)`` on the loop and track the client it returns."""
         self._check_blocking(cls)
-        obj: _O = self._wait(self._schedule(_construct_and_enter, (cls, args, kwargs), {}))
+        obj = self._wait(self._schedule(make, (cls, args, kwargs), {}))
         self.track(obj)
         return obj
 

@@ -48,7 +48,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, NoReturn, Protocol, TypeVar
+from typing import Any, Literal, NamedTuple, NoReturn, Protocol, TypeVar
 
 import aiohttp
 import attrs
@@ -194,6 +194,17 @@ def decode_result(endpoint: Endpoint[T], answer: Any, *, request_id: str | None 
             body=None if isinstance(answer, ProtobufBody) else answer,
             request_id=request_id,
         ) from exc
+
+
+class _Request(NamedTuple):
+    """One request, as every attempt of it sends it."""
+
+    method: str
+    path: str
+    data: bytes | None
+    headers: Mapping[str, str]
+    pool: Pool
+    attempt_timeout: float | None
 
 
 @attrs.frozen
@@ -499,9 +510,10 @@ class Transport:
         # The first attempt runs without the retry machinery, which costs tens of
         # microseconds per request even when nothing fails; only a retryable failure
         # hands the remaining attempts to tenacity.
+        request = _Request(method, path, data, headers, pool, attempt_timeout)
         started = time.monotonic()
         try:
-            exchange = await self._once(method, path, data, headers, pool, attempt_timeout)
+            exchange = await self._once(request)
             return await self._decode(exchange, method, path, offload)
         except _Retry as first:
             failure = first
@@ -559,7 +571,7 @@ class Transport:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
-                    exchange = await self._once(method, path, data, headers, pool, attempt_timeout)
+                    exchange = await self._once(request)
                     return await self._decode(exchange, method, path, offload)
         except _Retry as exhausted:
             error = self._final_error(exhausted, attempts, started)
@@ -748,15 +760,8 @@ class Transport:
         self._timeouts[(pool, attempt_timeout)] = timeout
         return timeout
 
-    async def _once(
-        self,
-        method: str,
-        path: str,
-        data: bytes | None,
-        headers: Mapping[str, str],
-        pool: Pool,
-        attempt_timeout: float | None,
-    ) -> _Exchange:
+    async def _once(self, request: _Request) -> _Exchange:
+        method, path, data, headers, pool, attempt_timeout = request
         session = self._session(pool)
         url = self._base_url + path
         started = time.monotonic()

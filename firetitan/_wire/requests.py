@@ -193,10 +193,28 @@ class SaveWeightsForSamplerRequest:
 
 
 @attrs.frozen(kw_only=True)
-class CancelFutureRequest:
-    """The body of the ``cancel_future`` endpoint: drop a request that has not run."""
+class _OfFuture:
+    """A body about one future, named by its request id."""
 
     request_id: str
+
+
+@attrs.frozen(kw_only=True)
+class _OfModel:
+    """A body about one model, named by its id."""
+
+    model_id: str
+
+
+class CancelFutureRequest(_OfFuture):
+    """The body of the ``cancel_future`` endpoint: drop a request that has not run."""
+
+
+@attrs.frozen(kw_only=True)
+class RetrieveFutureRequest(_OfFuture):
+    """The body of the ``retrieve_future`` endpoint (§4.2)."""
+
+    allow_metadata_only: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -206,26 +224,12 @@ class SessionHeartbeatRequest:
     session_id: str
 
 
-@attrs.frozen(kw_only=True)
-class GetInfoRequest:
+class GetInfoRequest(_OfModel):
     """The body of the ``get_info`` endpoint."""
 
-    model_id: str
 
-
-@attrs.frozen(kw_only=True)
-class UnloadModelRequest:
+class UnloadModelRequest(_OfModel):
     """The body of the ``unload_model`` endpoint."""
-
-    model_id: str
-
-
-@attrs.frozen(kw_only=True)
-class RetrieveFutureRequest:
-    """The body of the ``retrieve_future`` endpoint (§4.2)."""
-
-    request_id: str
-    allow_metadata_only: bool = False
 
 
 @attrs.frozen(kw_only=True)
