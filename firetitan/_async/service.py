@@ -373,28 +373,9 @@ class AsyncFiretitanServiceClient:
     ) -> AsyncFiretitanTrainingClient:
         """Create a LoRA model and return its training client.
 
-        Args:
-            base_model: The base model, e.g. ``"accounts/fireworks/models/qwen3-8b"``.
-            rank: The LoRA rank (positive).
-            user_metadata: String pairs recorded with the model; None uses the
-                service client's.
-            seed: Seed of the LoRA initialisation; None uses the trainer's seed. A
-                full-parameter model starts from the base weights whatever its seed;
-                there a seed only tells apart two otherwise identical models on one
-                service client.
-            train_mlp: Put LoRA adapters on the MLP layers.
-            train_attn: Put LoRA adapters on the attention layers.
-            train_unembed: Put a LoRA adapter on the output layer.
-            alpha: LoRA alpha; None lets the trainer use ``2 * rank``.
-
-        Returns:
-            The training client, once the trainer has created the model.
-
-        Raises:
-            ValueError: ``rank`` is not positive, or a duplicate training client (see
-                `create_training_client`).
-            RequestFailedError: The trainer could not create the model.
-            ClientClosedError: The service client was closed.
+        `create_training_client` with a positive rank: the same arguments, result and
+        errors, with ``rank`` and ``alpha`` for ``lora_rank`` and ``lora_alpha``
+        (``rank`` must be positive).
         """
         positive_int(rank, "rank")
         return await self.create_training_client(
@@ -457,21 +438,8 @@ class AsyncFiretitanServiceClient:
     async def create_training_client_from_state_with_optimizer(
         self, path: str, user_metadata: Mapping[str, str] | None = None
     ) -> AsyncFiretitanTrainingClient:
-        """Like `create_training_client_from_state`, with the checkpoint's optimizer state
-        too: the way to resume an interrupted run.
-
-        Args:
-            path: A checkpoint path (see `create_training_client_from_state`).
-            user_metadata: String pairs recorded with the model; None uses the
-                service client's.
-
-        Returns:
-            The training client, once the trainer has created and loaded the model.
-
-        Raises:
-            ValueError: An invalid path (checked before anything is sent).
-            RequestFailedError: No such checkpoint, or the model could not be created.
-            ClientClosedError: The service client was closed.
+        """`create_training_client_from_state` (the same arguments, result and errors),
+        with the checkpoint's optimizer state too: the way to resume an interrupted run.
         """
         return await self._create_from_state(path, user_metadata, optimizer=True)
 
@@ -502,13 +470,10 @@ class AsyncFiretitanServiceClient:
             )
         info_request = _wire.GetInfoRequest(model_id=model_id)
         info = await self._transport.call(endpoints.GET_INFO, _wire.encode_request(info_request))
-        return self._adopt(
-            model_id,
-            base_model=info.model_data.model_name or "",
-            lora_rank=info.lora_rank or 0,
-            base_only=False,
-            capabilities=payload,
+        spec = _wire.ModelSpec(
+            base_model=info.model_data.model_name or "", lora_rank=info.lora_rank or 0
         )
+        return self._adopt(model_id, spec, capabilities=payload)
 
     async def _create_model(
         self, template: _wire.CreateModelRequest
@@ -520,22 +485,10 @@ class AsyncFiretitanServiceClient:
         request = attrs.evolve(template, session_id=session_id, model_seq_id=model_seq_id)
         kind = "CreateBaseModel" if request.base_only else None
         _, created = await self._future(endpoints.CREATE_MODEL, request, kind)
-        return self._adopt(
-            created["model_id"],
-            base_model=request.base_model,
-            lora_rank=request.lora_rank,
-            base_only=request.base_only,
-            capabilities=created,
-        )
+        return self._adopt(created["model_id"], request, capabilities=created)
 
     def _adopt(
-        self,
-        model_id: str,
-        *,
-        base_model: str,
-        lora_rank: int,
-        base_only: bool,
-        capabilities: Any,
+        self, model_id: str, spec: _wire.ModelSpec, *, capabilities: Any
     ) -> AsyncFiretitanTrainingClient:
         """The training client of a model the trainer has just created."""
         self._check_open()
@@ -543,9 +496,7 @@ class AsyncFiretitanServiceClient:
             service=self,
             transport=self._transport,
             model_id=model_id,
-            base_model=base_model,
-            lora_rank=lora_rank,
-            base_only=base_only,
+            spec=spec,
             capabilities=capabilities,
         )
         self._training_clients.append(client)

@@ -109,18 +109,16 @@ class AsyncFiretitanTrainingClient:
         service: Parent,
         transport: Transport,
         model_id: str,
-        base_model: str,
-        lora_rank: int,
-        base_only: bool,
+        spec: _wire.ModelSpec,
         capabilities: Mapping[str, Any],
     ) -> None:
         self._service = service
         self._transport = transport
         self._config = transport.config
         self._model_id = model_id
-        self._base_model = base_model
-        self._lora_rank = lora_rank
-        self._base_only = base_only
+        # What the model was created with (for a model loaded from a checkpoint: its
+        # base model and rank, as the trainer describes it).
+        self._spec = spec
         self._capabilities = dict(capabilities)
         self._comms = "v2" if capabilities.get("comms") == "v2" else None
         # Local snapshot-name suffix (wire.md §8.3), unrelated to the server session.
@@ -153,22 +151,22 @@ class AsyncFiretitanTrainingClient:
     @property
     def base_model(self) -> str:
         """The base model name this model was created from."""
-        return self._base_model
+        return self._spec.base_model
 
     @property
     def lora_rank(self) -> int:
         """The LoRA rank; 0 for full-parameter training."""
-        return self._lora_rank
+        return self._spec.lora_rank
 
     @property
     def is_lora(self) -> bool:
         """Whether this model trains a LoRA adapter."""
-        return self._lora_rank > 0
+        return self._spec.lora_rank > 0
 
     @property
     def base_only(self) -> bool:
         """Whether this is a frozen base model (forward only)."""
-        return self._base_only
+        return self._spec.base_only
 
     @property
     def session_id(self) -> str:
@@ -190,7 +188,7 @@ class AsyncFiretitanTrainingClient:
     def __repr__(self) -> str:
         return (
             f"<AsyncFiretitanTrainingClient model_id={self._model_id!r} "
-            f"base_model={self._base_model!r} lora_rank={self._lora_rank}>"
+            f"base_model={self.base_model!r} lora_rank={self.lora_rank}>"
         )
 
     def __reduce__(self) -> NoReturn:
@@ -820,7 +818,7 @@ class AsyncFiretitanTrainingClient:
         head = self._chain_head
         if self.is_lora or head is None:
             return "base"
-        serving = await deployment.serving(base_model=self._base_model)
+        serving = await deployment.serving(base_model=self.base_model)
         return "delta" if serving == head else "base"
 
     async def get_tokenizer(self) -> Any:
