@@ -71,6 +71,7 @@ from firetitan._errors import (
     ClientUsageError,
     status_error_class,
 )
+from firetitan._unpicklable import Unpicklable
 from firetitan._version import __version__
 from firetitan._wire.endpoints import Endpoint
 
@@ -105,8 +106,10 @@ class StreamFold(Protocol[T_co]):
 PROTOBUF = "application/x-protobuf"
 
 
-class _Secret:
+class _Secret(Unpicklable):
     """A string that never shows itself in a repr and cannot be pickled."""
+
+    _unpicklable = "an API key is never pickled"
 
     __slots__ = ("_value",)
 
@@ -120,9 +123,6 @@ class _Secret:
         return "<secret>"
 
     __str__ = __repr__
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("an API key is never pickled")
 
 
 class _Retry(Exception):
@@ -215,12 +215,14 @@ class _Exchange:
     protobuf: bool = False
 
 
-class Transport:
+class Transport(Unpicklable):
     """JSON over HTTP to one trainer, with retries; see the module docstring.
 
     One instance belongs to one service client and is bound to the event loop on which
     it is first used.
     """
+
+    _unpicklable = "a Transport holds live connections and an API key; it cannot be pickled"
 
     def __init__(
         self,
@@ -290,9 +292,6 @@ class Transport:
 
     def __repr__(self) -> str:
         return f"Transport(base_url={self._base_url!r}, closed={self._closed})"
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("a Transport holds live connections and an API key; it cannot be pickled")
 
     def name_session(self, session_id: str) -> None:
         """Name the session in every later request (``X-Firetitan-Session-Id``), so that

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import attrs
 
@@ -39,6 +39,7 @@ from firetitan._errors import (
     HotLoadTimeoutError,
 )
 from firetitan._transport import Transport
+from firetitan._unpicklable import Unpicklable
 from firetitan._wire import endpoints
 
 __all__ = ["AsyncDeployment"]
@@ -48,7 +49,7 @@ log = logging.getLogger("firetitan.deployment")
 _FIRST_POLL_S = 0.1
 
 
-class AsyncDeployment:
+class AsyncDeployment(Unpicklable):
     """A hot-load inference deployment: load snapshots, read what it serves.
 
     Args:
@@ -60,6 +61,8 @@ class AsyncDeployment:
     Raises:
         ValueError: No API key could be found.
     """
+
+    _unpicklable = "a deployment client holds live connections and cannot be pickled"
 
     def __init__(
         self,
@@ -99,9 +102,6 @@ class AsyncDeployment:
 
     def __repr__(self) -> str:
         return f"<AsyncDeployment {self._config.deployment_id!r} at {self._config.base_url!r}>"
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("a deployment client holds live connections and cannot be pickled")
 
     # ------------------------------------------------------------------ identity
 

@@ -10,7 +10,7 @@ external_weights>/<name>`` path, as every tinker checkpoint listing gives it.
 from __future__ import annotations
 
 import urllib.parse
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 from tinker import types as ttypes
 
@@ -18,6 +18,7 @@ from firetitan._async._checks import non_empty_str, positive_int
 from firetitan._config import ClientConfig, resolve_api_key, resolve_base_url
 from firetitan._errors import ClientClosedError
 from firetitan._transport import Transport
+from firetitan._unpicklable import Unpicklable
 from firetitan._wire import endpoints
 
 __all__ = ["AsyncRestClient"]
@@ -25,7 +26,7 @@ __all__ = ["AsyncRestClient"]
 R = TypeVar("R")
 
 
-class AsyncRestClient:
+class AsyncRestClient(Unpicklable):
     """Training runs, checkpoints and sessions of a trainer (tinker's REST API).
 
     Args:
@@ -33,6 +34,8 @@ class AsyncRestClient:
         api_key: The API key; None reads ``FIRETITAN_API_KEY``.
         config: Timeouts and retries.
     """
+
+    _unpicklable = "a REST client holds connections and cannot be pickled"
 
     def __init__(
         self,
@@ -48,9 +51,6 @@ class AsyncRestClient:
 
     def __repr__(self) -> str:
         return f"AsyncRestClient(base_url={self._transport.base_url!r})"
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("a REST client holds connections and cannot be pickled")
 
     async def __aenter__(self) -> AsyncRestClient:
         return self

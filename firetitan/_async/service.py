@@ -16,7 +16,7 @@ import logging
 import os
 import weakref
 from collections.abc import Mapping
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 from tinker import types as ttypes
@@ -40,6 +40,7 @@ from firetitan._errors import (
     GoneError,
 )
 from firetitan._transport import Transport, decode_result
+from firetitan._unpicklable import Unpicklable
 from firetitan._wire import endpoints
 from firetitan.tokenizers import load_tokenizer
 
@@ -58,7 +59,7 @@ _TrainingKey = tuple[str, int, int | None, bool, bool, bool, int | None]
 R = TypeVar("R")
 
 
-class AsyncFiretitanServiceClient:
+class AsyncFiretitanServiceClient(Unpicklable):
     """A session on a Firetitan (or Tinker-protocol) trainer.
 
     Creates training clients (full-parameter, LoRA or frozen base models) and sampling
@@ -86,6 +87,8 @@ class AsyncFiretitanServiceClient:
         ValueError: No URL or no key could be found, or a malformed ``base_url``.
         TypeError: ``user_metadata`` is not a mapping of strings.
     """
+
+    _unpicklable = "a service client holds live connections and cannot be pickled"
 
     def __init__(
         self,
@@ -164,9 +167,6 @@ class AsyncFiretitanServiceClient:
             f"<AsyncFiretitanServiceClient base_url={self.base_url!r} "
             f"session_id={self._session_id!r}{' closed' if self._closed else ''}>"
         )
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("a service client holds live connections and cannot be pickled")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -520,9 +520,7 @@ class AsyncFiretitanServiceClient:
         deadline = self._config.future_deadline
         try:
             async with asyncio.timeout(deadline):
-                payload = await self._poller.wait(
-                    request_id, request_type or endpoint.request_type
-                )
+                payload = await self._poller.wait(request_id, request_type or endpoint.request_type)
         except TimeoutError:
             raise FutureTimeoutError(
                 f"{endpoint.name} did not finish within {deadline} s"
@@ -623,9 +621,7 @@ class AsyncFiretitanServiceClient:
             tokenizer=functools.partial(self._tokenizer_for, exporter),
         )
 
-    def _exporter(
-        self, identity: str
-    ) -> tuple[AsyncFiretitanTrainingClient | None, str | None]:
+    def _exporter(self, identity: str) -> tuple[AsyncFiretitanTrainingClient | None, str | None]:
         """The training client that exported snapshot ``identity``, and the snapshot it
         is a delta on (None for a base, or for a snapshot no client here made)."""
         for training in self._training_clients:

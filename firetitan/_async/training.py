@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import secrets
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import numpy as np
@@ -48,6 +48,7 @@ from firetitan._errors import (
 )
 from firetitan._transport import ProtobufBody, Transport, decode_result
 from firetitan._types import GradAccNormalization, SaveSamplerResult
+from firetitan._unpicklable import Unpicklable
 from firetitan._wire import endpoints
 
 __all__ = ["AsyncFiretitanTrainingClient", "Parent"]
@@ -85,7 +86,7 @@ class Parent(Protocol):
     ) -> AsyncSamplingClient: ...
 
 
-class AsyncFiretitanTrainingClient:
+class AsyncFiretitanTrainingClient(Unpicklable):
     """A trainable model on a trainer: forward/backward passes, optimizer steps,
     checkpoints and sampler exports.
 
@@ -102,6 +103,8 @@ class AsyncFiretitanTrainingClient:
     their place in the call order when their coroutine starts running (awaited, or
     scheduled as a task), not when called.
     """
+
+    _unpicklable = "a training client is bound to its service client and cannot be pickled"
 
     def __init__(
         self,
@@ -190,9 +193,6 @@ class AsyncFiretitanTrainingClient:
             f"<AsyncFiretitanTrainingClient model_id={self._model_id!r} "
             f"base_model={self.base_model!r} lora_rank={self.lora_rank}>"
         )
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("a training client is bound to its service client and cannot be pickled")
 
     # ------------------------------------------------------------------ passes
 
@@ -321,9 +321,7 @@ class AsyncFiretitanTrainingClient:
             TypeError: ``loss_fn`` is not callable.
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._check_forward_backward_custom(
-            data, loss_fn, precomputed_forward, deadline=deadline
-        )
+        self._check_forward_backward_custom(data, loss_fn, precomputed_forward, deadline=deadline)
         self._check_usable()
         batch = list(data)
         resolved_deadline = self._resolve_deadline(deadline)
@@ -596,9 +594,7 @@ class AsyncFiretitanTrainingClient:
         self._check_load_state_with_optimizer(path, deadline=deadline)
         return self._load(path, optimizer=True, deadline=deadline)
 
-    def _check_load_state_with_optimizer(
-        self, path: str, *, deadline: float | None = None
-    ) -> None:
+    def _check_load_state_with_optimizer(self, path: str, *, deadline: float | None = None) -> None:
         self._check_load_state(path, deadline=deadline)
 
     def _load(
