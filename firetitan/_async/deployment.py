@@ -30,6 +30,7 @@ import attrs
 
 from firetitan import _wire
 from firetitan._async._checks import non_empty_str
+from firetitan._async._once import Once
 from firetitan._concurrency import AdaptiveLimit
 from firetitan._config import ClientConfig, DeploymentConfig, resolve_api_key
 from firetitan._errors import (
@@ -84,8 +85,7 @@ class AsyncDeployment(Unpicklable):
             bearer=True,
         )
         self._limit = AdaptiveLimit(config.max_concurrency)
-        self._account = config.account
-        self._account_lock: asyncio.Lock | None = None
+        self._account: Once[str] = Once(self._find_account, config.account)
         self._reset_prompt_cache = True
 
     # ------------------------------------------------------------------ properties
@@ -122,21 +122,17 @@ class AsyncDeployment(Unpicklable):
             APIResponseValidationError: The key belongs to no account or to several.
             APIError: The control plane could not answer.
         """
-        if self._account is not None:
-            return self._account
-        if self._account_lock is None:
-            self._account_lock = asyncio.Lock()
-        async with self._account_lock:
-            if self._account is None:
-                accounts = endpoints.LIST_ACCOUNTS
-                names = await self._transport.call(accounts, path=f"{accounts.path}?pageSize=2")
-                if len(names) != 1:
-                    raise APIResponseValidationError(
-                        f"the API key belongs to {len(names)} accounts, not exactly one: "
-                        "set DeploymentConfig(account=...)"
-                    )
-                self._account = names[0].removeprefix("accounts/")
-            return self._account
+        return await self._account.get()
+
+    async def _find_account(self) -> str:
+        accounts = endpoints.LIST_ACCOUNTS
+        names = await self._transport.call(accounts, path=f"{accounts.path}?pageSize=2")
+        if len(names) != 1:
+            raise APIResponseValidationError(
+                f"the API key belongs to {len(names)} accounts, not exactly one: "
+                "set DeploymentConfig(account=...)"
+            )
+        return names[0].removeprefix("accounts/")
 
     # ------------------------------------------------------------------ hot-load
 

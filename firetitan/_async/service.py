@@ -23,6 +23,7 @@ from tinker import types as ttypes
 
 from firetitan import _checkpoint_paths, _wire
 from firetitan._async._checks import non_empty_str, positive_int, string_map
+from firetitan._async._once import Once
 from firetitan._async._tasks import TaskSet
 from firetitan._async.deployment import AsyncDeployment
 from firetitan._async.deployment_sampler import AsyncDeploymentSampler
@@ -114,8 +115,7 @@ class AsyncFiretitanServiceClient(Unpicklable):
         if tags is None:
             tags = [t.strip() for t in os.environ.get("TINKER_TAGS", "").split(",") if t.strip()]
         self._tags = list(tags)
-        self._session_id: str | None = None
-        self._opening: asyncio.Lock | None = None
+        self._session: Once[str] = Once(self._start_session)
         self._closed = False
         self._tasks = TaskSet("service client")
         self._poller = Poller(self._transport, _SERVICE_POLLS)
@@ -145,7 +145,7 @@ class AsyncFiretitanServiceClient(Unpicklable):
     @property
     def session_id(self) -> str | None:
         """The trainer's session id, once the session is open."""
-        return self._session_id
+        return self._session.value
 
     @property
     def config(self) -> ClientConfig:
@@ -165,7 +165,7 @@ class AsyncFiretitanServiceClient(Unpicklable):
     def __repr__(self) -> str:
         return (
             f"<AsyncFiretitanServiceClient base_url={self.base_url!r} "
-            f"session_id={self._session_id!r}{' closed' if self._closed else ''}>"
+            f"session_id={self._session.value!r}{' closed' if self._closed else ''}>"
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -215,31 +215,24 @@ class AsyncFiretitanServiceClient(Unpicklable):
             raise ClientClosedError("the service client was closed")
 
     async def _open(self) -> str:
-        """Open the session once (concurrent callers share the attempt)."""
+        """The session's id, opening it first if need be (once)."""
         self._check_open()
         self._transport.check_loop()
-        if self._session_id is not None:
-            return self._session_id
-        if self._opening is None:
-            self._opening = asyncio.Lock()
-        async with self._opening:
-            if self._session_id is None:
-                if self._fetch_client_config:
-                    await self._transport.call(
-                        endpoints.CLIENT_CONFIG, {"sdk_version": SDK_VERSION}
-                    )
-                request = _wire.CreateSessionRequest(
-                    tags=self._tags, user_metadata=self._user_metadata, sdk_version=SDK_VERSION
-                )
-                answer = await self._transport.call(
-                    endpoints.CREATE_SESSION, _wire.encode_request(request)
-                )
-                self._session_id = _session_id(answer)
-                self._transport.name_session(self._session_id)
-                self._check_open()  # closed while opening: no heartbeat for it
-                self._tasks.spawn(self._heartbeat(self._session_id), name="firetitan heartbeat")
-                log.info("firetitan: session %s opened on %s", self._session_id, self.base_url)
-            return self._session_id
+        return await self._session.get()
+
+    async def _start_session(self) -> str:
+        if self._fetch_client_config:
+            await self._transport.call(endpoints.CLIENT_CONFIG, {"sdk_version": SDK_VERSION})
+        request = _wire.CreateSessionRequest(
+            tags=self._tags, user_metadata=self._user_metadata, sdk_version=SDK_VERSION
+        )
+        answer = await self._transport.call(endpoints.CREATE_SESSION, _wire.encode_request(request))
+        session_id = _session_id(answer)
+        self._transport.name_session(session_id)
+        self._check_open()  # closed while opening: no heartbeat for it
+        self._tasks.spawn(self._heartbeat(session_id), name="firetitan heartbeat")
+        log.info("firetitan: session %s opened on %s", session_id, self.base_url)
+        return session_id
 
     async def _heartbeat(self, session_id: str) -> None:
         loop = asyncio.get_running_loop()
