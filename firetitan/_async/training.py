@@ -273,15 +273,7 @@ class AsyncFiretitanTrainingClient(Unpicklable):
             "forward_backward", data, loss_fn, loss_fn_config, self._resolve_deadline(deadline)
         )
 
-    def _check_forward_backward(
-        self,
-        data: Sequence[tinker.Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, Any] | None = None,
-        *,
-        deadline: float | None = None,
-    ) -> None:
-        self._check_forward(data, loss_fn, loss_fn_config, deadline=deadline)
+    _check_forward_backward = _check_forward
 
     def forward_backward_custom(
         self,
@@ -594,8 +586,7 @@ class AsyncFiretitanTrainingClient(Unpicklable):
         self._check_load_state_with_optimizer(path, deadline=deadline)
         return self._load(path, optimizer=True, deadline=deadline)
 
-    def _check_load_state_with_optimizer(self, path: str, *, deadline: float | None = None) -> None:
-        self._check_load_state(path, deadline=deadline)
+    _check_load_state_with_optimizer = _check_load_state
 
     def _load(
         self, path: str, *, optimizer: bool, deadline: float | None

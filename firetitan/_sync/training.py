@@ -178,7 +178,7 @@ class FiretitanTrainingClient:
             TypeError: ``data`` is not a sequence of `tinker.Datum`.
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._inner._check_forward_backward(data, loss_fn, loss_fn_config, deadline=deadline)
+        self._inner._check_forward(data, loss_fn, loss_fn_config, deadline=deadline)
         return self._portal.start(
             self._inner.forward_backward,
             data,
@@ -374,7 +374,7 @@ class FiretitanTrainingClient:
             ValueError: An invalid path (checked before anything is sent).
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._inner._check_load_state_with_optimizer(path, deadline=deadline)
+        self._inner._check_load_state(path, deadline=deadline)
         return self._portal.start(self._inner.load_state_with_optimizer, path, deadline=deadline)
 
     def resolve_checkpoint_path(self, name: str, source_job_id: str | None = None) -> str:
