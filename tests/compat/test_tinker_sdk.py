@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from shared import BASE_MODEL
 
 from firetitan.local import LocalTrainer
 from firetitan.tokenizers import ByteTokenizer
 
 from .sdk_child import run_flow
 
-BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 # Prompt (weight 0) and completion (weight 1), as tinker-cookbook renders SFT examples.
 SFT_PAIRS = [
     ("Q: cat\nA:", " meow"),

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import tinker
+from shared import next_token_datum
 from tinker import types
 
 from tests.compat.sdk_child import SdkProblems, report, trainer_address
@@ -24,17 +25,7 @@ ADAM = types.AdamParams(learning_rate=1e-4)
 
 
 def datum(tokens: list[int], weights: list[float] | None = None) -> types.Datum:
-    """Next-token prediction: inputs ``tokens[:-1]``, targets ``tokens[1:]``."""
-    n = len(tokens) - 1
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": types.TensorData(data=tokens[1:], dtype="int64", shape=[n]),
-            "weights": types.TensorData(
-                data=weights[1:] if weights else [1.0] * n, dtype="float32", shape=[n]
-            ),
-        },
-    )
+    return next_token_datum(types, tokens, weights)
 
 
 def training_flow(service: tinker.ServiceClient, base_model: str) -> dict[str, Any]:

@@ -273,38 +273,28 @@ def test_both_engines_answer_sampling_options_in_the_same_shapes(
     assert layout(null_answer)[3] == [[True, True], [False, True], [True, False]]
 
 
-def test_unknown_config_keys_list_the_valid_ones(
-    engines: tuple[tuple[Engine, int, int], tuple[Engine, int, int]],
-) -> None:
-    (engine, vocab, context), _ = engines
-    message = _refusal(engine, vocab, context, HOSTILE["misspelt clip key"])
-    assert message == (
+# Messages in full: unknown config keys list the valid ones, all missing inputs are
+# named at once, Adam's messages name the range.
+MESSAGES = {
+    "misspelt clip key": (
         "loss_fn_config has unknown key(s) ['clip_hihg_threshold'] for loss_fn 'ppo'; "
         "valid keys: ['clip_high_threshold', 'clip_low_threshold', 'target_logprob_support']"
-    )
-
-
-def test_all_missing_inputs_are_named_at_once(
-    engines: tuple[tuple[Engine, int, int], tuple[Engine, int, int]],
-) -> None:
-    (engine, vocab, context), _ = engines
-    message = _refusal(engine, vocab, context, HOSTILE["all RL inputs missing"])
-    assert message == (
+    ),
+    "all RL inputs missing": (
         "datum 1: loss_fn_inputs is missing 'target_tokens', 'logprobs', 'advantages', "
         "required by ppo (it needs target_tokens, logprobs, advantages)"
-    )
+    ),
+    "eps zero": "adam_params.eps must be a finite number > 0, got 0.0",
+    "beta1 one": "adam_params.beta1 must be a finite number in [0, 1), got 1.0",
+}
 
 
-def test_adam_messages_name_the_range(
-    engines: tuple[tuple[Engine, int, int], tuple[Engine, int, int]],
+@pytest.mark.parametrize("case", list(MESSAGES))
+def test_refusals_say_exactly_what_is_wrong(
+    engines: tuple[tuple[Engine, int, int], tuple[Engine, int, int]], case: str
 ) -> None:
     (engine, vocab, context), _ = engines
-    assert _refusal(engine, vocab, context, HOSTILE["eps zero"]) == (
-        "adam_params.eps must be a finite number > 0, got 0.0"
-    )
-    assert _refusal(engine, vocab, context, HOSTILE["beta1 one"]) == (
-        "adam_params.beta1 must be a finite number in [0, 1), got 1.0"
-    )
+    assert _refusal(engine, vocab, context, HOSTILE[case]) == MESSAGES[case]
 
 
 def test_catalogue_defaults_lie_in_their_ranges() -> None:
