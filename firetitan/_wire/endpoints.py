@@ -42,6 +42,7 @@ __all__ = [
     "CANCEL_FUTURE",
     "CLIENT_CONFIG",
     "COMPLETIONS",
+    "COPY_WEIGHTS",
     "CREATE_MODEL",
     "CREATE_SAMPLING_SESSION",
     "CREATE_SESSION",
@@ -82,6 +83,7 @@ __all__ = [
     "TRAINER",
     "UNLOAD_MODEL",
     "UNPUBLISH_CHECKPOINT",
+    "WEIGHTS_INFO",
     "Endpoint",
 ]
 
@@ -253,6 +255,12 @@ UNPUBLISH_CHECKPOINT: Final = _rest(
 )
 LIST_USER_CHECKPOINTS: Final = _rest(
     "GET", "list_user_checkpoints", "checkpoints", _model(ttypes.CheckpointsListResponse)
+)
+WEIGHTS_INFO: Final = _rest(
+    "POST", "weights_info", "weights_info", _model(ttypes.WeightsInfoResponse)
+)
+COPY_WEIGHTS: Final = _rest(
+    "POST", "copy_weights", "copy_weights", _model(ttypes.CopyWeightsResponse)
 )
 LIST_SESSIONS: Final = _rest(
     "GET", "list_sessions", "sessions", _model(ttypes.ListSessionsResponse)

@@ -157,15 +157,11 @@ class LocalTrainer:
         if unknown:
             raise TypeError(f"unknown LocalTrainer options: {', '.join(sorted(unknown))}")
         self.config = ServerConfig(**limits)
-        self._factory = engine_factory(
-            engine,
-            base_model=base_model,
-            size=size,
-            weights=weights,
-            device=device,
-            seed=seed,
-            deterministic=deterministic,
-        )
+        # The model the trainer trains, and that its deployment serves.
+        model: dict[str, Any] = {
+            "base_model": base_model, "size": size, "weights": weights, "seed": seed,
+        }  # fmt: skip
+        self._factory = engine_factory(engine, device=device, deterministic=deterministic, **model)
         self._engine_name = engine if isinstance(engine, str) else type(engine).__name__
         self._requested_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.job_id = job_id or f"job-{secrets.token_hex(4)}"
@@ -179,11 +175,7 @@ class LocalTrainer:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
-        self._deployment_args: dict[str, Any] | None = None
-        if deployment:
-            self._deployment_args = {
-                "base_model": base_model, "size": size, "weights": weights, "seed": seed,
-            }  # fmt: skip
+        self._deployment_args = model if deployment else None
         self._deployment: LocalDeployment | None = None
 
     @property
