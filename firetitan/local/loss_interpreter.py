@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional
 
 from firetitan.local import loss_graphs
-from firetitan.local.errors import UserError
 from firetitan.local.loss_graphs import Dtype, LossGraph, Node, Ref
+from firetitan.local.user_error import UserError
 
 __all__ = ["MAX_ELEMENTS", "run"]
 

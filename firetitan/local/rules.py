@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import tinker
 
-from firetitan.local.errors import UserError
+from firetitan.local.user_error import UserError
 
 if TYPE_CHECKING:
     from firetitan.local.loss_graphs import LossGraph
