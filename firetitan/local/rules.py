@@ -27,6 +27,8 @@ import numpy as np
 import numpy.typing as npt
 import tinker
 
+from firetitan.local.user_error import UserError
+
 if TYPE_CHECKING:
     from firetitan.local.loss_graphs import LossGraph
 
@@ -55,10 +57,6 @@ __all__ = [
     "normalization_mode",
     "unknown_model",
 ]
-
-
-class UserError(Exception):
-    """A mistake in a request, reported to the client with category ``user``."""
 
 
 IntArray = npt.NDArray[np.int64]
