@@ -51,8 +51,9 @@ def _inputs() -> dict[str, Any]:
 def run() -> Iterator[Run]:
     inputs = _inputs()
     # A long poll longer than any request here, so the SDK never sees a try_again
-    # (it logs each one as a warning).
-    with LocalTrainer("torch", size="tiny", device="cpu", long_poll_seconds=20.0) as trainer:
+    # (it logs each one as a warning): on a loaded machine the first create_model can
+    # take over 20 s. tinker reads a poll for up to 45 s.
+    with LocalTrainer("torch", size="tiny", device="cpu", long_poll_seconds=40.0) as trainer:
         report = run_flow("tests.compat.tinker_flow", trainer, stdin=json.dumps(inputs))
         yield trainer, {**report, "inputs": inputs}
 
@@ -93,6 +94,18 @@ def test_save_state_and_resume_with_optimizer(run: Run) -> None:
     original, resumed = flow["next_step_losses"]
     assert resumed == pytest.approx(original, rel=1e-5)
     assert resumed < flow["resumed_forward_loss"]
+
+
+def test_weights_info_and_copy_weights(run: Run) -> None:
+    trainer, report = run
+    flow = report["training"]
+    info = flow["weights_info"]
+    assert info["base_model"] == BASE_MODEL and info["is_lora"] and info["lora_rank"] == 4
+    run_id, segment, name = flow["copied_path"].removeprefix("tinker://").split("/")
+    assert run_id.startswith("copy-") and run_id != trainer.job_id
+    assert (segment, name) == ("weights", "step-2")
+    # A model started from the copy has the saved weights: the resumed model's loss.
+    assert flow["from_copy_loss"] == pytest.approx(flow["resumed_forward_loss"], rel=1e-6)
 
 
 def test_sampling_client(run: Run) -> None:

@@ -57,6 +57,16 @@ def training_flow(service: tinker.ServiceClient, base_model: str) -> dict[str, A
     # One more step on each: the same update only if Adam's moments and step count
     # came back with the weights.
     out["next_step_losses"] = [_step_then_loss(c, data) for c in (client, resumed)]
+
+    # The checkpoint's facts, and a copy in another run that a new model starts from.
+    base_url, api_key = trainer_address()
+    rest = tinker.RestClient(base_url=base_url, api_key=api_key)
+    out["weights_info"] = (
+        rest.get_weights_info_by_tinker_path(out["save_path"]).result().model_dump()
+    )
+    out["copied_path"] = rest.copy_weights(out["save_path"], "proj-archive").result()
+    from_copy = service.create_training_client_from_state(out["copied_path"]).result()
+    out["from_copy_loss"] = from_copy.forward(data, "cross_entropy").result().metrics["loss:sum"]
     return out
 
 
