@@ -733,10 +733,8 @@ def check_export_kind(checkpoint_type: str, engine: str, kinds: Sequence[str]) -
     """
     kind = str(checkpoint_type).lower()
     if kind not in kinds:
-        raise UserError(
-            f"checkpoint_type {checkpoint_type!r} is not supported by the {engine} engine; "
-            f"use one of {list(kinds)}"
-        )
+        supported = f"the {engine} engine; use one of {list(kinds)}"
+        raise UserError(f"checkpoint_type {checkpoint_type!r} is not supported by {supported}")
     return kind
 
 
