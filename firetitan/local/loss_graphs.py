@@ -415,6 +415,8 @@ class _GraphChecker:
             raise UserError(f"{at}: args must be a list")
         if op == "call_method" and not (args and isinstance(args[0], Ref)):
             raise UserError(f"{at}: a method call's first argument must be a node")
+        if "out" in kwargs:
+            raise UserError(f"{at}: writes into out=; custom losses compute new tensors only")
         if target == "getattr" and (
             len(args) != 2 or not isinstance(args[0], Ref) or args[1] not in ATTRIBUTES
         ):

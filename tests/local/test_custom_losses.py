@@ -165,6 +165,11 @@ def _forward_ref(nodes: list[dict[str, Any]]) -> None:
     sub["args"][0] = {"ref": "exp"}
 
 
+def _out_arg(nodes: list[dict[str, Any]]) -> None:
+    exp = next(n for n in nodes if n["name"] == "exp")
+    exp["kwargs"] = {"out": {"ref": "logprobs"}}
+
+
 def _string_arg(nodes: list[dict[str, Any]]) -> None:
     sub = next(n for n in nodes if n["name"] == "sub")
     sub["args"][1] = "rm -rf /"
@@ -200,6 +205,10 @@ HOSTILE_GRAPHS: dict[str, tuple[Any, str]] = {
         _forward_ref,
         "node 'sub' (call_function 'operator.sub'): refers to 'exp', which is not a node "
         "computed before it",
+    ),
+    "an out= argument": (
+        _out_arg,
+        "node 'exp' (call_function 'torch.exp'): writes into out=",
     ),
     "a string argument": (
         _string_arg,
