@@ -237,7 +237,8 @@ class Operations:
     def save_weights(
         self, request: _wire.SaveWeightsRequest, record: ModelRecord, returned_path: str
     ) -> Run:
-        """``save_weights`` (save_state) under the name ``request.path``.
+        """``save_weights`` (save_state) under the name ``request.path``; an existing
+        checkpoint of that name is replaced only with ``request.overwrite``.
 
         ``returned_path`` is the path the client gets back, which it can load: the bare
         name, or its ``tinker://`` form for tinker sessions.
@@ -247,14 +248,21 @@ class Operations:
             metadata = _model_metadata(record)
             if request.user_metadata is not None:  # the checkpoint's own
                 metadata["checkpoint_user_metadata"] = dict(request.user_metadata)
-            with self._store.write(
-                "state",
-                request.path,
-                model_id=request.model_id,
-                ttl_seconds=request.ttl_seconds,
-                metadata=metadata,
-            ) as directory:
-                self._engine.save_state(request.model_id, directory)
+            try:
+                with self._store.write(
+                    "state",
+                    request.path,
+                    model_id=request.model_id,
+                    ttl_seconds=request.ttl_seconds,
+                    metadata=metadata,
+                    replace=request.overwrite,
+                ) as directory:
+                    self._engine.save_state(request.model_id, directory)
+            except FileExistsError as exc:  # tinker's default: never replace silently
+                raise UserError(
+                    f"save_state: a checkpoint named {request.path!r} already exists; "
+                    "pass overwrite=True to replace it, or choose another name"
+                ) from exc
             return success_result({"type": "save_weights", "path": returned_path})
 
         return self._model_run(request.model_id, work)

@@ -165,6 +165,17 @@ async def test_peer_path_forms_and_training_clients_from_state(
     await tc.load_state_with_optimizer(f"acme/{job}/s1")
     manifest = trainer.server.store.manifest("state", CheckpointRef("s1"))
     assert manifest is not None and manifest.metadata["checkpoint_user_metadata"] == {"note": "n"}
+    # An existing name is refused without overwrite (tinker's default), and kept as it was;
+    # overwrite=True replaces it, metadata included.
+    with pytest.raises(RequestFailedError) as refused:
+        await tc.save_state("s1", user_metadata={"note": "second"})
+    assert refused.value.category == "user"
+    assert "a checkpoint named 's1' already exists; pass overwrite=True" in str(refused.value)
+    kept = trainer.server.store.manifest("state", CheckpointRef("s1"))
+    assert kept is not None and kept.created_at == manifest.created_at
+    await tc.save_state("s1", overwrite=True)
+    replaced = trainer.server.store.manifest("state", CheckpointRef("s1"))
+    assert replaced is not None and "checkpoint_user_metadata" not in replaced.metadata
 
     fresh = await service.create_training_client_from_state(f"tinker://{job}/weights/s1")
     resumed = await service.create_training_client_from_state_with_optimizer(

@@ -93,6 +93,17 @@ def test_save_state_and_resume_with_optimizer(run: Run) -> None:
     assert resumed < flow["resumed_forward_loss"]
 
 
+def test_save_state_refuses_an_existing_name_unless_overwrite(run: Run) -> None:
+    flow = run[1]["training"]
+    assert flow["resave_error"] is not None
+    assert "a checkpoint named 'step-2' already exists" in flow["resave_error"]
+    assert "overwrite=True" in flow["resave_error"]
+    assert flow["overwrite_path"] == flow["save_path"]
+    # The replaced checkpoint holds the weights at the time of the second save.
+    assert flow["replaced_forward_loss"] == pytest.approx(flow["current_forward_loss"], rel=1e-5)
+    assert flow["replaced_forward_loss"] != pytest.approx(flow["forward_loss"], rel=1e-3)
+
+
 def test_sampling_client(run: Run) -> None:
     trainer, report = run
     flow, prompt = report["sampling"], report["inputs"]["prompt"]

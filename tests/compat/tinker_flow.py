@@ -65,6 +65,22 @@ def training_flow(service: tinker.ServiceClient, base_model: str) -> dict[str, A
     # One more step on each: the same update only if Adam's moments and step count
     # came back with the weights.
     out["next_step_losses"] = [_step_then_loss(c, data) for c in (client, resumed)]
+
+    # tinker's default overwrite=False: the name exists, so the save fails...
+    try:
+        client.save_state("step-2").result()
+        out["resave_error"] = None
+    except Exception as exc:  # reported to the parent, which checks it
+        out["resave_error"] = f"{type(exc).__name__}: {exc}"
+    # ...and overwrite=True replaces it with the current state.
+    out["overwrite_path"] = client.save_state("step-2", overwrite=True).result().path
+    replaced = service.create_training_client_from_state(out["overwrite_path"]).result()
+    out["replaced_forward_loss"] = replaced.forward(data, "cross_entropy").result().metrics[
+        "loss:sum"
+    ]
+    out["current_forward_loss"] = client.forward(data, "cross_entropy").result().metrics[
+        "loss:sum"
+    ]
     return out
 
 
