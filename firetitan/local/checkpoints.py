@@ -178,8 +178,12 @@ class CheckpointStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def exists(self, kind: Kind, name: str) -> bool:
+        """Whether this job has a valid, unexpired checkpoint of this kind and name."""
+        return self.manifest(kind, CheckpointRef(name=name)) is not None
+
     def _refuse_existing(self, kind: Kind, name: str) -> None:
-        if self.manifest(kind, CheckpointRef(name=name)) is not None:
+        if self.exists(kind, name):
             raise FileExistsError(f"a {kind} checkpoint named {name!r} exists in this job")
 
     def manifest(self, kind: Kind, ref: CheckpointRef) -> Manifest | None:

@@ -248,21 +248,20 @@ class Operations:
             metadata = _model_metadata(record)
             if request.user_metadata is not None:  # the checkpoint's own
                 metadata["checkpoint_user_metadata"] = dict(request.user_metadata)
-            try:
-                with self._store.write(
-                    "state",
-                    request.path,
-                    model_id=request.model_id,
-                    ttl_seconds=request.ttl_seconds,
-                    metadata=metadata,
-                    replace=request.overwrite,
-                ) as directory:
-                    self._engine.save_state(request.model_id, directory)
-            except FileExistsError as exc:  # tinker's default: never replace silently
-                raise UserError(
+            if not request.overwrite and self._store.exists("state", request.path):
+                raise UserError(  # tinker's default: never replace silently
                     f"save_state: a checkpoint named {request.path!r} already exists; "
                     "pass overwrite=True to replace it, or choose another name"
-                ) from exc
+                )
+            with self._store.write(
+                "state",
+                request.path,
+                model_id=request.model_id,
+                ttl_seconds=request.ttl_seconds,
+                metadata=metadata,
+                replace=request.overwrite,
+            ) as directory:
+                self._engine.save_state(request.model_id, directory)
             return success_result({"type": "save_weights", "path": returned_path})
 
         return self._model_run(request.model_id, work)
