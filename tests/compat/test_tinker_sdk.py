@@ -104,6 +104,17 @@ def test_save_state_refuses_an_existing_name_unless_overwrite(run: Run) -> None:
     assert flow["replaced_forward_loss"] != pytest.approx(flow["forward_loss"], rel=1e-3)
 
 
+def test_gspo_with_the_cookbook_mask(run: Run) -> None:
+    """On policy (sampled from the weights it trains), the sequence ratio is 1: the loss is
+    -Σ A over the sampled tokens; the mask the cookbook sends marks exactly the positions
+    that carry the loss, so leaving it out changes nothing."""
+    flow = run[1]["gspo"]
+    assert flow["loss"] == pytest.approx(-0.5 * flow["sampled"], rel=1e-3)
+    assert flow["loss_without_mask"] == flow["loss"]
+    assert flow["trained_loss"] == flow["loss"]
+    assert flow["optim_steps"] == 1.0
+
+
 def test_sampling_client(run: Run) -> None:
     trainer, report = run
     flow, prompt = report["sampling"], report["inputs"]["prompt"]
