@@ -113,13 +113,12 @@ class CheckpointStore:
         model_id: str,
         ttl_seconds: float | None = None,
         metadata: dict[str, Any] | None = None,
-        replace: bool = True,
     ) -> Iterator[Path]:
         """Give the caller an empty folder to write a checkpoint into, then commit it.
 
         If the body raises, nothing is committed and the partial folder is removed.
         An existing checkpoint of the same name is replaced only after the new one is
-        complete, and only with ``replace``.
+        complete.
 
         Args:
             kind: ``"state"`` or ``"sampler"``.
@@ -127,22 +126,16 @@ class CheckpointStore:
             model_id: The model it came from.
             ttl_seconds: Delete it this many seconds after it is written.
             metadata: Extra JSON-able facts to record in the manifest.
-            replace: Whether an existing (valid, unexpired) checkpoint of this kind and
-                name may be replaced.
 
         Yields:
             The folder to write into.
 
         Raises:
             ValueError: The name is invalid or ``ttl_seconds`` is not positive.
-            FileExistsError: ``replace`` is false and the checkpoint exists, before the
-                body runs or (written meanwhile by another model) at the commit.
         """
         final = self._dir(kind, name)
         if ttl_seconds is not None and not ttl_seconds > 0:
             raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds}")
-        if not replace:
-            self._refuse_existing(kind, name)
         tmp = self._job_dir / ".tmp" / uuid.uuid4().hex
         tmp.mkdir(parents=True)
         try:
@@ -164,8 +157,6 @@ class CheckpointStore:
             _fsync(tmp)
             final.parent.mkdir(parents=True, exist_ok=True)
             with self._lock:
-                if not replace:
-                    self._refuse_existing(kind, name)
                 if final.exists():
                     trash = self._job_dir / ".tmp" / f"old-{uuid.uuid4().hex}"
                     os.rename(final, trash)
@@ -177,14 +168,6 @@ class CheckpointStore:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-
-    def exists(self, kind: Kind, name: str) -> bool:
-        """Whether this job has a valid, unexpired checkpoint of this kind and name."""
-        return self.manifest(kind, CheckpointRef(name=name)) is not None
-
-    def _refuse_existing(self, kind: Kind, name: str) -> None:
-        if self.exists(kind, name):
-            raise FileExistsError(f"a {kind} checkpoint named {name!r} exists in this job")
 
     def manifest(self, kind: Kind, ref: CheckpointRef) -> Manifest | None:
         """Return the manifest of a valid, unexpired checkpoint, or None."""

@@ -23,6 +23,7 @@ import numpy.typing as npt
 import tinker
 
 from firetitan import _wire
+from firetitan._checkpoint_paths import CheckpointRef
 from firetitan.local import stability
 from firetitan.local.checkpoints import MANIFEST_NAME, CheckpointStore, Kind, Manifest
 from firetitan.local.engine import Engine, ModelSpec, SampleSource, UserError
@@ -237,8 +238,13 @@ class Operations:
     def save_weights(
         self, request: _wire.SaveWeightsRequest, record: ModelRecord, returned_path: str
     ) -> Run:
-        """``save_weights`` (save_state) under the name ``request.path``; an existing
-        checkpoint of that name is replaced only with ``request.overwrite``.
+        """``save_weights`` (save_state) under the name ``request.path``.
+
+        A checkpoint of that name that this model saved is replaced only with
+        ``request.overwrite`` (tinker's default refuses it). One trainer job is one
+        namespace where tinker gives every training run its own, so a name another
+        model saved is replaced as before: several runs of a loop (tinker-cookbook's
+        resumed runs, say) save the same names.
 
         ``returned_path`` is the path the client gets back, which it can load: the bare
         name, or its ``tinker://`` form for tinker sessions.
@@ -248,10 +254,11 @@ class Operations:
             metadata = _model_metadata(record)
             if request.user_metadata is not None:  # the checkpoint's own
                 metadata["checkpoint_user_metadata"] = dict(request.user_metadata)
-            if not request.overwrite and self._store.exists("state", request.path):
-                raise UserError(  # tinker's default: never replace silently
-                    f"save_state: a checkpoint named {request.path!r} already exists; "
-                    "pass overwrite=True to replace it, or choose another name"
+            existing = self._store.manifest("state", CheckpointRef(request.path))
+            if not request.overwrite and existing and existing.model_id == request.model_id:
+                raise UserError(  # tinker's default: never replace a run's own silently
+                    f"save_state: this model already saved a checkpoint named "
+                    f"{request.path!r}; pass overwrite=True to replace it, or choose another name"
                 )
             with self._store.write(
                 "state",
@@ -259,7 +266,6 @@ class Operations:
                 model_id=request.model_id,
                 ttl_seconds=request.ttl_seconds,
                 metadata=metadata,
-                replace=request.overwrite,
             ) as directory:
                 self._engine.save_state(request.model_id, directory)
             return success_result({"type": "save_weights", "path": returned_path})

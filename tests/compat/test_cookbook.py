@@ -84,8 +84,12 @@ def test_rl_loop_modes_and_losses(trainer: LocalTrainer, tmp_path: Path) -> None
         for mode, loss in RL_RUNS
     ]
     cookbook(trainer, "rl", tmp_path, steps=3, runs=runs)
-    for run in runs:
+    defaults = {"sync": "importance_sampling", "async": "stable_reinforce"}
+    for (mode, loss), run in zip(RL_RUNS, runs, strict=True):
         log_path = Path(run["log_path"])
+        config = json.loads((log_path / "config.json").read_text())
+        trained_with = config["async_config"]["loss_fn"] if run["async"] else config["loss_fn"]
+        assert trained_with == (loss or defaults[mode])
         trained = [r for r in rows(log_path) if "optim_step:max" in r]
         assert [r["step"] for r in trained] == [0, 1, 2], run
         assert all(type(r["step"]) is int for r in trained)

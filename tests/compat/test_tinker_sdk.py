@@ -96,7 +96,7 @@ def test_save_state_and_resume_with_optimizer(run: Run) -> None:
 def test_save_state_refuses_an_existing_name_unless_overwrite(run: Run) -> None:
     flow = run[1]["training"]
     assert flow["resave_error"] is not None
-    assert "a checkpoint named 'step-2' already exists" in flow["resave_error"]
+    assert "this model already saved a checkpoint named 'step-2'" in flow["resave_error"]
     assert "overwrite=True" in flow["resave_error"]
     assert flow["overwrite_path"] == flow["save_path"]
     # The replaced checkpoint holds the weights at the time of the second save.
