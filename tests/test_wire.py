@@ -553,7 +553,9 @@ def test_sample_request_round_trip() -> None:
         assert getattr(back, name) == getattr(request, name), name
 
 
-def test_sparse_target_prompt_logprobs_pads_with_minus_one() -> None:
+def test_sparse_target_prompt_logprobs_keeps_its_layout() -> None:
+    # Only the listed cells request anything (unlisted ones read as -1); the result
+    # lists the same cells.
     body = {
         "prompt": {"chunks": [{"tokens": [1, 2, 3], "type": "encoded_text"}]},
         "sampling_params": {},
@@ -568,7 +570,9 @@ def test_sparse_target_prompt_logprobs_pads_with_minus_one() -> None:
     back = w.decode_request("asample", body)
     assert isinstance(back, w.SampleRequest)
     assert back.target_prompt_logprobs is not None
-    assert back.target_prompt_logprobs.to_numpy().tolist() == [[-1, -1, -1], [-1, -1, 9]]
+    target = back.target_prompt_logprobs
+    assert target.sparse_crow_indices == [0, 0, 1] and target.sparse_col_indices == [2]
+    assert target.to_numpy(pad_value=-1).tolist() == [[-1, -1, -1], [-1, -1, 9]]
     assert back.num_samples == 1 and back.sampling_params == tinker.SamplingParams()
 
 

@@ -288,10 +288,17 @@ class AsyncSamplingClient:
         sampling_params: tinker.SamplingParams,
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
+        target_prompt_logprobs: tinker.TensorData | None = None,
+        prompt_alt_tokens_k: int = 0,
+        prompt_logprobs_last_n: int | None = None,
         *,
         deadline: float | None = None,
     ) -> AsyncAPIFuture[tinker.SampleResponse]:
         """Sample ``num_samples`` continuations of ``prompt``.
+
+        The options after ``sampling_params`` are tinker's, in tinker's order. Every
+        logprob is the model's own (the unmodified distribution), like ``forward``'s.
 
         Args:
             prompt: The prompt tokens.
@@ -299,18 +306,36 @@ class AsyncSamplingClient:
             sampling_params: ``max_tokens``, ``temperature``, ``top_p``, ``stop``,
                 ``seed``... A ``stop`` string is one stop string; on a deployment,
                 sample ``i`` is seeded ``seed + i``, so seeded samples still differ.
-            include_prompt_logprobs: Also return each prompt token's logprob.
+            include_prompt_logprobs: Also return each prompt token's logprob
+                (``prompt_logprobs``; None for the first token).
             topk_prompt_logprobs: Also return this many most likely tokens at each
-                prompt position.
+                prompt position (``topk_prompt_logprobs``; None for the first).
+            topk_sample_logprobs: Also return this many most likely tokens at each
+                sampled position (each sequence's ``topk_logprobs``). Trainer only.
+            target_prompt_logprobs: Token ids to score at prompt positions, an int64
+                ``tinker.TensorData`` of shape ``[len(prompt) - 1, K]``: cell ``[i, j]``
+                is scored at position ``i + 1``; ``-1`` asks nothing. Dense or sparse
+                CSR; the response's ``target_prompt_logprobs`` has the same shape and
+                layout, 0.0 where ``-1`` was. Trainer only.
+            prompt_alt_tokens_k: Draw this many tokens, at the request's temperature,
+                at every prompt position after the first (``prompt_alt_tokens``).
+                Trainer only.
+            prompt_logprobs_last_n: Score only the last N prompt tokens (earlier
+                prompt logprobs and top-k rows are None); needs
+                ``include_prompt_logprobs``. Trainer only.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 
         Returns:
-            A future for the sampled sequences (tokens, logprobs, stop reasons).
+            A future for the sampled sequences (tokens, logprobs, stop reasons) and
+            whatever else was asked for.
 
         Raises:
             TypeError: Arguments of the wrong type.
-            ValueError: ``num_samples`` below 1.
+            ValueError: ``num_samples`` below 1, a negative top-k or draw count,
+                ``target_prompt_logprobs`` not a 2-D int64 tensor,
+                ``prompt_logprobs_last_n`` below 1 or without prompt logprobs, or a
+                trainer-only option on a deployment.
             ClientClosedError: The client (or its service client) was closed.
         """
         self._check_sample(
@@ -319,17 +344,23 @@ class AsyncSamplingClient:
             sampling_params,
             include_prompt_logprobs,
             topk_prompt_logprobs,
+            topk_sample_logprobs,
+            target_prompt_logprobs,
+            prompt_alt_tokens_k,
+            prompt_logprobs_last_n,
             deadline=deadline,
         )
+        # What is asked besides the sequences, as `_wire.SampleRequest` fields.
+        scores: dict[str, Any] = {
+            "prompt_logprobs": include_prompt_logprobs,
+            "topk_prompt_logprobs": topk_prompt_logprobs,
+            "topk_sample_logprobs": topk_sample_logprobs,
+            "target_prompt_logprobs": target_prompt_logprobs,
+            "prompt_alt_tokens_k": prompt_alt_tokens_k,
+            "prompt_logprobs_last_n": prompt_logprobs_last_n,
+        }
         return self._submit(
-            "sample",
-            prompt,
-            num_samples,
-            sampling_params,
-            include_prompt_logprobs,
-            topk_prompt_logprobs,
-            deadline,
-            _as_is,
+            "sample", prompt, num_samples, sampling_params, scores, deadline, _as_is
         )
 
     def _check_sample(
@@ -339,14 +370,46 @@ class AsyncSamplingClient:
         sampling_params: tinker.SamplingParams,
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
+        target_prompt_logprobs: tinker.TensorData | None = None,
+        prompt_alt_tokens_k: int = 0,
+        prompt_logprobs_last_n: int | None = None,
         *,
         deadline: float | None = None,
     ) -> None:
         self._check_compute_logprobs(prompt, deadline=deadline)
         positive_int(num_samples, "num_samples")
         positive_int(topk_prompt_logprobs, "topk_prompt_logprobs", zero=True)
+        positive_int(topk_sample_logprobs, "topk_sample_logprobs", zero=True)
+        positive_int(prompt_alt_tokens_k, "prompt_alt_tokens_k", zero=True)
         if not isinstance(sampling_params, tinker.SamplingParams):
             raise TypeError("sampling_params must be a tinker.SamplingParams")
+        if target_prompt_logprobs is not None:
+            if not isinstance(target_prompt_logprobs, tinker.TensorData):
+                raise TypeError("target_prompt_logprobs must be a tinker.TensorData")
+            shape = target_prompt_logprobs.shape
+            if target_prompt_logprobs.dtype != "int64" or shape is None or len(shape) != 2:
+                raise ValueError(
+                    "target_prompt_logprobs must be a 2-D int64 tensor of token ids, "
+                    f"[len(prompt) - 1, K]; got {target_prompt_logprobs.dtype} {shape}"
+                )
+        if prompt_logprobs_last_n is not None:
+            positive_int(prompt_logprobs_last_n, "prompt_logprobs_last_n")
+            if not include_prompt_logprobs:
+                raise ValueError("prompt_logprobs_last_n needs include_prompt_logprobs=True")
+        if self._deployment_sampler is not None:
+            trainer_only = {
+                "topk_sample_logprobs": topk_sample_logprobs != 0,
+                "target_prompt_logprobs": target_prompt_logprobs is not None,
+                "prompt_alt_tokens_k": prompt_alt_tokens_k != 0,
+                "prompt_logprobs_last_n": prompt_logprobs_last_n is not None,
+            }
+            asked = [name for name, given in trainer_only.items() if given]
+            if asked:
+                raise ValueError(
+                    f"{', '.join(asked)}: served by the trainer's sampler only, not by "
+                    "a deployment; sample without a deployment to use it"
+                )
 
     def compute_logprobs(
         self, prompt: tinker.ModelInput, *, deadline: float | None = None
@@ -367,8 +430,9 @@ class AsyncSamplingClient:
         """
         self._check_compute_logprobs(prompt, deadline=deadline)
         params = tinker.SamplingParams(max_tokens=1)
+        scores = {"prompt_logprobs": True}
         return self._submit(
-            "compute_logprobs", prompt, 1, params, True, 0, deadline, _prompt_logprobs
+            "compute_logprobs", prompt, 1, params, scores, deadline, _prompt_logprobs
         )
 
     def _check_compute_logprobs(
@@ -385,8 +449,7 @@ class AsyncSamplingClient:
         prompt: tinker.ModelInput,
         num_samples: int,
         params: tinker.SamplingParams,
-        prompt_logprobs: bool,
-        topk: int,
+        scores: dict[str, Any],
         deadline: float | None,
         transform: Callable[[tinker.SampleResponse], T],
     ) -> AsyncAPIFuture[T]:
@@ -407,13 +470,13 @@ class AsyncSamplingClient:
                     prompt,
                     num_samples,
                     params,
-                    include_prompt_logprobs=prompt_logprobs,
-                    topk_prompt_logprobs=topk,
+                    include_prompt_logprobs=scores["prompt_logprobs"],
+                    topk_prompt_logprobs=scores.get("topk_prompt_logprobs", 0),
                 )
 
             run = self._run_on_deployment(future, sample, transform)
         else:
-            body = self._body(prompt, num_samples, params, prompt_logprobs, topk)
+            body = self._body(prompt, num_samples, params, scores)
             run = self._run(future, body, transform)
         self._live.add(future)
         future._on_finish(lambda: self._live.discard(future))
@@ -427,8 +490,7 @@ class AsyncSamplingClient:
         prompt: tinker.ModelInput,
         num_samples: int,
         params: tinker.SamplingParams,
-        prompt_logprobs: bool,
-        topk: int,
+        scores: dict[str, Any],
     ) -> dict[str, Any]:
         in_session = self._sampling_session_id is not None
         return _wire.encode_request(
@@ -440,8 +502,7 @@ class AsyncSamplingClient:
                 base_model=None if in_session else self._base_model,
                 sampling_session_id=self._sampling_session_id,
                 seq_id=next(self._seq) if in_session else None,
-                prompt_logprobs=prompt_logprobs,
-                topk_prompt_logprobs=topk,
+                **scores,
             )
         )
 

@@ -160,10 +160,17 @@ class SamplingClient:
         sampling_params: tinker.SamplingParams,
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
+        target_prompt_logprobs: tinker.TensorData | None = None,
+        prompt_alt_tokens_k: int = 0,
+        prompt_logprobs_last_n: int | None = None,
         *,
         deadline: float | None = None,
     ) -> APIFuture[tinker.SampleResponse]:
         """Sample ``num_samples`` continuations of ``prompt``.
+
+        The options after ``sampling_params`` are tinker's, in tinker's order. Every
+        logprob is the model's own (the unmodified distribution), like ``forward``'s.
 
         Args:
             prompt: The prompt tokens.
@@ -171,18 +178,36 @@ class SamplingClient:
             sampling_params: ``max_tokens``, ``temperature``, ``top_p``, ``stop``,
                 ``seed``... A ``stop`` string is one stop string; on a deployment,
                 sample ``i`` is seeded ``seed + i``, so seeded samples still differ.
-            include_prompt_logprobs: Also return each prompt token's logprob.
+            include_prompt_logprobs: Also return each prompt token's logprob
+                (``prompt_logprobs``; None for the first token).
             topk_prompt_logprobs: Also return this many most likely tokens at each
-                prompt position.
+                prompt position (``topk_prompt_logprobs``; None for the first).
+            topk_sample_logprobs: Also return this many most likely tokens at each
+                sampled position (each sequence's ``topk_logprobs``). Trainer only.
+            target_prompt_logprobs: Token ids to score at prompt positions, an int64
+                ``tinker.TensorData`` of shape ``[len(prompt) - 1, K]``: cell ``[i, j]``
+                is scored at position ``i + 1``; ``-1`` asks nothing. Dense or sparse
+                CSR; the response's ``target_prompt_logprobs`` has the same shape and
+                layout, 0.0 where ``-1`` was. Trainer only.
+            prompt_alt_tokens_k: Draw this many tokens, at the request's temperature,
+                at every prompt position after the first (``prompt_alt_tokens``).
+                Trainer only.
+            prompt_logprobs_last_n: Score only the last N prompt tokens (earlier
+                prompt logprobs and top-k rows are None); needs
+                ``include_prompt_logprobs``. Trainer only.
             deadline: Seconds until the future fails with `FutureTimeoutError`;
                 None uses the configuration's ``future_deadline``.
 
         Returns:
-            A future for the sampled sequences (tokens, logprobs, stop reasons).
+            A future for the sampled sequences (tokens, logprobs, stop reasons) and
+            whatever else was asked for.
 
         Raises:
             TypeError: Arguments of the wrong type.
-            ValueError: ``num_samples`` below 1.
+            ValueError: ``num_samples`` below 1, a negative top-k or draw count,
+                ``target_prompt_logprobs`` not a 2-D int64 tensor,
+                ``prompt_logprobs_last_n`` below 1 or without prompt logprobs, or a
+                trainer-only option on a deployment.
             ClientClosedError: The client (or its service client) was closed.
         """
         self._inner._check_sample(
@@ -191,6 +216,10 @@ class SamplingClient:
             sampling_params,
             include_prompt_logprobs,
             topk_prompt_logprobs,
+            topk_sample_logprobs,
+            target_prompt_logprobs,
+            prompt_alt_tokens_k,
+            prompt_logprobs_last_n,
             deadline=deadline,
         )
         return self._portal.start(
@@ -200,6 +229,10 @@ class SamplingClient:
             sampling_params,
             include_prompt_logprobs,
             topk_prompt_logprobs,
+            topk_sample_logprobs,
+            target_prompt_logprobs,
+            prompt_alt_tokens_k,
+            prompt_logprobs_last_n,
             deadline=deadline,
         )
 

@@ -115,6 +115,7 @@ from firetitan._wire.results import (
 )
 from firetitan._wire.tensors import (
     MAX_DENSE_ELEMENTS,
+    csr_cells,
     decode_datum,
     decode_model_input,
     decode_tensor,
@@ -159,6 +160,7 @@ __all__ = [
     "chunk_data",
     "combine_outputs",
     "completion_body",
+    "csr_cells",
     "decode_datum",
     "decode_forward_backward_output",
     "decode_forward_backward_output_proto",

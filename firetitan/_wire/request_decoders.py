@@ -45,7 +45,12 @@ from firetitan._wire.requests import (
     SessionHeartbeatRequest,
     UnloadModelRequest,
 )
-from firetitan._wire.tensors import _Budget, _decode_datum, _decode_tensor, decode_model_input
+from firetitan._wire.tensors import (
+    _Budget,
+    _decode_datum,
+    _decode_tensor_as_sent,
+    decode_model_input,
+)
 
 __all__ = ["DECODERS", "RequestDecoder", "decode_request"]
 
@@ -360,7 +365,7 @@ def _decode_sample(body: dict[str, Any], budget: _Budget) -> SampleRequest:
     target_raw = body.get("target_prompt_logprobs")
     target = None
     if target_raw is not None:
-        target = _decode_tensor(target_raw, "target_prompt_logprobs", budget, pad=-1)
+        target = _decode_tensor_as_sent(target_raw, "target_prompt_logprobs", budget)
         if target.dtype != "int64" or target.shape is None or len(target.shape) != 2:
             raise WireError("target_prompt_logprobs", "expected a 2-D int64 tensor of token ids")
     return SampleRequest(

@@ -223,8 +223,8 @@ class CreateSamplingSessionRequest:
 class SampleRequest:
     """The body of the ``asample`` endpoint (tinker sampling).
 
-    ``target_prompt_logprobs`` is decoded dense, with ``-1`` ("nothing requested") in
-    cells a sparse request leaves out.
+    ``target_prompt_logprobs`` keeps the layout it was sent in (dense, or CSR whose
+    unlisted cells request nothing), so that its result can answer in the same layout.
     """
 
     prompt: tinker.ModelInput

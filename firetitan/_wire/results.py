@@ -38,6 +38,7 @@ from firetitan._wire._json import (
 from firetitan._wire.tensors import (
     _Budget,
     _decode_tensor,
+    _decode_tensor_as_sent,
     _dense_numpy,
     _wire_values,
     encode_tensor,
@@ -308,8 +309,9 @@ def _topk_json(topk: TopkLogprobs) -> list[list[tuple[int, float]] | None]:
 
 def encode_sample_response(response: tinker.SampleResponse) -> JSON:
     """Encode a sampling result in the JSON shape of the reference ``SampleResponse``
-    (``sequences`` of ``stop_reason``/``tokens``/``logprobs``, ``prompt_logprobs`` with
-    null where not computed, ``topk_prompt_logprobs``, ``prompt_cache_hit_tokens``).
+    (``sequences`` of ``stop_reason``/``tokens``/``logprobs``/``topk_logprobs``,
+    ``prompt_logprobs`` with null where not computed, ``topk_prompt_logprobs``,
+    ``prompt_cache_hit_tokens``, ``target_prompt_logprobs``, ``prompt_alt_tokens``).
 
     tinker 0.38's SDK reads sampling results only as protobuf: serve it
     `encode_sample_response_proto` instead.
@@ -329,6 +331,10 @@ def encode_sample_response(response: tinker.SampleResponse) -> JSON:
             item["logprobs"] = logprobs.astype(np.float64)
         if isinstance(seq.sequence_id, str):
             item["sequence_id"] = seq.sequence_id
+        if seq.topk_logprobs_np is not None:
+            item["topk_logprobs"] = _topk_json(seq.topk_logprobs_np)
+        elif seq.topk_logprobs is not None:
+            item["topk_logprobs"] = seq.topk_logprobs
         sequences.append(item)
     body: JSON = {"sequences": sequences, "type": "sample"}
     if response.prompt_logprobs_np is not None:
@@ -429,6 +435,7 @@ def decode_sample_response(obj: Any) -> tinker.SampleResponse:
                     _key(path, "logprobs"), f"{logprobs.size} logprobs for {tokens.size} tokens"
                 )
         sequence_id = seq.get("sequence_id")
+        topk_raw = seq.get("topk_logprobs")
         sequences.append(
             tinker.SampledSequence(
                 stop_reason=stop_reason,
@@ -437,6 +444,9 @@ def decode_sample_response(obj: Any) -> tinker.SampleResponse:
                 else "",
                 tokens_np=tokens.astype(np.int32),
                 logprobs_np=logprobs,
+                topk_logprobs_np=None
+                if topk_raw is None
+                else _decode_topk(topk_raw, _key(path, "topk_logprobs")),
             )
         )
     prompt_raw = body.get("prompt_logprobs")
@@ -469,7 +479,7 @@ def decode_sample_response(obj: Any) -> tinker.SampleResponse:
         else _decode_topk(topk_raw, "topk_prompt_logprobs"),
         target_prompt_logprobs=None
         if target_raw is None
-        else _decode_tensor(target_raw, "target_prompt_logprobs", budget),
+        else _decode_tensor_as_sent(target_raw, "target_prompt_logprobs", budget),
         prompt_cache_hit_tokens=0
         if cache_hits is None
         else _int(cache_hits, "prompt_cache_hit_tokens", lo=0),

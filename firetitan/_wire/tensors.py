@@ -38,6 +38,7 @@ from firetitan._wire._json import (
 
 __all__ = [
     "MAX_DENSE_ELEMENTS",
+    "csr_cells",
     "decode_datum",
     "decode_model_input",
     "decode_tensor",
@@ -128,6 +129,23 @@ def _decode_tensor(obj: Any, field: str, budget: _Budget, *, pad: int = 0) -> ti
     return tinker.TensorData(data=dense, dtype=dtype, shape=list(dense.shape))
 
 
+def _decode_tensor_as_sent(obj: Any, field: str, budget: _Budget) -> tinker.TensorData:
+    """`_decode_tensor`'s checks, keeping a CSR tensor in CSR form (its listed cells
+    mean something: a CSR ``target_prompt_logprobs`` asks, and is answered, only there)."""
+    dense = _decode_tensor(obj, field, budget)
+    if obj.get("sparse_crow_indices") is None:
+        return dense
+    crow = _int_array(obj["sparse_crow_indices"], _key(field, "sparse_crow_indices"))
+    col = _int_array(obj["sparse_col_indices"], _key(field, "sparse_col_indices"))
+    return tinker.TensorData(
+        data=dense.to_numpy()[csr_cells(crow, col)],
+        dtype=dense.dtype,
+        shape=dense.shape,
+        sparse_crow_indices=crow.tolist(),
+        sparse_col_indices=col.tolist(),
+    )
+
+
 def _densify_csr(
     values: npt.NDArray[Any],
     crow: npt.NDArray[np.int64],
@@ -157,7 +175,7 @@ def _densify_csr(
         if bad.size:
             i = int(bad[0])
             raise WireError(f"{col_field}[{i}]", f"column {int(col[i])} is out of range")
-    row_of = np.repeat(np.arange(rows, dtype=np.int64), per_row)
+    row_of = _csr_rows(crow)
     # Within a row, columns must strictly increase (no duplicates), as torch requires.
     if np.any((row_of[1:] == row_of[:-1]) & (col[1:] <= col[:-1])):
         raise WireError(col_field, "columns must strictly increase within each row")
@@ -165,6 +183,19 @@ def _densify_csr(
     dense = np.full((rows, cols), pad, dtype=values.dtype)
     dense[row_of, col] = values
     return dense
+
+
+def _csr_rows(crow: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    return np.repeat(np.arange(crow.size - 1, dtype=np.int64), np.diff(crow))
+
+
+def csr_cells(
+    crow_indices: npt.ArrayLike, col_indices: npt.ArrayLike
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The (row, column) indices of the cells a checked 2-D CSR tensor lists, in the
+    order of its values: ``dense[csr_cells(...)]`` reads them, assigning to it writes them."""
+    crow = np.asarray(crow_indices, dtype=np.int64)
+    return _csr_rows(crow), np.asarray(col_indices, dtype=np.int64)
 
 
 def decode_tensor(obj: Any, field: str = "tensor") -> tinker.TensorData:

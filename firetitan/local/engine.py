@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy.typing as npt
 import tinker
 
 from firetitan.local import rules
@@ -209,8 +210,13 @@ class Engine(abc.ABC):
         params: tinker.SamplingParams,
         *,
         prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
+        target_prompt_logprobs: npt.ArrayLike | None = None,
+        prompt_alt_tokens_k: int = 0,
     ) -> tinker.SampleResponse:
-        """Generate ``num_samples`` continuations of ``prompt``."""
+        """Generate ``num_samples`` continuations of ``prompt``; the keyword options are
+        those of `rules.SamplingRequest` (tinker's ``SampleRequest``)."""
         picks = (source.export_dir, source.model_id, source.base_model)
         if sum(x is not None for x in picks) != 1:
             raise UserError("sample needs exactly one of export_dir, model_id, base_model")
@@ -218,7 +224,15 @@ class Engine(abc.ABC):
             self._require_model(source.model_id)
         limits = self.source_limits(source)
         request = rules.check_sampling(
-            prompt, num_samples, params, limits, prompt_logprobs=prompt_logprobs
+            prompt,
+            num_samples,
+            params,
+            limits,
+            prompt_logprobs=prompt_logprobs,
+            topk_prompt_logprobs=topk_prompt_logprobs,
+            topk_sample_logprobs=topk_sample_logprobs,
+            target_prompt_logprobs=target_prompt_logprobs,
+            prompt_alt_tokens_k=prompt_alt_tokens_k,
         )
         return self.compute_sample(source, request)
 

@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import tinker
 
+from firetitan.local import sample_scores
 from firetitan.local.engine import (
     Engine,
     Limits,
@@ -234,21 +235,56 @@ class NullEngine(Engine):
                     out = out[: hits[0] + 1]
                     reason = "stop"
             logprobs = _fake_logprobs(rng, out.shape)
+            top = None
+            if request.topk_sample_logprobs:
+                k = request.topk_sample_logprobs
+                top = sample_scores.topk(*self._fake_topk(rng, out.size, k))
             sequences.append(
                 tinker.SampledSequence(
                     stop_reason=reason,
                     sequence_id=f"seq-{self._digest('id', step, tokens.tobytes(), index)[:16]}",
                     tokens_np=out.astype(np.int32),
                     logprobs_np=logprobs,
+                    topk_logprobs_np=top,
                 )
             )
-        prompt_lp: F32 | None = None
+        return tinker.SampleResponse(
+            sequences=sequences, **self._prompt_scores(request, step, tokens)
+        )
+
+    def _prompt_scores(
+        self, request: SamplingRequest, step: int, tokens: npt.NDArray[np.int64]
+    ) -> dict[str, Any]:
+        """The prompt's result fields the request asks for, with deterministic values."""
+        fields: dict[str, Any] = {}
+        following = tokens.size - 1
         if request.prompt_logprobs:
-            rng = self._rng("prompt", step, tokens.tobytes())
-            prompt_lp = _fake_logprobs(rng, tokens.shape)
+            prompt_lp = _fake_logprobs(self._rng("prompt", step, tokens.tobytes()), tokens.shape)
             if prompt_lp.size:
                 prompt_lp[0] = np.nan  # position 0 has no context, as tinker documents
-        return tinker.SampleResponse(sequences=sequences, prompt_logprobs_np=prompt_lp)
+            fields["prompt_logprobs_np"] = prompt_lp
+        if request.topk_prompt_logprobs:
+            rng = self._rng("prompt-topk", step, tokens.tobytes())
+            ids, lps = self._fake_topk(rng, following, request.topk_prompt_logprobs)
+            fields["topk_prompt_logprobs_np"] = sample_scores.prompt_topk(ids, lps)
+        targets = request.target_prompt_logprobs
+        if targets is not None:
+            rng = self._rng("prompt-targets", step, tokens.tobytes())
+            scored = _fake_logprobs(rng, targets.shape)
+            fields["target_prompt_logprobs"] = sample_scores.target_logprobs(targets, scored)
+        k = request.prompt_alt_tokens_k
+        if k:
+            rng = self._rng("prompt-alt", step, tokens.tobytes(), request.params.seed)
+            draws = rng.integers(0, self.vocab_size, size=(following, k), dtype=np.int64)
+            fields["prompt_alt_tokens"] = sample_scores.alt_tokens(
+                draws, _fake_logprobs(rng, draws.shape)
+            )
+        return fields
+
+    def _fake_topk(self, rng: np.random.Generator, rows: int, k: int) -> tuple[Any, F32]:
+        """(rows, k) distinct ids per row and logprobs falling along each row."""
+        ids = [rng.choice(self.vocab_size, size=k, replace=False) for _ in range(rows)]
+        return np.reshape(ids, (rows, k)), -np.sort(-_fake_logprobs(rng, (rows, k)), axis=1)
 
     # ------------------------------------------------------------------ internals
 

@@ -24,7 +24,7 @@ import tinker
 
 from firetitan import _wire
 from firetitan._checkpoint_paths import CheckpointRef
-from firetitan.local import stability
+from firetitan.local import sample_scores, stability
 from firetitan.local.checkpoints import MANIFEST_NAME, CheckpointStore, Kind, Manifest
 from firetitan.local.engine import Engine, ModelSpec, SampleSource, UserError
 from firetitan.local.executor import (
@@ -437,13 +437,27 @@ class Operations:
                 prompt = request.prompt.to_ints()
             except ValueError as exc:
                 raise UserError("prompt: only encoded_text chunks can be sampled from") from exc
+            targets = request.target_prompt_logprobs
             response: tinker.SampleResponse = self._engine.sample(
                 source,
                 prompt,
                 request.num_samples,
                 request.sampling_params,
                 prompt_logprobs=request.prompt_logprobs,
+                topk_prompt_logprobs=request.topk_prompt_logprobs,
+                topk_sample_logprobs=request.topk_sample_logprobs,
+                target_prompt_logprobs=None
+                if targets is None
+                else sample_scores.requested_ids(targets),
+                prompt_alt_tokens_k=request.prompt_alt_tokens_k,
             )
+            if targets is not None and response.target_prompt_logprobs is not None:
+                response = dataclasses.replace(
+                    response,
+                    target_prompt_logprobs=sample_scores.in_request_layout(
+                        targets, response.target_prompt_logprobs
+                    ),
+                )
             if request.record_stability_info:
                 if ticket.session_id is None:
                     raise UserError(
@@ -515,7 +529,7 @@ class Operations:
 def _last_n_prompt_logprobs(
     response: tinker.SampleResponse, last_n: int | None
 ) -> tinker.SampleResponse:
-    """Blank the prompt logprobs before the last ``last_n`` (tinker's
+    """Blank the prompt logprobs and top-k rows before the last ``last_n`` (tinker's
     ``prompt_logprobs_last_n``; tinker refuses a response that scores earlier ones).
 
     Raises:
@@ -530,8 +544,10 @@ def _last_n_prompt_logprobs(
         scored = [float("nan") if v is None else v for v in response.prompt_logprobs]
     else:
         return response
+    top = response.topk_prompt_logprobs_np
     return dataclasses.replace(
         response,
         prompt_logprobs_np=mask_prompt_logprobs(scored, last_n),
         _prompt_logprobs_list=None,
+        topk_prompt_logprobs_np=None if top is None else sample_scores.mask_topk_rows(top, last_n),
     )

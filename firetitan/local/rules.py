@@ -30,6 +30,8 @@ import tinker
 __all__ = [
     "ADAM_RANGES",
     "LOSSES",
+    "MAX_LOGPROB_CELLS",
+    "MAX_LOGPROB_WIDTH",
     "NORMALIZATIONS",
     "RATIO_MASK",
     "ConfigKey",
@@ -668,6 +670,13 @@ def normalization_mode(value: object) -> str:
 # --------------------------------------------------------------------------- sampling
 
 
+#: The widest top-k (and alternative-token draw, and set of distinct target ids) a
+#: sampling request may ask for, and the most cells (positions × width) it may fill:
+#: each cell is a logprob the trainer computes, stores and sends.
+MAX_LOGPROB_WIDTH: Final = 1024
+MAX_LOGPROB_CELLS: Final = 1 << 20
+
+
 @attrs.frozen(kw_only=True)
 class SamplingRequest:
     """A checked sampling request, what engines generate from.
@@ -677,12 +686,22 @@ class SamplingRequest:
         num_samples: How many sequences, at least 1.
         params: Checked sampling parameters.
         prompt_logprobs: Also score the prompt.
+        topk_prompt_logprobs: The k most likely tokens at every prompt position after
+            the first (0: none).
+        topk_sample_logprobs: The k most likely tokens at every sampled position (0: none).
+        target_prompt_logprobs: Token ids to score, (len(prompt) - 1, K): cell
+            ``[i, j]`` at prompt position ``i + 1``; ``-1`` asks nothing. None: none.
+        prompt_alt_tokens_k: Draws at every prompt position after the first (0: none).
     """
 
     prompt: list[int]
     num_samples: int
     params: tinker.SamplingParams
     prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    target_prompt_logprobs: IntArray | None = attrs.field(default=None, eq=False)
+    prompt_alt_tokens_k: int = 0
 
 
 def check_sampling(
@@ -692,13 +711,19 @@ def check_sampling(
     limits: Limits,
     *,
     prompt_logprobs: bool = False,
+    topk_prompt_logprobs: int = 0,
+    topk_sample_logprobs: int = 0,
+    target_prompt_logprobs: npt.ArrayLike | None = None,
+    prompt_alt_tokens_k: int = 0,
 ) -> SamplingRequest:
     """Check a sampling request against the model it samples from.
 
     Raises:
         UserError: A parameter is out of range, the prompt is empty, does not fit the
-            context or holds a token outside the vocabulary, or ``stop`` has entries
-            that are neither token ids nor non-empty strings.
+            context or holds a token outside the vocabulary, ``stop`` has entries
+            that are neither token ids nor non-empty strings, a top-k or draw count is
+            negative or too wide, or ``target_prompt_logprobs`` has the wrong shape,
+            ids outside the vocabulary, none at all, or too many.
     """
     count: object = num_samples  # checked at run time: the request is untrusted
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
@@ -730,9 +755,72 @@ def check_sampling(
                     f"sampling_params.stop entries must be token ids or non-empty strings, "
                     f"got {item!r}"
                 )
+    positions = len(prompt)
+    room = limits.context_length - positions
+    generated = num_samples * (room if params.max_tokens is None else min(params.max_tokens, room))
+    widths = {
+        "topk_prompt_logprobs": (topk_prompt_logprobs, positions),
+        "topk_sample_logprobs": (topk_sample_logprobs, generated),
+        "prompt_alt_tokens_k": (prompt_alt_tokens_k, positions),
+    }
+    for field, (width, cells_per_width) in widths.items():
+        _check_width(field, width, limits, cells_per_width)
+    targets = None
+    if target_prompt_logprobs is not None:
+        targets = _check_targets(target_prompt_logprobs, limits, positions)
     return SamplingRequest(
         prompt=list(prompt),
         num_samples=num_samples,
         params=params,
         prompt_logprobs=prompt_logprobs,
+        topk_prompt_logprobs=topk_prompt_logprobs,
+        topk_sample_logprobs=topk_sample_logprobs,
+        target_prompt_logprobs=targets,
+        prompt_alt_tokens_k=prompt_alt_tokens_k,
     )
+
+
+def _check_width(field: str, width: object, limits: Limits, positions: int) -> None:
+    """A top-k or draw count: an integer from 0 to the vocabulary (and
+    `MAX_LOGPROB_WIDTH`) whose cells, ``positions`` rows of it, fit `MAX_LOGPROB_CELLS`
+    (the rows of sampled top-k are every token the request may generate)."""
+    most = min(limits.vocab_size, MAX_LOGPROB_WIDTH)
+    if isinstance(width, bool) or not isinstance(width, int) or not 0 <= width <= most:
+        raise UserError(f"{field} must be an integer in [0, {most}], got {width!r}")
+    _check_cells(field, positions, width)
+
+
+def _check_cells(field: str, positions: int, width: int) -> None:
+    if positions * width > MAX_LOGPROB_CELLS:
+        raise UserError(
+            f"{field}: {positions} positions × {width} = {positions * width} logprobs, "
+            f"more than the {MAX_LOGPROB_CELLS} one request may ask for"
+        )
+
+
+def _check_targets(value: npt.ArrayLike, limits: Limits, positions: int) -> IntArray:
+    """``target_prompt_logprobs`` as a (len(prompt) - 1, K) int64 array of token ids or
+    ``-1``, naming at least one id; its cost is len(prompt) × the distinct ids."""
+    field = "target_prompt_logprobs"
+    targets = np.asarray(value)
+    if targets.dtype.kind not in "iu":
+        raise UserError(f"{field} must hold integer token ids, got dtype {targets.dtype}")
+    if targets.ndim != 2 or targets.shape[0] != positions - 1:
+        raise UserError(
+            f"{field} must have shape [len(prompt) - 1, K] = [{positions - 1}, K], "
+            f"got {list(targets.shape)}"
+        )
+    bad = np.argwhere((targets < -1) | (targets >= limits.vocab_size))
+    if bad.size:
+        row, col = (int(x) for x in bad[0])
+        raise UserError(
+            f"{field}[{row}][{col}] is {int(targets[row, col])}: a token id in "
+            f"[0, {limits.vocab_size}) or -1 for nothing"
+        )
+    distinct = np.unique(targets[targets >= 0]).size
+    if distinct == 0:
+        raise UserError(f"{field} names no token id (every cell is -1)")
+    if distinct > MAX_LOGPROB_WIDTH:
+        raise UserError(f"{field} names {distinct} distinct token ids; at most {MAX_LOGPROB_WIDTH}")
+    _check_cells(field, positions, distinct)
+    return targets.astype(np.int64)

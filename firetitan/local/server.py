@@ -471,7 +471,7 @@ class TrainerServer:
 
     async def _decode(self, endpoint: str, raw: bytes, obj: dict[str, Any]) -> Any:
         # tinker options the codec passes over but the trainer cannot honour (another
-        # optimizer, top-k logprobs...) are refused, not silently ignored.
+        # optimizer, an access token) are refused, not silently ignored.
         tinker_compat.check_tinker_options(endpoint, obj)
         return await self._off_loop(len(raw), _wire.decode_request, endpoint, obj)
 

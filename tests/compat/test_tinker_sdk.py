@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 from firetitan.local import LocalTrainer
@@ -41,6 +42,7 @@ def _inputs() -> dict[str, Any]:
     return {
         "base_model": BASE_MODEL,
         "prompt": tok.encode("Q: cat\nA:", add_bos=True),
+        "vocab": tok.vocab_size,
         "sft": sft,
     }
 
@@ -137,6 +139,39 @@ def test_sampling_client(run: Run) -> None:
     assert flow["sampler_path"] == f"tinker://{trainer.job_id}/sampler_weights/exported"
     assert flow["named_base_model"] == BASE_MODEL
     assert 1 <= len(flow["named_sample"]) <= 6
+
+
+def test_sampling_scores_match_forward(run: Run) -> None:
+    """Top-k, target and alternative-token logprobs, as tinker reads them, equal the
+    trainer's own ``forward`` logprobs; bad options are refused naming the field."""
+    _trainer, report = run
+    prompt, scores = report["inputs"]["prompt"], report["sampling"]["scores"]
+    expected = np.asarray(scores["forward"])  # (len(prompt) - 1, vocab)
+    rows = len(prompt) - 1
+    top = scores["topk_prompt"]
+    assert len(top) == len(prompt) and top[0] is None
+    for i, row in enumerate(top[1:]):
+        assert len(row) == 3
+        assert [lp for _t, lp in row] == sorted((lp for _t, lp in row), reverse=True)
+        assert row[0][0] == int(np.argmax(expected[i]))
+        assert all(abs(lp - expected[i, tok]) < 1e-4 for tok, lp in row)
+    for tokens, sampled in zip(scores["sampled"], scores["topk_sampled"], strict=True):
+        assert len(sampled) == len(tokens) and all(len(r) == 2 for r in sampled)
+    asked = np.asarray(scores["dense_asked"])
+    assert scores["target_shape"] == [rows, 2]
+    want = np.where(asked >= 0, expected[np.arange(rows)[:, None], asked.clip(0)], 0.0)
+    np.testing.assert_allclose(scores["target"], want, atol=1e-4)
+    drawn = np.asarray(scores["alt_tokens"])
+    assert drawn.shape == (rows, 2)
+    np.testing.assert_allclose(
+        scores["alt_logprobs"], expected[np.arange(rows)[:, None], drawn], atol=1e-4
+    )
+    sparse = scores["sparse"]
+    assert sparse["crow"] == [0, 0, 1] + [2] * (rows - 2) and sparse["col"] == [1, 2]
+    np.testing.assert_allclose(sparse["data"], [expected[1, prompt[2]], expected[2, 7]], atol=1e-4)
+    too_wide, wrong_rows = report["refused"]
+    assert "topk_prompt_logprobs must be an integer in [0, " in too_wide
+    assert "target_prompt_logprobs must have shape [len(prompt) - 1, K]" in wrong_rows
 
 
 def test_sft_loss_falls(run: Run) -> None:

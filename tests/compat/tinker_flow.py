@@ -14,6 +14,7 @@ import math
 import sys
 from typing import Any
 
+import numpy as np
 import tinker
 from tinker import types
 
@@ -92,7 +93,7 @@ def _step_then_loss(client: tinker.TrainingClient, data: list[types.Datum]) -> f
 
 
 def sampling_flow(
-    service: tinker.ServiceClient, base_model: str, prompt: list[int]
+    service: tinker.ServiceClient, base_model: str, prompt: list[int], vocab: int
 ) -> dict[str, Any]:
     """A training client's weights, sampled through the ``SamplingClient`` flows."""
     out: dict[str, Any] = {}
@@ -122,7 +123,88 @@ def sampling_flow(
     out["named_base_model"] = named.get_base_model()
     again = named.sample(types.ModelInput.from_ints(prompt), 1, params).result()
     out["named_sample"] = again.sequences[0].tokens
+    out["scores"] = scores_flow(client, sampler, prompt, vocab)
+    out["sampler_path_for_refusals"] = path
     return out
+
+
+def scores_flow(
+    client: tinker.TrainingClient, sampler: tinker.SamplingClient, prompt: list[int], vocab: int
+) -> dict[str, Any]:
+    """Top-k, target and alternative-token logprobs of the sampler, next to `forward`'s
+    logprob of every id at every prompt position (the (N, K) target form)."""
+    rows = len(prompt) - 1
+    every_id = [list(range(vocab))] * rows
+    datum_all = types.Datum(
+        model_input=types.ModelInput.from_ints(prompt[:-1]),
+        loss_fn_inputs={
+            "target_tokens": types.TensorData(
+                data=[i for row in every_id for i in row], dtype="int64", shape=[rows, vocab]
+            )
+        },
+    )
+    forward = client.forward([datum_all], "cross_entropy").result()
+    dense = [[prompt[i + 1], -1] for i in range(rows)]
+    dense[-1][1] = 42
+    model_input = types.ModelInput.from_ints(prompt)
+    params = types.SamplingParams(max_tokens=4, seed=3, stop=[])
+    res = sampler.sample(
+        model_input,
+        2,
+        params,
+        include_prompt_logprobs=True,
+        topk_prompt_logprobs=3,
+        topk_sample_logprobs=2,
+        target_prompt_logprobs=types.TensorData(
+            data=[i for row in dense for i in row], dtype="int64", shape=[rows, 2]
+        ),
+        prompt_alt_tokens_k=2,
+    ).result()
+    assert res.target_prompt_logprobs is not None and res.prompt_alt_tokens is not None
+    sparse_ask = types.TensorData(
+        data=[prompt[2], 7],
+        dtype="int64",
+        shape=[rows, 3],
+        sparse_crow_indices=[0, 0, 1] + [2] * (rows - 2),
+        sparse_col_indices=[1, 2],
+    )
+    sparse = sampler.sample(model_input, 1, params, target_prompt_logprobs=sparse_ask).result()
+    assert sparse.target_prompt_logprobs is not None
+    return {
+        "forward": forward.loss_fn_outputs[0]["logprobs"].tolist(),
+        "dense_asked": dense,
+        "topk_prompt": res.topk_prompt_logprobs,
+        "topk_sampled": [s.topk_logprobs for s in res.sequences],
+        "sampled": [s.tokens for s in res.sequences],
+        "target": res.target_prompt_logprobs.tolist(),
+        "target_shape": res.target_prompt_logprobs.shape,
+        "alt_tokens": res.prompt_alt_tokens.tokens.tolist(),
+        "alt_logprobs": res.prompt_alt_tokens.logprobs.tolist(),
+        "sparse": {
+            "crow": sparse.target_prompt_logprobs.sparse_crow_indices,
+            "col": sparse.target_prompt_logprobs.sparse_col_indices,
+            "data": np.asarray(sparse.target_prompt_logprobs.data).tolist(),
+        },
+    }
+
+
+def refusal_flow(service: tinker.ServiceClient, path: str, prompt: list[int]) -> list[str]:
+    """Sampling options the trainer refuses, and its messages (the SDK logs each
+    refusal as an error, so this runs after its log was collected)."""
+    sampler = service.create_sampling_client(model_path=path).result()
+    model_input = types.ModelInput.from_ints(prompt)
+    params = types.SamplingParams(max_tokens=1)
+    refused = []
+    for options in (
+        {"topk_prompt_logprobs": 5000},
+        {"target_prompt_logprobs": types.TensorData(data=[1], dtype="int64", shape=[1, 1])},
+    ):
+        try:
+            sampler.sample(model_input, 1, params, **options).result()
+            refused.append("")
+        except tinker.TinkerError as exc:
+            refused.append(str(exc))
+    return refused
 
 
 def sft_flow(
@@ -187,10 +269,13 @@ def main() -> int:
     with tinker.ServiceClient(base_url=base_url, api_key=api_key) as service:
         base_model = given["base_model"]
         summary["training"] = training_flow(service, base_model)
-        summary["sampling"] = sampling_flow(service, base_model, given["prompt"])
+        summary["sampling"] = sampling_flow(service, base_model, given["prompt"], given["vocab"])
         summary["sft"] = sft_flow(service, base_model, given["sft"])
         summary["gspo"] = gspo_flow(service, base_model, given["prompt"])
-    summary["sdk_problems"] = collect.problems
+        summary["sdk_problems"] = list(collect.problems)
+        summary["refused"] = refusal_flow(
+            service, summary["sampling"]["sampler_path_for_refusals"], given["prompt"]
+        )
     report(summary)
     return 0
 

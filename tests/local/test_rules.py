@@ -62,6 +62,20 @@ def _sample(prompt: list[int] = TOKENS, n: int = 1, **params: Any) -> Call:
     return lambda e, _v, _c: e.sample(source, prompt, n, tinker.SamplingParams(**params))
 
 
+def _scores(**options: Any) -> Call:
+    """A sample asking for extra logprob results (``options`` of `Engine.sample`)."""
+    source = SampleSource(model_id="m")
+    params = tinker.SamplingParams(max_tokens=2)
+    return lambda e, _v, _c: e.sample(source, TOKENS, 1, params, **options)
+
+
+def _targets(*cells: tuple[int, int, int], rows: int = N - 1, k: int = 2) -> np.ndarray:
+    ids = np.full((rows, k), -1, dtype=np.int64)
+    for row, col, value in cells:
+        ids[row, col] = value
+    return ids
+
+
 HOSTILE: dict[str, Call] = {
     "unknown loss": _fb([SFT], "mse"),
     "misspelt clip key": _fb([_rl()], "ppo", {"clip_hihg_threshold": 1.3}),
@@ -152,6 +166,22 @@ HOSTILE: dict[str, Call] = {
     "top_p zero": _sample(top_p=0.0),
     "top_p above one": _sample(top_p=1.5),
     "empty stop string": _sample(stop=[""]),
+    "negative top-k prompt logprobs": _scores(topk_prompt_logprobs=-1),
+    "top-k prompt logprobs as a float": _scores(topk_prompt_logprobs=2.0),
+    "top-k wider than allowed": _scores(topk_sample_logprobs=100_000),
+    "negative alternative tokens": _scores(prompt_alt_tokens_k=-2),
+    "targets with too few rows": _scores(target_prompt_logprobs=_targets((0, 0, 5), rows=N - 2)),
+    "targets as 1-D": _scores(target_prompt_logprobs=np.arange(N - 1)),
+    "targets as floats": _scores(target_prompt_logprobs=np.zeros((N - 1, 1), np.float32)),
+    "targets naming nothing": _scores(target_prompt_logprobs=_targets()),
+    "target id below -1": _scores(target_prompt_logprobs=_targets((1, 1, -3))),
+    "target id out of vocab": lambda e, v, _c: e.sample(
+        SampleSource(model_id="m"),
+        TOKENS,
+        1,
+        tinker.SamplingParams(max_tokens=2),
+        target_prompt_logprobs=_targets((2, 0, v)),
+    ),
     "sample an unknown model": lambda e, _v, _c: e.sample(
         SampleSource(model_id="nope"), TOKENS, 1, tinker.SamplingParams()
     ),
@@ -196,6 +226,69 @@ def test_both_engines_refuse_alike(
     assert _refusal(torch_engine, vocab, context, call) == _refusal(
         null_engine, vocab, context, call
     )
+
+
+def test_sampling_options_are_refused_by_name(
+    engines: tuple[tuple[Engine, int, int], tuple[Engine, int, int]],
+) -> None:
+    (engine, vocab, context), _ = engines
+    most = min(vocab, 1024)
+    expected = {
+        "negative top-k prompt logprobs": f"topk_prompt_logprobs must be an integer in "
+        f"[0, {most}], got -1",
+        "top-k wider than allowed": f"topk_sample_logprobs must be an integer in [0, {most}], "
+        "got 100000",
+        "negative alternative tokens": f"prompt_alt_tokens_k must be an integer in [0, {most}], "
+        "got -2",
+        "targets with too few rows": "target_prompt_logprobs must have shape "
+        f"[len(prompt) - 1, K] = [{N - 1}, K], got [{N - 2}, 2]",
+        "targets naming nothing": "target_prompt_logprobs names no token id (every cell is -1)",
+        "target id out of vocab": f"target_prompt_logprobs[2][0] is {vocab}: a token id in "
+        f"[0, {vocab}) or -1 for nothing",
+    }
+    for case, message in expected.items():
+        assert _refusal(engine, vocab, context, HOSTILE[case]) == message
+
+
+def test_both_engines_answer_sampling_options_in_the_same_shapes(
+    engines: tuple[tuple[Engine, int, int], tuple[Engine, int, int]],
+) -> None:
+    """The null engine's extra results have the torch engine's shapes and empty cells."""
+    answers = [
+        engine.sample(
+            SampleSource(model_id="m"),
+            TOKENS,
+            2,
+            tinker.SamplingParams(max_tokens=3, stop=[], seed=1),
+            prompt_logprobs=True,
+            topk_prompt_logprobs=3,
+            topk_sample_logprobs=2,
+            target_prompt_logprobs=_targets((1, 0, 5), (2, 1, 9)),
+            prompt_alt_tokens_k=4,
+        )
+        for engine, _v, _c in engines
+    ]
+
+    def layout(res: tinker.SampleResponse) -> list[object]:
+        assert res.topk_prompt_logprobs is not None and res.target_prompt_logprobs is not None
+        assert res.prompt_alt_tokens is not None
+        targets = res.target_prompt_logprobs.to_numpy()
+        return [
+            [row is None or len(row) for row in res.topk_prompt_logprobs],
+            [
+                None if s.topk_logprobs_np is None else s.topk_logprobs_np.token_ids.shape
+                for s in res.sequences
+            ],
+            res.target_prompt_logprobs.dtype,
+            (targets == 0.0).tolist(),
+            res.prompt_alt_tokens.tokens.shape,
+            res.prompt_alt_tokens.logprobs.shape,
+        ]
+
+    torch_answer, null_answer = answers
+    assert layout(torch_answer) == layout(null_answer)
+    assert layout(null_answer)[0] == [True, 3, 3, 3]
+    assert layout(null_answer)[3] == [[True, True], [False, True], [True, False]]
 
 
 #: Refusals whose exact wording the losses reference promises.

@@ -38,10 +38,12 @@ What tinker expects, and where the trainer serves it:
 * Path-less ``save_weights_for_sampler`` (``sampling_session_seq_id``) opens a sampling
   session; ``GET samplers/{id}`` names its base model and path.
 * ``asample`` acknowledgements carry ``sample_sequence_ids`` (`sample_sequence_ids`);
-  ``prompt_logprobs_last_n`` is applied (`mask_prompt_logprobs`); options the trainer
-  cannot honour (another optimizer, ``weights_access_token``, top-k and alternative
-  token logprobs) are refused by `check_tinker_options`. ``record_stability_info``
-  keeps what ``stable_reinforce`` trains on (`firetitan.local.stability`).
+  ``prompt_logprobs_last_n`` is applied (`mask_prompt_logprobs`, also to top-k rows);
+  top-k prompt and sampled logprobs, ``target_prompt_logprobs`` (answered in the
+  request's dense or CSR layout) and ``prompt_alt_tokens_k`` are computed by the engine
+  (`firetitan.local.sample_scores`); options the trainer cannot honour (another
+  optimizer, ``weights_access_token``) are refused by `check_tinker_options`.
+  ``record_stability_info`` keeps what ``stable_reinforce`` trains on (`firetitan.local.stability`).
   ``compute_logprobs`` is an ``asample`` with ``prompt_logprobs``; position 0 is NaN.
 
 ``cancel_future`` drops a sampling request that has not run (`Executor.cancel`).
@@ -265,18 +267,16 @@ def check_tinker_options(endpoint: str, body: Mapping[str, Any]) -> None:
     """Refuse tinker options the codec passes over but this trainer cannot honour.
 
     Ignoring them would answer something other than what was asked: another
-    optimizer's model trained with AdamW, a sample without the requested top-k.
+    optimizer's model trained with AdamW.
 
     Args:
-        endpoint: ``"create_model"``, ``"load_weights"``, ``"optim_step"`` or
-            ``"asample"``; other endpoints have nothing to check.
+        endpoint: ``"create_model"``, ``"load_weights"`` or ``"optim_step"``; other
+            endpoints have nothing to check.
         body: The request's parsed JSON body.
 
     Raises:
         WireError: Naming the option: an ``optimizer_config`` other than AdamW, a
-            ``weights_access_token``, Dimuon ``optimizer_params``, or a sampling option
-            above its default (``topk_prompt_logprobs``, ``topk_sample_logprobs``,
-            ``prompt_alt_tokens_k``, ``target_prompt_logprobs``).
+            ``weights_access_token`` or Dimuon ``optimizer_params``.
     """
     if endpoint in ("create_model", "load_weights"):
         _check_optimizer_config(body.get("optimizer_config"))
@@ -284,12 +284,6 @@ def check_tinker_options(endpoint: str, body: Mapping[str, Any]) -> None:
         raise WireError("weights_access_token", "is not supported by this trainer")
     if endpoint == "optim_step" and body.get("optimizer_params") is not None:
         raise WireError("optimizer_params", "this trainer only has AdamW; send adam_params instead")
-    if endpoint == "asample":
-        for key in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
-            if body.get(key) not in (None, 0):
-                raise WireError(key, "is not supported by this trainer; send 0")
-        if body.get("target_prompt_logprobs") is not None:
-            raise WireError("target_prompt_logprobs", "is not supported by this trainer")
 
 
 def _check_optimizer_config(value: Any) -> None:

@@ -530,14 +530,12 @@ class TorchEngine(Engine):
             self._sample_calls += 1
             return generate(
                 module,
-                prompt,
-                request.num_samples,
+                request,
                 plan,
                 generator=generator,
                 tokenizer=self._tokenizer,
                 device=self.device,
                 autocast=self._autocast(),
-                prompt_logprobs=request.prompt_logprobs,
                 id_prefix=f"s{self._sample_calls}",
             )
 

@@ -10,6 +10,12 @@ unmodified logits, whatever ``temperature``, ``top_k`` and ``top_p`` do to the c
 They therefore equal what `forward` computes for the same tokens, which is what an RL
 loss needs as ``logprobs`` when sampling at temperature 1.
 
+The extra results a request may ask for (top-k prompt and sampled logprobs, the
+logprobs of requested prompt ids, alternative prompt tokens) come from the same prefill
+and decode steps and are laid out by `firetitan.local.sample_scores`. Alternative
+tokens are drawn after the decode loop, so asking for them leaves a seeded sample's
+tokens unchanged.
+
 Stopping, as tinker's ``SamplingParams`` documents it: only ``stop=[]`` turns the
 tokenizer's end-of-sequence token off (and then nothing stops early); ``None`` and every
 non-empty ``stop`` keep it. Token ids stop when generated; strings stop once the decoded
@@ -23,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import numpy as np
@@ -30,7 +37,8 @@ import tinker
 import torch
 from torch import nn
 
-from firetitan.local.engine import DEFAULT_MAX_TOKENS
+from firetitan.local import sample_scores
+from firetitan.local.engine import DEFAULT_MAX_TOKENS, SamplingRequest
 from firetitan.local.torch.models import cache_keyword
 from firetitan.local.torch.tokenizer import Tokenizer
 
@@ -44,7 +52,6 @@ __all__ = [
     "sampling_logits",
     "stop_window",
 ]
-
 
 
 @attrs.frozen(kw_only=True)
@@ -124,44 +131,44 @@ def _choose(logits: torch.Tensor, plan: SamplingPlan, generator: torch.Generator
 
 def generate(
     module: nn.Module,
-    prompt: Sequence[int],
-    num_samples: int,
+    request: SamplingRequest,
     plan: SamplingPlan,
     *,
     generator: torch.Generator,
     tokenizer: Tokenizer,
     device: torch.device,
     autocast: contextlib.AbstractContextManager[object],
-    prompt_logprobs: bool,
     id_prefix: str,
 ) -> tinker.SampleResponse:
     """Run the decode loop described in the module docstring."""
-    n = num_samples
+    n, prompt, k_sample = request.num_samples, request.prompt, request.topk_sample_logprobs
     tokens: list[list[int]] = [[] for _ in range(n)]
     logprobs: list[list[float]] = [[] for _ in range(n)]
+    top_ids: list[list[list[int]]] = [[] for _ in range(n)]
+    top_lps: list[list[list[float]]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
     window = stop_window(plan)
-    prompt_lp: np.ndarray | None = None
     keyword = cache_keyword(module)
 
     ids = torch.tensor([list(prompt)] * n, dtype=torch.int64, device=device)
     with torch.inference_mode(), autocast:
         out = module(input_ids=ids, use_cache=True)
-        if prompt_logprobs:
-            lp_all = torch.log_softmax(out.logits[0].float(), dim=-1)
-            picked = lp_all[:-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
-            prompt_lp = np.full(len(prompt), np.nan, dtype=np.float32)
-            prompt_lp[1:] = picked.cpu().numpy()
+        prompt_logits = out.logits[0, :-1]  # row i predicts prompt token i + 1
         logits = out.logits[:, -1, :].float()
         cache = cache_of(out)
         for step in range(plan.max_new):
             choice = _choose(logits, plan, generator)
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, choice[:, None]).squeeze(-1)
+            step_lp = torch.log_softmax(logits, dim=-1)
+            lp = step_lp.gather(-1, choice[:, None]).squeeze(-1)
+            best = step_lp.topk(k_sample, dim=-1) if k_sample else None
             for i, (tok, val) in enumerate(zip(choice.tolist(), lp.tolist(), strict=True)):
                 if reasons[i] is not None:
                     continue
                 tokens[i].append(tok)
                 logprobs[i].append(val)
+                if best is not None:
+                    top_ids[i].append(best.indices[i].tolist())
+                    top_lps[i].append(best.values[i].tolist())
                 if tok in plan.stop_ids or (
                     plan.stop_strings
                     and has_stop(tokenizer.decode(tokens[i][-window:]), plan.stop_strings)
@@ -172,6 +179,7 @@ def generate(
             out = module(input_ids=choice[:, None], use_cache=True, **{keyword: cache})
             logits = out.logits[:, -1, :].float()
             cache = cache_of(out)
+        scores = _prompt_scores(prompt_logits.float(), ids[0, 1:], request, plan, generator)
 
     sequences = [
         tinker.SampledSequence(
@@ -179,10 +187,61 @@ def generate(
             sequence_id=f"{id_prefix}-{i}",
             tokens_np=np.asarray(tokens[i], dtype=np.int32),
             logprobs_np=np.asarray(logprobs[i], dtype=np.float32),
+            topk_logprobs_np=sample_scores.topk(
+                np.reshape(top_ids[i], (-1, k_sample)), np.reshape(top_lps[i], (-1, k_sample))
+            )
+            if k_sample
+            else None,
         )
         for i in range(n)
     ]
-    return tinker.SampleResponse(sequences=sequences, prompt_logprobs_np=prompt_lp)
+    return tinker.SampleResponse(sequences=sequences, **scores)
+
+
+def _prompt_scores(
+    logits: torch.Tensor,
+    following: torch.Tensor,
+    request: SamplingRequest,
+    plan: SamplingPlan,
+    generator: torch.Generator,
+) -> dict[str, Any]:
+    """The prompt's result fields the request asks for, as `tinker.SampleResponse`
+    keywords, from the (len(prompt) - 1, V) logits that predict ``following``."""
+    fields: dict[str, Any] = {}
+    asked = (
+        request.prompt_logprobs
+        or request.topk_prompt_logprobs
+        or request.target_prompt_logprobs is not None
+        or request.prompt_alt_tokens_k
+    )
+    if not asked:
+        return fields
+    lp = torch.log_softmax(logits, dim=-1)
+    if request.prompt_logprobs:
+        scored = np.full(len(request.prompt), np.nan, dtype=np.float32)
+        scored[1:] = lp.gather(-1, following[:, None]).squeeze(-1).cpu().numpy()
+        fields["prompt_logprobs_np"] = scored
+    if request.topk_prompt_logprobs:
+        best = lp.topk(request.topk_prompt_logprobs, dim=-1)
+        fields["topk_prompt_logprobs_np"] = sample_scores.prompt_topk(
+            best.indices.cpu().numpy(), best.values.cpu().numpy()
+        )
+    targets = request.target_prompt_logprobs
+    if targets is not None:
+        index = torch.as_tensor(targets, device=lp.device).clamp(min=0)
+        scored_ids = lp.gather(-1, index).cpu().numpy()
+        fields["target_prompt_logprobs"] = sample_scores.target_logprobs(targets, scored_ids)
+    k = request.prompt_alt_tokens_k
+    if k:
+        if plan.temperature == 0:
+            draws = logits.argmax(dim=-1, keepdim=True).expand(-1, k)
+        else:
+            probs = torch.softmax(logits / plan.temperature, dim=-1)
+            draws = torch.multinomial(probs, k, replacement=True, generator=generator)
+        fields["prompt_alt_tokens"] = sample_scores.alt_tokens(
+            draws.cpu().numpy(), lp.gather(-1, draws).cpu().numpy()
+        )
+    return fields
 
 
 def stop_window(plan: SamplingPlan) -> int:
