@@ -85,7 +85,6 @@ class Plan:
         b4_calls: Calls of each surface per round (B4).
         b5_rounds: Fresh processes per peer (B5).
         b5_futures: Futures in flight (B5).
-        codec_repeats: Timed repeats of each codec step (B3).
         b6_rounds: Interleaved rounds of B6.
         b6_steps: SFT steps per path and round (B6).
         rl_steps: Demo RL steps profiled (RL), after one warm-up step.
@@ -101,7 +100,6 @@ class Plan:
     b4_calls: int
     b5_rounds: int
     b5_futures: int
-    codec_repeats: int
     b6_rounds: int
     b6_steps: int
     rl_steps: int
@@ -113,13 +111,13 @@ class Plan:
 # The full plan takes about 6 minutes on 2 cores (10 under load); the budget is 12.
 FULL = Plan(
     rounds=12, b1_calls=120, b2_pairs=200, b3_calls=3, b4_calls=500, b5_rounds=3,
-    b5_futures=1000, codec_repeats=9, b6_rounds=12, b6_steps=1, rl_steps=8,
+    b5_futures=1000, b6_rounds=12, b6_steps=1, rl_steps=8,
     b7_rounds=3,
     b8_rounds=3, b8_samples=400,  # B8: about 2 minutes of the total on 2 cores
 )  # fmt: skip
 QUICK = Plan(
     rounds=2, b1_calls=15, b2_pairs=200, b3_calls=1, b4_calls=40, b5_rounds=1,
-    b5_futures=1000, codec_repeats=2, b6_rounds=3, b6_steps=1, rl_steps=2,
+    b5_futures=1000, b6_rounds=3, b6_steps=1, rl_steps=2,
     b7_rounds=1,
     b8_rounds=1, b8_samples=200,
 )  # fmt: skip
@@ -304,6 +302,11 @@ def per_round(answers: list[dict[str, Any]], key: str) -> list[list[float]]:
     return [a[key] if isinstance(a[key], list) else [a[key]] for a in answers]
 
 
+def versus(figures: dict[str, float], peer: str, *others: str) -> list[str]:
+    """``peer``'s figure as a multiple of each other peer's (``n/a`` for one not run)."""
+    return [fmt_ratio(ratio(figures[peer], figures.get(other, math.nan))) for other in others]
+
+
 def section_b1(report: Report, results: dict[str, list[dict[str, Any]]], plan: Plan) -> None:
     wall = {p: median(pooled(a, "wall")) for p, a in results.items()}
     cpu = {p: median(pooled(a, "cpu")) for p, a in results.items()}
@@ -316,8 +319,7 @@ def section_b1(report: Report, results: dict[str, list[dict[str, Any]]], plan: P
             fmt_spread(samples, 1e3, 3),
             fmt(quantile(samples, 0.9) * 1e3, 3),
             fmt(cpu[peer] * 1e3, 3),
-            fmt_ratio(ratio(wall[peer], wall.get(FLOOR, math.nan))),
-            fmt_ratio(ratio(wall[peer], wall.get(FIREWORKS, math.nan))),
+            *versus(wall, peer, FLOOR, FIREWORKS),
         ])  # fmt: skip
     report.table(
         "B1 latency: one small `forward`, call to result",
@@ -348,8 +350,7 @@ def section_b2(report: Report, results: dict[str, list[dict[str, Any]]], plan: P
             fmt(wall[peer] * 1e3, 1),
             fmt(plan.b2_pairs / wall[peer], 0),
             fmt(cpu * 1e3, 1),
-            fmt_ratio(ratio(wall[peer], wall.get(FLOOR, math.nan))),
-            fmt_ratio(ratio(wall[peer], wall.get(FIREWORKS, math.nan))),
+            *versus(wall, peer, FLOOR, FIREWORKS),
         ])  # fmt: skip
     report.table(
         "B2 pipelined throughput",
@@ -364,7 +365,6 @@ def section_b2(report: Report, results: dict[str, list[dict[str, Any]]], plan: P
 def section_b3(
     report: Report,
     results: dict[str, dict[str, list[dict[str, Any]]]],
-    codec: dict[str, Any] | None,
     plan: Plan,
 ) -> None:
     rows = []
@@ -378,8 +378,8 @@ def section_b3(
                 fmt(wall[peer] * 1e3, 1),
                 fmt(cpu[peer] * 1e3, 2),
                 fmt_spread(pooled(answers, "cpu"), 1e3, 2),
-                fmt_ratio(ratio(wall[peer], wall.get(FLOOR, math.nan))),
-                fmt_ratio(ratio(cpu[peer], cpu.get(FIREWORKS, math.nan))),
+                *versus(wall, peer, FLOOR),
+                *versus(cpu, peer, FIREWORKS),
             ])  # fmt: skip
         for peer in FIRETITAN:
             if peer in by_peer:
@@ -401,27 +401,6 @@ def section_b3(
          "wall × floor", "CPU × fireworks-ai"],
         rows,
     )  # fmt: skip
-    if codec:
-        names = {
-            "encode_request": ("client: encode request (encode_request + dumps)", "request_mb"),
-            "decode_result": ("client: decode result (loads + decode + combine)", "result_mb"),
-            "decode_request": ("trainer: decode request (loads + decode_request)", "request_mb"),
-            "encode_result": ("trainer: encode result (encode + dumps)", "result_mb"),
-            "orjson_dumps_request": ("floor: orjson.dumps of the request document", "request_mb"),
-            "orjson_loads_result": ("floor: orjson.loads of the result body", "result_mb"),
-        }
-        codec_rows = [
-            [label, fmt(median(codec[name]), 0), fmt(codec[size], 2)]
-            for name, (label, size) in names.items()
-        ]
-        report.table(
-            "B3 codec throughput",
-            f"firetitan's codec (`firetitan._wire`) on the B3 batch, in one process without "
-            f"network, {plan.codec_repeats} repeats; bare orjson on the same JSON documents "
-            "as the floor.",
-            ["step", "median MB/s", "body (MB)"],
-            codec_rows,
-        )
 
 
 def section_b4(report: Report, answers: list[dict[str, Any]], plan: Plan) -> None:
@@ -437,8 +416,6 @@ def section_b4(report: Report, answers: list[dict[str, Any]], plan: Plan) -> Non
          fmt(extra_cpu, 1)],
         ["`forward` call → future returned", fmt(us("async_submit"), 1),
          fmt(us("sync_submit"), 1), fmt(us("sync_submit") - us("async_submit"), 1)],
-        ["hop alone (resolved future), wall", "", fmt(us("hop_wall"), 1), fmt(us("hop_wall"), 1)],
-        ["hop alone (resolved future), CPU", "", fmt(us("hop_cpu"), 1), fmt(us("hop_cpu"), 1)],
     ]  # fmt: skip
     rows += [
         [f"hand-off alternative: {label}", "", fmt(us(f"handoff_{name}"), 1), ""]
@@ -451,11 +428,10 @@ def section_b4(report: Report, answers: list[dict[str, Any]], plan: Plan) -> Non
         f"sync facade in one process, alternating in blocks of 10 calls, {plan.rounds} rounds "
         f"× {plan.b4_calls} calls each. *Extra* is facade − async: the cost of the facade's "
         "two thread hops. The facade's call returns before the request is even encoded (the "
-        "loop thread does that), so its *future returned* is shorter. *Hop alone* times "
-        "the facade's machinery on a call whose async future is already resolved; the "
-        "hand-off alternatives are bare round trips between the caller and an event-loop "
-        "thread (a no-op each way), the least any facade over a loop thread pays. "
-        "Microseconds.",
+        "loop thread does that), so its *future returned* is shorter. The hand-off "
+        "alternatives are bare round trips between the caller and an event-loop thread (a "
+        "no-op each way), the least any facade over a loop thread pays; "
+        "`scripts/measure_portal.py` times the facade's own hop beside them. Microseconds.",
         ["", "async core (µs)", "sync facade (µs)", "extra (µs)"],
         rows,
     )
@@ -612,8 +588,7 @@ def run_null(run: Run) -> None:
                         )
                         for build in B3_BUILDS
                     }
-                    codec = _codec(plan, run.log_dir, failed)
-                    section_b3(report, by_build, codec, plan)
+                    section_b3(report, by_build, plan)
         if run.wants("B4"):
             _progress("B4: facade and async core in one process")
             with workers(["facade"], trainer, run.log_dir, failed) as ready:
@@ -676,18 +651,6 @@ GROUPS: tuple[tuple[tuple[str, ...], Callable[[Run], None]], ...] = (
     (("B8",), run_deployment_sampling),
 )
 BENCHMARKS = tuple(b for ids, _ in GROUPS for b in ids)
-
-
-def _codec(plan: Plan, log_dir: Path, failed: dict[str, str]) -> dict[str, Any] | None:
-    _progress("B3: codec throughput")
-    with workers(["codec"], None, log_dir, failed) as ready:
-        if "codec" not in ready:
-            return None
-        try:
-            return ready["codec"].ask("codec", repeats=plan.codec_repeats)
-        except WorkerError as exc:
-            failed["codec"] = str(exc)
-            return None
 
 
 def run_b5(

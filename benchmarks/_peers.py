@@ -10,7 +10,6 @@
 * ``fireworks``: the public fireworks-ai training SDK, with its own types.
 * ``tinker``: the public tinker SDK (LoRA; the null engine ignores the difference).
 * ``facade``: firetitan's async core and facade in one process, alternating (B4).
-* ``codec``: firetitan's codec without network (B3 throughput).
 * ``torch-sdk`` / ``torch-plain``: B6, SFT steps through the SDK, or in-process.
 * ``rl``: the demo's RL step against a torch-engine trainer (the RL step profile).
 
@@ -67,7 +66,6 @@ def make(name: str, url: str, key: str) -> Any:
         "fireworks": FireworksPeer,
         "tinker": TinkerPeer,
         "facade": FacadePeer,
-        "codec": CodecPeer,
         "torch-sdk": TorchSdkPeer,
         "torch-plain": TorchPlainPeer,
         "rl": RlStepPeer,
@@ -107,19 +105,37 @@ def datums_from_lists(types: Any, lists: Lists) -> list[Any]:
     ]
 
 
-def tinker_batch(arrays: Arrays) -> list[Any]:
-    import tinker
-
+def datums_from_arrays(types: Any, arrays: Arrays) -> list[Any]:
+    """Datums of the SDK whose types module is ``types`` (as `datums_from_lists`), from
+    numpy arrays."""
     return [
-        tinker.Datum(
-            model_input=tinker.ModelInput.from_ints(tokens.tolist()),
+        types.Datum(
+            model_input=types.ModelInput.from_ints(tokens.tolist()),
             loss_fn_inputs={
-                "target_tokens": tinker.TensorData.from_numpy(targets),
-                "weights": tinker.TensorData.from_numpy(weights),
+                "target_tokens": types.TensorData.from_numpy(targets),
+                "weights": types.TensorData.from_numpy(weights),
             },
         )
         for tokens, targets, weights in arrays
     ]
+
+
+def tinker_batch(arrays: Arrays) -> list[Any]:
+    import tinker
+
+    return datums_from_arrays(tinker, arrays)
+
+
+def floor_datum(tokens: Any, targets: Any, weights: Any) -> dict[str, Any]:
+    """One datum as the protocol's JSON spells it, from numpy arrays (the floor's)."""
+
+    def tensor(values: Any) -> dict[str, Any]:
+        return {"data": values.tolist(), "dtype": str(values.dtype), "shape": list(values.shape)}
+
+    return {
+        "model_input": {"chunks": [{"tokens": tokens.tolist(), "type": "encoded_text"}]},
+        "loss_fn_inputs": {"target_tokens": tensor(targets), "weights": tensor(weights)},
+    }
 
 
 def _rss_result(base: dict[str, float], in_flight: dict[str, float], wall: float) -> dict[str, Any]:
@@ -314,16 +330,7 @@ class FireworksPeer(_FuturesPeer):
     def _batch(self, arrays: Arrays) -> list[Any]:
         from fireworks.training.sdk import types as fw
 
-        return [
-            fw.Datum(
-                model_input=fw.ModelInput.from_ints(tokens.tolist()),
-                loss_fn_inputs={
-                    "target_tokens": fw.TensorData.from_numpy(targets),
-                    "weights": fw.TensorData.from_numpy(weights),
-                },
-            )
-            for tokens, targets, weights in arrays
-        ]
+        return datums_from_arrays(fw, arrays)
 
     def _batch_from_lists(self, lists: Lists) -> list[Any]:
         from fireworks.training.sdk import types as fw
@@ -369,8 +376,6 @@ class FloorPeer:
         import aiohttp
         import orjson
 
-        from firetitan import _wire
-
         self._loads = orjson.loads
         self.http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=60.0),
@@ -381,46 +386,40 @@ class FloorPeer:
             name: api + name
             for name in ("forward", "forward_backward", "optim_step", "retrieve_future")
         }
+        # Bodies written by hand as the protocol spells them (shared/spec/wire.md), with
+        # orjson alone: no SDK's types or codec.
         session = await self._post(
-            api + "create_session", _wire.dumps({"tags": [], "user_metadata": {},
-                                                 "sdk_version": "0.23.0",
-                                                 "type": "create_session"})
+            api + "create_session",
+            orjson.dumps({"tags": [], "user_metadata": {}, "sdk_version": "0.23.0",
+                          "type": "create_session"}),
         )  # fmt: skip
-        create = _wire.encode_request(
-            _wire.CreateModelRequest(
-                session_id=session["session_id"], model_seq_id=0, base_model=BASE_MODEL
-            )
-        )
-        ack = await self._post(api + "create_model", _wire.dumps(create))
+        create = {
+            "session_id": session["session_id"], "model_seq_id": 0, "base_model": BASE_MODEL,
+            "lora_config": {"rank": 0, "train_unembed": True, "train_mlp": True,
+                            "train_attn": True},
+            "type": "create_model",
+        }  # fmt: skip
+        ack = await self._post(api + "create_model", orjson.dumps(create))
         await self._poll(ack["request_id"])
         self.model_id = ack["model_id"]
         self.seq = 0
 
-        def template(request: Any) -> bytes:
-            body = _wire.encode_request(request)
-            del body["seq_id"]
+        def template(body: dict[str, Any]) -> bytes:
             # Everything but the seq_id is encoded once; each call splices its seq_id in.
-            return _wire.dumps(body)[1:]
-
-        import tinker
+            return orjson.dumps({**body, "model_id": self.model_id})[1:]
 
         def forward(arrays: Arrays, forward_only: bool) -> bytes:
-            return template(
-                _wire.ForwardRequest(
-                    model_id=self.model_id, seq_id=0, data=tinker_batch(arrays), loss_fn=LOSS,
-                    forward_only=forward_only, comms="v2",
-                )
-            )  # fmt: skip
+            field = "forward_input" if forward_only else "forward_backward_input"
+            data = [floor_datum(*datum) for datum in arrays]
+            return template({field: {"data": data, "loss_fn": LOSS}, "comms": "v2"})
 
         self.forward_body = forward(small_arrays(), True)
         self.fb_body = forward(small_arrays(), False)
         self.large_body: bytes | None = None
         self._large_template = lambda: forward(large_arrays(), False)
-        self.optim_body = template(
-            _wire.OptimStepRequest(
-                model_id=self.model_id, seq_id=0, adam_params=tinker.AdamParams(learning_rate=1e-4)
-            )
-        )
+        adam = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12,
+                "weight_decay": 0.0, "grad_clip_norm": 0.0}  # fmt: skip
+        self.optim_body = template({"adam_params": adam, "type": "optim_step"})
         await self._call("forward", self.forward_body)
 
     async def close(self) -> None:
@@ -576,31 +575,28 @@ class FacadePeer:
             self.runner.run(async_block(n))
             sync_block(n)
             done += n
-        return {**out, **self._hop(calls)}
+        return {**out, **self._handoffs(calls)}
 
     @staticmethod
-    def _hop(calls: int) -> dict[str, list[float]]:
-        """The facade's own machinery alone: a call whose async future is already
-        resolved when the loop makes it, waited for with ``result()`` (one hop each way)."""
-        from firetitan._async.async_future import AsyncAPIFuture
-        from firetitan._portal import get_portal
+    def _handoffs(calls: int) -> dict[str, list[float]]:
+        """The `HANDOFFS` on an event-loop thread of their own: what any facade over a
+        loop thread pays per call at the least."""
+        import threading
 
-        portal = get_portal()
-
-        def resolved() -> AsyncAPIFuture[int]:
-            future: AsyncAPIFuture[int] = AsyncAPIFuture(kind="noop", deadline=None)
-            future._set_result(1)
-            return future
-
-        for _ in range(20):
-            portal.start(resolved).result()
-        timed = measure_calls(lambda: portal.start(resolved).result(), calls)
-        out = {"hop_wall": timed["wall"], "hop_cpu": timed["cpu"]}
-        for name, round_trip in handoffs(portal.loop).items():
-            for _ in range(20):
-                round_trip()
-            out[f"handoff_{name}"] = measure_calls(round_trip, calls)["wall"]
-        return out
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="handoffs", daemon=True)
+        thread.start()
+        try:
+            out = {}
+            for name, round_trip in handoffs(loop).items():
+                for _ in range(20):
+                    round_trip()
+                out[f"handoff_{name}"] = measure_calls(round_trip, calls)["wall"]
+            return out
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
 
 
 #: Cross-thread round trips between a caller and an event-loop thread, cheapest first
@@ -653,81 +649,6 @@ def handoffs(loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
         portal.call(noop)
 
     return {**out, "anyio": anyio}
-
-
-# --------------------------------------------------------------------------- codec
-
-
-class CodecPeer:
-    """firetitan's codec on the B3 batch, without network, against bare orjson."""
-
-    is_async = False
-
-    def __init__(self, url: str, key: str) -> None:
-        del url, key
-
-    def setup(self) -> None:
-        import tinker
-
-        from firetitan import _wire
-
-        batch = tinker_batch(large_arrays())
-        self.request = _wire.ForwardRequest(
-            model_id="m", seq_id=1, data=batch, loss_fn=LOSS, comms="v2"
-        )
-        rng = np.random.default_rng(5)
-        output = tinker.ForwardBackwardOutput(
-            loss_fn_output_type="TorchLossReturn",
-            loss_fn_outputs=[
-                {"logprobs": tinker.TensorData.from_numpy(
-                    -rng.exponential(2.0, B3_TOKENS).astype(np.float32))}
-                for _ in range(B3_DATUMS)
-            ],
-            metrics={"loss:sum": 1234.5},
-        )  # fmt: skip
-        self.output = output
-        self.request_bytes = _wire.dumps(_wire.encode_request(self.request))
-        self.result_bytes = _wire.dumps(_wire.encode_forward_backward_output(output, v2=True))
-        # The floor: the same JSON documents, already built, through orjson alone.
-        self.request_doc = _wire.loads(self.request_bytes)
-        self.result_doc = _wire.loads(self.result_bytes)
-        for _ in range(2):
-            self.codec(repeats=1)
-
-    def close(self) -> None:
-        pass
-
-    def codec(self, repeats: int) -> dict[str, Any]:
-        """MB/s of each direction, per repeat: firetitan and bare orjson."""
-        import orjson
-
-        from firetitan import _wire
-
-        req, out = self.request, self.output
-        req_mb, res_mb = len(self.request_bytes) / 1e6, len(self.result_bytes) / 1e6
-        cases = {
-            # client side
-            "encode_request": (req_mb, lambda: _wire.dumps(_wire.encode_request(req))),
-            "decode_result": (res_mb, lambda: _wire.combine_outputs(
-                [_wire.decode_forward_backward_output(_wire.loads(self.result_bytes))])),
-            # trainer side
-            "decode_request": (req_mb, lambda: _wire.decode_request(
-                "forward_backward", _wire.loads(self.request_bytes))),
-            "encode_result": (res_mb, lambda: _wire.dumps(
-                _wire.encode_forward_backward_output(out, v2=True))),
-            # floors: bare orjson on the same documents
-            "orjson_dumps_request": (req_mb, lambda: orjson.dumps(self.request_doc)),
-            "orjson_loads_result": (res_mb, lambda: orjson.loads(self.result_bytes)),
-        }  # fmt: skip
-        result: dict[str, Any] = {"request_mb": req_mb, "result_mb": res_mb}
-        for name, (mb, fn) in cases.items():
-            speeds = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                speeds.append(mb / (time.perf_counter() - t0))
-            result[name] = speeds
-        return result
 
 
 # --------------------------------------------------------------------------- B6: torch

@@ -1,5 +1,6 @@
 """Fixtures shared by every test directory: a null-engine trainer on loopback, and a
-service client of either surface (async core or blocking facade) connected to it.
+service client of either surface (async core or blocking facade) connected to it, with
+a model.
 Constants and the `Surface` driver live in ``shared.py``."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from shared import FAST_TRAINER, SURFACES, Surface
+from shared import BASE_MODEL, FAST_TRAINER, SURFACES, Surface
 
 from firetitan.local import LocalTrainer
 
@@ -33,3 +34,9 @@ async def any_service(surface: Surface, null_trainer: LocalTrainer) -> AsyncIter
     """A service client of `surface`, connected to `null_trainer`."""
     async with surface.service(null_trainer.base_url, null_trainer.api_key) as client:
         yield client
+
+
+@pytest_asyncio.fixture
+async def any_model(surface: Surface, any_service: Any) -> Any:
+    """A full-parameter model on `any_service`, of the same surface."""
+    return await surface.call(any_service.create_training_client, BASE_MODEL)

@@ -13,21 +13,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_b1_writes_a_table(tmp_path: Path) -> None:
+def quick_report(tmp_path: Path, *args: str, timeout: float) -> str:
+    """Run ``python -m benchmarks --quick <args>``; the report it wrote."""
     report = tmp_path / "RESULTS.md"
     proc = subprocess.run(
         [
-            sys.executable, "-m", "benchmarks", "--quick", "--only", "B1",
-            "--peers", "floor,firetitan-async", "--rounds", "1",
+            sys.executable, "-m", "benchmarks", "--quick", *args,
             "--output", str(report), "--log-dir", str(tmp_path / "logs"),
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=timeout,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    text = report.read_text(encoding="utf-8")
+    return report.read_text(encoding="utf-8")
+
+
+def test_quick_b1_writes_a_table(tmp_path: Path) -> None:
+    peers = ("--peers", "floor,firetitan-async", "--rounds", "1")
+    text = quick_report(tmp_path, "--only", "B1", *peers, timeout=100)
     assert "## B1 latency" in text
     rows = [line for line in text.splitlines() if line.startswith("| raw aiohttp floor |")]
     assert rows, text
@@ -44,19 +49,7 @@ def test_quick_b1_writes_a_table(tmp_path: Path) -> None:
 
 
 def test_rl_step_profile_writes_its_section(tmp_path: Path) -> None:
-    report = tmp_path / "RESULTS.md"
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "benchmarks", "--quick", "--only", "RL",
-            "--output", str(report), "--log-dir", str(tmp_path / "logs"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = report.read_text(encoding="utf-8")
+    text = quick_report(tmp_path, "--only", "RL", timeout=300)
     assert "could not run" not in text, text
     assert "## RL step profile" in text
     rows = {line.split(" | ")[0].lstrip("| ") for line in text.splitlines() if "|" in line}

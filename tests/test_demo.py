@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from shared import save_tiny_llama, save_tokenizer
 
 from firetitan.cli import main
 from firetitan.demo import DemoConfig, run_demo, task
@@ -219,9 +220,7 @@ def test_config_validation() -> None:
 def _bpe_standin(directory: Path) -> None:
     """A tiny Llama stand-in with a BPE tokenizer trained on the task's text (offline),
     both saved with ``save_pretrained`` as a Hugging Face model folder."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     inner = Tokenizer(models.BPE(unk_token="<unk>"))
     inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -232,23 +231,15 @@ def _bpe_standin(directory: Path) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     inner.train_from_iterator([f"{d}={w}" for d in task.DIGITS for w in task.WORDS], trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=inner, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    tokenizer.save_pretrained(str(directory))
-    config = LlamaConfig(
+    tokenizer = save_tokenizer(directory, inner)
+    save_tiny_llama(
+        directory,
+        seed=0,
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=64,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(directory))
 
 
 def test_vocabulary_speaks_a_hugging_face_tokenizer(tmp_path: Path) -> None:

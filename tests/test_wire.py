@@ -370,21 +370,24 @@ def test_forward_round_trip(forward_only: bool, comms: str | None) -> None:
     _assert_datums_equal(back.data, data)
 
 
+# A LoRA model's create_model options beyond the defaults (the round trip and the
+# comparison with the Fireworks client add their own).
+LORA: dict[str, Any] = {
+    "session_id": "s",
+    "base_model": "b",
+    "lora_rank": 16,
+    "lora_alpha": 32,
+    "lora_init_method": "nora",
+    "user_metadata": {"run": "r"},
+}
+
+
 def test_simple_request_round_trips() -> None:
     requests: list[tuple[w.Request, str]] = [
         (w.CreateSessionRequest(tags=["a"], user_metadata={"k": "v"}), "create_session"),
         (
             w.CreateModelRequest(
-                session_id="s",
-                model_seq_id=2,
-                base_model="b",
-                lora_rank=16,
-                lora_alpha=32,
-                lora_seed=7,
-                train_mlp=False,
-                user_metadata={"run": "x"},
-                lora_init_method="nora",
-                projection_head_dim=64,
+                **LORA, model_seq_id=2, lora_seed=7, train_mlp=False, projection_head_dim=64
             ),
             "create_model",
         ),
@@ -698,6 +701,14 @@ def test_forward_bodies_equal_the_fireworks_client(comms: str | None, forward_on
         assert got.model_input == sent.model_input
 
 
+# The export options the Fireworks client's body lacks: the comparison adds them.
+MERGED_EXPORT: dict[str, Any] = {
+    "checkpoint_type": "merged_base",
+    "export_precision": "source",
+    "metadata": {"decision_calibration": {"contract": "c"}},
+}
+
+
 def test_other_bodies_equal_the_fireworks_client() -> None:
     from fireworks.training.sdk.client import _BaseOnlyCreateModelRequest
 
@@ -709,17 +720,7 @@ def test_other_bodies_equal_the_fireworks_client() -> None:
             {},
         ),
         (
-            w.CreateModelRequest(
-                session_id="s",
-                model_seq_id=0,
-                base_model="b",
-                lora_rank=16,
-                lora_alpha=32,
-                lora_seed=3,
-                user_metadata={"run": "r"},
-                lora_init_method="nora",
-                projection_head_dim=8,
-            ),
+            w.CreateModelRequest(**LORA, model_seq_id=0, lora_seed=3, projection_head_dim=8),
             fw.CreateModelRequest(
                 session_id="s",
                 model_seq_id=0,
@@ -773,19 +774,10 @@ def test_other_bodies_equal_the_fireworks_client() -> None:
         ),
         (
             w.SaveWeightsForSamplerRequest(
-                model_id="m",
-                seq_id=11,
-                path="n-a1b2c3d4",
-                checkpoint_type="merged_base",
-                export_precision="source",
-                metadata={"decision_calibration": {"contract": "c"}},
+                model_id="m", seq_id=11, path="n-a1b2c3d4", **MERGED_EXPORT
             ),
             fw.SaveWeightsForSamplerRequest(model_id="m", path="n-a1b2c3d4", seq_id=11),
-            {
-                "checkpoint_type": "merged_base",
-                "export_precision": "source",
-                "metadata": {"decision_calibration": {"contract": "c"}},
-            },
+            MERGED_EXPORT,
         ),
         (
             w.RetrieveFutureRequest(request_id="r-1", allow_metadata_only=True),
@@ -907,28 +899,24 @@ def test_decode_accepts_what_tinker_038_sends() -> None:
     assert sampler == w.SaveWeightsForSamplerRequest(
         model_id="m", seq_id=4, sampling_session_seq_id=1
     )
+    # Loading into a new model: the fields both sides name, and tinker's optimizer_config.
+    new_model: dict[str, Any] = {
+        "session_id": "s",
+        "model_seq_id": 2,
+        "base_model": "b",
+        "path": "tinker://run/weights/ckpt",
+        "optimizer": True,
+        "user_metadata": {"k": "v"},
+    }
     create_via_load = w.decode_request(
         "load_weights",
         dump(
             t.LoadWeightsRequest(
-                session_id="s",
-                model_seq_id=2,
-                base_model="b",
-                path="tinker://run/weights/ckpt",
-                optimizer=True,
-                user_metadata={"k": "v"},
-                optimizer_config=t.optimizer.AdamOptimizerConfig(),
+                **new_model, optimizer_config=t.optimizer.AdamOptimizerConfig()
             )
         ),
     )
-    assert create_via_load == w.LoadWeightsRequest(
-        session_id="s",
-        model_seq_id=2,
-        base_model="b",
-        path="tinker://run/weights/ckpt",
-        optimizer=True,
-        user_metadata={"k": "v"},
-    )
+    assert create_via_load == w.LoadWeightsRequest(**new_model)
     target = t.TensorData.from_torch_sparse(torch.tensor([[-1, 5], [-1, -1]]), pad_value=-1)
     sample = w.decode_request(
         "asample",

@@ -9,6 +9,7 @@ external_weights>/<name>`` path, as every tinker checkpoint listing gives it.
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 from types import TracebackType
 from typing import Any, NoReturn
@@ -166,6 +167,56 @@ class AsyncRestClient:
             NotFoundError: No such checkpoint.
         """
         await self._transport.delete(_checkpoint_url(endpoints.UNPUBLISH_CHECKPOINT, tinker_path))
+
+    async def get_weights_info_by_tinker_path(
+        self, tinker_path: str
+    ) -> ttypes.WeightsInfoResponse:
+        """The base model and LoRA options a ``weights`` or ``sampler_weights``
+        checkpoint was saved with.
+
+        Raises:
+            ValueError: ``tinker_path`` is empty.
+            NotFoundError: No such checkpoint.
+        """
+        path = non_empty_str(tinker_path, "tinker_path")
+        answer = await self._post(endpoints.WEIGHTS_INFO.path, {"tinker_path": path})
+        return validate_model(ttypes.WeightsInfoResponse, answer)
+
+    async def copy_weights(
+        self,
+        path: str,
+        destination_project_id: str | None = None,
+        *,
+        ttl_seconds: int | None = None,
+    ) -> str:
+        """Copy a ``weights`` or ``sampler_weights`` checkpoint into a new training run
+        that cannot be trained on; the copy shares the source's storage and outlives its
+        deletion. A retried request never makes a second copy.
+
+        Args:
+            path: The checkpoint's ``tinker://`` path.
+            destination_project_id: The project that owns the copy; None reads
+                ``TINKER_PROJECT_ID``.
+            ttl_seconds: Seconds until the copy expires, 3600 (an hour) to ten years;
+                None keeps it.
+
+        Returns:
+            The copy's ``tinker://`` path.
+
+        Raises:
+            ValueError: ``path`` is empty, or no destination project.
+            BadRequestError: A TTL out of range, or a delta sampler export.
+            NotFoundError: No such checkpoint.
+        """
+        source = non_empty_str(path, "path")
+        project = destination_project_id or os.environ.get("TINKER_PROJECT_ID") or None
+        if project is None:
+            raise ValueError("give destination_project_id or set TINKER_PROJECT_ID")
+        body: dict[str, Any] = {"source_path": source, "destination_project_id": project}
+        if ttl_seconds is not None:
+            body["ttl_seconds"] = ttl_seconds
+        answer = await self._post(endpoints.COPY_WEIGHTS.path, body)
+        return validate_model(ttypes.CopyWeightsResponse, answer).tinker_path
 
     # ------------------------------------------------------------------ sessions
 

@@ -161,6 +161,49 @@ class RestClient:
         """
         self._portal.call(self._inner.unpublish_checkpoint, tinker_path)
 
+    def get_weights_info_by_tinker_path(self, tinker_path: str) -> ttypes.WeightsInfoResponse:
+        """The base model and LoRA options a ``weights`` or ``sampler_weights``
+        checkpoint was saved with.
+
+        Raises:
+            ValueError: ``tinker_path`` is empty.
+            NotFoundError: No such checkpoint.
+        """
+        return self._portal.call(self._inner.get_weights_info_by_tinker_path, tinker_path)
+
+    def copy_weights(
+        self,
+        path: str,
+        destination_project_id: str | None = None,
+        *,
+        ttl_seconds: int | None = None,
+    ) -> str:
+        """Copy a ``weights`` or ``sampler_weights`` checkpoint into a new training run
+        that cannot be trained on; the copy shares the source's storage and outlives its
+        deletion. A retried request never makes a second copy.
+
+        Args:
+            path: The checkpoint's ``tinker://`` path.
+            destination_project_id: The project that owns the copy; None reads
+                ``TINKER_PROJECT_ID``.
+            ttl_seconds: Seconds until the copy expires, 3600 (an hour) to ten years;
+                None keeps it.
+
+        Returns:
+            The copy's ``tinker://`` path.
+
+        Raises:
+            ValueError: ``path`` is empty, or no destination project.
+            BadRequestError: A TTL out of range, or a delta sampler export.
+            NotFoundError: No such checkpoint.
+        """
+        return self._portal.call(
+            self._inner.copy_weights,
+            path,
+            destination_project_id,
+            ttl_seconds=ttl_seconds,
+        )
+
     def list_sessions(self, limit: int = 20, offset: int = 0) -> ttypes.ListSessionsResponse:
         """The ids of the trainer's live sessions, a page at a time.
 

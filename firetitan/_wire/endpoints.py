@@ -27,6 +27,7 @@ __all__ = [
     "CANCEL_FUTURE",
     "CLIENT_CONFIG",
     "COMPLETIONS",
+    "COPY_WEIGHTS",
     "CREATE_MODEL",
     "CREATE_SAMPLING_SESSION",
     "CREATE_SESSION",
@@ -67,6 +68,7 @@ __all__ = [
     "TRAINER",
     "UNLOAD_MODEL",
     "UNPUBLISH_CHECKPOINT",
+    "WEIGHTS_INFO",
     "Endpoint",
 ]
 
@@ -169,6 +171,8 @@ SET_CHECKPOINT_TTL: Final = _rest("PUT", "set_checkpoint_ttl", f"{_CHECKPOINT}/t
 PUBLISH_CHECKPOINT: Final = _rest("POST", "publish_checkpoint", f"{_CHECKPOINT}/publish")
 UNPUBLISH_CHECKPOINT: Final = _rest("DELETE", "unpublish_checkpoint", f"{_CHECKPOINT}/publish")
 LIST_USER_CHECKPOINTS: Final = _rest("GET", "list_user_checkpoints", "checkpoints")
+WEIGHTS_INFO: Final = _rest("POST", "weights_info", "weights_info")
+COPY_WEIGHTS: Final = _rest("POST", "copy_weights", "copy_weights")
 LIST_SESSIONS: Final = _rest("GET", "list_sessions", "sessions")
 GET_SESSION: Final = _rest("GET", "get_session", "sessions/{session_id}")
 EXTERNAL_WEIGHTS_URLS: Final = attrs.evolve(

@@ -24,7 +24,6 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from firetitan.local.checkpoints import CheckpointStore
@@ -158,15 +157,11 @@ class LocalTrainer:
         if unknown:
             raise TypeError(f"unknown LocalTrainer options: {', '.join(sorted(unknown))}")
         self.config = ServerConfig(**limits)
-        self._factory = engine_factory(
-            engine,
-            base_model=base_model,
-            size=size,
-            weights=weights,
-            device=device,
-            seed=seed,
-            deterministic=deterministic,
-        )
+        # The model the trainer trains, and that its deployment serves.
+        model: dict[str, Any] = {
+            "base_model": base_model, "size": size, "weights": weights, "seed": seed,
+        }  # fmt: skip
+        self._factory = engine_factory(engine, device=device, deterministic=deterministic, **model)
         self._engine_name = engine if isinstance(engine, str) else type(engine).__name__
         self._requested_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.job_id = job_id or f"job-{secrets.token_hex(4)}"
@@ -180,11 +175,7 @@ class LocalTrainer:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
-        self._deployment_args: dict[str, Any] | None = None
-        if deployment:
-            self._deployment_args = {
-                "base_model": base_model, "size": size, "weights": weights, "seed": seed,
-            }  # fmt: skip
+        self._deployment_args = model if deployment else None
         self._deployment: LocalDeployment | None = None
 
     @property
@@ -267,12 +258,7 @@ class LocalTrainer:
         await self._start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self._close()
 
     async def _start(self) -> None:
@@ -335,12 +321,7 @@ class LocalTrainer:
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         thread, loop, stop = self._thread, self._loop, self._stop
         if thread is None or loop is None or stop is None:
             return

@@ -113,6 +113,7 @@ class CheckpointStore:
         model_id: str,
         ttl_seconds: float | None = None,
         metadata: dict[str, Any] | None = None,
+        job_id: str | None = None,
     ) -> Iterator[Path]:
         """Give the caller an empty folder to write a checkpoint into, then commit it.
 
@@ -126,17 +127,19 @@ class CheckpointStore:
             model_id: The model it came from.
             ttl_seconds: Delete it this many seconds after it is written.
             metadata: Extra JSON-able facts to record in the manifest.
+            job_id: Another job to write it for (`copy_to_job`); None: this job.
 
         Yields:
             The folder to write into.
 
         Raises:
-            ValueError: The name is invalid or ``ttl_seconds`` is not positive.
+            ValueError: The name or job id is invalid or ``ttl_seconds`` is not positive.
         """
-        final = self._dir(kind, name)
+        final = self._dir(kind, name, job_id)
+        job_dir = final.parent.parent
         if ttl_seconds is not None and not ttl_seconds > 0:
             raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds}")
-        tmp = self._job_dir / ".tmp" / uuid.uuid4().hex
+        tmp = job_dir / ".tmp" / uuid.uuid4().hex
         tmp.mkdir(parents=True)
         try:
             yield tmp
@@ -147,7 +150,7 @@ class CheckpointStore:
             manifest = Manifest(
                 kind=kind,
                 name=name,
-                job_id=self.job_id,
+                job_id=job_dir.name,
                 model_id=model_id,
                 created_at=now,
                 expires_at=None if ttl_seconds is None else now + ttl_seconds,
@@ -158,7 +161,7 @@ class CheckpointStore:
             final.parent.mkdir(parents=True, exist_ok=True)
             with self._lock:
                 if final.exists():
-                    trash = self._job_dir / ".tmp" / f"old-{uuid.uuid4().hex}"
+                    trash = job_dir / ".tmp" / f"old-{uuid.uuid4().hex}"
                     os.rename(final, trash)
                     os.rename(tmp, final)
                     shutil.rmtree(trash, ignore_errors=True)
@@ -168,6 +171,55 @@ class CheckpointStore:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def copy_to_job(
+        self,
+        kind: Kind,
+        path: str,
+        job_id: str,
+        *,
+        ttl_seconds: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Manifest:
+        """Copy a valid checkpoint into another job, under the same name, sharing its
+        files (hard links; a byte copy only where the file system has none). Checkpoint
+        files are never rewritten in place, so the two stay equal; deleting one leaves
+        the other whole.
+
+        Args:
+            kind: ``"state"`` or ``"sampler"``.
+            path: The source, as `resolve` takes it.
+            job_id: The job that receives the copy.
+            ttl_seconds: Delete the copy this many seconds after it is made.
+            metadata: Added to the source's manifest metadata.
+
+        Returns:
+            The copy's manifest.
+
+        Raises:
+            ValueError: A malformed path or job id, or a bad ``ttl_seconds``.
+            FileNotFoundError: No valid source checkpoint.
+        """
+        _directory, source = self.resolve(kind, path)
+        files = self.files(kind, path)
+        with self.write(
+            kind,
+            source.name,
+            model_id=source.model_id,
+            ttl_seconds=ttl_seconds,
+            metadata={**source.metadata, **(metadata or {})},
+            job_id=validate_name(job_id, "job id"),
+        ) as folder:
+            for relative, file in files.items():
+                target = folder / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(file, target)
+                except OSError:
+                    shutil.copy2(file, target)
+        copied = self._committed(kind, source.name, job_id)
+        assert copied is not None  # just committed
+        return copied
 
     def manifest(self, kind: Kind, ref: CheckpointRef) -> Manifest | None:
         """Return the manifest of a valid, unexpired checkpoint, or None."""

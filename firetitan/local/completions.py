@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Final, Literal, TypeVar
 
 import attrs
+
+from firetitan.local.executor import wait_event
 
 __all__ = ["CLONE_BLOCK", "CompletionQueues", "Target"]
 
@@ -110,8 +111,7 @@ class CompletionQueues:
             hold = min(max(hold_seconds, 0.0), MAX_HOLD_SECONDS)
         if not queue.events and hold > 0:
             queue.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(queue.changed.wait(), hold)
+            await wait_event(queue.changed, hold)
         completions = [
             {"state": state, "request_id": request_id}
             for cursor, request_id, state in queue.events

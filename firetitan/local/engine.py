@@ -43,11 +43,14 @@ __all__ = [
     "LossRequest",
     "ModelSpec",
     "SampleSource",
+    "SamplerExport",
     "SamplingRequest",
     "UserError",
     "optim_metrics",
 ]
 
+#: A request's ``loss_fn_config``, as sent (None: the loss's defaults).
+Config = Mapping[str, Any] | None
 #: The ``max_tokens`` a sampling request that leaves it unset gets (and is budgeted as).
 DEFAULT_MAX_TOKENS = 256
 
@@ -118,6 +121,21 @@ class SampleSource:
     base_model: str | None = None
 
 
+@attrs.frozen(kw_only=True)
+class SamplerExport:
+    """A checked `Engine.save_for_sampler` request.
+
+    Attributes:
+        directory: Empty target directory, committed by the store afterwards.
+        kind: One of the engine's `Engine.checkpoint_types`, lower-case.
+        previous: The previous export of this model; set whenever ``kind`` is ``delta``.
+    """
+
+    directory: Path
+    kind: str
+    previous: Path | None
+
+
 class Engine(abc.ABC):
     """A model backend for the local trainer. See the module docstring for the rules."""
 
@@ -165,11 +183,7 @@ class Engine(abc.ABC):
         self.build_model(model_id, spec)
 
     def forward(
-        self,
-        model_id: str,
-        data: Sequence[tinker.Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, Any] | None,
+        self, model_id: str, data: Sequence[tinker.Datum], loss_fn: str, loss_fn_config: Config
     ) -> tinker.ForwardBackwardOutput:
         """Compute the loss and per-datum outputs without touching gradients."""
         self._require_model(model_id)
@@ -177,11 +191,7 @@ class Engine(abc.ABC):
         return self.compute_loss(model_id, request, train=False)
 
     def forward_backward(
-        self,
-        model_id: str,
-        data: Sequence[tinker.Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, Any] | None,
+        self, model_id: str, data: Sequence[tinker.Datum], loss_fn: str, loss_fn_config: Config
     ) -> tinker.ForwardBackwardOutput:
         """Compute the loss and accumulate its gradient (and the loss-token counts used
         by ``grad_accumulation_normalization``) into the model."""
@@ -201,6 +211,34 @@ class Engine(abc.ABC):
         rules.check_adam_params(adam_params)
         mode = rules.normalization_mode(grad_accumulation_normalization)
         return self.compute_optim_step(model_id, adam_params, mode)
+
+    def save_for_sampler(
+        self,
+        model_id: str,
+        directory: Path,
+        checkpoint_type: str,
+        previous: Path | None,
+    ) -> dict[str, Any]:
+        """Export weights for sampling into ``directory``.
+
+        Args:
+            model_id: The model.
+            directory: Empty target directory, committed by the store afterwards.
+            checkpoint_type: One of `checkpoint_types`: ``"base"`` (full weights),
+                ``"delta"`` (bitwise XOR against the export in ``previous``) or, where
+                the engine has it, ``"merged_base"`` (a LoRA model's adapter merged into
+                full weights).
+            previous: The previous export of this model, for ``delta``.
+
+        Returns:
+            Metadata recorded with the export.
+        """
+        self._require_model(model_id)
+        kind = rules.check_export_kind(checkpoint_type, self.name, self.checkpoint_types)
+        if kind == "delta" and previous is None:
+            raise UserError("a delta export needs a previous export of this model")
+        export = SamplerExport(directory=directory, kind=kind, previous=previous)
+        return self.write_sampler_export(model_id, export)
 
     def sample(
         self,
@@ -292,27 +330,9 @@ class Engine(abc.ABC):
         """
 
     @abc.abstractmethod
-    def save_for_sampler(
-        self,
-        model_id: str,
-        directory: Path,
-        checkpoint_type: str,
-        previous: Path | None,
-    ) -> dict[str, Any]:
-        """Export weights for sampling into ``directory``.
-
-        Args:
-            model_id: The model.
-            directory: Empty target directory, committed by the store afterwards.
-            checkpoint_type: One of `checkpoint_types`: ``"base"`` (full weights),
-                ``"delta"`` (bitwise XOR against the export in ``previous``) or, where
-                the engine has it, ``"merged_base"`` (a LoRA model's adapter merged into
-                full weights).
-            previous: The previous export of this model, for ``delta``.
-
-        Returns:
-            Metadata recorded with the export.
-        """
+    def write_sampler_export(self, model_id: str, export: SamplerExport) -> dict[str, Any]:
+        """Write a checked sampler export (see `save_for_sampler`); return the metadata
+        recorded with it."""
 
     @abc.abstractmethod
     def unload_model(self, model_id: str) -> None:

@@ -69,6 +69,7 @@ __all__ = [
     "failure_result",
     "success_json",
     "success_result",
+    "wait_event",
 ]
 
 log = logging.getLogger("firetitan.local")
@@ -85,6 +86,16 @@ CHUNK_KINDS = frozenset({"forward", "forward_backward"})
 _MAX_ERROR_CHARS = 2000
 #: What a request that a graceful stop cancels, or refuses, is told.
 SHUTTING_DOWN = "the trainer is shutting down"
+
+
+async def wait_event(event: asyncio.Event, seconds: float) -> bool:
+    """Wait until ``event`` is set, for at most ``seconds``; return whether it is set."""
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 class UnknownRequestError(LookupError):
@@ -335,10 +346,7 @@ class Executor:
             if wait <= 0:
                 return
             self._delivery.clear()
-            try:
-                async with asyncio.timeout(wait):
-                    await self._delivery.wait()
-            except TimeoutError:
+            if not await wait_event(self._delivery, wait):
                 return
 
     async def close(self, final: Callable[[], None] | None = None) -> None:
@@ -577,12 +585,7 @@ class Executor:
         """
         job = self._job(request_id)
         if not job.done.is_set():
-            wait = self._config.long_poll_seconds if hold is None else hold
-            try:
-                async with asyncio.timeout(wait):
-                    await job.done.wait()
-            except TimeoutError:
-                pass
+            await wait_event(job.done, self._config.long_poll_seconds if hold is None else hold)
         if job.result is not None:
             answer = await self._encoded(job, job.result, encoding)
             job.delivered = True
@@ -710,11 +713,7 @@ class Executor:
                 self._skip_to(queue, lowest, f"waited {self._config.gap_wait_seconds:g} s")
                 continue
             queue.wake.clear()
-            try:
-                async with asyncio.timeout(remaining):
-                    await queue.wake.wait()
-            except TimeoutError:
-                pass
+            await wait_event(queue.wake, remaining)
 
     def _skip_to(self, queue: _ModelQueue, seq_id: int, why: str) -> None:
         log.info(

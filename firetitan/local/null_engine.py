@@ -26,18 +26,15 @@ import numpy as np
 import numpy.typing as npt
 import tinker
 
-from firetitan.local import sample_scores
+from firetitan.local import rules, sample_scores
 from firetitan.local.engine import (
     Engine,
-    Limits,
-    LossRequest,
     ModelSpec,
+    SamplerExport,
     SampleSource,
-    SamplingRequest,
     UserError,
     optim_metrics,
 )
-from firetitan.local.rules import DatumArrays, LossConfig, non_finite_loss, unknown_model
 
 __all__ = ["NullEngine"]
 
@@ -98,12 +95,12 @@ class NullEngine(Engine):
         model = self._models.get(model_id)
         return None if model is None else model.spec
 
-    def limits(self, model_id: str) -> Limits:
-        return Limits(vocab_size=self.vocab_size, context_length=self.max_context_length)
+    def limits(self, model_id: str) -> rules.Limits:
+        return rules.Limits(vocab_size=self.vocab_size, context_length=self.max_context_length)
 
-    def source_limits(self, source: SampleSource) -> Limits:
+    def source_limits(self, source: SampleSource) -> rules.Limits:
         self._source_step(source)  # an unreadable export is refused here
-        return Limits(vocab_size=self.vocab_size, context_length=self.max_context_length)
+        return rules.Limits(vocab_size=self.vocab_size, context_length=self.max_context_length)
 
     def build_model(self, model_id: str, spec: ModelSpec) -> None:
         self._models[model_id] = _Model(spec)
@@ -123,7 +120,7 @@ class NullEngine(Engine):
     # ------------------------------------------------------------------ compute
 
     def compute_loss(
-        self, model_id: str, request: LossRequest, *, train: bool
+        self, model_id: str, request: rules.LossRequest, *, train: bool
     ) -> tinker.ForwardBackwardOutput:
         model = self._model(model_id)
         outputs: list[dict[str, tinker.TensorData]] = []
@@ -134,7 +131,7 @@ class NullEngine(Engine):
             with np.errstate(over="ignore", invalid="ignore"):  # reported just below
                 loss = float(_loss_terms(request.loss_fn, lp, datum, request.config).sum())
             if not math.isfinite(loss):
-                raise non_finite_loss(index)
+                raise rules.non_finite_loss(index)
             total += loss
             outputs.append({"logprobs": tinker.TensorData.from_numpy(lp)})
         tokens = request.loss_tokens()
@@ -192,32 +189,22 @@ class NullEngine(Engine):
         model.adam_step = int(state["adam_step"]) if with_optimizer else 0
         model.window_tokens = model.window_sequences = 0
 
-    def save_for_sampler(
-        self,
-        model_id: str,
-        directory: Path,
-        checkpoint_type: str,
-        previous: Path | None,
-    ) -> dict[str, Any]:
+    def write_sampler_export(self, model_id: str, export: SamplerExport) -> dict[str, Any]:
         model = self._model(model_id)
-        if checkpoint_type not in ("base", "delta"):
-            raise UserError(f"checkpoint_type must be 'base' or 'delta', got {checkpoint_type!r}")
-        if checkpoint_type == "delta" and previous is None:
-            raise UserError("a delta export needs a previous export of this model")
         marker = {
             "format": _FORMAT,
             "base_model": model.spec.base_model,
             "step": model.step,
-            "checkpoint_type": checkpoint_type,
-            "previous": None if previous is None else previous.name,
+            "checkpoint_type": export.kind,
+            "previous": None if export.previous is None else export.previous.name,
         }
-        (directory / SAMPLER_FILE).write_text(json.dumps(marker))
+        (export.directory / SAMPLER_FILE).write_text(json.dumps(marker))
         return {"engine": self.name, "step": model.step}
 
     # ------------------------------------------------------------------ sampling
 
     def compute_sample(
-        self, source: SampleSource, request: SamplingRequest
+        self, source: SampleSource, request: rules.SamplingRequest
     ) -> tinker.SampleResponse:
         step = self._source_step(source)
         params, num_samples = request.params, request.num_samples
@@ -253,7 +240,7 @@ class NullEngine(Engine):
         )
 
     def _prompt_scores(
-        self, request: SamplingRequest, step: int, tokens: npt.NDArray[np.int64]
+        self, request: rules.SamplingRequest, step: int, tokens: npt.NDArray[np.int64]
     ) -> dict[str, Any]:
         """The prompt's result fields the request asks for, with deterministic values."""
         fields: dict[str, Any] = {}
@@ -291,7 +278,7 @@ class NullEngine(Engine):
     def _model(self, model_id: str) -> _Model:
         model = self._models.get(model_id)
         if model is None:
-            raise unknown_model(model_id)
+            raise rules.unknown_model(model_id)
         return model
 
     def _source_step(self, source: SampleSource) -> int:
@@ -319,7 +306,7 @@ def _fake_logprobs(rng: np.random.Generator, shape: tuple[int, ...]) -> F32:
 
 
 def _loss_terms(
-    loss_fn: str, lp: F32, datum: DatumArrays, config: LossConfig
+    loss_fn: str, lp: F32, datum: rules.DatumArrays, config: rules.LossConfig
 ) -> npt.NDArray[np.float64]:
     """Per-position loss terms (the formulas of `rules.LOSSES`), zero where an RL loss
     has no loss token."""

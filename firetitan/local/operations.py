@@ -12,11 +12,12 @@ last export) is updated on the loop after the engine call returns, so it needs n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import attrs
 import numpy.typing as npt
@@ -36,6 +37,7 @@ from firetitan.local.executor import (
     success_result,
 )
 from firetitan.local.external import ExternalRequest, encrypt_files
+from firetitan.local.rules import check_export_kind
 from firetitan.local.sessions import ModelRecord, Registry, SamplingSession
 from firetitan.local.tinker.compat import mask_prompt_logprobs
 
@@ -87,6 +89,16 @@ def _model_metadata(record: ModelRecord) -> dict[str, Any]:
     return metadata
 
 
+class _Saving(Protocol):
+    """A request that saves a checkpoint of a model."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def ttl_seconds(self) -> int | None: ...
+
+
 @attrs.define
 class SampleTicket:
     """Who asked for a sample, its request id and the sequence ids its ACK hands out.
@@ -109,6 +121,11 @@ class Operations:
         self.stability = stability.StabilityRecords()
         self._registry = registry
         self._executor = executor
+
+    @property
+    def engine(self) -> Engine:
+        """The engine the work runs on."""
+        return self._engine
 
     # ------------------------------------------------------------------ models
 
@@ -235,6 +252,19 @@ class Operations:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _write(
+        self, kind: Kind, name: str, request: _Saving, metadata: dict[str, Any]
+    ) -> contextlib.AbstractContextManager[Path]:
+        """The store's write of a checkpoint that ``request`` saves: for its model, with
+        its TTL; ``metadata`` is read when the checkpoint is committed."""
+        return self._store.write(
+            kind,
+            name,
+            model_id=request.model_id,
+            ttl_seconds=request.ttl_seconds,
+            metadata=metadata,
+        )
+
     def save_weights(
         self, request: _wire.SaveWeightsRequest, record: ModelRecord, returned_path: str
     ) -> Run:
@@ -260,13 +290,7 @@ class Operations:
                     f"save_state: this model already saved a checkpoint named "
                     f"{request.path!r}; pass overwrite=True to replace it, or choose another name"
                 )
-            with self._store.write(
-                "state",
-                request.path,
-                model_id=request.model_id,
-                ttl_seconds=request.ttl_seconds,
-                metadata=metadata,
-            ) as directory:
+            with self._write("state", request.path, request, metadata) as directory:
                 self._engine.save_state(request.model_id, directory)
             return success_result({"type": "save_weights", "path": returned_path})
 
@@ -280,13 +304,7 @@ class Operations:
 
         def work() -> Result:
             metadata = {**_model_metadata(record), "encrypted": bool(request.recipients)}
-            with self._store.write(
-                "external",
-                request.path,
-                model_id=request.model_id,
-                ttl_seconds=request.ttl_seconds,
-                metadata=metadata,
-            ) as directory:
+            with self._write("external", request.path, request, metadata) as directory:
                 self._engine.save_for_sampler(request.model_id, directory, "base", None)
                 if request.recipients:
                     encrypt_files(directory, request.recipients)
@@ -337,11 +355,7 @@ class Operations:
         requested = (request.checkpoint_type or "base").lower()
 
         def work(previous: Path | None) -> tuple[Result, Path]:
-            if requested not in self._engine.checkpoint_types:
-                raise UserError(
-                    f"checkpoint_type {requested!r} is not supported by the {self._engine.name} "
-                    f"engine; use one of {list(self._engine.checkpoint_types)}"
-                )
+            check_export_kind(requested, self._engine.name, self._engine.checkpoint_types)
             dependents = [d for d in self._store.dependents(name) if d != name]
             if dependents:
                 raise UserError(
@@ -375,13 +389,7 @@ class Operations:
             if client_metadata is not None:
                 metadata["client_metadata"] = client_metadata
             # The store reads `metadata` when it commits, after the engine has written.
-            with self._store.write(
-                "sampler",
-                name,
-                model_id=request.model_id,
-                ttl_seconds=request.ttl_seconds,
-                metadata=metadata,
-            ) as directory:
+            with self._write("sampler", name, request, metadata) as directory:
                 engine_meta = self._engine.save_for_sampler(
                     request.model_id, directory, actual, previous if actual == "delta" else None
                 )

@@ -22,6 +22,14 @@ What tinker 0.38's ``RestClient`` (and tinker-cookbook's ``checkpoint_utils`` an
   plain ``urllib``), so that route alone is open without ``X-API-Key``.
 * ``GET sessions`` and ``GET sessions/{id}``: live sessions, their models and sampling
   sessions.
+* ``POST weights_info`` (``{"tinker_path"}``): the base model and LoRA options a
+  ``weights`` or ``sampler_weights`` checkpoint was saved with. ``POST copy_weights``:
+  the checkpoint copied, under its name, into a new training run ``copy-<hex>`` that no
+  trainer trains (its files hard-linked, so no bytes are duplicated), answered with the
+  copy's ``tinker://`` path; the ``X-Idempotency-Key`` of a retry answers the copy
+  already made. Both read a checkpoint wherever ``load_weights`` could (this job's, or
+  another job's under the same root), never one outside the root; a delta sampler export
+  is not copied (it needs the export it applies to).
 
 Paths are under ``/api/v1``; the routes are rows of `firetitan._wire.endpoints`.
 """
@@ -29,6 +37,7 @@ Paths are under ``/api/v1``; the routes are rows of `firetitan._wire.endpoints`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import hashlib
 import hmac
@@ -51,6 +60,11 @@ __all__ = ["URL_LIFETIME_SECONDS", "RestApi", "RestError", "is_download"]
 
 #: How long a signed download URL stays valid.
 URL_LIFETIME_SECONDS: Final = 3600
+# copy_weights: the TTL range tinker documents (an hour to ten years), and how many
+# idempotency keys are remembered.
+_MIN_TTL: Final = 3600
+_MAX_TTL: Final = 10 * 365 * 24 * 3600
+_REMEMBERED_COPIES: Final = 1024
 # Signed download URLs: the one route served without ``X-API-Key``.
 _DOWNLOAD_PREFIX: Final = endpoints.EXTERNAL_FILE.path.split("{", 1)[0]
 _CHECKPOINT_TYPE: Final[dict[Kind, str]] = {
@@ -101,6 +115,10 @@ class RestApi:
         self._read = read_body
         # Signs download URLs; a restart invalidates the URLs it handed out.
         self._secret = secrets.token_bytes(32)
+        # copy_weights answers by idempotency key (oldest forgotten first), so that a
+        # retried request never makes a second copy; the lock keeps two at once apart.
+        self._copies: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._copy_lock = asyncio.Lock()
 
     def handlers(self) -> dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]:
         """The handlers of the REST rows of `firetitan._wire.endpoints`, by name."""
@@ -117,6 +135,8 @@ class RestApi:
             "list_sessions": self._list_sessions,
             "get_session": self._get_session,
             "external_file": self._download,
+            "weights_info": self._weights_info,
+            "copy_weights": self._copy_weights,
         }
 
     # ------------------------------------------------------------------ runs
@@ -256,6 +276,98 @@ class RestApi:
             self._store.update(kind, name, metadata={**manifest.metadata, "public": public})
 
         return await self._changed(change)
+
+    # ------------------------------------------------------------------ weights info, copies
+
+    def _source(self, value: object, field: str) -> tuple[Kind, str]:
+        """The checkpoint a ``tinker://`` path names, as (kind, store path)."""
+        if not isinstance(value, str):
+            raise RestError(400, f"{field} must be a tinker:// path string, got {value!r}")
+        try:
+            parsed = tinker_compat.parse_tinker_path(value)
+        except ValueError as exc:
+            raise RestError(400, f"{field}: {exc}") from None
+        return parsed.kind, str(parsed.checkpoint_ref(self._store.job_id))
+
+    def _resolved(self, kind: Kind, path: str, field: str) -> Manifest:
+        try:
+            return self._store.resolve(kind, path)[1]
+        except (ValueError, FileNotFoundError) as exc:
+            raise RestError(404, f"{field}: {exc}") from None
+
+    async def _weights_info(self, request: web.Request) -> web.Response:
+        body = _json_object(await self._read(request))
+        kind, path = self._source(body.get("tinker_path"), "tinker_path")
+        manifest = await asyncio.to_thread(self._resolved, kind, path, "tinker_path")
+        spec = manifest.metadata.get("model_spec")
+        if not isinstance(spec, dict) or not isinstance(spec.get("base_model"), str):
+            raise RestError(404, f"tinker_path: checkpoint {manifest.name!r} records no model")
+        rank = int(spec.get("lora_rank") or 0)
+        lora = rank > 0
+        return self._json(
+            {
+                "base_model": spec["base_model"],
+                "is_lora": lora,
+                "lora_rank": rank if lora else None,
+                "train_unembed": bool(spec.get("train_unembed", True)) if lora else None,
+                "train_mlp": bool(spec.get("train_mlp", True)) if lora else None,
+                "train_attn": bool(spec.get("train_attn", True)) if lora else None,
+            }
+        )
+
+    async def _copy_weights(self, request: web.Request) -> web.Response:
+        body = _json_object(await self._read(request))
+        if request.headers.get("X-Tinker-Weights-Access-Token") is not None:
+            raise RestError(400, "weights_access_token is not supported by this trainer")
+        kind, path = self._source(body.get("source_path"), "source_path")
+        project = self._destination(body)
+        ttl = body.get("ttl_seconds")
+        if ttl is not None and (
+            isinstance(ttl, bool) or not isinstance(ttl, int) or not _MIN_TTL <= ttl <= _MAX_TTL
+        ):
+            raise RestError(
+                400, f"ttl_seconds must be an integer in [{_MIN_TTL}, {_MAX_TTL}], got {ttl!r}"
+            )
+        key = request.headers.get("X-Idempotency-Key")
+        async with self._copy_lock:
+            copied = self._copies.get(key) if key else None
+            if copied is None:
+                copied = await asyncio.to_thread(self._copy, kind, path, project, ttl)
+                if key:
+                    self._copies[key] = copied
+                    while len(self._copies) > _REMEMBERED_COPIES:
+                        self._copies.popitem(last=False)
+        return self._json({"tinker_path": copied})
+
+    def _destination(self, body: dict[str, Any]) -> str | None:
+        """The project that owns the copy (recorded, not enforced: a local trainer has
+        none), checked for tinker's two forms."""
+        project, session_id = body.get("destination_project_id"), body.get("session_id")
+        if session_id is not None:
+            if session_id not in self._registry.sessions:
+                raise RestError(404, f"session_id: unknown session {session_id!r}")
+            seq = body.get("model_seq_id")
+            if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+                raise RestError(400, f"model_seq_id must be an integer >= 0, got {seq!r}")
+            return None
+        if not isinstance(project, str) or not project:
+            raise RestError(400, "give destination_project_id, or session_id and model_seq_id")
+        return project
+
+    def _copy(self, kind: Kind, path: str, project: str | None, ttl: int | None) -> str:
+        """Copy into a new run (off the loop: links files); the copy's tinker path."""
+        source = self._resolved(kind, path, "source_path")
+        if kind == "sampler" and source.metadata.get("delta_of"):
+            raise RestError(
+                400,
+                f"source_path: {source.name!r} is a delta on sampler export "
+                f"{source.metadata['delta_of']!r}; copy a full export",
+            )
+        run_id = f"copy-{secrets.token_hex(6)}"
+        origin = tinker_compat.tinker_path(source.job_id, kind, source.name)
+        extra = {"copied_from": origin, "destination_project_id": project}
+        self._store.copy_to_job(kind, path, run_id, ttl_seconds=ttl, metadata=extra)
+        return tinker_compat.tinker_path(run_id, kind, source.name)
 
     # ------------------------------------------------------------------ downloads
 

@@ -641,6 +641,21 @@ ADAM_RANGES: Final[dict[str, Interval]] = {
 NORMALIZATIONS: Final = ("none", "num_loss_tokens", "num_sequences")
 
 
+def check_export_kind(checkpoint_type: str, engine: str, kinds: Sequence[str]) -> str:
+    """The ``checkpoint_type`` of a sampler export, lower-cased, if the engine writes it.
+
+    Raises:
+        UserError: It is not one of ``kinds``, the types the ``engine`` writes.
+    """
+    kind = str(checkpoint_type).lower()
+    if kind not in kinds:
+        raise UserError(
+            f"checkpoint_type {checkpoint_type!r} is not supported by the {engine} engine; "
+            f"use one of {list(kinds)}"
+        )
+    return kind
+
+
 def check_adam_params(params: tinker.AdamParams) -> None:
     """Refuse hyperparameters that would corrupt the weights.
 

@@ -48,7 +48,7 @@ from firetitan.local import access_log
 from firetitan.local.checkpoints import CheckpointStore, Kind
 from firetitan.local.completions import CompletionQueues
 from firetitan.local.config import ServerConfig
-from firetitan.local.connections import BodyTimeoutError, ConnectionGuard
+from firetitan.local.connections import ConnectionGuard
 from firetitan.local.engine import DEFAULT_MAX_TOKENS, Engine, ModelSpec, UserError
 from firetitan.local.executor import (
     Encoding,
@@ -64,6 +64,7 @@ from firetitan.local.executor import (
 )
 from firetitan.local.external import ExternalRequest, decode_external_request
 from firetitan.local.operations import Operations, SampleTicket
+from firetitan.local.problems import ErrorDialect, Problem
 from firetitan.local.rest import RestApi, RestError, is_download
 from firetitan.local.sessions import ModelRecord, Registry, SamplingSession, model_id_for
 from firetitan.local.tinker import compat as tinker_compat
@@ -99,17 +100,6 @@ FWDBWD_MAX_CHUNK_LEN = 1024
 FWDBWD_MAX_CHUNK_BYTES = 5_000_000
 
 
-class Problem(Exception):
-    """An HTTP error answer: status, a message naming the field, a short class."""
-
-    def __init__(self, status: int, detail: str, error_class: str, retry_after: int | None = None):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.error_class = error_class
-        self.retry_after = retry_after
-
-
 def _bad_request(exc: _wire.WireError) -> Problem:
     if isinstance(exc, tinker_wire.UnsupportedContentEncoding):
         return Problem(415, str(exc), "UnsupportedMediaType")
@@ -128,13 +118,34 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=_wire.dumps(obj), status=status, content_type="application/json")
 
 
-def _error_response(problem: Problem) -> web.Response:
-    response = json_response(
-        {"detail": problem.detail, "error_class": problem.error_class}, status=problem.status
-    )
-    if problem.retry_after is not None:
-        response.headers["Retry-After"] = str(problem.retry_after)
-    return response
+def _translate(exc: Exception) -> Problem | None:
+    """The trainer's own refusals as problems."""
+    if isinstance(exc, RestError):
+        error_class = "NotFoundError" if exc.status == 404 else "BadRequestError"
+        return Problem(exc.status, exc.detail, error_class)
+    if isinstance(exc, _wire.WireError):
+        return _bad_request(exc)
+    if isinstance(exc, ExecutorClosedError):
+        return Problem(503, str(exc), "ServiceUnavailable", retry_after=1)
+    if isinstance(exc, OverloadedError):
+        return Problem(429, str(exc), "RateLimitError", retry_after=1)
+    if isinstance(exc, SequenceLeadError):
+        return _unprocessable(f"seq_id: {exc}")
+    return None
+
+
+#: Errors as tinker and the Fireworks training SDK read them.
+ERRORS = ErrorDialect(
+    body=lambda problem: {"detail": problem.message, "error_class": problem.code},
+    respond=lambda body, status: json_response(body, status=status),
+    timeout_code="RequestTimeoutError",
+    too_large_code="RequestTooLargeError",
+    too_large=lambda limit: f"request body exceeds the limit of {limit} bytes",
+    internal_code="InternalServerError",
+    http_code=None,
+    translate=_translate,
+    log=log,
+)
 
 
 _JSON_TYPES = {
@@ -209,13 +220,8 @@ class TrainerServer:
 
     @property
     def engine(self) -> Engine:
-        if self._engine is None:
-            raise RuntimeError("the trainer is not started")
-        return self._engine
-
-    @property
-    def execution_log(self) -> list[ExecutionRecord]:
-        return self._executor.execution_log
+        """The running engine (for in-process inspection)."""
+        return self._operations.engine
 
     def pause(self, reason: str) -> None:
         """Start no new request until `resume`; clients polling the waiting ones hear
@@ -328,7 +334,8 @@ class TrainerServer:
     def make_app(self) -> web.Application:
         """The aiohttp application (middlewares: the connection guard outermost, then
         the access log when it is on, JSON errors, and auth)."""
-        middlewares = [self._errors_middleware, self._auth_middleware]
+        errors = ERRORS.middleware(self.config.max_request_bytes)
+        middlewares = [errors, self._auth_middleware]
         if self.config.access_log:
             middlewares.insert(0, access_log.middleware)
         app = web.Application(
@@ -386,40 +393,6 @@ class TrainerServer:
         }
 
     @web.middleware
-    async def _errors_middleware(
-        self, request: web.Request, handler: Handler
-    ) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except Problem as problem:
-            return _error_response(problem)
-        except RestError as exc:
-            error_class = "NotFoundError" if exc.status == 404 else "BadRequestError"
-            return _error_response(Problem(exc.status, exc.detail, error_class))
-        except _wire.WireError as exc:
-            return _error_response(_bad_request(exc))
-        except web.HTTPRequestEntityTooLarge:
-            return _error_response(self._too_large())
-        except BodyTimeoutError as exc:
-            return _error_response(Problem(408, str(exc), "RequestTimeoutError"))
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            detail = f"{exc.reason}: {request.method} {request.path}"
-            return _error_response(Problem(exc.status, detail, type(exc).__name__))
-        except ExecutorClosedError as exc:
-            return _error_response(Problem(503, str(exc), "ServiceUnavailable", retry_after=1))
-        except OverloadedError as exc:
-            return _error_response(Problem(429, str(exc), "RateLimitError", retry_after=1))
-        except SequenceLeadError as exc:
-            return _error_response(_unprocessable(f"seq_id: {exc}"))
-        except Exception as exc:
-            # Headers (and so the key) are never logged; the traceback stays server-side.
-            log.debug("error handling %s %s", request.method, request.path, exc_info=True)
-            detail = f"internal error handling {request.path}: {type(exc).__name__}"
-            return _error_response(Problem(500, detail, "InternalServerError"))
-
-    @web.middleware
     async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if is_download(request):
             # Signed download URLs, fetched without the key (`firetitan.local.rest`).
@@ -437,10 +410,7 @@ class TrainerServer:
         return await handler(request)
 
     def _too_large(self) -> Problem:
-        limit = self.config.max_request_bytes
-        return Problem(
-            413, f"request body exceeds the limit of {limit} bytes", "RequestTooLargeError"
-        )
+        return ERRORS.too_large_problem(self.config.max_request_bytes)
 
     # ------------------------------------------------------------------ parsing
 
@@ -995,10 +965,15 @@ class TrainerServer:
         names = await asyncio.to_thread(self.store.names, "state")
         return json_response({"checkpoints": names})
 
+    @property
+    def execution_log(self) -> list[ExecutionRecord]:
+        """Requests executed so far, in order (``debug_execution_log`` serves it)."""
+        return self._executor.execution_log
+
     async def _debug_log(self, _request: web.Request) -> web.Response:
         entries = [
             {"model_id": r.model_id, "seq_id": r.seq_id, "request_id": r.request_id, "kind": r.kind}
-            for r in self._executor.execution_log
+            for r in self.execution_log
         ]
         return json_response({"entries": entries})
 

@@ -2,42 +2,28 @@
 1.2.30), unchanged. Run as a child process by ``test_wire_parity.py``: the SDK keeps a
 daemon event-loop thread for the life of its process.
 
-Input: ``FIRETITAN_TEST_BASE_URL`` and ``FIRETITAN_TEST_API_KEY`` in the environment.
-The same steps are in ``test_wire_parity.firetitan_flow``; keep the two in step.
+Input: the trainer's address, from ``tests/compat/sdk_child.child_environment``. The
+same steps are in ``test_wire_parity.firetitan_flow``; keep the two in step.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
-from fireworks.training.sdk import AdamParams, FiretitanServiceClient
+from fireworks.training.sdk import AdamParams
 from fireworks.training.sdk import types as fw
+from shared import shifted_datum
 
-BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
+from tests.compat.fireworks_child import fireworks_model
+from tests.compat.sdk_child import trainer_address
+
 TOKENS = [[1, 2, 3, 4], [5, 6, 7]]
 
 
-def datum(tokens: list[int]) -> fw.Datum:
-    n = len(tokens)
-    return fw.Datum(
-        model_input=fw.ModelInput.from_ints(tokens),
-        loss_fn_inputs={
-            "target_tokens": fw.TensorData(data=[*tokens[1:], 0], dtype="int64", shape=[n]),
-            "weights": fw.TensorData(data=[1.0] * n, dtype="float32", shape=[n]),
-        },
-    )
-
-
 def main() -> int:
-    service = FiretitanServiceClient(
-        base_url=os.environ["FIRETITAN_TEST_BASE_URL"],
-        api_key=os.environ["FIRETITAN_TEST_API_KEY"],
-        user_metadata={"run": "parity"},
-    )
-    try:
-        client = service.create_training_client(BASE_MODEL, lora_rank=0)
-        data = [datum(t) for t in TOKENS]
+    base_url, api_key = trainer_address()
+    with fireworks_model(base_url, api_key, user_metadata={"run": "parity"}) as (_, client):
+        data = [shifted_datum(fw, t) for t in TOKENS]
         client.forward(data, "cross_entropy").result()
         fb = client.forward_backward(data, "cross_entropy")
         opt = client.optim_step(
@@ -50,8 +36,6 @@ def main() -> int:
         client.load_state_with_optimizer(client.resolve_checkpoint_path("step-1")).result()
         client.save_weights_for_sampler_ext("sampler", checkpoint_type="base")
         client.get_info()
-    finally:
-        service.close()
     return 0
 
 

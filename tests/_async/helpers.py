@@ -7,13 +7,14 @@ through the sync facade too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
 import tinker
-from shared import BASE_MODEL, FAST_CLIENT, FAST_TRAINER
+from shared import BASE_MODEL, FAST_CLIENT, FAST_TRAINER, connect
 
 from firetitan import (
     AsyncAPIFuture,
@@ -101,6 +102,18 @@ class SlowEngine(NullEngine):
     def forward_backward(self, *args: Any, **kwargs: Any) -> tinker.ForwardBackwardOutput:
         time.sleep(self.pause)
         return super().forward_backward(*args, **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def slow_model(
+    pause: float,
+) -> AsyncIterator[tuple[LocalTrainer, AsyncFiretitanTrainingClient]]:
+    """A trainer on a `SlowEngine` pausing ``pause`` s a pass, and a model on it."""
+    async with (
+        LocalTrainer(SlowEngine(pause=pause), **FAST_TRAINER) as trainer,
+        connect(trainer.base_url, trainer.api_key) as service,
+    ):
+        yield trainer, await service.create_training_client(BASE_MODEL)
 
 
 async def until(predicate: Callable[[], bool]) -> None:

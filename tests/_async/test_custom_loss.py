@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import tinker
 import torch
-from faults import FaultProxy
-from shared import connect
+from shared import Surface, proxied
 
-from firetitan import AsyncFiretitanServiceClient, FutureState
+from firetitan import AsyncFiretitanServiceClient, AsyncFiretitanTrainingClient, FutureState
 from firetitan.local import LocalTrainer
 
 from .helpers import ADAM, BASE_MODEL, batch, datum, executed
@@ -27,10 +26,7 @@ def doubled_sum(data: list[tinker.Datum], logprobs: list[torch.Tensor]) -> tuple
 
 @pytest.mark.asyncio
 async def test_custom_loss_runs_forward_then_linearised_backward(trainer: LocalTrainer) -> None:
-    async with (
-        FaultProxy(trainer.base_url) as proxy,
-        connect(proxy.base_url, trainer.api_key) as service,
-    ):
+    async with proxied(trainer) as (proxy, service):
         tc = await service.create_training_client(BASE_MODEL)
         data = [datum(6, 1, weights=False), datum(6, 2)]
         custom = tc.forward_backward_custom(data, doubled_sum)
@@ -54,23 +50,22 @@ async def test_custom_loss_runs_forward_then_linearised_backward(trainer: LocalT
         assert len(out.loss_fn_outputs) == 2
 
 
-@pytest.mark.asyncio
-async def test_user_metrics_may_name_the_loss(service: AsyncFiretitanServiceClient) -> None:
-    tc = await service.create_training_client(BASE_MODEL)
+# The tests taking `surface` run through the async core and through the facade.
 
+
+@pytest.mark.asyncio
+async def test_user_metrics_may_name_the_loss(surface: Surface, any_model: Any) -> None:
     def named(data: list[tinker.Datum], logprobs: list[torch.Tensor]) -> tuple[Any, Any]:
         return sum(lp.sum() for lp in logprobs), {"loss": 42.0}
 
-    out = await tc.forward_backward_custom(batch(2), named)
+    out = await surface.call(any_model.forward_backward_custom, batch(2), named)
     assert out.metrics["loss"] == 42.0
 
 
 @pytest.mark.asyncio
 async def test_a_failing_loss_fails_its_future_and_later_calls_proceed(
-    trainer: LocalTrainer, service: AsyncFiretitanServiceClient
+    trainer: LocalTrainer, tc: AsyncFiretitanTrainingClient
 ) -> None:
-    tc = await service.create_training_client(BASE_MODEL)
-
     class Boom(Exception):
         pass
 
@@ -88,29 +83,26 @@ async def test_a_failing_loss_fails_its_future_and_later_calls_proceed(
 
 @pytest.mark.asyncio
 async def test_a_logprob_tensor_without_gradient_is_a_value_error(
-    service: AsyncFiretitanServiceClient,
+    surface: Surface, any_model: Any
 ) -> None:
-    tc = await service.create_training_client(BASE_MODEL)
-
     def first_only(data: list[tinker.Datum], logprobs: list[torch.Tensor]) -> tuple[Any, Any]:
         return logprobs[0].sum(), {}
 
     with pytest.raises(ValueError, match=r"data\[1\]"):
-        await tc.forward_backward_custom(batch(2), first_only)
+        await surface.call(any_model.forward_backward_custom, batch(2), first_only)
 
     def constant(data: list[tinker.Datum], logprobs: list[torch.Tensor]) -> tuple[Any, Any]:
         return torch.tensor(1.0), {}
 
     with pytest.raises(ValueError, match="does not depend"):
-        await tc.forward_backward_custom(batch(1), constant)
-    await tc.optim_step(ADAM)
+        await surface.call(any_model.forward_backward_custom, batch(1), constant)
+    await surface.call(any_model.optim_step, ADAM)
 
 
 @pytest.mark.asyncio
 async def test_precomputed_forward_sends_only_the_backward(
-    trainer: LocalTrainer, service: AsyncFiretitanServiceClient
+    trainer: LocalTrainer, tc: AsyncFiretitanTrainingClient
 ) -> None:
-    tc = await service.create_training_client(BASE_MODEL)
     data = batch(3)
     forward = await tc.forward(data, "cross_entropy")
     out = await tc.forward_backward_custom(data, doubled_sum, precomputed_forward=forward)
@@ -126,9 +118,8 @@ async def test_precomputed_forward_sends_only_the_backward(
 
 @pytest.mark.asyncio
 async def test_cancelling_a_custom_call_drops_its_backward(
-    trainer: LocalTrainer, service: AsyncFiretitanServiceClient
+    trainer: LocalTrainer, tc: AsyncFiretitanTrainingClient
 ) -> None:
-    tc = await service.create_training_client(BASE_MODEL)
     custom = tc.forward_backward_custom(batch(2), doubled_sum)
     later = tc.optim_step(ADAM)
     assert custom.cancel()

@@ -18,6 +18,7 @@ from firetitan import (
     APIConnectionError,
     APIStatusError,
     AsyncFiretitanServiceClient,
+    AsyncFiretitanTrainingClient,
     AuthenticationError,
     ClientClosedError,
     ClientUsageError,
@@ -60,7 +61,7 @@ def free_port() -> int:
 
 @pytest.mark.asyncio
 async def test_wrong_key_is_an_authentication_error(trainer: LocalTrainer) -> None:
-    client = AsyncFiretitanServiceClient(base_url=trainer.base_url, api_key=SECRET)
+    client = connect(trainer.base_url, SECRET)
     with pytest.raises(AuthenticationError) as info:
         await client.__aenter__()
     await client.aclose()
@@ -73,13 +74,12 @@ async def test_wrong_key_is_an_authentication_error(trainer: LocalTrainer) -> No
 
 @pytest.mark.asyncio
 async def test_user_errors_are_request_failures_with_category_user(
-    surface: Surface, any_service: Any
+    surface: Surface, any_model: Any
 ) -> None:
-    tc = await surface.call(any_service.create_training_client, BASE_MODEL)
     bad_token = batch(1)
     bad_token[0].loss_fn_inputs["target_tokens"].to_numpy()[0] = 10**6  # outside the vocab
     with pytest.raises(RequestFailedError) as info:
-        await surface.call(tc.forward, bad_token, "cross_entropy")
+        await surface.call(any_model.forward, bad_token, "cross_entropy")
     error = info.value
     assert error.category == "user" and error.request_id
     assert "data[0]" in error.message or "datum 0" in error.message
@@ -119,9 +119,8 @@ async def test_unreachable_trainer_is_a_connection_error() -> None:
 
 @pytest.mark.asyncio
 async def test_closed_clients_refuse_work_and_fail_pending_futures(
-    service: AsyncFiretitanServiceClient,
+    service: AsyncFiretitanServiceClient, tc: AsyncFiretitanTrainingClient
 ) -> None:
-    tc = await service.create_training_client(BASE_MODEL)
     pending = [tc.forward_backward(batch(2, seed=i), "cross_entropy") for i in range(20)]
     await service.aclose()
     await service.aclose()  # idempotent

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import tinker
-from faults import FAULT_KINDS, FaultPlan, FaultProxy
-from shared import connect
+from faults import FAULT_KINDS, FaultPlan
+from shared import proxied
 
 from firetitan import AsyncFiretitanServiceClient, ClientConfig, Limits, RetryPolicy, Timeouts
 from firetitan.local import LocalTrainer
@@ -67,8 +67,10 @@ async def test_every_call_completes_and_executes_exactly_once(seed: int) -> None
     for rate in (0.0, 0.3):
         async with (
             LocalTrainer("null", seed=3, **FAST_TRAINER) as trainer,
-            FaultProxy(trainer.base_url, FaultPlan(rate=rate, seed=seed, delay=1.2)) as proxy,
-            connect(proxy.base_url, trainer.api_key, FAULTY_CLIENT) as service,
+            proxied(trainer, FaultPlan(rate=rate, seed=seed, delay=1.2), FAULTY_CLIENT) as (
+                proxy,
+                service,
+            ),
         ):
             model_id, results = await scripted_run(service)
             proxy.set_rate(0.0)

@@ -11,9 +11,9 @@ import time
 from typing import Any
 
 import pytest
-from faults import FaultProxy
+from shared import connect, proxied
 
-from firetitan import APIConnectionError, AsyncFiretitanServiceClient, ClientConfig, RetryPolicy
+from firetitan import APIConnectionError, ClientConfig, RetryPolicy
 from firetitan.local import LocalTrainer
 
 from .helpers import FAST_CLIENT, FAST_TRAINER
@@ -31,7 +31,7 @@ def free_port() -> int:
 
 async def open_client(base_url: str, config: ClientConfig | None = None) -> float:
     """Open a service client that must fail; return how long it took."""
-    client = AsyncFiretitanServiceClient(base_url=base_url, api_key=KEY, config=config)
+    client = connect(base_url, KEY, config or ClientConfig())
     started = time.monotonic()
     try:
         await client.__aenter__()
@@ -105,9 +105,7 @@ async def test_a_mid_run_outage_is_retried_patiently(caplog: pytest.LogCaptureFi
     port = free_port()
     first = LocalTrainer("null", port=port, api_key=KEY, **FAST_TRAINER)
     await first.__aenter__()
-    async with AsyncFiretitanServiceClient(
-        base_url=first.base_url, api_key=KEY, config=config
-    ) as service:
+    async with connect(first.base_url, KEY, config) as service:
         await service.get_server_capabilities()
         await first.__aexit__(None, None, None)
         call = asyncio.create_task(service.get_server_capabilities())
@@ -139,11 +137,10 @@ async def test_each_retry_logs_one_info_line_and_a_long_one_warns_once(
     config = FAST_CLIENT.evolve(retry=RetryPolicy(
         initial_backoff=0.05, max_backoff=0.05, jitter=0.0, warn_after=0.12, max_retry_after=0.05,
     ))
-    async with LocalTrainer("null", api_key=KEY, **FAST_TRAINER) as trainer, FaultProxy(
-        trainer.base_url
-    ) as proxy, AsyncFiretitanServiceClient(
-        base_url=proxy.base_url, api_key=KEY, config=config
-    ) as service:
+    async with (
+        LocalTrainer("null", api_key=KEY, **FAST_TRAINER) as trainer,
+        proxied(trainer, config=config) as (proxy, service),
+    ):
         caplog.clear()
         proxy.inject("status_503", "/api/v1/get_server_capabilities", times=5)
         await service.get_server_capabilities()

@@ -7,12 +7,12 @@ import asyncio
 from typing import Any
 
 import pytest
-from faults import FaultProxy
-from shared import connect
+from shared import connect, proxied
 
 from firetitan import (
     AsyncAPIFuture,
     AsyncFiretitanServiceClient,
+    AsyncFiretitanTrainingClient,
     BadRequestError,
     FutureState,
     FutureTimeoutError,
@@ -24,12 +24,12 @@ from .helpers import (
     ADAM,
     BASE_MODEL,
     FAST_TRAINER,
-    SlowEngine,
     batch,
     chunked_config,
     executed,
     pipelined_pairs,
     sequential_pairs,
+    slow_model,
     summary,
     until,
 )
@@ -65,11 +65,7 @@ async def test_fifty_pipelined_pairs_match_the_sequential_run() -> None:
 
 @pytest.mark.asyncio
 async def test_calls_are_sent_without_waiting_for_results() -> None:
-    async with (
-        LocalTrainer(SlowEngine(pause=0.15), **FAST_TRAINER) as trainer,
-        connect(trainer.base_url, trainer.api_key) as service,
-    ):
-        tc = await service.create_training_client(BASE_MODEL)
+    async with slow_model(pause=0.15) as (_trainer, tc):
         futures: list[AsyncAPIFuture[Any]] = [
             tc.forward_backward(batch(1, seed=i), "cross_entropy") for i in range(20)
         ]
@@ -85,9 +81,8 @@ async def test_calls_are_sent_without_waiting_for_results() -> None:
 
 @pytest.mark.asyncio
 async def test_a_call_cancelled_before_sending_takes_no_seq_id(
-    trainer: LocalTrainer, service: AsyncFiretitanServiceClient
+    trainer: LocalTrainer, tc: AsyncFiretitanTrainingClient
 ) -> None:
-    tc = await service.create_training_client(BASE_MODEL)
     futures = [tc.forward_backward(batch(1, seed=i), "cross_entropy") for i in range(10)]
     victim = tc.optim_step(ADAM)
     after = [tc.forward(batch(1, seed=i), "cross_entropy") for i in range(5)]
@@ -106,11 +101,7 @@ async def test_a_call_cancelled_before_sending_takes_no_seq_id(
 
 @pytest.mark.asyncio
 async def test_a_sent_call_cancelled_still_runs_and_later_calls_proceed() -> None:
-    async with (
-        LocalTrainer(SlowEngine(pause=0.3), **FAST_TRAINER) as trainer,
-        connect(trainer.base_url, trainer.api_key) as service,
-    ):
-        tc = await service.create_training_client(BASE_MODEL)
+    async with slow_model(pause=0.3) as (trainer, tc):
         first = tc.forward_backward(batch(2), "cross_entropy")
         await until(lambda: first.state is not FutureState.QUEUED and first.request_id is not None)
         assert first.state is FutureState.SENT  # the trainer is still on it
@@ -141,9 +132,8 @@ async def test_waiting_with_a_timeout_never_cancels_or_stalls(
 
 @pytest.mark.asyncio
 async def test_a_failed_call_does_not_stall_later_calls(
-    trainer: LocalTrainer, service: AsyncFiretitanServiceClient
+    trainer: LocalTrainer, tc: AsyncFiretitanTrainingClient
 ) -> None:
-    tc = await service.create_training_client(BASE_MODEL)
     bad = tc.forward_backward(batch(1), "no_such_loss")
     good = tc.forward_backward(batch(1), "cross_entropy")
     step = tc.optim_step(ADAM)
@@ -158,9 +148,8 @@ async def test_a_failed_call_does_not_stall_later_calls(
 
 @pytest.mark.asyncio
 async def test_a_future_past_its_deadline_fails_and_others_proceed(
-    service: AsyncFiretitanServiceClient,
+    tc: AsyncFiretitanTrainingClient,
 ) -> None:
-    tc = await service.create_training_client(BASE_MODEL)
     before = [tc.forward_backward(batch(2, seed=i), "cross_entropy") for i in range(5)]
     hurried = tc.optim_step(ADAM, deadline=1e-4)
     after = tc.optim_step(ADAM)
@@ -172,9 +161,8 @@ async def test_a_future_past_its_deadline_fails_and_others_proceed(
 
 @pytest.mark.asyncio
 async def test_calls_from_many_tasks_keep_call_order(
-    trainer: LocalTrainer, service: AsyncFiretitanServiceClient
+    trainer: LocalTrainer, tc: AsyncFiretitanTrainingClient
 ) -> None:
-    tc = await service.create_training_client(BASE_MODEL)
     order: list[str] = []
 
     async def worker(name: str) -> None:
@@ -216,10 +204,7 @@ async def test_two_services_on_two_trainers_from_one_loop() -> None:
 
 @pytest.mark.asyncio
 async def test_a_refused_submission_fails_only_its_call(trainer: LocalTrainer) -> None:
-    async with (
-        FaultProxy(trainer.base_url) as proxy,
-        connect(proxy.base_url, trainer.api_key) as service,
-    ):
+    async with proxied(trainer) as (proxy, service):
         tc = await service.create_training_client(BASE_MODEL)
         proxy.inject("status_400", "/api/v1/forward_backward")
         refused = tc.forward_backward(batch(2), "cross_entropy")
@@ -237,10 +222,7 @@ async def test_a_refused_submission_fails_only_its_call(trainer: LocalTrainer) -
 
 @pytest.mark.asyncio
 async def test_a_partly_refused_chunked_call_spends_its_seq_ids(trainer: LocalTrainer) -> None:
-    async with (
-        FaultProxy(trainer.base_url) as proxy,
-        connect(proxy.base_url, trainer.api_key, chunked_config(1)) as service,
-    ):
+    async with proxied(trainer, config=chunked_config(1)) as (proxy, service):
         tc = await service.create_training_client(BASE_MODEL)
         proxy.inject("status_400", "/api/v1/forward_backward")
         partial = tc.forward_backward(batch(3), "cross_entropy")

@@ -3,9 +3,17 @@ checkpoints (list, TTL, publish, delete) and sessions, in tinker's types."""
 
 from __future__ import annotations
 
+import aiohttp
 import pytest
 
-from firetitan import AsyncFiretitanServiceClient, AsyncRestClient, NotFoundError, RestClient
+from firetitan import (
+    AsyncFiretitanServiceClient,
+    AsyncRestClient,
+    BadRequestError,
+    NotFoundError,
+    RestClient,
+)
+from firetitan._wire import endpoints
 from firetitan.local import LocalTrainer
 
 from .helpers import ADAM, BASE_MODEL, FAST_CLIENT, FAST_TRAINER, batch
@@ -70,3 +78,59 @@ def test_the_facade() -> None:
         assert runs.cursor.limit == 5
         with pytest.raises(ValueError, match="limit"):
             rest.list_training_runs(limit=0)
+
+
+@pytest.mark.asyncio
+async def test_weights_info_and_copy_weights(
+    trainer: LocalTrainer, service: AsyncFiretitanServiceClient
+) -> None:
+    tc = await service.create_lora_training_client(BASE_MODEL, rank=4, train_unembed=False)
+    await tc.forward_backward(batch(1), "cross_entropy")
+    await tc.optim_step(ADAM)
+    await tc.save_state("a")
+    await tc.save_weights_for_sampler_ext("s", checkpoint_type="base")
+    delta = await tc.save_weights_for_sampler_ext("d", checkpoint_type="delta")
+    job = trainer.job_id
+    a = f"tinker://{job}/weights/a"
+
+    async with AsyncRestClient(trainer.base_url, trainer.api_key, config=FAST_CLIENT) as rest:
+        info = await rest.get_weights_info_by_tinker_path(a)
+        assert info.base_model == BASE_MODEL and info.is_lora and info.lora_rank == 4
+        assert info.train_unembed is False and info.train_mlp and info.train_attn
+
+        copied = await rest.copy_weights(a, "proj-archive", ttl_seconds=7200)
+        run, segment, name = copied.removeprefix("tinker://").split("/")
+        assert run.startswith("copy-") and run != job and (segment, name) == ("weights", "a")
+        assert await rest.get_weights_info_by_tinker_path(copied) == info
+        await rest.delete_checkpoint(a)  # the copy shares files, and outlives the source
+        resumed = await service.create_training_client_from_state(copied)
+        assert (await resumed.get_info()).lora_rank == 4
+
+        with pytest.raises(NotFoundError, match="tinker_path: no state checkpoint named 'a'"):
+            await rest.get_weights_info_by_tinker_path(a)
+        with pytest.raises(BadRequestError, match=r"tinker_path: .*not allowed"):
+            await rest.get_weights_info_by_tinker_path(f"tinker://{job}/weights/..")
+        sampler_path = f"tinker://{job}/sampler_weights/{delta.snapshot_name}"
+        with pytest.raises(BadRequestError, match="is a delta on sampler export"):
+            await rest.copy_weights(sampler_path, "proj")
+        with pytest.raises(BadRequestError, match=r"ttl_seconds must be an integer in \[3600, "):
+            await rest.copy_weights(copied, "proj", ttl_seconds=60)
+        with pytest.raises(ValueError, match="destination_project_id"):
+            await rest.copy_weights(copied)
+
+    # A request retried with its idempotency key answers the copy it already made.
+    await tc.save_state("b")
+    url = f"{trainer.base_url}{endpoints.COPY_WEIGHTS.path}"
+    body = {"source_path": f"tinker://{job}/weights/b", "destination_project_id": "p"}
+    async with aiohttp.ClientSession(headers={"X-API-Key": trainer.api_key}) as http:
+
+        async def copy(key: str) -> str:
+            async with http.post(url, json=body, headers={"X-Idempotency-Key": key}) as answer:
+                assert answer.status == 200
+                path: str = (await answer.json())["tinker_path"]
+                return path
+
+        first = await copy("k1")
+        assert await copy("k1") == first
+        assert await copy("k2") != first
+

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import tinker
-from faults import FaultProxy
-from shared import Surface
+from shared import Surface, proxied
 
 from firetitan import (
     AsyncFiretitanServiceClient,
+    AsyncFiretitanTrainingClient,
     AsyncSamplingClient,
     ClientClosedError,
     ClientUsageError,
@@ -31,14 +31,7 @@ async def test_two_hundred_concurrent_samples_share_a_few_connections(
     trainer: LocalTrainer,
 ) -> None:
     limits = Limits(max_connections=8, max_poll_connections=4, max_sample_polls=4)
-    async with (
-        FaultProxy(trainer.base_url) as proxy,
-        AsyncFiretitanServiceClient(
-            base_url=proxy.base_url,
-            api_key=trainer.api_key,
-            config=FAST_CLIENT.evolve(limits=limits),
-        ) as service,
-    ):
+    async with proxied(trainer, config=FAST_CLIENT.evolve(limits=limits)) as (proxy, service):
         tc = await service.create_training_client(BASE_MODEL)
         sampler = await tc.save_weights_and_get_sampling_client("policy")
         futures = [
@@ -57,11 +50,10 @@ async def test_two_hundred_concurrent_samples_share_a_few_connections(
 
 @pytest.mark.asyncio
 async def test_sample_and_compute_logprobs_on_both_surfaces(
-    surface: Surface, any_service: Any
+    surface: Surface, any_model: Any
 ) -> None:
     call = surface.call
-    tc = await call(any_service.create_training_client, BASE_MODEL)
-    sampler = await call(tc.save_weights_and_get_sampling_client, "policy")
+    sampler = await call(any_model.save_weights_and_get_sampling_client, "policy")
     response = await call(sampler.sample, PROMPT, 2, PARAMS)
     assert len(response.sequences) == 2
     assert all(1 <= len(s.tokens) <= 4 for s in response.sequences)
@@ -135,9 +127,8 @@ async def test_standalone_client_and_closed_service(
 
 @pytest.mark.asyncio
 async def test_get_base_model_of_a_sampler_made_from_a_path(
-    trainer: LocalTrainer, service: AsyncFiretitanServiceClient
+    trainer: LocalTrainer, service: AsyncFiretitanServiceClient, tc: AsyncFiretitanTrainingClient
 ) -> None:
-    tc = await service.create_training_client(BASE_MODEL)
     saved = await tc.save_weights_for_sampler_ext("for-base-model")
     sampler = await service.create_sampling_client(model_path=saved.path)
     assert sampler.base_model is None

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from shared import connect
 
-from firetitan import AsyncFiretitanServiceClient, FutureState, RequestFailedError
+from firetitan import FutureState, RequestFailedError
 from firetitan.local import LocalTrainer
 
-from .helpers import ADAM, BASE_MODEL, FAST_CLIENT, FAST_TRAINER, SlowEngine, batch, until
+from .helpers import ADAM, BASE_MODEL, FAST_TRAINER, SlowEngine, batch, until
 
 
 @pytest.mark.asyncio
@@ -18,9 +19,7 @@ async def test_a_graceful_stop_fails_every_queued_future_as_shutting_down() -> N
     trainer = LocalTrainer(SlowEngine(pause=0.5), **FAST_TRAINER)
     await trainer.__aenter__()
     try:
-        async with AsyncFiretitanServiceClient(
-            base_url=trainer.base_url, api_key=trainer.api_key, config=FAST_CLIENT
-        ) as service:
+        async with connect(trainer.base_url, trainer.api_key) as service:
             tc = await service.create_training_client(BASE_MODEL)
             running = tc.forward_backward(batch(1), "cross_entropy")
             # More than the client polls at once (Limits.max_polls_per_model), so that

@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 import tinker
-from faults import FaultProxy
-from shared import Surface, connect
+from shared import Surface, connect, proxied
 
 from firetitan import (
     AsyncAPIFuture,
     AsyncFiretitanServiceClient,
+    AsyncFiretitanTrainingClient,
     ClientClosedError,
     FutureState,
     GradAccNormalization,
@@ -51,9 +51,8 @@ async def test_forward_forward_backward_optim_step(
 
 @pytest.mark.asyncio
 async def test_optim_step_accepts_the_enum_and_refuses_unknown_values(
-    service: AsyncFiretitanServiceClient,
+    tc: AsyncFiretitanTrainingClient,
 ) -> None:
-    tc = await service.create_training_client(BASE_MODEL)
     await tc.forward_backward(batch(1), "cross_entropy")
     await tc.optim_step(ADAM, GradAccNormalization.NUM_SEQUENCES)
     with pytest.raises(ValueError, match="num_loss_tokens"):
@@ -64,9 +63,8 @@ async def test_optim_step_accepts_the_enum_and_refuses_unknown_values(
 
 @pytest.mark.asyncio
 async def test_invalid_arguments_raise_at_the_call_site(
-    service: AsyncFiretitanServiceClient,
+    tc: AsyncFiretitanTrainingClient,
 ) -> None:
-    tc = await service.create_training_client(BASE_MODEL)
     with pytest.raises(ValueError, match="empty"):
         tc.forward([], "cross_entropy")
     with pytest.raises(TypeError, match=r"data\[1\]"):
@@ -129,10 +127,9 @@ async def test_large_batches_are_encoded_off_the_loop(trainer: LocalTrainer) -> 
 
 @pytest.mark.asyncio
 async def test_checkpoints_save_list_load_and_resolve(
-    null_trainer: LocalTrainer, surface: Surface, any_service: Any
+    null_trainer: LocalTrainer, surface: Surface, any_model: Any
 ) -> None:
-    call = surface.call
-    tc = await call(any_service.create_training_client, BASE_MODEL)
+    call, tc = surface.call, any_model
     await call(tc.forward_backward, batch(2), "cross_entropy")
     await call(tc.optim_step, ADAM)
     saved = await call(tc.save_state, "train_state_step_1")
@@ -203,10 +200,7 @@ async def test_peer_path_forms_and_training_clients_from_state(
 
 @pytest.mark.asyncio
 async def test_sampler_exports_name_and_checkpoint_type(trainer: LocalTrainer) -> None:
-    async with (
-        FaultProxy(trainer.base_url) as proxy,
-        connect(proxy.base_url, trainer.api_key) as service,
-    ):
+    async with proxied(trainer) as (proxy, service):
         tc = await service.create_training_client(BASE_MODEL)
         suffix = tc.session_id
         assert len(suffix) == 8 and int(suffix, 16) >= 0
@@ -273,9 +267,8 @@ async def test_duplicate_training_client_is_refused_before_any_request(
 
 @pytest.mark.asyncio
 async def test_unload_model_finishes_pending_work_first(
-    trainer: LocalTrainer, service: AsyncFiretitanServiceClient
+    trainer: LocalTrainer, service: AsyncFiretitanServiceClient, tc: AsyncFiretitanTrainingClient
 ) -> None:
-    tc = await service.create_training_client(BASE_MODEL)
     pending: list[AsyncAPIFuture[Any]] = [
         tc.forward_backward(batch(2, seed=i), "cross_entropy") for i in range(3)
     ]

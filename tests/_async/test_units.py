@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from faults import FaultPlan, FaultProxy
-from shared import connect
+from shared import connect, proxied
 
 from firetitan import (
     AsyncAPIFuture,
@@ -127,8 +127,7 @@ async def test_polls_per_model_are_bounded() -> None:
     config = FAST_CLIENT.evolve(limits=Limits(max_polls_per_model=2))
     async with (
         LocalTrainer(SlowEngine(pause=0.02), **FAST_TRAINER) as trainer,
-        FaultProxy(trainer.base_url) as proxy,
-        connect(proxy.base_url, trainer.api_key, config) as service,
+        proxied(trainer, config=config) as (proxy, service),
     ):
         tc = await service.create_training_client(BASE_MODEL)
         futures: list[AsyncAPIFuture[Any]] = [
@@ -144,10 +143,7 @@ async def test_polls_per_model_are_bounded() -> None:
 async def test_complete_metadata_makes_the_next_poll_ask_for_the_full_body(
     trainer: LocalTrainer,
 ) -> None:
-    async with (
-        FaultProxy(trainer.base_url) as proxy,
-        connect(proxy.base_url, trainer.api_key) as service,
-    ):
+    async with proxied(trainer) as (proxy, service):
         tc = await service.create_training_client(BASE_MODEL)
         proxy.inject("complete_metadata", "/api/v1/retrieve_future")
         future = tc.forward(batch(1), "cross_entropy")

@@ -5,19 +5,20 @@ endpoints, the same JSON fields and the same protocol headers (values may differ
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tinker
+from compat.sdk_child import child_environment
 from faults import FaultProxy, Recorded
+from shared import connect, shifted_datum
 
-from firetitan import AsyncFiretitanServiceClient, GradAccNormalization
+from firetitan import GradAccNormalization
 from firetitan.local import LocalTrainer
 
-from .helpers import BASE_MODEL, FAST_CLIENT, FAST_TRAINER
+from .helpers import BASE_MODEL, FAST_TRAINER
 
 FLOW = Path(__file__).with_name("fireworks_parity_flow.py")
 TOKENS = [[1, 2, 3, 4], [5, 6, 7]]
@@ -26,24 +27,11 @@ KEY = "tml-parity-test-key"
 BACKGROUND = {"/api/v1/telemetry", "/api/v1/session_heartbeat"}
 
 
-def datum(tokens: list[int]) -> tinker.Datum:
-    n = len(tokens)
-    return tinker.Datum(
-        model_input=tinker.ModelInput.from_ints(tokens),
-        loss_fn_inputs={
-            "target_tokens": tinker.TensorData(data=[*tokens[1:], 0], dtype="int64", shape=[n]),
-            "weights": tinker.TensorData(data=[1.0] * n, dtype="float32", shape=[n]),
-        },
-    )
-
-
 async def firetitan_flow(base_url: str, api_key: str) -> None:
     """The steps of ``fireworks_parity_flow.py``, with firetitan."""
-    async with AsyncFiretitanServiceClient(
-        base_url=base_url, api_key=api_key, user_metadata={"run": "parity"}, config=FAST_CLIENT
-    ) as service:
+    async with connect(base_url, api_key, user_metadata={"run": "parity"}) as service:
         client = await service.create_training_client(BASE_MODEL, lora_rank=0)
-        data = [datum(t) for t in TOKENS]
+        data = [shifted_datum(tinker, t) for t in TOKENS]
         await client.forward(data, "cross_entropy")
         fb = client.forward_backward(data, "cross_entropy")
         opt = client.optim_step(
@@ -60,12 +48,7 @@ async def firetitan_flow(base_url: str, api_key: str) -> None:
 
 
 async def fireworks_flow(base_url: str, api_key: str) -> None:
-    env = {
-        **os.environ,
-        "FIRETITAN_TEST_BASE_URL": base_url,
-        "FIRETITAN_TEST_API_KEY": api_key,
-        "TINKER_TELEMETRY": "0",
-    }
+    env = child_environment(base_url, api_key, {"TINKER_TELEMETRY": "0"})
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(FLOW), env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

@@ -15,23 +15,16 @@ import sys
 from typing import Any
 
 import torch
-from fireworks.training.sdk import AdamParams, FiretitanServiceClient
+from fireworks.training.sdk import AdamParams
 from fireworks.training.sdk import types as fw
+from shared import BASE_MODEL, shifted_datum
 
-from tests.compat.sdk_child import SdkProblems, report, trainer_address
-
-BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
+from tests.compat.fireworks_child import fireworks_model
+from tests.compat.sdk_child import run_child
 
 
 def datum(tokens: list[int]) -> fw.Datum:
-    n = len(tokens)
-    return fw.Datum(
-        model_input=fw.ModelInput.from_ints(tokens),
-        loss_fn_inputs={
-            "target_tokens": fw.TensorData(data=[*tokens[1:], 0], dtype="int64", shape=[n]),
-            "weights": fw.TensorData(data=[1.0] * n, dtype="float32", shape=[n]),
-        },
-    )
+    return shifted_datum(fw, tokens)
 
 
 def sum_of_logprobs(
@@ -44,9 +37,7 @@ def sum_of_logprobs(
 def documented_flow(base_url: str, api_key: str) -> dict[str, Any]:
     """The flow of the SDK's documentation, end to end."""
     out: dict[str, Any] = {}
-    service = FiretitanServiceClient(base_url=base_url, api_key=api_key)
-    try:
-        client = service.create_training_client(BASE_MODEL, lora_rank=0)
+    with fireworks_model(base_url, api_key) as (service, client):
         out["model_id"] = client.model_id
         try:
             service.create_training_client(BASE_MODEL, lora_rank=0)
@@ -78,17 +69,13 @@ def documented_flow(base_url: str, api_key: str) -> dict[str, Any]:
         base = client.save_weights_for_sampler_ext("sampler", checkpoint_type="base")
         delta = client.save_weights_for_sampler_ext("sampler-2", checkpoint_type="delta")
         out["sampler"] = [[base.path, base.snapshot_name], [delta.path, delta.snapshot_name]]
-    finally:
-        service.close()
     return out
 
 
 def failing_request(base_url: str, api_key: str) -> dict[str, Any]:
     """A request the trainer refuses while running it, then one that succeeds."""
     out: dict[str, Any] = {}
-    service = FiretitanServiceClient(base_url=base_url, api_key=api_key)
-    try:
-        client = service.create_training_client(BASE_MODEL, lora_rank=0)
+    with fireworks_model(base_url, api_key) as (_service, client):
         out["model_id"] = client.model_id
         bad = fw.Datum(
             model_input=fw.ModelInput.from_ints([1, 2, 3]),
@@ -105,24 +92,17 @@ def failing_request(base_url: str, api_key: str) -> dict[str, Any]:
             }
         after = client.forward([datum([1, 2, 3])], "cross_entropy").result()
         out["outputs_after_failure"] = len(after.loss_fn_outputs)
-    finally:
-        service.close()
     return out
 
 
-def main() -> int:
-    collect = SdkProblems("fireworks", "tinker").install()
-    base_url, api_key = trainer_address()
-    summary: dict[str, Any] = {
+def both_flows(base_url: str, api_key: str) -> dict[str, Any]:
+    # The deliberate failure is expected to be logged by nobody; any SDK warning
+    # (retries, validation trouble, telemetry failures) is a protocol problem.
+    return {
         "documented_flow": documented_flow(base_url, api_key),
         "failing_request": failing_request(base_url, api_key),
     }
-    # The deliberate failure above is expected to be logged by nobody; any SDK warning
-    # (retries, validation trouble, telemetry failures) is a protocol problem.
-    summary["sdk_problems"] = collect.problems
-    report(summary)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_child(both_flows, "fireworks", "tinker"))

@@ -21,10 +21,10 @@ from fireworks.training.sdk.deployment import DeploymentManager, DeploymentSampl
 from fireworks.training.sdk.weight_syncer import WeightSyncer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from shared import BASE_MODEL, next_token_datum
 
 from tests.compat.sdk_child import SdkProblems, report, trainer_address
 
-BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 DEPLOYMENT_URL = "FIRETITAN_TEST_DEPLOYMENT_URL"
 CHECKPOINT_DIR = "FIRETITAN_TEST_CHECKPOINT_DIR"
 DEPLOYMENT_ID = "local-deployment"
@@ -32,14 +32,7 @@ PROMPT = [104, 101, 108, 108, 111, 32]  # "hello "
 
 
 def sft_datum(tokens: list[int]) -> fw.Datum:
-    n = len(tokens) - 1
-    return fw.Datum(
-        model_input=fw.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": fw.TensorData(data=tokens[1:], dtype="int64", shape=[n]),
-            "weights": fw.TensorData(data=[1.0] * n, dtype="float32", shape=[n]),
-        },
-    )
+    return next_token_datum(fw, tokens)
 
 
 def forward_logprobs(client: Any, tokens: list[int]) -> list[float]:

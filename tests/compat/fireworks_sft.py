@@ -9,27 +9,17 @@ SFT steps, and every WARNING-or-worse record the SDK logged.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from typing import Any
 
-from fireworks.training.sdk import AdamParams, FiretitanServiceClient, FiretitanTrainingClient
+from fireworks.training.sdk import AdamParams, FiretitanTrainingClient
 from fireworks.training.sdk import types as fw
+from shared import next_token_datum
 
-from tests.compat.sdk_child import SdkProblems, report, trainer_address
-
-
-def sft_datum(tokens: list[int]) -> fw.Datum:
-    """Next-token prediction on every position: inputs ``tokens[:-1]``, targets
-    ``tokens[1:]``, weight 1 each."""
-    n = len(tokens) - 1
-    return fw.Datum(
-        model_input=fw.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": fw.TensorData(data=tokens[1:], dtype="int64", shape=[n]),
-            "weights": fw.TensorData(data=[1.0] * n, dtype="float32", shape=[n]),
-        },
-    )
+from tests.compat.fireworks_child import fireworks_model
+from tests.compat.sdk_child import run_child
 
 
 def corpus_nll(client: FiretitanTrainingClient, data: list[fw.Datum]) -> float:
@@ -44,18 +34,16 @@ def corpus_nll(client: FiretitanTrainingClient, data: list[fw.Datum]) -> float:
     return total / count
 
 
-def sft(base_url: str, api_key: str, given: dict[str, Any]) -> dict[str, Any]:
+def sft(given: dict[str, Any], base_url: str, api_key: str) -> dict[str, Any]:
     """Measure the corpus NLL, train on the corpus, measure it again.
 
     Steps are pipelined the way SDK users write them: each step's forward_backward and
     optim_step are submitted before the previous step's results are read.
     """
-    data = [sft_datum(tokens) for tokens in given["corpus"]]
+    data = [next_token_datum(fw, tokens) for tokens in given["corpus"]]
     adam = AdamParams(learning_rate=given["learning_rate"], weight_decay=0.0, grad_clip_norm=1.0)
     out: dict[str, Any] = {}
-    service = FiretitanServiceClient(base_url=base_url, api_key=api_key)
-    try:
-        client = service.create_training_client(given["base_model"], lora_rank=0)
+    with fireworks_model(base_url, api_key, given["base_model"]) as (_service, client):
         out["model_id"] = client.model_id
         out["nll_before"] = corpus_nll(client, data)
         losses: list[float] = []
@@ -72,19 +60,8 @@ def sft(base_url: str, api_key: str, given: dict[str, Any]) -> dict[str, Any]:
             pending[1].result()
         out["fb_losses"] = losses
         out["nll_after"] = corpus_nll(client, data)
-    finally:
-        service.close()
     return out
 
 
-def main() -> int:
-    collect = SdkProblems("fireworks", "tinker").install()
-    base_url, api_key = trainer_address()
-    summary = sft(base_url, api_key, json.load(sys.stdin))
-    summary["sdk_problems"] = collect.problems
-    report(summary)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_child(functools.partial(sft, json.load(sys.stdin)), "fireworks", "tinker"))

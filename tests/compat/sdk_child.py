@@ -6,9 +6,11 @@ stop, so in the test process it would outlive the test. In a child it dies with 
 process. The trainer stays in the test process, so tests can read its execution log
 and checkpoint store.
 
-Parent side: `run_flow`. Child side (a module run with ``python -m``): `trainer_address`
-for where to connect, `SdkProblems` to collect what the SDK logs, `report` for the
-answer. The child runs with warnings as errors.
+Parent side: `run_flow` (or `child_environment` for a child started otherwise). Child
+side (a module run with ``python -m``): `trainer_address` for where to connect,
+`SdkProblems` to collect what the SDK logs, `report` for the answer, or `run_child` for
+all three. The child runs with warnings as errors, and imports the tests' shared helpers
+as the tests do (``from shared import ...``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +30,21 @@ if TYPE_CHECKING:  # the child imports this module too, and needs no trainer
 _URL_VAR = "FIRETITAN_TEST_BASE_URL"
 _KEY_VAR = "FIRETITAN_TEST_API_KEY"
 _ROOT = Path(__file__).resolve().parents[2]
+
+
+def child_environment(
+    base_url: str, api_key: str, env: dict[str, str] | None = None
+) -> dict[str, str]:
+    """This process's environment for a child that drives the trainer at ``base_url``,
+    plus ``env``; the child finds the repository and ``tests/`` on its import path."""
+    path = [str(_ROOT), str(_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    return {
+        **os.environ,
+        **(env or {}),
+        _URL_VAR: base_url,
+        _KEY_VAR: api_key,
+        "PYTHONPATH": os.pathsep.join(p for p in path if p),
+    }
 
 
 def run_flow(
@@ -46,7 +64,7 @@ def run_flow(
     Raises:
         AssertionError: The child failed; the message holds the end of its stderr.
     """
-    child_env = {**os.environ, **(env or {}), _URL_VAR: trainer.base_url, _KEY_VAR: trainer.api_key}
+    child_env = child_environment(trainer.base_url, trainer.api_key, env)
     # TINKER_TELEMETRY stays on: the trainer accepts telemetry, and the SDKs' telemetry
     # flush on close is part of what must work without warnings.
     child_env.pop("TINKER_TELEMETRY", None)
@@ -93,3 +111,13 @@ class SdkProblems(logging.Handler):
 def report(summary: dict[str, Any]) -> None:
     """(child) Hand the summary to `run_flow`: one JSON line, last on stdout."""
     print(json.dumps(summary))
+
+
+def run_child(flow: Callable[[str, str], dict[str, Any]], *loggers: str) -> int:
+    """(child) Run ``flow(base_url, api_key)`` and `report` its summary, with every
+    WARNING-or-worse record of the SDK's ``loggers`` under ``sdk_problems``."""
+    collect = SdkProblems(*loggers).install()
+    summary = flow(*trainer_address())
+    summary["sdk_problems"] = collect.problems
+    report(summary)
+    return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from shared import BASE_MODEL
 
 from firetitan.local import LocalTrainer
 
@@ -24,7 +25,6 @@ from .sdk_child import run_flow
 pytest.importorskip("firetitan.local.torch", reason="needs the local extra")
 pytest.importorskip("tinker_cookbook", reason="needs tinker-cookbook")
 
-BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from shared import BASE_MODEL
 
 from firetitan.local import LocalTrainer
 
-from .fireworks_rollout import BASE_MODEL, CHECKPOINT_DIR, DEPLOYMENT_URL
+from .fireworks_rollout import CHECKPOINT_DIR, DEPLOYMENT_URL
 from .sdk_child import run_flow
 
 pytest.importorskip("fireworks.training.sdk", reason="needs the test extra (fireworks-ai)")

@@ -14,24 +14,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from shared import BASE_MODEL, SFT_CORPUS
 
 from firetitan.local import LocalTrainer
 from firetitan.tokenizers import ByteTokenizer
 
 from .sdk_child import run_flow
 
-BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 STEPS = 200
-# Short sentences sharing words and structure, so a tiny model can learn them in a few
-# hundred steps; each is framed by BOS/EOS.
-CORPUS = [
-    "the cat sat on the mat.",
-    "the dog sat on the log.",
-    "a bird sang in the tree.",
-    "the sun rose over the hill.",
-    "we read books by the fire.",
-    "rain fell on the old roof.",
-]
 
 Run = tuple[LocalTrainer, dict[str, Any]]
 
@@ -40,7 +30,7 @@ def _inputs() -> dict[str, Any]:
     tok = ByteTokenizer()
     return {
         "base_model": BASE_MODEL,
-        "corpus": [tok.encode(text, add_bos=True, add_eos=True) for text in CORPUS],
+        "corpus": [tok.encode(text, add_bos=True, add_eos=True) for text in SFT_CORPUS],
         "steps": STEPS,
         "learning_rate": 2e-3,
     }

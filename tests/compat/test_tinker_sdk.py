@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from shared import BASE_MODEL
 
 from firetitan.local import LocalTrainer
 from firetitan.tokenizers import ByteTokenizer
 
 from .sdk_child import run_flow
 
-BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 # Prompt (weight 0) and completion (weight 1), as tinker-cookbook renders SFT examples.
 SFT_PAIRS = [
     ("Q: cat\nA:", " meow"),
@@ -93,6 +93,18 @@ def test_save_state_and_resume_with_optimizer(run: Run) -> None:
     original, resumed = flow["next_step_losses"]
     assert resumed == pytest.approx(original, rel=1e-5)
     assert resumed < flow["resumed_forward_loss"]
+
+
+def test_weights_info_and_copy_weights(run: Run) -> None:
+    trainer, report = run
+    flow = report["training"]
+    info = flow["weights_info"]
+    assert info["base_model"] == BASE_MODEL and info["is_lora"] and info["lora_rank"] == 4
+    run_id, segment, name = flow["copied_path"].removeprefix("tinker://").split("/")
+    assert run_id.startswith("copy-") and run_id != trainer.job_id
+    assert (segment, name) == ("weights", "step-2")
+    # A model started from the copy has the saved weights: the resumed model's loss.
+    assert flow["from_copy_loss"] == pytest.approx(flow["resumed_forward_loss"], rel=1e-6)
 
 
 def test_save_state_refuses_an_existing_name_unless_overwrite(run: Run) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import tinker
+from shared import next_token_datum
 from tinker import types
 
 from tests.compat.sdk_child import SdkProblems, report, trainer_address
@@ -24,17 +25,7 @@ ADAM = types.AdamParams(learning_rate=1e-4)
 
 
 def datum(tokens: list[int], weights: list[float] | None = None) -> types.Datum:
-    """Next-token prediction: inputs ``tokens[:-1]``, targets ``tokens[1:]``."""
-    n = len(tokens) - 1
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": types.TensorData(data=tokens[1:], dtype="int64", shape=[n]),
-            "weights": types.TensorData(
-                data=weights[1:] if weights else [1.0] * n, dtype="float32", shape=[n]
-            ),
-        },
-    )
+    return next_token_datum(types, tokens, weights)
 
 
 def training_flow(service: tinker.ServiceClient, base_model: str) -> dict[str, Any]:
@@ -66,6 +57,16 @@ def training_flow(service: tinker.ServiceClient, base_model: str) -> dict[str, A
     # One more step on each: the same update only if Adam's moments and step count
     # came back with the weights.
     out["next_step_losses"] = [_step_then_loss(c, data) for c in (client, resumed)]
+
+    # The checkpoint's facts, and a copy in another run that a new model starts from.
+    base_url, api_key = trainer_address()
+    rest = tinker.RestClient(base_url=base_url, api_key=api_key)
+    out["weights_info"] = (
+        rest.get_weights_info_by_tinker_path(out["save_path"]).result().model_dump()
+    )
+    out["copied_path"] = rest.copy_weights(out["save_path"], "proj-archive").result()
+    from_copy = service.create_training_client_from_state(out["copied_path"]).result()
+    out["from_copy_loss"] = from_copy.forward(data, "cross_entropy").result().metrics["loss:sum"]
 
     # tinker's default overwrite=False: the name exists, so the save fails...
     try:

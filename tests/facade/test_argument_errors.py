@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 import tinker
+from shared import connect
 
-from firetitan import AsyncFiretitanServiceClient, ClientClosedError, FiretitanServiceClient
+from firetitan import ClientClosedError, FiretitanServiceClient
 from firetitan.local import LocalTrainer
 
 from .conftest import BASE_MODEL, datum
@@ -91,9 +92,7 @@ def facade_errors(trainer: LocalTrainer) -> list[tuple[type[Exception], str]]:
 
 async def async_errors(trainer: LocalTrainer) -> list[tuple[type[Exception], str]]:
     seen: list[tuple[type[Exception], str]] = []
-    async with AsyncFiretitanServiceClient(
-        base_url=trainer.base_url, api_key=trainer.api_key
-    ) as service:
+    async with connect(trainer.base_url, trainer.api_key) as service:
         tc = await service.create_training_client(base_model=BASE_MODEL, lora_rank=0)
         sc = await service.create_sampling_client(base_model=BASE_MODEL)
         for _, call, _, _ in TRAINING_CASES:
@@ -132,9 +131,7 @@ def test_a_closed_client_refuses_at_the_call_on_both_surfaces(trainer: LocalTrai
         sc.sample(PROMPT, 1, tinker.SamplingParams())
 
     async def on_async() -> None:
-        async with AsyncFiretitanServiceClient(
-            base_url=trainer.base_url, api_key=trainer.api_key
-        ) as service:
+        async with connect(trainer.base_url, trainer.api_key) as service:
             tc = await service.create_training_client(base_model=BASE_MODEL, lora_rank=0)
             sc = await service.create_sampling_client(base_model=BASE_MODEL)
         with pytest.raises(ClientClosedError):

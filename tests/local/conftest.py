@@ -24,6 +24,9 @@ FAST = {
 }
 
 TrainerFactory = Callable[..., contextlib.AbstractAsyncContextManager[tuple[LocalTrainer, Api]]]
+ModelFactory = Callable[
+    ..., contextlib.AbstractAsyncContextManager[tuple[LocalTrainer, Api, str]]
+]
 
 
 @pytest_asyncio.fixture
@@ -47,3 +50,23 @@ async def make_trainer() -> AsyncIterator[TrainerFactory]:
 async def trainer_api(make_trainer: TrainerFactory) -> AsyncIterator[tuple[LocalTrainer, Api]]:
     async with make_trainer() as pair:
         yield pair
+
+
+@pytest_asyncio.fixture
+async def make_model(make_trainer: TrainerFactory) -> AsyncIterator[ModelFactory]:
+    """``async with make_model(**limits) as (trainer, api, model_id)``: `make_trainer`'s
+    pair and a full-parameter model created through ``api`` in a new session."""
+
+    @contextlib.asynccontextmanager
+    async def factory(**options: Any) -> AsyncIterator[tuple[LocalTrainer, Api, str]]:
+        async with make_trainer(**options) as (trainer, api):
+            yield trainer, api, await api.model()
+
+    yield factory
+
+
+@pytest_asyncio.fixture
+async def trainer_model(trainer_api: tuple[LocalTrainer, Api]) -> tuple[LocalTrainer, Api, str]:
+    """`trainer_api` and a full-parameter model created through its ``api``."""
+    trainer, api = trainer_api
+    return trainer, api, await api.model()

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 import tinker
+from shared import connect
 
-from firetitan import AsyncFiretitanServiceClient
 from firetitan.local import LocalTrainer
 
-from .conftest import TrainerFactory
+from .conftest import ModelFactory, TrainerFactory
 from .helpers import BASE_MODEL, executed, forward_body
 
 pytestmark = pytest.mark.asyncio
@@ -74,10 +74,9 @@ async def test_a_queued_sample_is_dropped(
 
 
 async def test_a_queued_ordered_request_is_dropped_and_its_seq_id_skipped(
-    make_trainer: TrainerFactory,
+    make_model: ModelFactory,
 ) -> None:
-    async with make_trainer() as (trainer, api):
-        model = await api.model()
+    async with make_model() as (trainer, api, model):
         async with engine_held(trainer):
             running = await api.submit("forward", forward_body(model, 1))
             queued = await api.submit("forward", forward_body(model, 2))
@@ -96,7 +95,7 @@ async def test_cancelling_a_sample_future_cancels_it_on_the_trainer(
 ) -> None:
     async with (
         make_trainer() as (trainer, api),
-        AsyncFiretitanServiceClient(base_url=trainer.base_url, api_key=trainer.api_key) as svc,
+        connect(trainer.base_url, trainer.api_key) as svc,
     ):
         calls = counting_samples(trainer, monkeypatch)
         sampler = await svc.create_sampling_client(base_model=BASE_MODEL)

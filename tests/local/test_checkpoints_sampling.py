@@ -12,6 +12,8 @@ from firetitan._checkpoint_paths import CheckpointRef
 from .conftest import TrainerFactory
 from .helpers import BASE_MODEL, Api, forward_body, optim_body
 
+pytestmark = pytest.mark.asyncio
+
 
 def save_body(model: str, seq: int, path: str, **extra: Any) -> dict[str, Any]:
     return {
@@ -50,10 +52,8 @@ async def logprobs(api: Api, model: str, seq: int) -> list[float]:
     return values
 
 
-@pytest.mark.asyncio
-async def test_save_list_and_load_back(trainer_api: tuple[Any, Api]) -> None:
-    trainer, api = trainer_api
-    model = await api.model()
+async def test_save_list_and_load_back(trainer_model: tuple[Any, Api, str]) -> None:
+    trainer, api, model = trainer_model
     await api.submit("optim_step", optim_body(model, 1))
     # Pipelined: the load is queued before the save has run, and must still find it.
     save = await api.submit("save_weights", save_body(model, 2, "step-1"))
@@ -70,10 +70,8 @@ async def test_save_list_and_load_back(trainer_api: tuple[Any, Api]) -> None:
     assert await logprobs(api, model, 8) == saved
 
 
-@pytest.mark.asyncio
-async def test_list_checkpoints_is_sorted_naturally(trainer_api: tuple[Any, Api]) -> None:
-    _trainer, api = trainer_api
-    model = await api.model()
+async def test_list_checkpoints_is_sorted_naturally(trainer_model: tuple[Any, Api, str]) -> None:
+    _trainer, api, model = trainer_model
     for seq, name in enumerate(["step-10", "step-2", "step-1"], start=1):
         await api.result(await api.submit("save_weights", save_body(model, seq, name)))
     assert await api.get("list_checkpoints") == (
@@ -82,10 +80,10 @@ async def test_list_checkpoints_is_sorted_naturally(trainer_api: tuple[Any, Api]
     )
 
 
-@pytest.mark.asyncio
-async def test_loading_a_missing_checkpoint_fails_the_future(trainer_api: tuple[Any, Api]) -> None:
-    _trainer, api = trainer_api
-    model = await api.model()
+async def test_loading_a_missing_checkpoint_fails_the_future(
+    trainer_model: tuple[Any, Api, str],
+) -> None:
+    _trainer, api, model = trainer_model
     for seq, path in enumerate(["nope", "cross_job://other-job/step-1"], start=1):
         outcome = await api.outcome(await api.submit("load_weights", load_body(model, seq, path)))
         assert outcome["category"] == "user"
@@ -103,10 +101,8 @@ BAD_PATHS = [
 ]
 
 
-@pytest.mark.asyncio
-async def test_unsafe_checkpoint_names_are_refused(trainer_api: tuple[Any, Api]) -> None:
-    trainer, api = trainer_api
-    model = await api.model()
+async def test_unsafe_checkpoint_names_are_refused(trainer_model: tuple[Any, Api, str]) -> None:
+    trainer, api, model = trainer_model
     seq = 0
     for name in BAD_NAMES:
         seq += 1
@@ -131,7 +127,6 @@ async def test_unsafe_checkpoint_names_are_refused(trainer_api: tuple[Any, Api])
     )
 
 
-@pytest.mark.asyncio
 async def test_sampler_exports_base_then_delta(trainer_api: tuple[Any, Api]) -> None:
     trainer, api = trainer_api
     store = trainer.server.store
@@ -157,7 +152,6 @@ async def test_sampler_exports_base_then_delta(trainer_api: tuple[Any, Api]) -> 
     assert "merged_base" in outcome["error"]
 
 
-@pytest.mark.asyncio
 async def test_merged_base_export_over_http(make_trainer: TrainerFactory) -> None:
     pytest.importorskip("firetitan.local.torch", reason="needs the local extra")
     async with make_trainer(engine="torch", size="tiny", device="cpu") as (trainer, api):
@@ -171,10 +165,8 @@ async def test_merged_base_export_over_http(make_trainer: TrainerFactory) -> Non
         assert manifest.metadata["engine"]["format"] != "peft"  # full weights, not an adapter
 
 
-@pytest.mark.asyncio
-async def test_ttl_checkpoints_disappear(trainer_api: tuple[Any, Api]) -> None:
-    trainer, api = trainer_api
-    model = await api.model()
+async def test_ttl_checkpoints_disappear(trainer_model: tuple[Any, Api, str]) -> None:
+    trainer, api, model = trainer_model
     await api.result(await api.submit("save_weights", save_body(model, 1, "keep")))
     short = save_body(model, 2, "short-lived", ttl_seconds=1)
     await api.result(await api.submit("save_weights", short))
@@ -189,7 +181,6 @@ async def test_ttl_checkpoints_disappear(trainer_api: tuple[Any, Api]) -> None:
     assert await api.get("list_checkpoints") == (200, {"checkpoints": ["keep"]})
 
 
-@pytest.mark.asyncio
 async def test_sampling_from_an_export(trainer_api: tuple[Any, Api]) -> None:
     trainer, api = trainer_api
     session = await api.session()
@@ -237,7 +228,6 @@ async def test_sampling_from_an_export(trainer_api: tuple[Any, Api]) -> None:
     assert "model_path" in outcome["error"]
 
 
-@pytest.mark.asyncio
 async def test_create_via_load(trainer_api: tuple[Any, Api]) -> None:
     """tinker 0.38: a load_weights with session_id + model_seq_id creates the model."""
     trainer, api = trainer_api

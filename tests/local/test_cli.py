@@ -22,6 +22,8 @@ from firetitan.local.null_engine import DEFAULT_BASE_MODEL
 
 
 def start_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``firetitan serve --engine null <args>`` in a child with environment ``env`` (by
+    default this process's)."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -35,7 +37,7 @@ def start_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Pop
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, **(env or {})},
+        env=env,
     )
 
 
@@ -80,7 +82,7 @@ def test_serve_prints_url_and_stops_gracefully(
     key = "tml-cli-test"
     args = ["--checkpoint-dir", str(tmp_path), "--job-id", "cli-job", "--port", "0"]
     if key_from_env:
-        proc = start_serve(*args, env={"FIRETITAN_API_KEY": key})
+        proc = start_serve(*args, env={**os.environ, "FIRETITAN_API_KEY": key})
     else:
         proc = start_serve(*args, "--api-key", key)
     processes.append(proc)
@@ -98,20 +100,7 @@ def test_serve_prints_url_and_stops_gracefully(
 
 def test_serve_generates_and_prints_a_key_once(processes: list[subprocess.Popen[str]]) -> None:
     env = {k: v for k, v in os.environ.items() if k != "FIRETITAN_API_KEY"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from firetitan.cli import main; raise SystemExit(main())",
-            "serve",
-            "--engine",
-            "null",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = start_serve(env=env)
     processes.append(proc)
     url, _ = read_until(proc, r"serving at (\S+)")
     key, _ = read_until(proc, r"API key \(generated, shown once\): (tml-[0-9a-f]+)")

@@ -11,8 +11,10 @@ import tinker
 
 from firetitan.local.null_engine import NullEngine
 
-from .conftest import TrainerFactory
+from .conftest import ModelFactory
 from .helpers import Api, executed, forward_body, optim_body, text_datum
+
+pytestmark = pytest.mark.asyncio
 
 ROUTES = [
     ("POST", "client/config"),
@@ -40,7 +42,6 @@ ROUTES = [
 ]
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize(("method", "endpoint"), ROUTES)
 @pytest.mark.parametrize("key", [None, "tml-wrong", ""])
 async def test_every_endpoint_requires_the_key(
@@ -57,7 +58,6 @@ async def test_every_endpoint_requires_the_key(
     assert answer["error_class"] == "AuthenticationError"
 
 
-@pytest.mark.asyncio
 async def test_the_key_is_not_a_prefix_match(trainer_api: tuple[Any, Api]) -> None:
     trainer, api = trainer_api
     for key in (trainer.api_key[:-1], trainer.api_key + "x", trainer.api_key.upper()):
@@ -67,10 +67,8 @@ async def test_the_key_is_not_a_prefix_match(trainer_api: tuple[Any, Api]) -> No
     assert await api.get("healthz") == (200, {"status": "ok"})
 
 
-@pytest.mark.asyncio
-async def test_oversized_body_gets_413_json(make_trainer: TrainerFactory) -> None:
-    async with make_trainer(max_request_bytes=4096) as (_trainer, api):
-        model = await api.model()
+async def test_oversized_body_gets_413_json(make_model: ModelFactory) -> None:
+    async with make_model(max_request_bytes=4096) as (_trainer, api, model):
         big = forward_body(model, 1, [text_datum(list(range(500)))])
         status, answer = await api.post("forward", big)
         assert status == 413
@@ -87,7 +85,6 @@ async def test_oversized_body_gets_413_json(make_trainer: TrainerFactory) -> Non
         await api.result(await api.submit("forward", forward_body(model, 1)))
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
@@ -115,10 +112,9 @@ async def test_oversized_body_gets_413_json(make_trainer: TrainerFactory) -> Non
     ids=["dtype", "shape", "token", "missing-loss_fn", "seq_id-type"],
 )
 async def test_malformed_fields_get_400_naming_the_field(
-    trainer_api: tuple[Any, Api], mutate: Any, expected: str
+    trainer_model: tuple[Any, Api, str], mutate: Any, expected: str
 ) -> None:
-    _trainer, api = trainer_api
-    model = await api.model()
+    _trainer, api, model = trainer_model
     body = forward_body(model, 1)
     mutate(body)
     status, answer = await api.post("forward", body)
@@ -127,7 +123,6 @@ async def test_malformed_fields_get_400_naming_the_field(
     assert "Traceback" not in answer["detail"]
 
 
-@pytest.mark.asyncio
 async def test_malformed_json_and_non_objects(trainer_api: tuple[Any, Api]) -> None:
     _trainer, api = trainer_api
     for raw in (b"{not json", b"[1, 2]", b"", b'{"a": NaN}'):
@@ -139,7 +134,6 @@ async def test_malformed_json_and_non_objects(trainer_api: tuple[Any, Api]) -> N
     assert "request_id" in answer["detail"]
 
 
-@pytest.mark.asyncio
 async def test_unknown_ids_get_404(trainer_api: tuple[Any, Api]) -> None:
     _trainer, api = trainer_api
     status, answer = await api.post("forward", forward_body("sess-x:train:0", 1))
@@ -157,12 +151,10 @@ async def test_unknown_ids_get_404(trainer_api: tuple[Any, Api]) -> None:
     assert status == 404
 
 
-@pytest.mark.asyncio
 async def test_execution_time_user_errors_fail_the_future_only(
-    trainer_api: tuple[Any, Api],
+    trainer_model: tuple[Any, Api, str],
 ) -> None:
-    trainer, api = trainer_api
-    model = await api.model()
+    trainer, api, model = trainer_model
     cases = [
         (
             forward_body(model, 1, [text_datum([1, 2, 3], targets=[1, 2])]),
@@ -192,12 +184,10 @@ class BrokenEngine(NullEngine):
         raise RuntimeError("device fell off the bus")
 
 
-@pytest.mark.asyncio
 async def test_engine_faults_are_server_errors_without_traceback(
-    make_trainer: TrainerFactory,
+    make_model: ModelFactory,
 ) -> None:
-    async with make_trainer(engine=BrokenEngine()) as (_trainer, api):
-        model = await api.model()
+    async with make_model(engine=BrokenEngine()) as (_trainer, api, model):
         outcome = await api.outcome(await api.submit("optim_step", optim_body(model, 1)))
         assert outcome["category"] == "server"
         assert outcome["error_class"] == "RuntimeError"
@@ -207,10 +197,8 @@ async def test_engine_faults_are_server_errors_without_traceback(
         await api.result(await api.submit("forward", forward_body(model, 2)))
 
 
-@pytest.mark.asyncio
-async def test_too_many_pending_requests_get_429(make_trainer: TrainerFactory) -> None:
-    async with make_trainer(max_pending_requests=2) as (_trainer, api):
-        model = await api.model()
+async def test_too_many_pending_requests_get_429(make_model: ModelFactory) -> None:
+    async with make_model(max_pending_requests=2) as (_trainer, api, model):
         await api.submit("forward", forward_body(model, 3))  # waits for seq_id 1 and 2
         await api.submit("forward", forward_body(model, 4))
         async with api.http.post(
@@ -221,7 +209,6 @@ async def test_too_many_pending_requests_get_429(make_trainer: TrainerFactory) -
             assert (await resp.json())["error_class"] == "RateLimitError"
 
 
-@pytest.mark.asyncio
 async def test_method_not_allowed_is_json(trainer_api: tuple[Any, Api]) -> None:
     _trainer, api = trainer_api
     async with api.http.get(api.url("forward"), headers={"X-API-Key": api.key}) as resp:
@@ -230,7 +217,6 @@ async def test_method_not_allowed_is_json(trainer_api: tuple[Any, Api]) -> None:
         assert "forward" in (await resp.json())["detail"]
 
 
-@pytest.mark.asyncio
 async def test_error_bodies_never_echo_the_key(trainer_api: tuple[Any, Api]) -> None:
     trainer, api = trainer_api
     headers = {"X-API-Key": trainer.api_key}

@@ -12,7 +12,7 @@ import pytest
 from firetitan._checkpoint_paths import CheckpointRef
 from firetitan.local import LocalTrainer
 
-from .conftest import TrainerFactory
+from .conftest import ModelFactory
 from .helpers import Api, optim_body
 
 pytestmark = pytest.mark.asyncio
@@ -48,10 +48,9 @@ def metadata(trainer: LocalTrainer, name: str) -> dict[str, Any]:
 
 
 async def test_saving_a_delta_under_its_own_base_name_writes_a_base(
-    make_trainer: TrainerFactory,
+    make_model: ModelFactory,
 ) -> None:
-    async with make_trainer(engine="torch") as (trainer, api):
-        model = await api.model()
+    async with make_model(engine="torch") as (trainer, api, model):
         seq = 0
         for _ in range(3):  # "latest" every few steps, as an RL loop does
             await api.result(await api.submit("optim_step", optim_body(model, seq := seq + 1)))
@@ -71,9 +70,8 @@ async def test_saving_a_delta_under_its_own_base_name_writes_a_base(
         assert "sequences" in await sample_outcome(api, "next", seq + 2)
 
 
-async def test_an_export_others_build_on_is_not_replaced(make_trainer: TrainerFactory) -> None:
-    async with make_trainer() as (_trainer, api):
-        model = await api.model()
+async def test_an_export_others_build_on_is_not_replaced(make_model: ModelFactory) -> None:
+    async with make_model() as (_trainer, api, model):
         await api.result(
             await api.submit("save_weights_for_sampler", export_body(model, 1, "a", "base"))
         )
@@ -91,10 +89,9 @@ async def test_an_export_others_build_on_is_not_replaced(make_trainer: TrainerFa
 
 
 async def test_ttl_sweeps_only_exports_nothing_live_builds_on(
-    make_trainer: TrainerFactory,
+    make_model: ModelFactory,
 ) -> None:
-    async with make_trainer(engine="torch") as (trainer, api):
-        model = await api.model()
+    async with make_model(engine="torch") as (trainer, api, model):
         scratch = export_body(model, 1, "scratch", "base", ttl_seconds=1)
         await api.result(await api.submit("save_weights_for_sampler", scratch))
         keep = export_body(model, 2, "keep", "delta")
@@ -115,9 +112,8 @@ async def test_ttl_sweeps_only_exports_nothing_live_builds_on(
         assert outcome["category"] == "user"
 
 
-async def test_export_failures_never_show_server_paths(make_trainer: TrainerFactory) -> None:
-    async with make_trainer(engine="torch") as (trainer, api):
-        model = await api.model()
+async def test_export_failures_never_show_server_paths(make_model: ModelFactory) -> None:
+    async with make_model(engine="torch") as (trainer, api, model):
         await api.result(
             await api.submit("save_weights_for_sampler", export_body(model, 1, "a", "base"))
         )

@@ -12,14 +12,14 @@ import pytest
 
 from firetitan.local.null_engine import NullEngine
 
-from .conftest import TrainerFactory
+from .conftest import ModelFactory, TrainerFactory
 from .helpers import Api, forward_body
 
+pytestmark = pytest.mark.asyncio
 
-@pytest.mark.asyncio
-async def test_long_poll_answers_try_again_after_the_hold(make_trainer: TrainerFactory) -> None:
-    async with make_trainer(long_poll_seconds=0.2) as (_trainer, api):
-        model = await api.model()
+
+async def test_long_poll_answers_try_again_after_the_hold(make_model: ModelFactory) -> None:
+    async with make_model(long_poll_seconds=0.2) as (_trainer, api, model):
         pending = await api.submit("forward", forward_body(model, 2))  # seq_id 1 is missing
         answer = await api.poll(pending)
         assert answer == {
@@ -31,13 +31,11 @@ async def test_long_poll_answers_try_again_after_the_hold(make_trainer: TrainerF
         assert "loss_fn_outputs" in await api.result(pending)
 
 
-@pytest.mark.asyncio
 async def test_long_poll_returns_as_soon_as_the_result_is_ready(
-    make_trainer: TrainerFactory,
+    make_model: ModelFactory,
 ) -> None:
     # A hold far longer than the test timeout: only an early wake-up can pass.
-    async with make_trainer(long_poll_seconds=600.0) as (_trainer, api):
-        model = await api.model()
+    async with make_model(long_poll_seconds=600.0) as (_trainer, api, model):
         pending = await api.submit("forward", forward_body(model, 2))
         poll = asyncio.ensure_future(api.poll(pending))
         await asyncio.sleep(0.05)
@@ -46,20 +44,16 @@ async def test_long_poll_returns_as_soon_as_the_result_is_ready(
         assert "loss_fn_outputs" in await poll
 
 
-@pytest.mark.asyncio
-async def test_results_can_be_polled_again(trainer_api: tuple[Any, Api]) -> None:
-    _trainer, api = trainer_api
-    model = await api.model()
+async def test_results_can_be_polled_again(trainer_model: tuple[Any, Api, str]) -> None:
+    _trainer, api, model = trainer_model
     request_id = await api.submit("forward", forward_body(model, 1))
     first = await api.result(request_id)
     assert await api.result(request_id) == first
     assert await api.result(request_id) == first
 
 
-@pytest.mark.asyncio
-async def test_evicted_results_answer_410(make_trainer: TrainerFactory) -> None:
-    async with make_trainer(max_retained_results=2) as (_trainer, api):
-        model = await api.model()
+async def test_evicted_results_answer_410(make_model: ModelFactory) -> None:
+    async with make_model(max_retained_results=2) as (_trainer, api, model):
         ids = [await api.submit("forward", forward_body(model, seq)) for seq in (1, 2, 3)]
         await api.result(ids[2])
         status, answer = await api.post("retrieve_future", {"request_id": ids[0]})
@@ -69,10 +63,8 @@ async def test_evicted_results_answer_410(make_trainer: TrainerFactory) -> None:
         await api.result(ids[1])  # the newest ones are kept
 
 
-@pytest.mark.asyncio
-async def test_results_expire_after_the_retention_time(make_trainer: TrainerFactory) -> None:
-    async with make_trainer(result_retention_seconds=0.1) as (_trainer, api):
-        model = await api.model()
+async def test_results_expire_after_the_retention_time(make_model: ModelFactory) -> None:
+    async with make_model(result_retention_seconds=0.1) as (_trainer, api, model):
         request_id = await api.submit("forward", forward_body(model, 1))
         await api.result(request_id)
         for _ in range(100):
@@ -83,7 +75,6 @@ async def test_results_expire_after_the_retention_time(make_trainer: TrainerFact
         assert status == 410
 
 
-@pytest.mark.asyncio
 async def test_silent_sessions_expire_and_their_models_unload(
     make_trainer: TrainerFactory,
 ) -> None:
@@ -107,7 +98,6 @@ async def test_silent_sessions_expire_and_their_models_unload(
         assert "ended" in answer["detail"]
 
 
-@pytest.mark.asyncio
 async def test_heartbeats_keep_a_session_alive(make_trainer: TrainerFactory) -> None:
     async with make_trainer(session_expiry_seconds=1.0) as (trainer, api):
         session = await api.session()
@@ -125,7 +115,6 @@ async def test_heartbeats_keep_a_session_alive(make_trainer: TrainerFactory) -> 
         assert trainer.engine.model_ids() == [model]  # type: ignore[attr-defined]
 
 
-@pytest.mark.asyncio
 async def test_finishing_a_session_unloads_its_models(trainer_api: tuple[Any, Api]) -> None:
     trainer, api = trainer_api
     session = await api.session()
@@ -142,12 +131,10 @@ async def test_finishing_a_session_unloads_its_models(trainer_api: tuple[Any, Ap
     assert status == 404
 
 
-@pytest.mark.asyncio
 async def test_unloaded_models_refuse_work_and_queued_work_fails(
-    trainer_api: tuple[Any, Api],
+    trainer_model: tuple[Any, Api, str],
 ) -> None:
-    _trainer, api = trainer_api
-    model = await api.model()
+    _trainer, api, model = trainer_model
     queued = await api.submit("forward", forward_body(model, 2))  # waits for seq_id 1
     unload = await api.submit("unload_model", {"model_id": model, "type": "unload_model"})
     assert await api.result(unload) == {"type": "unload_model", "model_id": model}
@@ -159,7 +146,6 @@ async def test_unloaded_models_refuse_work_and_queued_work_fails(
     assert "model_id" in answer["detail"]
 
 
-@pytest.mark.asyncio
 async def test_service_endpoints(trainer_api: tuple[Any, Api]) -> None:
     _trainer, api = trainer_api
     assert await api.get("healthz") == (200, {"status": "ok"})
@@ -176,7 +162,6 @@ async def test_service_endpoints(trainer_api: tuple[Any, Api]) -> None:
     assert await api.post("telemetry", telemetry) == (200, {"status": "accepted"})
 
 
-@pytest.mark.asyncio
 async def test_create_session_is_idempotent_per_key(trainer_api: tuple[Any, Api]) -> None:
     _trainer, api = trainer_api
     headers = {"X-Idempotency-Key": "stainless-python-retry-abc"}
@@ -188,10 +173,10 @@ async def test_create_session_is_idempotent_per_key(trainer_api: tuple[Any, Api]
     assert other[1]["session_id"] != first[1]["session_id"]
 
 
-@pytest.mark.asyncio
-async def test_debug_execution_log_endpoint(make_trainer: TrainerFactory) -> None:
-    async with make_trainer(debug_endpoints=True) as (_trainer, api):
-        model = await api.model()
+async def test_debug_execution_log_endpoint(
+    make_trainer: TrainerFactory, make_model: ModelFactory
+) -> None:
+    async with make_model(debug_endpoints=True) as (_trainer, api, model):
         await api.result(await api.submit("forward", forward_body(model, 1)))
         status, answer = await api.get("debug/execution_log")
         assert status == 200
@@ -202,10 +187,8 @@ async def test_debug_execution_log_endpoint(make_trainer: TrainerFactory) -> Non
         assert status == 404
 
 
-@pytest.mark.asyncio
-async def test_graceful_stop_answers_open_polls(make_trainer: TrainerFactory) -> None:
-    async with make_trainer(long_poll_seconds=600.0) as (trainer, api):
-        model = await api.model()
+async def test_graceful_stop_answers_open_polls(make_model: ModelFactory) -> None:
+    async with make_model(long_poll_seconds=600.0) as (trainer, api, model):
         pending = await api.submit("forward", forward_body(model, 2))  # never runnable
         poll = asyncio.ensure_future(api.poll(pending))
         await asyncio.sleep(0.05)
@@ -216,11 +199,9 @@ async def test_graceful_stop_answers_open_polls(make_trainer: TrainerFactory) ->
         assert "shutting down" in outcome["error"]
 
 
-@pytest.mark.asyncio
-async def test_execution_log_file(make_trainer: TrainerFactory, tmp_path: Path) -> None:
+async def test_execution_log_file(make_model: ModelFactory, tmp_path: Path) -> None:
     path = tmp_path / "log" / "executed.jsonl"
-    async with make_trainer(execution_log_path=path) as (trainer, api):
-        model = await api.model()
+    async with make_model(execution_log_path=path) as (trainer, api, model):
         await api.result(await api.submit("forward", forward_body(model, 1)))
         in_memory = [attrs.asdict(r) for r in trainer.execution_log]
     lines = await asyncio.to_thread(path.read_text)

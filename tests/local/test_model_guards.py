@@ -6,21 +6,21 @@ from __future__ import annotations
 import pytest
 import tinker
 from aiohttp import web
+from shared import connect
 
-from firetitan import AsyncFiretitanServiceClient, _wire
+from firetitan import _wire
 from firetitan.local.server import TrainerServer
 
-from .conftest import TrainerFactory
+from .conftest import ModelFactory, TrainerFactory
 from .helpers import BASE_MODEL, executed, forward_body, optim_body
 
 pytestmark = pytest.mark.asyncio
 
 
 async def test_a_seq_id_far_ahead_is_refused_and_the_model_carries_on(
-    make_trainer: TrainerFactory,
+    make_model: ModelFactory,
 ) -> None:
-    async with make_trainer(max_seq_id_lead=1000) as (trainer, api):
-        model = await api.model()
+    async with make_model(max_seq_id_lead=1000) as (trainer, api, model):
         status, answer = await api.post("optim_step", optim_body(model, 10**15))
         assert status == 422
         assert answer["detail"] == (
@@ -74,7 +74,7 @@ async def test_the_client_names_its_session_so_only_it_drives_its_models(
     intruder: dict[str, str] = {}
     async with (
         make_trainer() as (trainer, api),
-        AsyncFiretitanServiceClient(base_url=trainer.base_url, api_key=trainer.api_key) as svc,
+        connect(trainer.base_url, trainer.api_key) as svc,
     ):
         tc = await svc.create_training_client(base_model=BASE_MODEL, lora_rank=0)
         intruder[_wire.SESSION_HEADER] = await api.session()

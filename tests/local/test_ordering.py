@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import TrainerFactory
+from .conftest import ModelFactory, TrainerFactory
 from .helpers import BASE_MODEL, executed, forward_body, optim_body, text_datum
 
+pytestmark = pytest.mark.asyncio
 
-@pytest.mark.asyncio
-async def test_chunks_arriving_out_of_order_run_in_seq_order(make_trainer: TrainerFactory) -> None:
-    async with make_trainer() as (trainer, api):
-        model = await api.model()
+
+async def test_chunks_arriving_out_of_order_run_in_seq_order(make_model: ModelFactory) -> None:
+    async with make_model() as (trainer, api, model):
         # Three chunks of one forward_backward, uploaded in reverse, then the optim_step.
         ids = {}
         for seq in (3, 2, 1):
@@ -32,12 +32,10 @@ async def test_chunks_arriving_out_of_order_run_in_seq_order(make_trainer: Train
         ]
 
 
-@pytest.mark.asyncio
 async def test_duplicate_post_runs_once_and_returns_the_same_request_id(
-    make_trainer: TrainerFactory,
+    make_model: ModelFactory,
 ) -> None:
-    async with make_trainer() as (trainer, api):
-        model = await api.model()
+    async with make_model() as (trainer, api, model):
         first = await api.submit("forward_backward", forward_body(model, 1, backward=True))
         retry = await api.submit("forward_backward", forward_body(model, 1, backward=True))
         # A "duplicate" with another body is still the same (model_id, seq_id).
@@ -56,7 +54,6 @@ async def test_duplicate_post_runs_once_and_returns_the_same_request_id(
         ]
 
 
-@pytest.mark.asyncio
 async def test_duplicate_unordered_posts_run_once(make_trainer: TrainerFactory) -> None:
     async with make_trainer() as (trainer, api):
         session = await api.session()
@@ -79,12 +76,10 @@ async def test_duplicate_unordered_posts_run_once(make_trainer: TrainerFactory) 
         assert kinds.count("unload_model") == 1
 
 
-@pytest.mark.asyncio
 async def test_gap_is_skipped_when_a_later_non_chunk_request_arrives(
-    make_trainer: TrainerFactory,
+    make_model: ModelFactory,
 ) -> None:
-    async with make_trainer(gap_wait_seconds=60.0) as (trainer, api):
-        model = await api.model()
+    async with make_model(gap_wait_seconds=60.0) as (trainer, api, model):
         # seq_id 1 never comes (say its submission failed for good on the client).
         fb = await api.submit("forward_backward", forward_body(model, 2, backward=True))
         opt = await api.submit("optim_step", optim_body(model, 3))
@@ -103,12 +98,10 @@ async def test_gap_is_skipped_when_a_later_non_chunk_request_arrives(
         assert (1, "forward") not in executed(trainer, model)
 
 
-@pytest.mark.asyncio
 async def test_gap_before_chunks_is_skipped_after_the_bounded_wait(
-    make_trainer: TrainerFactory,
+    make_model: ModelFactory,
 ) -> None:
-    async with make_trainer(gap_wait_seconds=0.3) as (trainer, api):
-        model = await api.model()
+    async with make_model(gap_wait_seconds=0.3) as (trainer, api, model):
         # Only chunk 2 of a call arrives: chunks prove nothing about lower seq_ids, so the
         # queue waits, but only for gap_wait_seconds.
         fb = await api.submit("forward_backward", forward_body(model, 2, backward=True))
@@ -116,10 +109,8 @@ async def test_gap_before_chunks_is_skipped_after_the_bounded_wait(
         assert executed(trainer, model) == [(0, "create_model"), (2, "forward_backward")]
 
 
-@pytest.mark.asyncio
-async def test_a_rejected_post_leaves_no_gap_to_wait_for(make_trainer: TrainerFactory) -> None:
-    async with make_trainer(gap_wait_seconds=60.0, long_poll_seconds=20.0) as (trainer, api):
-        model = await api.model()
+async def test_a_rejected_post_leaves_no_gap_to_wait_for(make_model: ModelFactory) -> None:
+    async with make_model(gap_wait_seconds=60.0, long_poll_seconds=20.0) as (trainer, api, model):
         bad = {"model_id": model, "seq_id": 1, "path": "../escape", "type": "save_weights"}
         status, answer = await api.post("save_weights", bad)
         assert status == 422
@@ -131,7 +122,6 @@ async def test_a_rejected_post_leaves_no_gap_to_wait_for(make_trainer: TrainerFa
         assert executed(trainer, model) == [(0, "create_model"), (2, "forward_backward")]
 
 
-@pytest.mark.asyncio
 async def test_models_are_independent(make_trainer: TrainerFactory) -> None:
     async with make_trainer() as (trainer, api):
         session = await api.session()

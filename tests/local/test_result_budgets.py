@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import TrainerFactory
+from .conftest import ModelFactory, TrainerFactory
 from .helpers import BASE_MODEL, forward_body, text_datum
 
 pytestmark = pytest.mark.asyncio
 
 
-async def test_retained_results_are_bounded_in_bytes(make_trainer: TrainerFactory) -> None:
-    async with make_trainer(max_retained_result_bytes=10_000) as (_trainer, api):
-        model = await api.model()
+async def test_retained_results_are_bounded_in_bytes(make_model: ModelFactory) -> None:
+    async with make_model(max_retained_result_bytes=10_000) as (_trainer, api, model):
         data = [text_datum(list(range(1, 50)))] * 2  # about 4 kB retained per result
         ids = []
         for seq in range(1, 11):
@@ -29,9 +28,8 @@ async def test_retained_results_are_bounded_in_bytes(make_trainer: TrainerFactor
         await api.result(ids[-2])  # the newest are kept
 
 
-async def test_the_newest_result_is_kept_however_large(make_trainer: TrainerFactory) -> None:
-    async with make_trainer(max_retained_result_bytes=1) as (_trainer, api):
-        model = await api.model()
+async def test_the_newest_result_is_kept_however_large(make_model: ModelFactory) -> None:
+    async with make_model(max_retained_result_bytes=1) as (_trainer, api, model):
         request_id = await api.submit("forward", forward_body(model, 1))
         assert "loss_fn_outputs" in await api.result(request_id)
 

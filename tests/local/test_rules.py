@@ -291,13 +291,14 @@ def test_both_engines_answer_sampling_options_in_the_same_shapes(
     assert layout(null_answer)[3] == [[True, True], [False, True], [True, False]]
 
 
-#: Refusals whose exact wording the losses reference promises.
+# Messages in full: unknown config keys list the valid ones, all missing inputs are
+# named at once, Adam's messages name the range.
 MESSAGES = {
-    "misspelt clip key": (  # unknown config keys list the valid ones
+    "misspelt clip key": (
         "loss_fn_config has unknown key(s) ['clip_hihg_threshold'] for loss_fn 'ppo'; "
         "valid keys: ['clip_high_threshold', 'clip_low_threshold', 'target_logprob_support']"
     ),
-    "all RL inputs missing": (  # all missing inputs are named at once
+    "all RL inputs missing": (
         "datum 1: loss_fn_inputs is missing 'target_tokens', 'logprobs', 'advantages', "
         "required by ppo (it needs target_tokens, logprobs, advantages)"
     ),
@@ -311,7 +312,7 @@ MESSAGES = {
 
 
 @pytest.mark.parametrize("case", list(MESSAGES))
-def test_refusals_read_as_documented(
+def test_refusals_say_exactly_what_is_wrong(
     engines: tuple[tuple[Engine, int, int], tuple[Engine, int, int]], case: str
 ) -> None:
     (engine, vocab, context), _ = engines

@@ -19,6 +19,8 @@ from firetitan.local import LocalTrainer
 from .helpers import BASE_MODEL, Api, executed, optim_body
 from .test_tinker_wire import tinker_sends
 
+pytestmark = pytest.mark.asyncio
+
 PROTOBUF = "application/x-protobuf"
 FIREWORKS_ACCEPT = "application/x-protobuf, application/json"
 TinkerApi = tuple[LocalTrainer, Api]
@@ -82,7 +84,6 @@ async def send_forward(
 # --------------------------------------------------------------------------- config
 
 
-@pytest.mark.asyncio
 async def test_client_config_sets_tinkers_knobs(trainer_api: TinkerApi) -> None:
     _trainer, api = trainer_api
     status, config = await api.post("client/config", {"sdk_version": "0.38.0"})
@@ -99,7 +100,6 @@ async def test_client_config_sets_tinkers_knobs(trainer_api: TinkerApi) -> None:
 # --------------------------------------------------------------------------- forward
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "zstd"])
 async def test_protobuf_forward_calls_run_in_order(trainer_api: TinkerApi, compress: bool) -> None:
     trainer, api = trainer_api
@@ -127,7 +127,6 @@ async def test_protobuf_forward_calls_run_in_order(trainer_api: TinkerApi, compr
     ]
 
 
-@pytest.mark.asyncio
 async def test_invalid_protobuf_data_fails_in_its_turn(trainer_api: TinkerApi) -> None:
     trainer, api = trainer_api
     model = await api.model(await tinker_session(api))
@@ -147,7 +146,6 @@ async def test_invalid_protobuf_data_fails_in_its_turn(trainer_api: TinkerApi) -
     assert executed(trainer, model)[1:] == [(1, "forward_backward"), (2, "forward_backward")]
 
 
-@pytest.mark.asyncio
 async def test_bodies_the_trainer_cannot_read(trainer_api: TinkerApi) -> None:
     _trainer, api = trainer_api
     model = await api.model(await tinker_session(api))
@@ -172,7 +170,6 @@ def save_body(model: str, seq_id: int, name: str) -> dict[str, Any]:
     return {"model_id": model, "path": name, "seq_id": seq_id, "type": "save_weights"}
 
 
-@pytest.mark.asyncio
 async def test_paths_follow_the_sessions_client(trainer_api: TinkerApi) -> None:
     trainer, api = trainer_api
     tinker_model = await api.model(await tinker_session(api))
@@ -213,7 +210,25 @@ def sample_body(sampling_id: str, seq_id: int, **extra: Any) -> dict[str, Any]:
     }
 
 
-@pytest.mark.asyncio
+def sampling_session_body(session: str, **source: str) -> dict[str, Any]:
+    """A create_sampling_session body; ``source``: the base model, or a model_path."""
+    return {
+        "session_id": session,
+        "sampling_session_seq_id": 0,
+        **(source or {"base_model": BASE_MODEL}),
+        "type": "create_sampling_session",
+    }
+
+
+async def base_sampler(api: Api) -> str:
+    """A new tinker session's sampling session on the base model; its id."""
+    body = sampling_session_body(await tinker_session(api))
+    status, answer = await api.post("create_sampling_session", body)
+    assert status == 200, answer
+    sampling_id: str = answer["sampling_session_id"]
+    return sampling_id
+
+
 async def test_pathless_export_and_its_sampler(trainer_api: TinkerApi) -> None:
     trainer, api = trainer_api
     session = await tinker_session(api)
@@ -249,17 +264,9 @@ async def test_pathless_export_and_its_sampler(trainer_api: TinkerApi) -> None:
     assert len(response.sequences) == 2
 
 
-@pytest.mark.asyncio
 async def test_prompt_logprobs_last_n(trainer_api: TinkerApi) -> None:
     _trainer, api = trainer_api
-    session = await tinker_session(api)
-    create = {
-        "session_id": session,
-        "sampling_session_seq_id": 0,
-        "base_model": BASE_MODEL,
-        "type": "create_sampling_session",
-    }
-    sampling_id = (await api.post("create_sampling_session", create))[1]["sampling_session_id"]
+    sampling_id = await base_sampler(api)
     body = sample_body(sampling_id, 0, prompt_logprobs=True, prompt_logprobs_last_n=2)
     result = await api.result(await api.submit("asample", body))
     scored = result["prompt_logprobs"]
@@ -272,16 +279,9 @@ async def test_prompt_logprobs_last_n(trainer_api: TinkerApi) -> None:
     assert "prompt_logprobs_last_n" in failure["error"]
 
 
-@pytest.mark.asyncio
 async def test_completion_queue_per_sampling_session_and_clone(trainer_api: TinkerApi) -> None:
     _trainer, api = trainer_api
-    create = {
-        "session_id": await tinker_session(api),
-        "sampling_session_seq_id": 0,
-        "base_model": BASE_MODEL,
-        "type": "create_sampling_session",
-    }
-    sampling_id = (await api.post("create_sampling_session", create))[1]["sampling_session_id"]
+    sampling_id = await base_sampler(api)
     joined = [
         (await api.post("join_sampling_session", {"sampling_session_id": sampling_id}))[1]
         for _ in range(2)
@@ -308,15 +308,11 @@ async def test_completion_queue_per_sampling_session_and_clone(trainer_api: Tink
     assert (await api.post("retrieve_futures", unknown))[0] == 404
 
 
-@pytest.mark.asyncio
 async def test_sampling_a_state_checkpoint_is_refused(trainer_api: TinkerApi) -> None:
     trainer, api = trainer_api
-    create = {
-        "session_id": await tinker_session(api),
-        "sampling_session_seq_id": 0,
-        "model_path": f"tinker://{trainer.job_id}/weights/step-1",
-        "type": "create_sampling_session",
-    }
+    create = sampling_session_body(
+        await tinker_session(api), model_path=f"tinker://{trainer.job_id}/weights/step-1"
+    )
     status, answer = await api.post("create_sampling_session", create)
     assert status == 422
     assert "sampler_weights" in answer["detail"]
@@ -325,7 +321,6 @@ async def test_sampling_a_state_checkpoint_is_refused(trainer_api: TinkerApi) ->
 # --------------------------------------------------------------------------- options
 
 
-@pytest.mark.asyncio
 async def test_options_the_trainer_cannot_honour_are_refused(trainer_api: TinkerApi) -> None:
     _trainer, api = trainer_api
     session = await tinker_session(api)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import tinker
+from shared import BASE_MODEL, connect
 
 from firetitan import (
     AsyncFiretitanTrainingClient,
@@ -23,20 +24,12 @@ from firetitan import (
     RetryPolicy,
     Timeouts,
 )
-from firetitan.local import ExecutionRecord
+from firetitan.local import ExecutionRecord, LocalTrainer
 
-BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 ADAM = tinker.AdamParams(learning_rate=2e-3, grad_clip_norm=1.0)
 HOOKED_SERVE = Path(__file__).with_name("hooked_serve.py")
 #: Memory and sockets are read from /proc (Linux); psutil is not a dependency.
 HAS_PROC = Path("/proc/self/status").exists()
-
-# A trainer tuned for tests: polls are held briefly, maintenance runs often.
-QUICK_TRAINER: dict[str, Any] = {
-    "long_poll_seconds": 1.0,
-    "gap_wait_seconds": 20.0,
-    "maintenance_interval_seconds": 0.05,
-}
 
 # A client that gives up on an unreachable trainer within seconds, so that a test of a
 # dead trainer sees the error instead of five minutes of retries. (Long-polls keep the
@@ -209,3 +202,26 @@ async def serve(
     finally:
         child.kill()
         await child.wait()
+
+
+@contextlib.asynccontextmanager
+async def served_model(
+    *args: str, key: str, hooked: bool = False, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[Child, AsyncFiretitanTrainingClient]]:
+    """`serve` a trainer (``args`` name ``--api-key key``) and open a model on it
+    through an `IMPATIENT_CLIENT`."""
+    async with (
+        serve(*args, hooked=hooked, env=env) as child,
+        connect(child.base_url, key, IMPATIENT_CLIENT) as service,
+    ):
+        yield child, await service.create_training_client(BASE_MODEL)
+
+
+@contextlib.asynccontextmanager
+async def local_model(
+    trainer: LocalTrainer, config: ClientConfig = IMPATIENT_CLIENT, **model: Any
+) -> AsyncIterator[AsyncFiretitanTrainingClient]:
+    """A model on an in-process ``trainer`` (``model``: `create_training_client`'s
+    options), its service client closed on exit."""
+    async with connect(trainer.base_url, trainer.api_key, config) as service:
+        yield await service.create_training_client(BASE_MODEL, **model)

@@ -30,10 +30,13 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from shared import BASE_MODEL
 
 from firetitan._checkpoint_paths import MAX_NAME_LENGTH, parse_checkpoint_path
+
+from .conftest import Scale
 
 INT64_MAX = 2**63 - 1
 
@@ -245,6 +248,17 @@ def template(endpoint: str, ids: Ids) -> dict[str, Any]:
         },
     }
     return bodies[endpoint]
+
+
+def fuzz_settings(count: int, scale: Scale) -> Any:
+    """Hypothesis settings for ``count`` cases, repeatable in the short scale."""
+    return settings(
+        max_examples=count,
+        deadline=None,
+        database=None,
+        derandomize=scale.name == "short",
+        suppress_health_check=list(HealthCheck),
+    )
 
 
 #: Endpoints whose valid body is queued in the model's seq_id order.

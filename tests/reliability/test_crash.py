@@ -18,16 +18,16 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from shared import FAST_TRAINER
 
 from firetitan import (
     AsyncAPIFuture,
-    AsyncFiretitanServiceClient,
     AsyncFiretitanTrainingClient,
     FiretitanError,
     FutureState,
@@ -36,13 +36,11 @@ from firetitan.local import LocalTrainer
 
 from .common import (
     ADAM,
-    BASE_MODEL,
-    IMPATIENT_CLIENT,
-    QUICK_TRAINER,
     Child,
     digest,
     export_weights,
-    serve,
+    local_model,
+    served_model,
     sft_batch,
     sft_steps,
 )
@@ -64,13 +62,10 @@ async def reference_weights(tmp_path: Path, steps: int) -> bytes:
             size="tiny",
             device="cpu",
             checkpoint_dir=tmp_path / "reference",
-            **QUICK_TRAINER,
+            **FAST_TRAINER,
         ) as trainer,
-        AsyncFiretitanServiceClient(
-            base_url=trainer.base_url, api_key=trainer.api_key, config=IMPATIENT_CLIENT
-        ) as service,
+        local_model(trainer) as tc,
     ):
-        tc = await service.create_training_client(BASE_MODEL)
         await sft_steps(tc, range(steps))
         assert trainer.checkpoint_dir is not None
         return await export_weights(tc, trainer.checkpoint_dir, trainer.job_id)
@@ -181,13 +176,7 @@ async def interrupted_run(scale: Scale, tmp_path: Path) -> tuple[bytes, dict[str
     acknowledged: set[str] = set()
     failed_in_flight = succeeded = steps_done = 0
     for attempt in range(len(stops) + 1):
-        async with (
-            serve(*serve_args(root, job_id, *TORCH_ARGS)) as child,
-            AsyncFiretitanServiceClient(
-                base_url=child.base_url, api_key=KEY, config=IMPATIENT_CLIENT
-            ) as service,
-        ):
-            tc = await service.create_training_client(BASE_MODEL)
+        async with served_model(*serve_args(root, job_id, *TORCH_ARGS), key=KEY) as (child, tc):
             start = await resume_point(tc, scale.every, scale.steps, acknowledged)
             resumed_from.append(start)
             if attempt == len(stops):  # the last life: run to the end, no stop
@@ -280,15 +269,10 @@ async def test_kill_inside_a_checkpoint_write_never_lists_a_partial_checkpoint(
     args = serve_args(root, job_id, "--engine", "null")
     env = {"FIRETITAN_TEST_PAUSE_DIR": str(pauses)}
 
-    @contextlib.asynccontextmanager
-    async def trainer() -> AsyncIterator[tuple[Child, AsyncFiretitanTrainingClient]]:
-        async with (
-            serve(*args, hooked=True, env=env) as child,
-            AsyncFiretitanServiceClient(
-                base_url=child.base_url, api_key=KEY, config=IMPATIENT_CLIENT
-            ) as service,
-        ):
-            yield child, await service.create_training_client(BASE_MODEL)
+    def trainer() -> contextlib.AbstractAsyncContextManager[
+        tuple[Child, AsyncFiretitanTrainingClient]
+    ]:
+        return served_model(*args, key=KEY, hooked=True, env=env)
 
     for round_ in range(scale.rounds):
         # A committed checkpoint "good", and the model's outputs at that state.

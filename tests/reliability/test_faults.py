@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faults import FAULT_KINDS, FaultPlan, FaultProxy
+from faults import FAULT_KINDS, FaultPlan
+from shared import BASE_MODEL, FAST_TRAINER, proxied
 
-from firetitan import AsyncFiretitanServiceClient, ClientConfig, RetryPolicy, Timeouts
+from firetitan import ClientConfig, RetryPolicy, Timeouts
 from firetitan.local import LocalTrainer
 
-from .common import BASE_MODEL, QUICK_TRAINER, digest, export_weights, ordered_log, sft_steps
+from .common import digest, export_weights, ordered_log, sft_steps
 from .conftest import Figures, Scale, scales
+from .hostile import ORDERED
 
 # Submissions time out after 0.8 s, so a "delay" fault (1.2 s) on a submission is a
 # timeout *after* the trainer received the request: the retry must be deduplicated.
@@ -37,17 +39,7 @@ FAULTY_CLIENT = ClientConfig(
     heartbeat_interval=0.5,
 )
 PROXY_DELAY_S = 1.2
-ORDERED_PATHS = frozenset(
-    f"/api/v1/{kind}"
-    for kind in (
-        "forward",
-        "forward_backward",
-        "optim_step",
-        "save_weights",
-        "load_weights",
-        "save_weights_for_sampler",
-    )
-)
+ORDERED_PATHS = frozenset(f"/api/v1/{kind}" for kind in ORDERED)
 # Faults after which the trainer has seen the request although the client got no answer.
 SEEN_BY_TRAINER = frozenset({"cut_after", "delay", "truncate"})
 
@@ -56,12 +48,7 @@ async def sft_run(
     trainer: LocalTrainer, steps: int, plan: FaultPlan, scripted: bool
 ) -> dict[str, Any]:
     """``steps`` SFT steps and a mid-run save_state through a proxy; the run's results."""
-    async with (
-        FaultProxy(trainer.base_url, plan) as proxy,
-        AsyncFiretitanServiceClient(
-            base_url=proxy.base_url, api_key=trainer.api_key, config=FAULTY_CLIENT
-        ) as service,
-    ):
+    async with proxied(trainer, plan, FAULTY_CLIENT) as (proxy, service):
         if scripted:
             # Every kind at least once where it hurts most, whatever the random draw.
             for kind in FAULT_KINDS:
@@ -96,7 +83,7 @@ async def run_on_fresh_trainer(
     tmp_path: Path, name: str, steps: int, plan: FaultPlan, scripted: bool, bound: float
 ) -> dict[str, Any]:
     async with LocalTrainer(
-        "torch", size="tiny", device="cpu", checkpoint_dir=tmp_path / name, **QUICK_TRAINER
+        "torch", size="tiny", device="cpu", checkpoint_dir=tmp_path / name, **FAST_TRAINER
     ) as trainer:
         # A hang anywhere (a lost poll, a stalled queue) fails here, not at the CI timeout.
         async with asyncio.timeout(bound):

@@ -20,12 +20,11 @@ import pytest
 
 from firetitan import (
     APIConnectionError,
-    AsyncFiretitanServiceClient,
     FutureState,
     RequestFailedError,
 )
 
-from .common import ADAM, BASE_MODEL, IMPATIENT_CLIENT, serve, sft_batch, sft_steps
+from .common import ADAM, IMPATIENT_CLIENT, served_model, sft_batch, sft_steps
 from .conftest import Figures, Scale, scales
 
 KEY = "tml-reliability-graceful-key"
@@ -53,13 +52,7 @@ async def test_sigterm_flushes_the_running_write_and_fails_queued_work_clearly(
     stop_s: list[float] = []
     for round_ in range(scale.rounds):
         name = f"flush-{round_}"
-        async with (
-            serve(*args, hooked=True, env=env) as child,
-            AsyncFiretitanServiceClient(
-                base_url=child.base_url, api_key=KEY, config=IMPATIENT_CLIENT
-            ) as service,
-        ):
-            tc = await service.create_training_client(BASE_MODEL)
+        async with served_model(*args, hooked=True, env=env, key=KEY) as (child, tc):
             await sft_steps(tc, range(2))
             marker = pauses / f"write-state-{name}"
             marker.touch()
@@ -99,13 +92,7 @@ async def test_sigterm_flushes_the_running_write_and_fails_queued_work_clearly(
             outcomes["later call: " + type(gone.value).__name__] += 1
 
         # The flushed checkpoint is complete: it lists and loads in a new process.
-        async with (
-            serve(*args) as child,
-            AsyncFiretitanServiceClient(
-                base_url=child.base_url, api_key=KEY, config=IMPATIENT_CLIENT
-            ) as service,
-        ):
-            tc = await service.create_training_client(BASE_MODEL)
+        async with served_model(*args, key=KEY) as (child, tc):
             assert name in await tc.list_checkpoints()
             await tc.load_state_with_optimizer(name)
             child.terminate()
@@ -137,13 +124,7 @@ async def test_a_dead_trainer_fails_every_pending_future_promptly(
     pauses.mkdir()
     args = ("--engine", "null", "--api-key", KEY, "--checkpoint-dir", str(tmp_path / "root"))
     env = {"FIRETITAN_TEST_PAUSE_DIR": str(pauses)}
-    async with (
-        serve(*args, hooked=True, env=env) as child,
-        AsyncFiretitanServiceClient(
-            base_url=child.base_url, api_key=KEY, config=IMPATIENT_CLIENT
-        ) as service,
-    ):
-        tc = await service.create_training_client(BASE_MODEL)
+    async with served_model(*args, hooked=True, env=env, key=KEY) as (child, tc):
         (pauses / "write-state-hold").touch()  # everything below queues behind this save
         pending = [tc.save_state("hold")]
         pending += [tc.forward(sft_batch(i, size=1), "cross_entropy") for i in range(scale.pending)]

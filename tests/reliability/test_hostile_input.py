@@ -25,11 +25,11 @@ import numpy as np
 import orjson
 import pytest
 import tinker
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from shared import FAST_TRAINER
 
 from firetitan import (
-    AsyncFiretitanServiceClient,
     BadRequestError,
     ClientConfig,
     FiretitanError,
@@ -41,8 +41,7 @@ from firetitan import (
 )
 from firetitan.local import LocalTrainer
 
-from .common import IMPATIENT_CLIENT as ASYNC_QUICK_CLIENT
-from .common import QUICK_TRAINER, ordered_log
+from .common import local_model, ordered_log
 from .conftest import Figures, Scale, scales
 from .hostile import (
     BASE_MODEL,
@@ -53,22 +52,13 @@ from .hostile import (
     _not,
     datum,
     field_cases,
+    fuzz_settings,
     odd_text,
     structural_cases,
     unsafe_names,
 )
 
 LIMIT = 256 * 1024  # the fuzzed trainer's request size limit
-
-
-def _settings(count: int, scale: Scale) -> Any:
-    return settings(
-        max_examples=count,
-        deadline=None,
-        database=None,
-        derandomize=scale.name == "short",
-        suppress_health_check=list(HealthCheck),
-    )
 
 
 # --------------------------------------------------------------------------- the victim
@@ -229,13 +219,13 @@ def _fuzz_endpoints(
             assert client.healthy()
             assert victim.state_digest() == before
 
-    @_settings(scale.field, scale)
+    @fuzz_settings(scale.field, scale)
     @given(case=field_cases())
     def fuzz_fields(case: FieldCase) -> None:
         _check_field_case(victim, case, fields)
         checkpoint()
 
-    @_settings(scale.structural, scale)
+    @fuzz_settings(scale.structural, scale)
     @given(case=structural_cases(LIMIT))
     def fuzz_structure(case: StructuralCase) -> None:
         _check_structural_case(victim, case, structural)
@@ -268,7 +258,7 @@ def test_every_endpoint_refuses_hostile_bodies(
         device="cpu",
         checkpoint_dir=tmp_path,
         max_request_bytes=LIMIT,
-        **QUICK_TRAINER,
+        **FAST_TRAINER,
     ) as trainer:
         client = RawClient(trainer.base_url, trainer.api_key)
         try:
@@ -576,7 +566,7 @@ def test_client_refuses_hostile_arguments_with_typed_errors(
 ) -> None:
     with (
         LocalTrainer(
-            "torch", size="tiny", device="cpu", checkpoint_dir=tmp_path, **QUICK_TRAINER
+            "torch", size="tiny", device="cpu", checkpoint_dir=tmp_path, **FAST_TRAINER
         ) as trainer,
         FiretitanServiceClient(
             base_url=trainer.base_url, api_key=trainer.api_key, config=QUICK_CLIENT
@@ -604,7 +594,7 @@ def test_client_refuses_hostile_arguments_with_typed_errors(
         tally: collections.Counter[str] = collections.Counter()
         count = 0
 
-        @_settings(scale.cases, scale)
+        @fuzz_settings(scale.cases, scale)
         @given(call=client_calls())
         def fuzz(call: tuple[str, dict[str, Any]]) -> None:
             nonlocal count
@@ -635,12 +625,9 @@ async def test_a_refused_call_does_not_spoil_the_next_one() -> None:
     gives that seq_id to its next call. The next call must run, not fail as "arrived
     after the trainer moved on" (a race the fuzz test above found)."""
     async with (
-        LocalTrainer("null", **QUICK_TRAINER) as trainer,
-        AsyncFiretitanServiceClient(
-            base_url=trainer.base_url, api_key=trainer.api_key, config=ASYNC_QUICK_CLIENT
-        ) as service,
+        LocalTrainer("null", **FAST_TRAINER) as trainer,
+        local_model(trainer) as tc,
     ):
-        tc = await service.create_training_client(BASE_MODEL)
         for attempt in range(3):
             refused = tc.forward_backward([_datum([2**40, 5], np.array([5, 6]))], "cross_entropy")
             with pytest.raises(BadRequestError, match="out of range"):

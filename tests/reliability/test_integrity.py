@@ -23,11 +23,12 @@ import aiohttp
 import numpy as np
 import pytest
 import tinker
+from shared import BASE_MODEL, FAST_TRAINER, connect
 
-from firetitan import AsyncFiretitanServiceClient, RequestFailedError
+from firetitan import ClientConfig, RequestFailedError
 from firetitan.local import LocalTrainer
 
-from .common import BASE_MODEL, HAS_PROC, QUICK_TRAINER, serve
+from .common import HAS_PROC, local_model, serve
 from .conftest import Figures, Scale, scales
 from .hostile import RawClient
 
@@ -60,8 +61,8 @@ async def losses(tc: Any, steps: int) -> list[float]:
 @pytest.mark.parametrize("scale", scales(short={"clean_steps": 5}, long={"clean_steps": 40}))
 async def test_1_2_a_refused_step_changes_nothing(scale: Scale, figures: Figures) -> None:
     async with (
-        LocalTrainer("torch", api_key=KEY, **QUICK_TRAINER) as trainer,
-        AsyncFiretitanServiceClient(base_url=trainer.base_url, api_key=KEY) as service,
+        LocalTrainer("torch", api_key=KEY, **FAST_TRAINER) as trainer,
+        connect(trainer.base_url, KEY, ClientConfig()) as service,
     ):
         # Full-parameter models start from the same weights whatever their seed.
         hit = await service.create_training_client(BASE_MODEL, lora_rank=0, seed=1)
@@ -107,8 +108,8 @@ async def test_3_4_exports_survive_names_and_ttls(
     scale: Scale, figures: Figures, tmp_path: Path
 ) -> None:
     async with (
-        LocalTrainer("torch", api_key=KEY, checkpoint_dir=tmp_path, **QUICK_TRAINER) as trainer,
-        AsyncFiretitanServiceClient(base_url=trainer.base_url, api_key=KEY) as service,
+        LocalTrainer("torch", api_key=KEY, checkpoint_dir=tmp_path, **FAST_TRAINER) as trainer,
+        connect(trainer.base_url, KEY, ClientConfig()) as service,
     ):
         tc = await service.create_training_client(BASE_MODEL, lora_rank=0)
         params = tinker.SamplingParams(max_tokens=2, seed=1)
@@ -147,10 +148,9 @@ async def test_5_a_far_seq_id_or_another_session_cannot_brick_a_model(
     scale: Scale, figures: Figures, request: pytest.FixtureRequest
 ) -> None:
     async with (
-        LocalTrainer("null", api_key=KEY, **QUICK_TRAINER) as trainer,
-        AsyncFiretitanServiceClient(base_url=trainer.base_url, api_key=KEY) as service,
+        LocalTrainer("null", api_key=KEY, **FAST_TRAINER) as trainer,
+        local_model(trainer, ClientConfig(), lora_rank=0) as tc,
     ):
-        tc = await service.create_training_client(BASE_MODEL, lora_rank=0)
         api = RawClient(trainer.base_url, KEY)
         request.addfinalizer(api.close)
         adam = {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
@@ -182,7 +182,7 @@ async def test_6_half_sent_heads_are_timed_out_and_capped(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     limits = {"head_timeout_seconds": 2.0, "max_connections": 256}
-    async with LocalTrainer("null", api_key=KEY, **QUICK_TRAINER, **limits) as trainer:
+    async with LocalTrainer("null", api_key=KEY, **FAST_TRAINER, **limits) as trainer:
         url = urlsplit(trainer.base_url)
         assert url.hostname is not None and url.port is not None
         writers = []
@@ -228,7 +228,7 @@ async def test_7_retained_results_and_one_request_are_bounded(
 ) -> None:
     cap = 4 * 1024 * 1024
     async with LocalTrainer(
-        "null", api_key=KEY, max_retained_result_bytes=cap, **QUICK_TRAINER
+        "null", api_key=KEY, max_retained_result_bytes=cap, **FAST_TRAINER
     ) as trainer:
         api = RawClient(trainer.base_url, KEY)
         request.addfinalizer(api.close)
@@ -286,9 +286,8 @@ async def test_8_links_out_of_the_root_are_not_followed(
     root, outside = tmp_path / "root", tmp_path / "outside"
     async with (
         LocalTrainer("null", api_key=KEY, checkpoint_dir=outside, job_id="victim") as other,
-        AsyncFiretitanServiceClient(base_url=other.base_url, api_key=KEY) as service,
+        local_model(other, ClientConfig(), lora_rank=0) as tc,
     ):
-        tc = await service.create_training_client(BASE_MODEL, lora_rank=0)
         await tc.save_state("secret")
     (root / "job").mkdir(parents=True)
     (root / "victim").symlink_to(outside / "victim", target_is_directory=True)
@@ -296,9 +295,8 @@ async def test_8_links_out_of_the_root_are_not_followed(
     (root / "job" / "state" / "secret").symlink_to(outside / "victim" / "state" / "secret")
     async with (
         LocalTrainer("null", api_key=KEY, checkpoint_dir=root, job_id="job") as trainer,
-        AsyncFiretitanServiceClient(base_url=trainer.base_url, api_key=KEY) as service,
+        local_model(trainer, ClientConfig(), lora_rank=0) as tc,
     ):
-        tc = await service.create_training_client(BASE_MODEL, lora_rank=0)
         listed = await tc.list_checkpoints()
         loaded = 0
         for path in ("secret", "cross_job://victim/secret"):

@@ -17,17 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from shared import BASE_MODEL, connect
 
 from firetitan import (
     AsyncAPIFuture,
-    AsyncFiretitanServiceClient,
     AsyncFiretitanTrainingClient,
     ClientConfig,
     RetryPolicy,
 )
 from firetitan.local import LocalTrainer
 
-from .common import ADAM, BASE_MODEL, HAS_PROC, percentile, rss_mib, serve, sft_batch
+from .common import ADAM, HAS_PROC, local_model, percentile, rss_mib, serve, sft_batch
 from .conftest import Figures, Scale, scales
 
 KEY = "tml-reliability-load-key"
@@ -111,9 +111,7 @@ async def test_32_clients_with_8_futures_in_flight(
     async with serve(*args) as child, contextlib.AsyncExitStack() as stack:
         services = [
             await stack.enter_async_context(
-                AsyncFiretitanServiceClient(
-                    base_url=child.base_url, api_key=KEY, config=LOAD_CLIENT
-                )
+                connect(child.base_url, KEY, LOAD_CLIENT)
             )
             for _ in range(CLIENTS)
         ]
@@ -173,11 +171,8 @@ async def test_the_in_memory_execution_log_is_bounded(tmp_path: Path) -> None:
     path = tmp_path / "executed.jsonl"
     async with (
         LocalTrainer("null", max_execution_log_entries=5, execution_log_path=path) as trainer,
-        AsyncFiretitanServiceClient(
-            base_url=trainer.base_url, api_key=trainer.api_key, config=LOAD_CLIENT
-        ) as service,
+        local_model(trainer, LOAD_CLIENT) as tc,
     ):
-        tc = await service.create_training_client(BASE_MODEL)
         for step in range(6):
             await tc.forward_backward(sft_batch(step, size=1), "cross_entropy")
             await tc.optim_step(ADAM)

@@ -41,14 +41,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from faults import FaultPlan, FaultProxy
-from hypothesis import HealthCheck, given, settings
+from faults import FaultPlan
+from hypothesis import given
 from hypothesis import strategies as st
+from shared import BASE_MODEL, FAST_TRAINER, connect, proxied
 
 from firetitan import (
     APIConnectionError,
     APIResponseValidationError,
-    AsyncFiretitanServiceClient,
     AuthenticationError,
     ClientConfig,
     FiretitanError,
@@ -59,9 +59,9 @@ from firetitan.local import LocalTrainer
 from firetitan.local.checkpoints import MANIFEST_NAME
 from firetitan.local.null_engine import NullEngine
 
-from .common import ADAM, BASE_MODEL, HAS_PROC, QUICK_TRAINER, serve, sft_batch
+from .common import ADAM, HAS_PROC, serve, sft_batch
 from .conftest import Figures, Scale, scales
-from .hostile import RawClient, unsafe_names
+from .hostile import RawClient, fuzz_settings, unsafe_names
 
 KEY = "tml-reliability-security-key-5f1e9c"
 WRONG_KEY = "tml-reliability-wrong-key-0000000"
@@ -114,7 +114,7 @@ async def test_every_route_refuses_a_missing_or_wrong_key(
     # The server looks hmac.compare_digest up at call time: every check is seen here.
     monkeypatch.setattr(hmac, "compare_digest", spy)
     async with (
-        LocalTrainer("null", api_key=KEY, debug_endpoints=True, **QUICK_TRAINER) as trainer,
+        LocalTrainer("null", api_key=KEY, debug_endpoints=True, **FAST_TRAINER) as trainer,
         aiohttp.ClientSession() as http,
     ):
         routes = _route_paths(trainer)
@@ -182,7 +182,7 @@ def test_unsafe_checkpoint_names_never_touch_the_file_system(
 ) -> None:
     root = tmp_path / "root"
     with LocalTrainer(
-        "null", api_key=KEY, checkpoint_dir=root, job_id="names-job", **QUICK_TRAINER
+        "null", api_key=KEY, checkpoint_dir=root, job_id="names-job", **FAST_TRAINER
     ) as trainer:
         api = RawClient(trainer.base_url, KEY)
         try:
@@ -269,13 +269,7 @@ def test_unsafe_checkpoint_names_never_touch_the_file_system(
                     assert field in answer.json["detail"], (endpoint, name, answer.json)
                 tally[f"{endpoint}.{field}"] += 1
 
-            @settings(
-                max_examples=scale.cases,
-                deadline=None,
-                database=None,
-                derandomize=scale.name == "short",
-                suppress_health_check=list(HealthCheck),
-            )
+            @fuzz_settings(scale.cases, scale)
             @given(
                 name=unsafe_names()
                 | st.sampled_from(
@@ -329,11 +323,8 @@ async def test_the_client_refuses_unsafe_names_before_sending(
     scale: Scale, figures: Figures
 ) -> None:
     async with (
-        LocalTrainer("null", api_key=KEY, **QUICK_TRAINER) as trainer,
-        FaultProxy(trainer.base_url, FaultPlan()) as proxy,
-        AsyncFiretitanServiceClient(
-            base_url=proxy.base_url, api_key=KEY, config=QUICK_CLIENT
-        ) as service,
+        LocalTrainer("null", api_key=KEY, **FAST_TRAINER) as trainer,
+        proxied(trainer, config=QUICK_CLIENT) as (proxy, service),
     ):
         tc = await service.create_training_client(BASE_MODEL)
         sent = len(proxy.records)
@@ -349,13 +340,7 @@ async def test_the_client_refuses_unsafe_names_before_sending(
         refused = 0
 
         # Runs synchronously on the loop: the checks raise before any await.
-        @settings(
-            max_examples=scale.cases,
-            deadline=None,
-            database=None,
-            derandomize=scale.name == "short",
-            suppress_health_check=list(HealthCheck),
-        )
+        @fuzz_settings(scale.cases, scale)
         @given(name=unsafe_names())
         def fuzz(name: str) -> None:
             nonlocal refused
@@ -397,7 +382,7 @@ async def _chunks(size: int) -> AsyncIterator[bytes]:
 async def test_the_request_size_limit_holds_on_every_route(figures: Figures) -> None:
     limit = 8 * 1024
     async with (
-        LocalTrainer("null", api_key=KEY, max_request_bytes=limit, **QUICK_TRAINER) as trainer,
+        LocalTrainer("null", api_key=KEY, max_request_bytes=limit, **FAST_TRAINER) as trainer,
         aiohttp.ClientSession() as http,
     ):
         posts = [p for m, p in _route_paths(trainer) if m == "POST"]
@@ -462,12 +447,12 @@ async def test_the_key_appears_in_no_log_repr_exception_or_pickle(
     log_file = tmp_path / "executed.jsonl"
     async with (
         LocalTrainer(
-            _BrokenEngine(), api_key=KEY, execution_log_path=log_file, **QUICK_TRAINER
+            _BrokenEngine(), api_key=KEY, execution_log_path=log_file, **FAST_TRAINER
         ) as trainer,
-        FaultProxy(trainer.base_url, FaultPlan(rate=0.3, seed=5, delay=0.3)) as proxy,
-        AsyncFiretitanServiceClient(
-            base_url=proxy.base_url, api_key=KEY, config=QUICK_CLIENT
-        ) as service,
+        proxied(trainer, FaultPlan(rate=0.3, seed=5, delay=0.3), QUICK_CLIENT) as (
+            proxy,
+            service,
+        ),
     ):
         texts += [repr(trainer), repr(trainer.server), repr(service), repr(proxy)]
         tc = await service.create_training_client(BASE_MODEL)
@@ -487,9 +472,7 @@ async def test_the_key_appears_in_no_log_repr_exception_or_pickle(
             texts.extend(_exception_texts(refused.value))
         # A wrong key, through the async core and the sync facade.
         proxy.set_rate(0.0)
-        wrong = AsyncFiretitanServiceClient(
-            base_url=proxy.base_url, api_key=WRONG_KEY, config=QUICK_CLIENT
-        )
+        wrong = connect(proxy.base_url, WRONG_KEY, QUICK_CLIENT)
         texts.append(repr(wrong))
         with pytest.raises(AuthenticationError) as denied:
             async with wrong:
@@ -535,9 +518,7 @@ def test_firetitan_serve_never_prints_a_given_key(tmp_path: Path) -> None:
         args = ("--engine", "null", "--api-key", KEY, "--checkpoint-dir", str(tmp_path))
         async with serve(*args) as child:
             with pytest.raises(AuthenticationError):
-                async with AsyncFiretitanServiceClient(
-                    base_url=child.base_url, api_key=WRONG_KEY, config=QUICK_CLIENT
-                ):
+                async with connect(child.base_url, WRONG_KEY, QUICK_CLIENT):
                     pass
             child.terminate()
             assert await child.wait() == 0
@@ -611,10 +592,8 @@ async def test_the_client_verifies_tls_by_default(tmp_path: Path, figures: Figur
         await writer.wait_closed()
         before = connections
 
-        service = AsyncFiretitanServiceClient(
-            base_url=f"https://127.0.0.1:{port}",
-            api_key=KEY,
-            config=ClientConfig(retry=RetryPolicy(deadline=60.0)),
+        service = connect(
+            f"https://127.0.0.1:{port}", KEY, ClientConfig(retry=RetryPolicy(deadline=60.0))
         )
         with pytest.raises(APIConnectionError, match="certificate") as info:
             async with asyncio.timeout(30):
@@ -656,9 +635,7 @@ async def test_redirects_are_not_followed(figures: Figures) -> None:
     try:
         # The session opens (client/config, create_session) on entry: refused there.
         with pytest.raises(APIResponseValidationError, match="redirect"):
-            async with AsyncFiretitanServiceClient(
-                base_url=f"http://127.0.0.1:{port}", api_key=KEY, config=QUICK_CLIENT
-            ) as service:
+            async with connect(f"http://127.0.0.1:{port}", KEY, QUICK_CLIENT) as service:
                 await service.create_training_client(BASE_MODEL)
     finally:
         await redirecting.cleanup()

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
+from shared import BASE_MODEL
 
 from firetitan._wire import endpoints
 
@@ -24,7 +25,14 @@ KEY = "fake-deployment-key"
 ACCOUNT = "acct"
 DEPLOYMENT = "dep"
 MODEL = f"accounts/{ACCOUNT}/deployments/{DEPLOYMENT}"
-BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
+
+
+def loading_state(stage: str, identity: str, message: str | None = None) -> dict[str, Any]:
+    """A replica's ``loading_state``: ``stage`` of loading snapshot ``identity``."""
+    state: dict[str, Any] = {"stage": stage, "target_snapshot_identity": identity}
+    if message is not None:
+        state["message"] = message
+    return state
 
 
 class FakeDeployment:

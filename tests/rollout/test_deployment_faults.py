@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import tinker
+from shared import BASE_MODEL
 
 from firetitan import (
     APIResponseValidationError,
@@ -30,7 +31,7 @@ from firetitan import (
 )
 from firetitan.tokenizers import ByteTokenizer
 
-from .fake_deployment import BASE_MODEL, KEY, FakeDeployment
+from .fake_deployment import KEY, FakeDeployment, loading_state
 
 pytestmark = pytest.mark.asyncio
 
@@ -38,13 +39,6 @@ FAST = ClientConfig(
     timeouts=Timeouts(connect=2.0, request=10.0),
     retry=RetryPolicy(initial_backoff=0.01, max_backoff=0.05, deadline=20.0, max_retry_after=2.0),
 )
-
-
-@pytest_asyncio.fixture
-async def fake() -> AsyncIterator[FakeDeployment]:
-    server = await FakeDeployment(replicas=2).start()
-    yield server
-    await server.stop()
 
 
 def _config(fake: FakeDeployment, **changes: Any) -> DeploymentConfig:
@@ -84,7 +78,7 @@ async def test_hot_load_waits_for_every_replica_not_only_the_first(
     def plan(identity: str, replicas: list[dict[str, Any]]) -> None:
         replicas[0]["current_snapshot_identity"] = identity
         replicas[1]["readiness"] = False
-        replicas[1]["loading_state"] = {"stage": "loading", "target_snapshot_identity": identity}
+        replicas[1]["loading_state"] = loading_state("loading", identity)
         fake.status_gets = 0
 
     fake.load_plan = plan
@@ -93,23 +87,27 @@ async def test_hot_load_waits_for_every_replica_not_only_the_first(
         await asyncio.sleep(0.01)
     assert not task.done(), "success was declared while replica r1 was still loading"
     fake.replicas[1].update(current_snapshot_identity="snap-a", readiness=True)
-    fake.replicas[1]["loading_state"] = {"stage": "done", "target_snapshot_identity": "snap-a"}
+    fake.replicas[1]["loading_state"] = loading_state("done", "snap-a")
     await asyncio.wait_for(task, 10)
     assert await deployment.serving() == "snap-a"
+
+
+def _r1_fails(identity: str, replicas: list[dict[str, Any]]) -> None:
+    """A load plan: replica 0 serves ``identity`` at once, replica 1 fails to load it."""
+    replicas[0]["current_snapshot_identity"] = identity
+    replicas[1]["loading_state"] = loading_state("error", identity, "no such snapshot")
+
+
+def _r1_downloads_forever(identity: str, replicas: list[dict[str, Any]]) -> None:
+    """A load plan: replica 1 is not ready, and stays downloading ``identity``."""
+    replicas[1]["readiness"] = False
+    replicas[1]["loading_state"] = loading_state("downloading", identity)
 
 
 async def test_an_error_on_any_replica_fails_at_once_naming_it(
     fake: FakeDeployment, deployment: AsyncDeployment
 ) -> None:
-    def plan(identity: str, replicas: list[dict[str, Any]]) -> None:
-        replicas[0]["current_snapshot_identity"] = identity
-        replicas[1]["loading_state"] = {
-            "stage": "error",
-            "target_snapshot_identity": identity,
-            "message": "no such snapshot",
-        }
-
-    fake.load_plan = plan
+    fake.load_plan = _r1_fails
     started = time.monotonic()
     with pytest.raises(HotLoadError, match=r"r1.*no such snapshot") as info:
         await deployment.hot_load("never-saved")
@@ -122,7 +120,7 @@ async def test_an_error_on_any_replica_fails_at_once_naming_it(
 async def test_a_stale_error_for_another_identity_does_not_fail_the_load(
     fake: FakeDeployment, deployment: AsyncDeployment
 ) -> None:
-    fake.replicas[0]["loading_state"] = {"stage": "error", "target_snapshot_identity": "old"}
+    fake.replicas[0]["loading_state"] = loading_state("error", "old")
     fake.replicas[1]["loading_state"] = None  # null, which the reference client trips on
     await deployment.hot_load("new")
     assert await deployment.serving() == "new"
@@ -131,14 +129,7 @@ async def test_a_stale_error_for_another_identity_does_not_fail_the_load(
 async def test_a_timeout_says_what_each_replica_showed(
     fake: FakeDeployment, deployment: AsyncDeployment
 ) -> None:
-    def plan(identity: str, replicas: list[dict[str, Any]]) -> None:
-        replicas[1]["readiness"] = False
-        replicas[1]["loading_state"] = {
-            "stage": "downloading",
-            "target_snapshot_identity": identity,
-        }
-
-    fake.load_plan = plan
+    fake.load_plan = _r1_downloads_forever
     with pytest.raises(HotLoadTimeoutError) as info:
         await deployment.hot_load("slow", time_limit=0.3)
     message = str(info.value)

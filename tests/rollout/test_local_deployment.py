@@ -13,11 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 import tinker
+from shared import BASE_MODEL, connect
 
 from firetitan import (
     AsyncFiretitanServiceClient,
     AsyncFiretitanTrainingClient,
     AsyncWeightSyncer,
+    ClientConfig,
     DeploymentConfig,
     FiretitanServiceClient,
     FiretitanTrainingClient,
@@ -27,7 +29,6 @@ from firetitan import (
 from firetitan.local import LocalTrainer
 from firetitan.tokenizers import ByteTokenizer
 
-MODEL = "accounts/fireworks/models/qwen3-8b"
 TOK = ByteTokenizer()
 PROMPT = TOK.encode("7=", add_bos=True)
 TOLERANCE = 1e-3
@@ -35,7 +36,7 @@ TOLERANCE = 1e-3
 
 @pytest.fixture(scope="module")
 def local() -> Iterator[LocalTrainer]:
-    with LocalTrainer(base_model=MODEL, deployment=True) as trainer:
+    with LocalTrainer(base_model=BASE_MODEL, deployment=True) as trainer:
         yield trainer
 
 
@@ -97,17 +98,17 @@ async def _async_round(
 
 def test_async_client_base_delta_delta_then_an_unknown_identity(local: LocalTrainer) -> None:
     async def main() -> list[tuple[str, Any]]:
-        async with AsyncFiretitanServiceClient(
-            base_url=local.base_url, api_key=local.api_key, deployment=_config(local)
+        async with connect(
+            local.base_url, local.api_key, ClientConfig(), deployment=_config(local)
         ) as service:
-            tc = await service.create_training_client(MODEL, lora_rank=0)
+            tc = await service.create_training_client(BASE_MODEL, lora_rank=0)
             names = []
             for step in range(3):
                 names.append(await _async_round(tc, service, f"e2e-async-{step}"))
                 await tc.forward_backward(_step_batch(step), "cross_entropy")
                 await tc.optim_step(ADAM)
             with pytest.raises(HotLoadError, match="never-saved"):
-                await service.deployment.hot_load("never-saved-00000000", base_model=MODEL)
+                await service.deployment.hot_load("never-saved-00000000", base_model=BASE_MODEL)
             return [(n, tc.delta_base(n)[1]) for n in names]
 
     chain = asyncio.run(main())
@@ -118,7 +119,7 @@ def test_sync_client_base_delta_delta(local: LocalTrainer) -> None:
     with FiretitanServiceClient(
         base_url=local.base_url, api_key=local.api_key, deployment=_config(local)
     ) as service:
-        tc: FiretitanTrainingClient = service.create_training_client(MODEL, lora_rank=0)
+        tc: FiretitanTrainingClient = service.create_training_client(BASE_MODEL, lora_rank=0)
         syncer = WeightSyncer(tc)
         previous = None
         for step in range(3):

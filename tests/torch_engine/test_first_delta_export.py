@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tinker
 import torch
+from shared import BASE_MODEL
 
 from firetitan import FiretitanServiceClient, FiretitanTrainingClient, GradAccNormalization
 from firetitan.local import LocalTrainer
@@ -17,8 +18,6 @@ from firetitan.local.torch import TorchEngine, rebuild_snapshot
 from firetitan.local.torch.models import unique_state
 
 from .helpers import bit_equal, sft_datum
-
-BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 
 
 def _step(tc: FiretitanTrainingClient, text: str) -> None:

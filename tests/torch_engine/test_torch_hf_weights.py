@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tinker
 import torch
+from shared import save_tiny_llama, save_tokenizer
 
 from firetitan.local.engine import ModelSpec, SampleSource
 from firetitan.local.torch import TorchEngine
@@ -17,24 +18,16 @@ from .helpers import load_hf, ref_logprobs
 
 
 def _save_checkpoint(directory: Path, *, tokenizer: bool) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
+    save_tiny_llama(
+        directory,
+        seed=123,
         vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=128,
         eos_token_id=2,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(123)
-    LlamaForCausalLM(config).save_pretrained(str(directory))
     if tokenizer:
         from tokenizers import Tokenizer, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
 
         vocab = {
             "<unk>": 0,
@@ -44,10 +37,7 @@ def _save_checkpoint(directory: Path, *, tokenizer: bool) -> None:
         }
         inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         inner.pre_tokenizer = pre_tokenizers.Whitespace()
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=inner, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-        )
-        fast.save_pretrained(str(directory))
+        save_tokenizer(directory, inner)
 
 
 def _datum(ids: list[int]) -> tinker.Datum:

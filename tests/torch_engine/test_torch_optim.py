@@ -85,23 +85,10 @@ def test_adamw_matches_torch_with_per_step_hyperparameters(engine: TorchEngine) 
         n: p.detach().clone().requires_grad_(True) for n, p in engine.module(m).named_parameters()
     }
     opt = torch.optim.AdamW(list(ref.values()), foreach=False)
+    fields = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
     steps = [
-        tinker.AdamParams(
-            learning_rate=3e-3,
-            beta1=0.9,
-            beta2=0.95,
-            eps=1e-8,
-            weight_decay=0.1,
-            grad_clip_norm=0.5,
-        ),
-        tinker.AdamParams(
-            learning_rate=1e-3,
-            beta1=0.8,
-            beta2=0.99,
-            eps=1e-6,
-            weight_decay=0.0,
-            grad_clip_norm=0.0,
-        ),
+        tinker.AdamParams(**dict(zip(fields, values, strict=True)))
+        for values in [(3e-3, 0.9, 0.95, 1e-8, 0.1, 0.5), (1e-3, 0.8, 0.99, 1e-6, 0.0, 0.0)]
     ]
     for adam in steps:
         _accumulate(engine, m)

@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import tinker
+from shared import SFT_CORPUS
 
 from firetitan.local.torch import TorchEngine
 
 from .helpers import full_model, sft_datum
 
-CORPUS = [
-    "the cat sat on the mat.",
-    "the dog sat on the log.",
-    "a bird sang in the tree.",
-    "the sun rose over the hill.",
-    "we read books by the fire.",
-    "rain fell on the old roof.",
-]
-
 
 def _nll(engine: TorchEngine, model_id: str) -> float:
-    data = [sft_datum(t) for t in CORPUS]
+    data = [sft_datum(t) for t in SFT_CORPUS]
     out = engine.forward(model_id, data, "cross_entropy", None)
     tokens = sum(d.model_input.length for d in data)
     return out.metrics["loss:sum"] / tokens
@@ -28,7 +20,7 @@ def _nll(engine: TorchEngine, model_id: str) -> float:
 def test_200_sft_steps_halve_the_corpus_nll() -> None:
     engine = TorchEngine(device="cpu", size="tiny")
     m = full_model(engine, "m")
-    data = [sft_datum(t) for t in CORPUS]
+    data = [sft_datum(t) for t in SFT_CORPUS]
     before = _nll(engine, m)
     adam = tinker.AdamParams(learning_rate=2e-3, weight_decay=0.0, grad_clip_norm=1.0)
     for _ in range(200):

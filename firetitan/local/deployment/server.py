@@ -35,7 +35,7 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -44,7 +44,7 @@ from aiohttp import web
 
 from firetitan._wire import endpoints
 from firetitan.local import access_log, rules
-from firetitan.local.connections import BodyTimeoutError, ConnectionGuard, ConnectionLimits
+from firetitan.local.connections import ConnectionGuard, ConnectionLimits
 from firetitan.local.deployment.batching import (
     Batcher,
     Event,
@@ -63,6 +63,7 @@ from firetitan.local.deployment.completions import (
 )
 from firetitan.local.deployment.snapshots import Snapshot, SnapshotError, SnapshotLoader
 from firetitan.local.engine import UserError
+from firetitan.local.problems import ErrorDialect, Problem
 from firetitan.local.server import url_host
 from firetitan.local.torch.models import context_length, vocab_size
 from firetitan.local.torch.sampling import plan_sampling
@@ -85,26 +86,21 @@ _COMPRESSION = "arc_v2"
 _CHECKSUM = "alder32"
 
 
-class Problem(Exception):
-    """An HTTP error answer."""
-
-    def __init__(self, status: int, message: str, code: str, retry_after: int | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.retry_after = retry_after
-
-
 def _json(obj: Any, status: int = 200) -> web.Response:
     return web.json_response(obj, status=status, dumps=json.dumps)
 
 
-def _error(problem: Problem) -> web.Response:
-    response = _json({"error": {"code": problem.code, "message": problem.message}}, problem.status)
-    if problem.retry_after is not None:
-        response.headers["Retry-After"] = str(problem.retry_after)
-    return response
+#: Errors as the Fireworks inference API words them.
+ERRORS = ErrorDialect(
+    body=lambda problem: {"error": {"code": problem.code, "message": problem.message}},
+    respond=_json,
+    timeout_code="request_timeout",
+    too_large_code="too_large",
+    too_large=lambda limit: f"request body exceeds {limit} bytes",
+    internal_code="internal_error",
+    http_code="http_error",
+    log=log,
+)
 
 
 class DeploymentServer:
@@ -182,6 +178,14 @@ class DeploymentServer:
         self.base_url = f"http://{url_host(host)}:{self._runner.addresses[0][1]}"
         return self.base_url
 
+    @contextlib.asynccontextmanager
+    async def serving(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+        """Serve for the length of the block, which gets the base URL (see `start`)."""
+        try:
+            yield await self.start(host, port)
+        finally:
+            await self.close()
+
     async def close(self) -> None:
         """Stop serving; fail generations still running."""
         runner, self._runner = self._runner, None
@@ -192,7 +196,7 @@ class DeploymentServer:
             await asyncio.gather(self._load_task, return_exceptions=True)
 
     def make_app(self) -> web.Application:
-        middlewares = [self._errors_middleware, self._auth_middleware]
+        middlewares = [ERRORS.middleware(self._max_request_bytes), self._auth_middleware]
         if self._access_log:
             middlewares.insert(0, access_log.middleware)
         app = web.Application(middlewares=middlewares, client_max_size=self._max_request_bytes)
@@ -209,29 +213,6 @@ class DeploymentServer:
             ]
         )  # fmt: skip
         return app
-
-    @web.middleware
-    async def _errors_middleware(
-        self, request: web.Request, handler: Handler
-    ) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except Problem as problem:
-            return _error(problem)
-        except BodyTimeoutError as exc:
-            return _error(Problem(408, str(exc), "request_timeout"))
-        except web.HTTPRequestEntityTooLarge:
-            limit = self._max_request_bytes
-            return _error(Problem(413, f"request body exceeds {limit} bytes", "too_large"))
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            message = f"{exc.reason}: {request.method} {request.path}"
-            return _error(Problem(exc.status, message, "http_error"))
-        except Exception as exc:
-            log.debug("error handling %s %s", request.method, request.path, exc_info=True)
-            message = f"internal error handling {request.path}: {type(exc).__name__}"
-            return _error(Problem(500, message, "internal_error"))
 
     @web.middleware
     async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -48,12 +48,11 @@ What tinker expects, and where the trainer serves it:
 
 ``cancel_future`` drops a sampling request that has not run (`Executor.cancel`).
 ``save_weights_external`` and the REST endpoints (``training_runs/...``,
-``checkpoints``, ``sessions/...``) are `firetitan.local.external` and
-`firetitan.local.rest`.
+``checkpoints``, ``sessions/...``, ``weights_info``, ``copy_weights``) are
+`firetitan.local.external` and `firetitan.local.rest`.
 
 Not served, and not called with the flags above: ``create_custom_loss``,
-``auth/token``, and the REST-only ``weights_info``, ``copy_weights``, session trace
-export and project assignment.
+``auth/token``, and the REST-only session trace export and project assignment.
 """
 
 from __future__ import annotations

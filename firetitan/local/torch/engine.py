@@ -32,16 +32,8 @@ import tinker
 import torch
 from torch import nn
 
-from firetitan.local.engine import (
-    Engine,
-    Limits,
-    LossRequest,
-    ModelSpec,
-    SampleSource,
-    SamplingRequest,
-    UserError,
-)
-from firetitan.local.rules import DatumArrays, LossConfig, non_finite_loss, unknown_model
+from firetitan.local import rules
+from firetitan.local.engine import Engine, ModelSpec, SamplerExport, SampleSource, UserError
 from firetitan.local.torch import exports, state
 from firetitan.local.torch.inputs import collate, split_by_budget
 from firetitan.local.torch.lora import (
@@ -211,7 +203,7 @@ class TorchEngine(Engine):
         try:
             return self._models[model_id]
         except KeyError:
-            raise unknown_model(model_id) from None
+            raise rules.unknown_model(model_id) from None
 
     def _trainable(self, model_id: str, what: str) -> tuple[_Model, AdamW]:
         model = self._model(model_id)
@@ -251,11 +243,11 @@ class TorchEngine(Engine):
             model = self._models.get(model_id)
             return None if model is None else model.spec
 
-    def limits(self, model_id: str) -> Limits:
+    def limits(self, model_id: str) -> rules.Limits:
         with self._lock:
             return _limits(self._model(model_id).module)
 
-    def source_limits(self, source: SampleSource) -> Limits:
+    def source_limits(self, source: SampleSource) -> rules.Limits:
         with self._lock:
             return _limits(self._sample_module(source)[0])
 
@@ -326,7 +318,7 @@ class TorchEngine(Engine):
     # ----------------------------------------------------------------- training
 
     def compute_loss(
-        self, model_id: str, request: LossRequest, *, train: bool
+        self, model_id: str, request: rules.LossRequest, *, train: bool
     ) -> tinker.ForwardBackwardOutput:
         with self._lock:
             model = self._model(model_id)
@@ -355,10 +347,10 @@ class TorchEngine(Engine):
     def _run_group(
         self,
         model: _Model,
-        datums: Sequence[DatumArrays],
+        datums: Sequence[rules.DatumArrays],
         group: Sequence[int],
         loss_fn: str,
-        config: LossConfig,
+        config: rules.LossConfig,
         outputs: list[dict[str, tinker.TensorData]],
         train: bool,
     ) -> float:
@@ -380,7 +372,7 @@ class TorchEngine(Engine):
                         "(its weights have grown too large, e.g. from a very large "
                         "learning_rate; load an earlier checkpoint)"
                     )
-                raise non_finite_loss(group[row])
+                raise rules.non_finite_loss(group[row])
             loss = losses.sum()
             if train:
                 torch.autograd.backward(loss)
@@ -427,44 +419,28 @@ class TorchEngine(Engine):
 
     def save_state(self, model_id: str, directory: Path) -> None:
         with self._lock:
-            model, optimizer = self._trainable(model_id, "save training state")
-            state.save_state(
-                directory,
-                description=self._describe(model, optimizer),
-                optimizer=optimizer,
-                window=model.window,
-                sample_rng=model.sample_rng,
-            )
+            state.save_state(directory, self._training_state(model_id, "save training state"))
 
     def load_state(self, model_id: str, directory: Path, *, with_optimizer: bool) -> None:
         with self._lock:
-            model, optimizer = self._trainable(model_id, "load training state")
-            state.load_state(
-                directory,
-                description=self._describe(model, optimizer),
-                optimizer=optimizer,
-                window=model.window,
-                sample_rng=model.sample_rng,
-                with_optimizer=with_optimizer,
-            )
+            training = self._training_state(model_id, "load training state")
+            state.load_state(directory, training, with_optimizer=with_optimizer)
+
+    def _training_state(self, model_id: str, what: str) -> state.TrainingState:
+        model, optimizer = self._trainable(model_id, what)
+        return state.TrainingState(
+            description=self._describe(model, optimizer),
+            optimizer=optimizer,
+            window=model.window,
+            sample_rng=model.sample_rng,
+        )
 
     # ----------------------------------------------------------------- sampler exports
 
-    def save_for_sampler(
-        self,
-        model_id: str,
-        directory: Path,
-        checkpoint_type: str,
-        previous: Path | None,
-    ) -> dict[str, Any]:
+    def write_sampler_export(self, model_id: str, export: SamplerExport) -> dict[str, Any]:
+        kind, previous = export.kind, export.previous
         with self._lock:
             model = self._model(model_id)
-            kind = str(checkpoint_type).lower()
-            if kind not in self.checkpoint_types:
-                raise UserError(
-                    f"checkpoint_type {checkpoint_type!r} is not one of "
-                    f"{list(self.checkpoint_types)}"
-                )
             if kind == "merged_base" and model.lora is None:
                 raise UserError("checkpoint_type 'merged_base' needs a LoRA model")
             extra: dict[str, Any] = {
@@ -489,11 +465,10 @@ class TorchEngine(Engine):
                     config["tie_word_embeddings"] = False  # the adapter untied the output layer
             reference = None
             if kind == "delta":
-                if previous is None:
-                    raise UserError("a 'delta' export needs a previous sampler export")
+                assert previous is not None  # checked by save_for_sampler
                 reference = (previous, self._previous_export(model, previous, fmt))
             meta = exports.write_export(
-                directory,
+                export.directory,
                 fmt=fmt,
                 tensors=tensors,
                 config=config,
@@ -519,7 +494,7 @@ class TorchEngine(Engine):
     # ----------------------------------------------------------------- sampling
 
     def compute_sample(
-        self, source: SampleSource, request: SamplingRequest
+        self, source: SampleSource, request: rules.SamplingRequest
     ) -> tinker.SampleResponse:
         with self._lock:
             module, default_rng = self._sample_module(source)
@@ -582,8 +557,8 @@ class TorchEngine(Engine):
         return base.module, base.digest()
 
 
-def _limits(module: nn.Module) -> Limits:
-    return Limits(vocab_size=vocab_size(module), context_length=context_length(module))
+def _limits(module: nn.Module) -> rules.Limits:
+    return rules.Limits(vocab_size=vocab_size(module), context_length=context_length(module))
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:

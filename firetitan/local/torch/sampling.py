@@ -179,7 +179,7 @@ def generate(
             out = module(input_ids=choice[:, None], use_cache=True, **{keyword: cache})
             logits = out.logits[:, -1, :].float()
             cache = cache_of(out)
-        scores = _prompt_scores(prompt_logits.float(), ids[0, 1:], request, plan, generator)
+        scores = _prompt_scores(prompt_logits, ids[0, 1:], request, plan, generator)
 
     sequences = [
         tinker.SampledSequence(
@@ -216,6 +216,7 @@ def _prompt_scores(
     )
     if not asked:
         return fields
+    logits = logits.float()
     lp = torch.log_softmax(logits, dim=-1)
     if request.prompt_logprobs:
         scored = np.full(len(request.prompt), np.nan, dtype=np.float32)

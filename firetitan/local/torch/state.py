@@ -37,12 +37,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from firetitan.local.engine import UserError
 from firetitan.local.torch.optim import AdamW, Window
 
-__all__ = ["STATE_FILE", "StateDescription", "load_state", "save_state"]
+__all__ = ["STATE_FILE", "StateDescription", "TrainingState", "load_state", "save_state"]
 
 STATE_FILE = "firetitan-state.json"
 FORMAT = "firetitan-torch-state"
@@ -60,15 +61,26 @@ def _single_process() -> Iterator[None]:
         yield
 
 
-def save_state(
-    directory: Path,
-    *,
-    description: StateDescription,
-    optimizer: AdamW,
-    window: Window,
-    sample_rng: torch.Generator,
-) -> None:
+@attrs.frozen(kw_only=True)
+class TrainingState:
+    """The live parts of one model that a checkpoint saves and restores.
+
+    Attributes:
+        description: What the model looks like (`StateDescription`).
+        optimizer: Its AdamW, which holds the trainable parameters and moments.
+        window: Its accumulation counters.
+        sample_rng: Its sampling generator.
+    """
+
+    description: StateDescription
+    optimizer: AdamW
+    window: Window
+    sample_rng: torch.Generator
+
+
+def save_state(directory: Path, training: TrainingState) -> None:
     """Write the model's training state into the empty ``directory``."""
+    optimizer, window, sample_rng = training.optimizer, training.window, training.sample_rng
     tensors: dict[str, torch.Tensor] = {}
     for name, p in optimizer.params.items():
         tensors[f"weights/{name}"] = _cpu(p)
@@ -87,19 +99,11 @@ def save_state(
         dcp_save(tensors, storage_writer=HuggingFaceStorageWriter(str(directory)), no_dist=True)
     for path in sorted(directory.glob("*.safetensors")):
         _canonical_header(path)
-    meta = {"format": FORMAT, "version": VERSION, **description}
+    meta = {"format": FORMAT, "version": VERSION, **training.description}
     (directory / STATE_FILE).write_text(json.dumps(meta, sort_keys=True, indent=1))
 
 
-def load_state(
-    directory: Path,
-    *,
-    description: StateDescription,
-    optimizer: AdamW,
-    window: Window,
-    sample_rng: torch.Generator,
-    with_optimizer: bool,
-) -> None:
+def load_state(directory: Path, training: TrainingState, *, with_optimizer: bool) -> None:
     """Restore a `save_state` checkpoint into the model.
 
     Without ``with_optimizer``, only the weights are restored; moments, step count,
@@ -110,7 +114,8 @@ def load_state(
             does not fit the model (architecture, LoRA settings, base weights,
             parameter names or shapes); the message says what differs.
     """
-    _check_compatible(directory, description)
+    optimizer, window, sample_rng = training.optimizer, training.window, training.sample_rng
+    _check_compatible(directory, training.description)
     names = list(optimizer.params)
     target: dict[str, torch.Tensor] = {
         f"weights/{n}": torch.empty_like(_cpu(p)) for n, p in optimizer.params.items()
