@@ -23,11 +23,11 @@ import concurrent.futures
 import contextlib
 import functools
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from firetitan._errors import FutureTimeoutError
 
-__all__ = ["APIFuture", "AsyncFutureLike", "PortalLike", "copy_outcome"]
+__all__ = ["APIFuture", "AsyncFutureLike", "PortalLike", "RPCCall", "copy_outcome"]
 
 # Skipped when a warning points at the caller's line (see firetitan._portal).
 _FACADE_INTERNAL = True
@@ -54,6 +54,16 @@ class PortalLike(Protocol):
         fut: APIFuture[Any],
         _carrier: concurrent.futures.Future[Any],
     ) -> None: ...
+
+
+class RPCCall(NamedTuple):
+    """A facade RPC call to make on the loop thread: the async core's method, its
+    arguments, and the conversion of its future's result (None keeps it as it is)."""
+
+    fn: Callable[..., AsyncFutureLike[Any]]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    convert: Callable[[Any], Any] | None
 
 
 class AsyncFutureLike(Protocol[_T_co]):
@@ -132,23 +142,17 @@ class APIFuture(Generic[_T]):
 
     # -- linking (loop thread only) -------------------------------------------------------
 
-    def _begin(
-        self,
-        fn: Callable[..., AsyncFutureLike[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        convert: Callable[[Any], _T] | None,
-    ) -> None:
+    def _begin(self, call: RPCCall) -> None:
         """Make the queued RPC call and follow its async future (loop thread)."""
         if self._carrier.cancelled():
             return  # cancelled while still queued: the request is never made
         try:
-            source = fn(*args, **kwargs)
+            source = call.fn(*call.args, **call.kwargs)
         except Exception as exc:
             with contextlib.suppress(concurrent.futures.InvalidStateError):
                 self._carrier.set_exception(exc)  # unless cancelled meanwhile
             return
-        self._link(source, convert)
+        self._link(source, call.convert)
 
     def _link(self, source: AsyncFutureLike[Any], convert: Callable[[Any], _T] | None) -> None:
         """Mirror `source` into the carrier, and a cancelled carrier into `source`.
@@ -305,21 +309,11 @@ class APIFuture(Generic[_T]):
     # -- async access -------------------------------------------------------------------------
 
     async def result_async(self, timeout: float | None = None) -> _T:  # noqa: ASYNC109
-        """Wait for the request from any event loop and return its result.
+        """`result` for async code: wait from any event loop, without blocking it.
 
-        Args:
-            timeout: Seconds to wait; `None` waits as long as it takes.
-
-        Returns:
-            The request's result.
-
-        Raises:
-            FutureTimeoutError: The request did not finish within `timeout` seconds; it
-                was cancelled.
-            asyncio.CancelledError: The request was cancelled, or the awaiting task was
-                (which cancels the request too).
-            ClientUsageError: The future was inherited through fork() and is pending.
-            Exception: Whatever the request failed with.
+        It takes, returns and raises what `result` does, except that a cancelled
+        request, or a cancelled awaiting task (which cancels the request too), raises
+        ``asyncio.CancelledError``, and that it may run on any loop.
         """
         if not self._carrier.done():
             self._portal.check_alive()  # an inherited or orphaned future never finishes

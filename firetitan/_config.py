@@ -243,15 +243,11 @@ def resolve_base_url(base_url: str | None) -> str:
     Raises:
         ValueError: None was given and neither variable is set.
     """
-    if base_url:
-        return base_url
-    for name in BASE_URL_ENV:
-        value = os.environ.get(name)
-        if value:
-            return value
-    raise ValueError(
+    return _given_or_env(
+        base_url,
+        BASE_URL_ENV,
         "no trainer URL: pass base_url= or set FIRETITAN_BASE_URL "
-        "(for a local trainer, use firetitan.local.LocalTrainer().base_url)"
+        "(for a local trainer, use firetitan.local.LocalTrainer().base_url)",
     )
 
 
@@ -262,10 +258,19 @@ def resolve_api_key(api_key: str | None) -> str:
     Raises:
         ValueError: None was given and none of the variables is set.
     """
-    if api_key:
-        return api_key
-    for name in API_KEY_ENV:
-        value = os.environ.get(name)
-        if value:
-            return value
-    raise ValueError("no API key: pass api_key= or set FIRETITAN_API_KEY")
+    return _given_or_env(api_key, API_KEY_ENV, "no API key: pass api_key= or set FIRETITAN_API_KEY")
+
+
+def _given_or_env(value: str | None, names: tuple[str, ...], missing: str) -> str:
+    """``value``, else the first of the environment variables ``names`` that is set.
+
+    Raises:
+        ValueError: ``missing``, when neither is there.
+    """
+    if value:
+        return value
+    for name in names:
+        found = os.environ.get(name)
+        if found:
+            return found
+    raise ValueError(missing)

@@ -51,7 +51,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
-from firetitan._blocking_future import APIFuture, AsyncFutureLike
+from firetitan._blocking_future import APIFuture, AsyncFutureLike, RPCCall
 from firetitan._errors import BlockingCallInLoopError, ClientClosedError, ClientUsageError
 
 if TYPE_CHECKING:
@@ -83,16 +83,9 @@ class _AsyncOpenable(Protocol):
     def __aenter__(self) -> Awaitable[Any]: ...
 
 
-#: A `Portal.start` call waiting in the inbox: its future, the RPC method and its
-#: arguments, the result conversion, and the caller's context.
-_Started = tuple[
-    APIFuture[Any],
-    Callable[..., AsyncFutureLike[Any]],
-    tuple[Any, ...],
-    dict[str, Any],
-    Callable[[Any], Any] | None,
-    contextvars.Context,
-]
+#: A `Portal.start` call waiting in the inbox: its future, the call, and the caller's
+#: context.
+_Started = tuple[APIFuture[Any], RPCCall, contextvars.Context]
 
 
 class Portal:
@@ -312,7 +305,7 @@ class Portal:
             ClientUsageError: Called in a process forked after this portal started.
             ClientClosedError: The portal has shut down.
         """
-        return self._start(fn, args, kwargs, None)
+        return self._start(RPCCall(fn, args, kwargs, None))
 
     def start_as(
         self,
@@ -323,7 +316,7 @@ class Portal:
         **kwargs: _P.kwargs,
     ) -> APIFuture[_T]:
         """Like `start`, with `convert` applied to the result (on the loop thread)."""
-        return self._start(fn, args, kwargs, convert)
+        return self._start(RPCCall(fn, args, kwargs, convert))
 
     def call_future(
         self,
@@ -348,19 +341,13 @@ class Portal:
         self._loop.call_soon_threadsafe(fut._link, source, None)
         return fut
 
-    def _start(
-        self,
-        fn: Callable[..., AsyncFutureLike[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        convert: Callable[[Any], Any] | None,
-    ) -> APIFuture[Any]:
+    def _start(self, call: RPCCall) -> APIFuture[Any]:
         if not self._usable:
             self._raise_unusable()
         fut: APIFuture[Any] = APIFuture(self)
         # The context makes the call run in (a copy of) the caller's context, so its
         # contextvars reach the async core and the tasks it starts.
-        self._inbox.append((fut, fn, args, kwargs, convert, contextvars.copy_context()))
+        self._inbox.append((fut, call, contextvars.copy_context()))
         if not self._inbox_scheduled:
             self._inbox_scheduled = True
             try:
@@ -375,8 +362,8 @@ class Portal:
         inbox = self._inbox
         try:
             while inbox:
-                fut, fn, args, kwargs, convert, context = inbox.popleft()
-                context.run(fut._begin, fn, args, kwargs, convert)
+                fut, call, context = inbox.popleft()
+                context.run(fut._begin, call)
         except BaseException:
             # SystemExit or KeyboardInterrupt from a call: the rest still gets made.
             if inbox and not self._inbox_scheduled:
@@ -464,10 +451,7 @@ class Portal:
         Raises:
             BlockingCallInLoopError: Called on the loop thread.
         """
-        self._check_blocking(cls)
-        obj: _C = self._wait(self._schedule(_construct, (cls, args, kwargs), {}))
-        self.track(obj)
-        return obj
+        return self._build(_construct, cls, args, kwargs)
 
     def open(self, cls: Callable[_P, _O], /, *args: _P.args, **kwargs: _P.kwargs) -> _O:
         """Build an async client on the loop and enter it (`__aenter__`: connect).
@@ -477,8 +461,18 @@ class Portal:
         Raises:
             BlockingCallInLoopError: Called on the loop thread.
         """
+        return self._build(_construct_and_enter, cls, args, kwargs)
+
+    def _build(
+        self,
+        make: Callable[[Callable[..., _T], tuple[Any, ...], dict[str, Any]], Awaitable[_T]],
+        cls: Callable[..., _T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> _T:
+        """Run ``make(cls, args, kwargs)`` on the loop and track the client it returns."""
         self._check_blocking(cls)
-        obj: _O = self._wait(self._schedule(_construct_and_enter, (cls, args, kwargs), {}))
+        obj = self._wait(self._schedule(make, (cls, args, kwargs), {}))
         self.track(obj)
         return obj
 
@@ -556,7 +550,8 @@ class _TurnEndReleases(selectors.BaseSelector):
     releases there runs them after every callback of the turn. When the turn leaves more
     work ready (``select`` with a zero timeout), releases wait at most one more turn, so
     a loop that stays busy still releases promptly. Everything else is the wrapped
-    selector's.
+    selector's (``modify`` and ``get_key`` as `selectors.BaseSelector` builds them on
+    these).
     """
 
     def __init__(self, selector: selectors.BaseSelector) -> None:
@@ -591,14 +586,6 @@ class _TurnEndReleases(selectors.BaseSelector):
 
     def unregister(self, fileobj: FileDescriptorLike) -> selectors.SelectorKey:
         return self._selector.unregister(fileobj)
-
-    def modify(
-        self, fileobj: FileDescriptorLike, events: int, data: Any = None
-    ) -> selectors.SelectorKey:
-        return self._selector.modify(fileobj, events, data)
-
-    def get_key(self, fileobj: FileDescriptorLike) -> selectors.SelectorKey:
-        return self._selector.get_key(fileobj)
 
     def get_map(self) -> Mapping[FileDescriptorLike, selectors.SelectorKey]:
         return self._selector.get_map()

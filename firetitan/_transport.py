@@ -48,7 +48,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, NoReturn, Protocol, TypeVar
+from typing import Any, Literal, NamedTuple, NoReturn, Protocol, TypeVar
 
 import aiohttp
 import attrs
@@ -71,9 +71,19 @@ from firetitan._errors import (
     ClientUsageError,
     status_error_class,
 )
+from firetitan._unpicklable import Unpicklable
 from firetitan._version import __version__
+from firetitan._wire.endpoints import Endpoint
 
-__all__ = ["PROTOBUF", "USER_AGENT", "Pool", "ProtobufBody", "StreamFold", "Transport"]
+__all__ = [
+    "PROTOBUF",
+    "USER_AGENT",
+    "Pool",
+    "ProtobufBody",
+    "StreamFold",
+    "Transport",
+    "decode_result",
+]
 
 log = logging.getLogger("firetitan.transport")
 
@@ -96,8 +106,10 @@ class StreamFold(Protocol[T_co]):
 PROTOBUF = "application/x-protobuf"
 
 
-class _Secret:
+class _Secret(Unpicklable):
     """A string that never shows itself in a repr and cannot be pickled."""
+
+    _unpicklable = "an API key is never pickled"
 
     __slots__ = ("_value",)
 
@@ -111,9 +123,6 @@ class _Secret:
         return "<secret>"
 
     __str__ = __repr__
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("an API key is never pickled")
 
 
 class _Retry(Exception):
@@ -170,6 +179,34 @@ class ProtobufBody:
     data: bytes = attrs.field(repr=lambda data: f"<{len(data)} bytes>")
 
 
+def decode_result(endpoint: Endpoint[T], answer: Any, *, request_id: str | None = None) -> T:
+    """``answer`` (a direct answer, or a future's polled result) decoded by
+    ``endpoint``'s result codec: the one place where the client reads results.
+
+    Raises:
+        APIResponseValidationError: The answer does not fit the codec.
+    """
+    try:
+        return endpoint.result(answer.data if isinstance(answer, ProtobufBody) else answer)
+    except ValueError as exc:
+        raise APIResponseValidationError(
+            f"unreadable {endpoint.name} answer: {exc}",
+            body=None if isinstance(answer, ProtobufBody) else answer,
+            request_id=request_id,
+        ) from exc
+
+
+class _Request(NamedTuple):
+    """One request, as every attempt of it sends it."""
+
+    method: str
+    path: str
+    data: bytes | None
+    headers: Mapping[str, str]
+    pool: Pool
+    attempt_timeout: float | None
+
+
 @attrs.frozen
 class _Exchange:
     status: int
@@ -178,12 +215,14 @@ class _Exchange:
     protobuf: bool = False
 
 
-class Transport:
+class Transport(Unpicklable):
     """JSON over HTTP to one trainer, with retries; see the module docstring.
 
     One instance belongs to one service client and is bound to the event loop on which
     it is first used.
     """
+
+    _unpicklable = "a Transport holds live connections and an API key; it cannot be pickled"
 
     def __init__(
         self,
@@ -253,9 +292,6 @@ class Transport:
 
     def __repr__(self) -> str:
         return f"Transport(base_url={self._base_url!r}, closed={self._closed})"
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("a Transport holds live connections and an API key; it cannot be pickled")
 
     def name_session(self, session_id: str) -> None:
         """Name the session in every later request (``X-Firetitan-Session-Id``), so that
@@ -392,6 +428,34 @@ class Transport:
             headers={**self._base_headers, **headers} if headers else self._base_headers,
         )
 
+    async def call(
+        self, endpoint: Endpoint[T], body: Any = None, *, path: str | None = None, **options: Any
+    ) -> T:
+        """Send one request to ``endpoint`` and return its answer, decoded by the
+        endpoint's result codec.
+
+        Args:
+            endpoint: The endpoint (`firetitan._wire.endpoints`).
+            body: The JSON body of a POST or PUT.
+            path: The path with its parameters (and query) filled in; the endpoint's
+                own path otherwise.
+            options: Options of `post` or `get`.
+
+        Raises:
+            APIResponseValidationError: The answer does not fit the result codec.
+            APIStatusError, APIConnectionError: As for `post` and `get`.
+        """
+        url = endpoint.path if path is None else path
+        if endpoint.method == "POST":
+            answer = await self.post(url, body, **options)
+        elif endpoint.method == "GET":
+            answer = await self.get(url, **options)
+        elif endpoint.method == "PUT":
+            answer = await self.put(url, body)
+        else:
+            answer = await self.delete(url)
+        return decode_result(endpoint, answer)
+
     async def put(self, path: str, body: Any) -> Any:
         """PUT a JSON body (a REST update that sets a value, so retried like a GET).
 
@@ -445,9 +509,10 @@ class Transport:
         # The first attempt runs without the retry machinery, which costs tens of
         # microseconds per request even when nothing fails; only a retryable failure
         # hands the remaining attempts to tenacity.
+        request = _Request(method, path, data, headers, pool, attempt_timeout)
         started = time.monotonic()
         try:
-            exchange = await self._once(method, path, data, headers, pool, attempt_timeout)
+            exchange = await self._once(request)
             return await self._decode(exchange, method, path, offload)
         except _Retry as first:
             failure = first
@@ -505,7 +570,7 @@ class Transport:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
-                    exchange = await self._once(method, path, data, headers, pool, attempt_timeout)
+                    exchange = await self._once(request)
                     return await self._decode(exchange, method, path, offload)
         except _Retry as exhausted:
             error = self._final_error(exhausted, attempts, started)
@@ -694,15 +759,8 @@ class Transport:
         self._timeouts[(pool, attempt_timeout)] = timeout
         return timeout
 
-    async def _once(
-        self,
-        method: str,
-        path: str,
-        data: bytes | None,
-        headers: Mapping[str, str],
-        pool: Pool,
-        attempt_timeout: float | None,
-    ) -> _Exchange:
+    async def _once(self, request: _Request) -> _Exchange:
+        method, path, data, headers, pool, attempt_timeout = request
         session = self._session(pool)
         url = self._base_url + path
         started = time.monotonic()

@@ -21,7 +21,8 @@ facade class mirrors its async class:
 * a plain `def m(...) -> AsyncAPIFuture[T]` (an RPC that submits and returns at once)
   becomes `def m(...) -> APIFuture[T]` that returns at once (`Portal.start`); when the
   async class defines `_check_m` with the same parameters (its argument checks, which
-  touch no loop state), the facade calls it first on the caller's thread, so an
+  touch no loop state; or names another method's, ``_check_m = _check_n``), the facade
+  calls it first on the caller's thread, so an
   argument error raises at the call on the facade as it does on the async core;
 * other plain methods, properties and static methods delegate directly (they are pure);
 * `aclose` -> `close`, `__aenter__`/`__aexit__` -> `__enter__`/`__exit__`;
@@ -224,10 +225,19 @@ def decorator_names(node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
 
 
 def class_methods(cls: ast.ClassDef, module: AsyncModule) -> dict[str, Method]:
+    """The methods of a class body, and its aliases of them (``_check_b = _check_a``)."""
     methods: dict[str, Method] = {}
     for stmt in cls.body:
         if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
             methods[stmt.name] = Method(stmt, module, decorator_names(stmt))
+        elif (
+            isinstance(stmt, ast.Assign)
+            and len(stmt.targets) == 1
+            and isinstance(stmt.targets[0], ast.Name)
+            and isinstance(stmt.value, ast.Name)
+            and stmt.value.id in methods
+        ):
+            methods[stmt.targets[0].id] = methods[stmt.value.id]
     return methods
 
 

@@ -33,7 +33,6 @@ import asyncio
 import collections
 import random
 from collections.abc import Iterable
-from types import TracebackType
 from typing import Any
 
 import aiohttp
@@ -140,12 +139,7 @@ class FaultProxy:
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300))
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         if self._http is not None:
             await self._http.close()
         if self._runner is not None:

@@ -24,13 +24,13 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable
-from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any
 
 import attrs
 
 from firetitan import _wire
 from firetitan._async._checks import non_empty_str
+from firetitan._async._once import Once
 from firetitan._concurrency import AdaptiveLimit
 from firetitan._config import ClientConfig, DeploymentConfig, resolve_api_key
 from firetitan._errors import (
@@ -40,6 +40,7 @@ from firetitan._errors import (
     HotLoadTimeoutError,
 )
 from firetitan._transport import Transport
+from firetitan._unpicklable import Unpicklable
 from firetitan._wire import endpoints
 
 __all__ = ["AsyncDeployment"]
@@ -49,7 +50,7 @@ log = logging.getLogger("firetitan.deployment")
 _FIRST_POLL_S = 0.1
 
 
-class AsyncDeployment:
+class AsyncDeployment(Unpicklable):
     """A hot-load inference deployment: load snapshots, read what it serves.
 
     Args:
@@ -61,6 +62,8 @@ class AsyncDeployment:
     Raises:
         ValueError: No API key could be found.
     """
+
+    _unpicklable = "a deployment client holds live connections and cannot be pickled"
 
     def __init__(
         self,
@@ -82,8 +85,7 @@ class AsyncDeployment:
             bearer=True,
         )
         self._limit = AdaptiveLimit(config.max_concurrency)
-        self._account = config.account
-        self._account_lock: asyncio.Lock | None = None
+        self._account: Once[str] = Once(self._find_account, config.account)
         self._reset_prompt_cache = True
 
     # ------------------------------------------------------------------ properties
@@ -100,9 +102,6 @@ class AsyncDeployment:
 
     def __repr__(self) -> str:
         return f"<AsyncDeployment {self._config.deployment_id!r} at {self._config.base_url!r}>"
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("a deployment client holds live connections and cannot be pickled")
 
     # ------------------------------------------------------------------ identity
 
@@ -123,25 +122,17 @@ class AsyncDeployment:
             APIResponseValidationError: The key belongs to no account or to several.
             APIError: The control plane could not answer.
         """
-        if self._account is not None:
-            return self._account
-        if self._account_lock is None:
-            self._account_lock = asyncio.Lock()
-        async with self._account_lock:
-            if self._account is None:
-                answer = await self._transport.get(f"{endpoints.LIST_ACCOUNTS.path}?pageSize=2")
-                accounts = answer.get("accounts") if isinstance(answer, dict) else None
-                if not isinstance(accounts, list):
-                    accounts = []
-                names = [a.get("name") for a in accounts if isinstance(a, dict)]
-                if len(names) != 1 or not isinstance(names[0], str):
-                    raise APIResponseValidationError(
-                        f"the API key belongs to {len(names)} accounts, not exactly one: "
-                        "set DeploymentConfig(account=...)",
-                        body=answer,
-                    )
-                self._account = names[0].removeprefix("accounts/")
-            return self._account
+        return await self._account.get()
+
+    async def _find_account(self) -> str:
+        accounts = endpoints.LIST_ACCOUNTS
+        names = await self._transport.call(accounts, path=f"{accounts.path}?pageSize=2")
+        if len(names) != 1:
+            raise APIResponseValidationError(
+                f"the API key belongs to {len(names)} accounts, not exactly one: "
+                "set DeploymentConfig(account=...)"
+            )
+        return names[0].removeprefix("accounts/")
 
     # ------------------------------------------------------------------ hot-load
 
@@ -155,13 +146,9 @@ class AsyncDeployment:
             APIResponseValidationError: The answer has no replicas list.
             APIError: The deployment could not answer.
         """
-        answer = await self._transport.get(
-            endpoints.HOT_LOAD_STATUS.path, headers=await self._headers(base_model)
+        return await self._transport.call(
+            endpoints.HOT_LOAD_STATUS, headers=await self._headers(base_model)
         )
-        try:
-            return _wire.decode_hot_load_status(answer)
-        except _wire.WireError as exc:
-            raise APIResponseValidationError(f"hot-load status: {exc}", body=answer) from exc
 
     async def serving(self, *, base_model: str | None = None) -> str | None:
         """The snapshot every replica is ready on, or None (no replicas, a replica not
@@ -252,7 +239,7 @@ class AsyncDeployment:
             identity, previous=previous, reset_prompt_cache=self._reset_prompt_cache
         )
         try:
-            await self._transport.post(endpoints.HOT_LOAD.path, body, headers=headers)
+            await self._transport.call(endpoints.HOT_LOAD, body, headers=headers)
         except BadRequestError as exc:
             text = str(exc).lower()
             if not (
@@ -264,7 +251,7 @@ class AsyncDeployment:
             log.info("the deployment refuses reset_prompt_cache; hot-loading without it")
             self._reset_prompt_cache = False
             body.pop("reset_prompt_cache", None)
-            await self._transport.post(endpoints.HOT_LOAD.path, body, headers=headers)
+            await self._transport.call(endpoints.HOT_LOAD, body, headers=headers)
 
     async def _wait(self, identity: str, base_model: str | None, limit: float) -> None:
         loop = asyncio.get_running_loop()
@@ -318,12 +305,7 @@ class AsyncDeployment:
     async def __aenter__(self) -> AsyncDeployment:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
 

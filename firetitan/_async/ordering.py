@@ -90,7 +90,7 @@ class Call:
             `ProtobufBody` payloads where the trainer obliged).
     """
 
-    endpoint: endpoints.Endpoint
+    endpoint: endpoints.Endpoint[Any]
     future: AsyncAPIFuture[Any]
     finish: Finish
     bodies: list[bytes] | asyncio.Future[list[bytes]] | None

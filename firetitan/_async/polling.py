@@ -26,8 +26,8 @@ import weakref
 from typing import Any
 
 from firetitan import _wire
-from firetitan._errors import APIResponseValidationError, APIStatusError, RequestFailedError
-from firetitan._transport import PROTOBUF, ProtobufBody, Transport
+from firetitan._errors import APIStatusError, RequestFailedError
+from firetitan._transport import PROTOBUF, ProtobufBody, Transport, decode_result
 from firetitan._wire import endpoints
 
 __all__ = ["Poller"]
@@ -106,12 +106,7 @@ class Poller:
             iteration += 1
             if isinstance(answer, ProtobufBody):
                 return answer  # only success payloads travel as protobuf
-            try:
-                outcome = _wire.decode_future_outcome(answer)
-            except ValueError as exc:
-                raise APIResponseValidationError(
-                    f"retrieve_future for {request_id} answered {exc}", request_id=request_id
-                ) from exc
+            outcome = decode_result(endpoints.RETRIEVE_FUTURE, answer, request_id=request_id)
             if isinstance(outcome, _wire.FutureResult):
                 self._queue.note("active", None, request_id)
                 return outcome.payload

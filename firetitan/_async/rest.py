@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, TypeVar
 
 from tinker import types as ttypes
 
 from firetitan._async._checks import non_empty_str, positive_int
-from firetitan._async.training import validate_model
 from firetitan._config import ClientConfig, resolve_api_key, resolve_base_url
 from firetitan._errors import ClientClosedError
 from firetitan._transport import Transport
+from firetitan._unpicklable import Unpicklable
 from firetitan._wire import endpoints
 
 __all__ = ["AsyncRestClient"]
 
+R = TypeVar("R")
 
-class AsyncRestClient:
+
+class AsyncRestClient(Unpicklable):
     """Training runs, checkpoints and sessions of a trainer (tinker's REST API).
 
     Args:
@@ -34,6 +35,8 @@ class AsyncRestClient:
         api_key: The API key; None reads ``FIRETITAN_API_KEY``.
         config: Timeouts and retries.
     """
+
+    _unpicklable = "a REST client holds connections and cannot be pickled"
 
     def __init__(
         self,
@@ -50,18 +53,10 @@ class AsyncRestClient:
     def __repr__(self) -> str:
         return f"AsyncRestClient(base_url={self._transport.base_url!r})"
 
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("a REST client holds connections and cannot be pickled")
-
     async def __aenter__(self) -> AsyncRestClient:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -81,9 +76,7 @@ class AsyncRestClient:
             ValueError: ``limit`` below 1 or ``offset`` below 0.
             APIStatusError: The trainer refused the request.
         """
-        query = _page(limit, offset)
-        answer = await self._get(f"{endpoints.LIST_TRAINING_RUNS.path}?{query}")
-        return validate_model(ttypes.TrainingRunsResponse, answer)
+        return await self._paged(endpoints.LIST_TRAINING_RUNS, limit, offset)
 
     async def get_training_run(self, training_run_id: str) -> ttypes.TrainingRun:
         """Describe one training run (base model, LoRA rank, last checkpoints, metadata).
@@ -92,9 +85,7 @@ class AsyncRestClient:
             NotFoundError: No such run.
         """
         run = _segment(training_run_id, "training_run_id")
-        return validate_model(
-            ttypes.TrainingRun, await self._get(endpoints.GET_TRAINING_RUN.path.format(run_id=run))
-        )
+        return await self._call(endpoints.GET_TRAINING_RUN, run_id=run)
 
     async def get_training_run_by_tinker_path(self, tinker_path: str) -> ttypes.TrainingRun:
         """The training run that owns a checkpoint.
@@ -114,8 +105,7 @@ class AsyncRestClient:
             NotFoundError: No such run.
         """
         run = _segment(training_run_id, "training_run_id")
-        answer = await self._get(endpoints.LIST_RUN_CHECKPOINTS.path.format(run_id=run))
-        return validate_model(ttypes.CheckpointsListResponse, answer)
+        return await self._call(endpoints.LIST_RUN_CHECKPOINTS, run_id=run)
 
     async def list_user_checkpoints(
         self, limit: int = 100, offset: int = 0
@@ -125,8 +115,7 @@ class AsyncRestClient:
         Raises:
             ValueError: ``limit`` below 1 or ``offset`` below 0.
         """
-        answer = await self._get(f"{endpoints.LIST_USER_CHECKPOINTS.path}?{_page(limit, offset)}")
-        return validate_model(ttypes.CheckpointsListResponse, answer)
+        return await self._paged(endpoints.LIST_USER_CHECKPOINTS, limit, offset)
 
     async def delete_checkpoint(self, tinker_path: str) -> None:
         """Delete a checkpoint.
@@ -135,7 +124,7 @@ class AsyncRestClient:
             ValueError: Not a ``tinker://`` checkpoint path.
             NotFoundError: No such checkpoint.
         """
-        await self._transport.delete(_checkpoint_url(endpoints.DELETE_CHECKPOINT, tinker_path))
+        await self._on_checkpoint(endpoints.DELETE_CHECKPOINT, tinker_path)
 
     async def set_checkpoint_ttl(self, tinker_path: str, ttl_seconds: int | None) -> None:
         """Make a checkpoint expire ``ttl_seconds`` from now; None keeps it for good.
@@ -146,8 +135,8 @@ class AsyncRestClient:
         """
         if ttl_seconds is not None:
             positive_int(ttl_seconds, "ttl_seconds")
-        await self._transport.put(
-            _checkpoint_url(endpoints.SET_CHECKPOINT_TTL, tinker_path), {"ttl_seconds": ttl_seconds}
+        await self._on_checkpoint(
+            endpoints.SET_CHECKPOINT_TTL, tinker_path, {"ttl_seconds": ttl_seconds}
         )
 
     async def publish_checkpoint(self, tinker_path: str) -> None:
@@ -157,7 +146,7 @@ class AsyncRestClient:
             ValueError: Not a ``tinker://`` checkpoint path.
             NotFoundError: No such checkpoint.
         """
-        await self._post(_checkpoint_url(endpoints.PUBLISH_CHECKPOINT, tinker_path), {})
+        await self._on_checkpoint(endpoints.PUBLISH_CHECKPOINT, tinker_path, {})
 
     async def unpublish_checkpoint(self, tinker_path: str) -> None:
         """Mark a checkpoint private again.
@@ -166,7 +155,7 @@ class AsyncRestClient:
             ValueError: Not a ``tinker://`` checkpoint path.
             NotFoundError: No such checkpoint.
         """
-        await self._transport.delete(_checkpoint_url(endpoints.UNPUBLISH_CHECKPOINT, tinker_path))
+        await self._on_checkpoint(endpoints.UNPUBLISH_CHECKPOINT, tinker_path)
 
     async def get_weights_info_by_tinker_path(
         self, tinker_path: str
@@ -179,8 +168,7 @@ class AsyncRestClient:
             NotFoundError: No such checkpoint.
         """
         path = non_empty_str(tinker_path, "tinker_path")
-        answer = await self._post(endpoints.WEIGHTS_INFO.path, {"tinker_path": path})
-        return validate_model(ttypes.WeightsInfoResponse, answer)
+        return await self._call(endpoints.WEIGHTS_INFO, {"tinker_path": path})
 
     async def copy_weights(
         self,
@@ -215,8 +203,8 @@ class AsyncRestClient:
         body: dict[str, Any] = {"source_path": source, "destination_project_id": project}
         if ttl_seconds is not None:
             body["ttl_seconds"] = ttl_seconds
-        answer = await self._post(endpoints.COPY_WEIGHTS.path, body)
-        return validate_model(ttypes.CopyWeightsResponse, answer).tinker_path
+        copied = await self._call(endpoints.COPY_WEIGHTS, body)
+        return copied.tinker_path
 
     # ------------------------------------------------------------------ sessions
 
@@ -226,8 +214,7 @@ class AsyncRestClient:
         Raises:
             ValueError: ``limit`` below 1 or ``offset`` below 0.
         """
-        answer = await self._get(f"{endpoints.LIST_SESSIONS.path}?{_page(limit, offset)}")
-        return validate_model(ttypes.ListSessionsResponse, answer)
+        return await self._paged(endpoints.LIST_SESSIONS, limit, offset)
 
     async def get_session(self, session_id: str) -> ttypes.GetSessionResponse:
         """A session's models (training run ids) and sampling sessions.
@@ -236,10 +223,7 @@ class AsyncRestClient:
             NotFoundError: No such live session.
         """
         session = _segment(session_id, "session_id")
-        return validate_model(
-            ttypes.GetSessionResponse,
-            await self._get(endpoints.GET_SESSION.path.format(session_id=session)),
-        )
+        return await self._call(endpoints.GET_SESSION, session_id=session)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -247,19 +231,32 @@ class AsyncRestClient:
         if self._closed:
             raise ClientClosedError("the REST client was closed")
 
-    async def _get(self, path: str) -> Any:
+    async def _call(
+        self, endpoint: endpoints.Endpoint[R], body: Any = None, query: str = "", **params: str
+    ) -> R:
+        """Call ``endpoint`` with its path parameters (already quoted) and query."""
         self._check_open()
-        return await self._transport.get(path)
+        path = endpoint.path.format(**params) + (f"?{query}" if query else "")
+        return await self._transport.call(endpoint, body, path=path)
 
-    async def _post(self, path: str, body: Any) -> Any:
-        self._check_open()
-        return await self._transport.post(path, body)
+    async def _paged(self, endpoint: endpoints.Endpoint[R], limit: int, offset: int) -> R:
+        positive_int(limit, "limit")
+        positive_int(offset, "offset", zero=True)
+        query = urllib.parse.urlencode({"limit": limit, "offset": offset})
+        return await self._call(endpoint, query=query)
 
-
-def _page(limit: int, offset: int) -> str:
-    positive_int(limit, "limit")
-    positive_int(offset, "offset", zero=True)
-    return urllib.parse.urlencode({"limit": limit, "offset": offset})
+    async def _on_checkpoint(
+        self, endpoint: endpoints.Endpoint[Any], tinker_path: str, body: Any = None
+    ) -> None:
+        parsed = _parse(tinker_path)
+        segment, name = parsed.checkpoint_id.split("/", 1)
+        await self._call(
+            endpoint,
+            body,
+            run_id=urllib.parse.quote(parsed.training_run_id, safe=""),
+            segment=segment,
+            name=urllib.parse.quote(name, safe=""),
+        )
 
 
 def _segment(value: str, what: str) -> str:
@@ -269,14 +266,4 @@ def _segment(value: str, what: str) -> str:
 def _parse(tinker_path: str) -> ttypes.ParsedCheckpointTinkerPath:
     return ttypes.ParsedCheckpointTinkerPath.from_tinker_path(
         non_empty_str(tinker_path, "tinker_path")
-    )
-
-
-def _checkpoint_url(endpoint: endpoints.Endpoint, tinker_path: str) -> str:
-    parsed = _parse(tinker_path)
-    segment, name = parsed.checkpoint_id.split("/", 1)
-    return endpoint.path.format(
-        run_id=urllib.parse.quote(parsed.training_run_id, safe=""),
-        segment=segment,
-        name=urllib.parse.quote(name, safe=""),
     )

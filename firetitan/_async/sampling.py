@@ -31,8 +31,9 @@ import itertools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
+import attrs
 import tinker
 
 from firetitan import _wire
@@ -49,12 +50,8 @@ from firetitan._errors import (
     ClientUsageError,
     FiretitanError,
 )
-from firetitan._transport import Transport
+from firetitan._transport import Transport, decode_result
 from firetitan._wire import endpoints
-
-if TYPE_CHECKING:
-    from firetitan._async.service import AsyncFiretitanServiceClient
-    from firetitan._async.training import AsyncFiretitanTrainingClient
 
 __all__ = ["AsyncSamplingClient"]
 
@@ -63,6 +60,22 @@ T = TypeVar("T")
 log = logging.getLogger("firetitan")
 
 _CLONE_STRIDE = 10**9
+
+
+@attrs.frozen
+class Parent:
+    """What a sampling client made by a service client asks of it.
+
+    Callables rather than the service client itself, so that this module needs neither
+    the service nor the training client.
+
+    Attributes:
+        check_open: Raises `ClientClosedError` once the service client is closed.
+        tokenizer: Loads the tokenizer of what the client samples.
+    """
+
+    check_open: Callable[[], None]
+    tokenizer: Callable[[], Awaitable[Any]]
 
 
 class AsyncSamplingClient:
@@ -109,7 +122,7 @@ class AsyncSamplingClient:
         self._sampling_session_id = sampling_session_id
         self._config = config or ClientConfig()
         self._api_key = api_key
-        self._owner: AsyncFiretitanServiceClient | None = None
+        self._parent: Parent | None = None
         self._transport: Transport | None = None
         self._own_transport = True
         self._poller: Poller | None = None
@@ -122,14 +135,11 @@ class AsyncSamplingClient:
         self._closed = False
         self._deployment_sampler: AsyncDeploymentSampler | None = None
         self._tokenizer: Any = None
-        # The training client whose export this samples, when known: its trainer
-        # names the tokenizer if none is configured.
-        self._exporter: AsyncFiretitanTrainingClient | None = None
 
     @classmethod
     def _attached(
         cls,
-        owner: AsyncFiretitanServiceClient,
+        parent: Parent,
         transport: Transport,
         *,
         model_path: str | None,
@@ -144,7 +154,7 @@ class AsyncSamplingClient:
             sampling_session_id=sampling_session_id,
             config=transport.config,
         )
-        client._owner = owner
+        client._parent = parent
         client._transport = transport
         client._own_transport = False
         client._seq = itertools.count(1)
@@ -153,20 +163,21 @@ class AsyncSamplingClient:
     @classmethod
     def _on_deployment(
         cls,
-        owner: AsyncFiretitanServiceClient,
+        parent: Parent,
         sampler: AsyncDeploymentSampler,
         *,
         model_path: str,
         base_model: str | None,
+        config: ClientConfig,
     ) -> AsyncSamplingClient:
         """A client sampling a snapshot that ``sampler``'s deployment serves."""
         client = cls(
             sampler.deployment.config.base_url,
             model_path=model_path,
             base_model=base_model,
-            config=owner.config,
+            config=config,
         )
-        client._owner = owner
+        client._parent = parent
         client._own_transport = False
         client._deployment_sampler = sampler
         return client
@@ -224,15 +235,13 @@ class AsyncSamplingClient:
                 "create it with the service client's create_sampling_client"
             )
         self._check_usable()
-        path = endpoints.GET_SAMPLER.path.format(sampling_session_id=self._sampling_session_id)
-        answer = await self._connect().get(path)
-        base_model = answer.get("base_model") if isinstance(answer, dict) else None
-        if not isinstance(base_model, str) or not base_model:
-            raise APIResponseValidationError(
-                "the sampler's description names no base_model", body=answer
-            )
-        self._base_model = base_model
-        return base_model
+        sampler = endpoints.GET_SAMPLER
+        path = sampler.path.format(sampling_session_id=self._sampling_session_id)
+        answer = await self._connect().call(sampler, path=path)
+        if not answer.base_model:
+            raise APIResponseValidationError("the sampler's description names no base_model")
+        self._base_model = answer.base_model
+        return answer.base_model
 
     async def get_tokenizer(self) -> Any:
         """The tokenizer of the sampled model: the one configured on the service client
@@ -245,12 +254,12 @@ class AsyncSamplingClient:
             ImportError: A Hugging Face tokenizer without ``transformers`` installed.
         """
         if self._tokenizer is None:
-            if self._owner is None:
+            if self._parent is None:
                 raise ClientUsageError(
                     "a standalone sampling client knows no tokenizer: load one with "
                     "firetitan.tokenizers.load_tokenizer"
                 )
-            self._tokenizer = await self._owner._tokenizer_for(self._exporter)
+            self._tokenizer = await self._parent.tokenizer()
         return self._tokenizer
 
     def __repr__(self) -> str:
@@ -530,7 +539,7 @@ class AsyncSamplingClient:
         assert self._transport is not None
         try:
             body = _wire.encode_request(_wire.CancelFutureRequest(request_id=request_id))
-            await self._transport.post(endpoints.CANCEL_FUTURE.path, body)
+            await self._transport.call(endpoints.CANCEL_FUTURE, body)
         except FiretitanError as exc:  # nothing to undo: the sample stays unread
             log.debug("firetitan: cancelling %s on the trainer failed: %s", request_id, exc)
 
@@ -550,12 +559,7 @@ class AsyncSamplingClient:
             future._add_request_id(request_id)
             future._set_state(FutureState.SENT)
             payload = await self._poller.wait(request_id, endpoints.ASAMPLE.request_type)
-            try:
-                response = _wire.decode_sample_response(payload)
-            except ValueError as exc:
-                raise APIResponseValidationError(
-                    f"unreadable sample response: {exc}", request_id=request_id
-                ) from exc
+            response = decode_result(endpoints.ASAMPLE, payload, request_id=request_id)
             future._set_result(transform(response))
         except Exception as exc:
             future._set_exception(exc)
@@ -571,8 +575,8 @@ class AsyncSamplingClient:
         # Plain reads, so the argument checks can run it on the facade's calling thread.
         if self._closed:
             raise ClientClosedError("the sampling client was closed")
-        if self._owner is not None:
-            self._owner._check_open()
+        if self._parent is not None:
+            self._parent.check_open()
 
     def _connect(self) -> Transport:
         if self._transport is None:

@@ -11,25 +11,26 @@ a closed client refuses further use with `ClientClosedError`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import weakref
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, TypeVar
 
 import attrs
 from tinker import types as ttypes
 
 from firetitan import _checkpoint_paths, _wire
 from firetitan._async._checks import non_empty_str, positive_int, string_map
+from firetitan._async._once import Once
 from firetitan._async._tasks import TaskSet
 from firetitan._async.deployment import AsyncDeployment
 from firetitan._async.deployment_sampler import AsyncDeploymentSampler
 from firetitan._async.ordering import ack_request_id
 from firetitan._async.polling import Poller
-from firetitan._async.sampling import AsyncSamplingClient
-from firetitan._async.training import AsyncFiretitanTrainingClient, validate_model
+from firetitan._async.sampling import AsyncSamplingClient, Parent
+from firetitan._async.training import AsyncFiretitanTrainingClient
 from firetitan._config import ClientConfig, DeploymentConfig, resolve_api_key, resolve_base_url
 from firetitan._errors import (
     APIResponseValidationError,
@@ -39,7 +40,8 @@ from firetitan._errors import (
     FutureTimeoutError,
     GoneError,
 )
-from firetitan._transport import Transport
+from firetitan._transport import Transport, decode_result
+from firetitan._unpicklable import Unpicklable
 from firetitan._wire import endpoints
 from firetitan.tokenizers import load_tokenizer
 
@@ -55,9 +57,10 @@ _SERVICE_POLLS = 8
 _HEARTBEAT_WARN_S = 120.0
 
 _TrainingKey = tuple[str, int, int | None, bool, bool, bool, int | None]
+R = TypeVar("R")
 
 
-class AsyncFiretitanServiceClient:
+class AsyncFiretitanServiceClient(Unpicklable):
     """A session on a Firetitan (or Tinker-protocol) trainer.
 
     Creates training clients (full-parameter, LoRA or frozen base models) and sampling
@@ -86,6 +89,8 @@ class AsyncFiretitanServiceClient:
         TypeError: ``user_metadata`` is not a mapping of strings.
     """
 
+    _unpicklable = "a service client holds live connections and cannot be pickled"
+
     def __init__(
         self,
         base_url: str | None = None,
@@ -110,8 +115,7 @@ class AsyncFiretitanServiceClient:
         if tags is None:
             tags = [t.strip() for t in os.environ.get("TINKER_TAGS", "").split(",") if t.strip()]
         self._tags = list(tags)
-        self._session_id: str | None = None
-        self._opening: asyncio.Lock | None = None
+        self._session: Once[str] = Once(self._start_session)
         self._closed = False
         self._tasks = TaskSet("service client")
         self._poller = Poller(self._transport, _SERVICE_POLLS)
@@ -141,7 +145,7 @@ class AsyncFiretitanServiceClient:
     @property
     def session_id(self) -> str | None:
         """The trainer's session id, once the session is open."""
-        return self._session_id
+        return self._session.value
 
     @property
     def config(self) -> ClientConfig:
@@ -161,11 +165,8 @@ class AsyncFiretitanServiceClient:
     def __repr__(self) -> str:
         return (
             f"<AsyncFiretitanServiceClient base_url={self.base_url!r} "
-            f"session_id={self._session_id!r}{' closed' if self._closed else ''}>"
+            f"session_id={self._session.value!r}{' closed' if self._closed else ''}>"
         )
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("a service client holds live connections and cannot be pickled")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -179,12 +180,7 @@ class AsyncFiretitanServiceClient:
             raise
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -219,31 +215,24 @@ class AsyncFiretitanServiceClient:
             raise ClientClosedError("the service client was closed")
 
     async def _open(self) -> str:
-        """Open the session once (concurrent callers share the attempt)."""
+        """The session's id, opening it first if need be (once)."""
         self._check_open()
         self._transport.check_loop()
-        if self._session_id is not None:
-            return self._session_id
-        if self._opening is None:
-            self._opening = asyncio.Lock()
-        async with self._opening:
-            if self._session_id is None:
-                if self._fetch_client_config:
-                    await self._transport.post(
-                        endpoints.CLIENT_CONFIG.path, {"sdk_version": SDK_VERSION}
-                    )
-                request = _wire.CreateSessionRequest(
-                    tags=self._tags, user_metadata=self._user_metadata, sdk_version=SDK_VERSION
-                )
-                answer = await self._transport.post(
-                    endpoints.CREATE_SESSION.path, _wire.encode_request(request)
-                )
-                self._session_id = _session_id(answer)
-                self._transport.name_session(self._session_id)
-                self._check_open()  # closed while opening: no heartbeat for it
-                self._tasks.spawn(self._heartbeat(self._session_id), name="firetitan heartbeat")
-                log.info("firetitan: session %s opened on %s", self._session_id, self.base_url)
-            return self._session_id
+        return await self._session.get()
+
+    async def _start_session(self) -> str:
+        if self._fetch_client_config:
+            await self._transport.call(endpoints.CLIENT_CONFIG, {"sdk_version": SDK_VERSION})
+        request = _wire.CreateSessionRequest(
+            tags=self._tags, user_metadata=self._user_metadata, sdk_version=SDK_VERSION
+        )
+        answer = await self._transport.call(endpoints.CREATE_SESSION, _wire.encode_request(request))
+        session_id = _session_id(answer)
+        self._transport.name_session(session_id)
+        self._check_open()  # closed while opening: no heartbeat for it
+        self._tasks.spawn(self._heartbeat(session_id), name="firetitan heartbeat")
+        log.info("firetitan: session %s opened on %s", session_id, self.base_url)
+        return session_id
 
     async def _heartbeat(self, session_id: str) -> None:
         loop = asyncio.get_running_loop()
@@ -252,8 +241,8 @@ class AsyncFiretitanServiceClient:
         while True:
             await asyncio.sleep(self._config.heartbeat_interval)
             try:
-                await self._transport.post(
-                    endpoints.SESSION_HEARTBEAT.path,
+                await self._transport.call(
+                    endpoints.SESSION_HEARTBEAT,
                     body,
                     retry=False,
                     attempt_timeout=self._config.timeouts.heartbeat,
@@ -377,28 +366,9 @@ class AsyncFiretitanServiceClient:
     ) -> AsyncFiretitanTrainingClient:
         """Create a LoRA model and return its training client.
 
-        Args:
-            base_model: The base model, e.g. ``"accounts/fireworks/models/qwen3-8b"``.
-            rank: The LoRA rank (positive).
-            user_metadata: String pairs recorded with the model; None uses the
-                service client's.
-            seed: Seed of the LoRA initialisation; None uses the trainer's seed. A
-                full-parameter model starts from the base weights whatever its seed;
-                there a seed only tells apart two otherwise identical models on one
-                service client.
-            train_mlp: Put LoRA adapters on the MLP layers.
-            train_attn: Put LoRA adapters on the attention layers.
-            train_unembed: Put a LoRA adapter on the output layer.
-            alpha: LoRA alpha; None lets the trainer use ``2 * rank``.
-
-        Returns:
-            The training client, once the trainer has created the model.
-
-        Raises:
-            ValueError: ``rank`` is not positive, or a duplicate training client (see
-                `create_training_client`).
-            RequestFailedError: The trainer could not create the model.
-            ClientClosedError: The service client was closed.
+        `create_training_client` with a positive rank: the same arguments, result and
+        errors, with ``rank`` and ``alpha`` for ``lora_rank`` and ``lora_alpha``
+        (``rank`` must be positive).
         """
         positive_int(rank, "rank")
         return await self.create_training_client(
@@ -461,21 +431,8 @@ class AsyncFiretitanServiceClient:
     async def create_training_client_from_state_with_optimizer(
         self, path: str, user_metadata: Mapping[str, str] | None = None
     ) -> AsyncFiretitanTrainingClient:
-        """Like `create_training_client_from_state`, with the checkpoint's optimizer state
-        too: the way to resume an interrupted run.
-
-        Args:
-            path: A checkpoint path (see `create_training_client_from_state`).
-            user_metadata: String pairs recorded with the model; None uses the
-                service client's.
-
-        Returns:
-            The training client, once the trainer has created and loaded the model.
-
-        Raises:
-            ValueError: An invalid path (checked before anything is sent).
-            RequestFailedError: No such checkpoint, or the model could not be created.
-            ClientClosedError: The service client was closed.
+        """`create_training_client_from_state` (the same arguments, result and errors),
+        with the checkpoint's optimizer state too: the way to resume an interrupted run.
         """
         return await self._create_from_state(path, user_metadata, optimizer=True)
 
@@ -498,27 +455,18 @@ class AsyncFiretitanServiceClient:
             model_seq_id=model_seq_id,
             user_metadata=metadata,
         )
-        load = endpoints.LOAD_WEIGHTS
-        answer = await self._transport.post(load.path, _wire.encode_request(request))
-        request_id = ack_request_id(answer, load.name)
-        payload = await self._wait(self._poller.wait(request_id, load.request_type), load.name)
-        model_id = payload.get("model_id") if isinstance(payload, dict) else None
-        if not isinstance(model_id, str) or not model_id:
+        payload, loaded = await self._future(endpoints.LOAD_WEIGHTS, request)
+        model_id = loaded.model_id
+        if not model_id:
             raise APIResponseValidationError(
-                "load_weights resolved without a string model_id", body=payload
+                "load_weights resolved without a model_id", body=payload
             )
         info_request = _wire.GetInfoRequest(model_id=model_id)
-        info = validate_model(
-            ttypes.GetInfoResponse,
-            await self._transport.post(endpoints.GET_INFO.path, _wire.encode_request(info_request)),
+        info = await self._transport.call(endpoints.GET_INFO, _wire.encode_request(info_request))
+        spec = _wire.ModelSpec(
+            base_model=info.model_data.model_name or "", lora_rank=info.lora_rank or 0
         )
-        return self._adopt(
-            model_id,
-            base_model=info.model_data.model_name or "",
-            lora_rank=info.lora_rank or 0,
-            base_only=False,
-            capabilities=payload,
-        )
+        return self._adopt(model_id, spec, capabilities=payload)
 
     async def _create_model(
         self, template: _wire.CreateModelRequest
@@ -528,33 +476,12 @@ class AsyncFiretitanServiceClient:
         # the trainer deduplicates a retried create_model on (session_id, model_seq_id).
         model_seq_id, self._model_seq = self._model_seq, self._model_seq + 1
         request = attrs.evolve(template, session_id=session_id, model_seq_id=model_seq_id)
-        answer = await self._transport.post(
-            endpoints.CREATE_MODEL.path, _wire.encode_request(request)
-        )
-        request_id = ack_request_id(answer, "create_model")
-        kind = "CreateBaseModel" if request.base_only else endpoints.CREATE_MODEL.request_type
-        payload = await self._wait(self._poller.wait(request_id, kind), "create_model")
-        model_id = payload.get("model_id") if isinstance(payload, dict) else None
-        if not isinstance(model_id, str) or not model_id:
-            raise APIResponseValidationError(
-                "create_model resolved without a string model_id", body=payload
-            )
-        return self._adopt(
-            model_id,
-            base_model=request.base_model,
-            lora_rank=request.lora_rank,
-            base_only=request.base_only,
-            capabilities=payload,
-        )
+        kind = "CreateBaseModel" if request.base_only else None
+        _, created = await self._future(endpoints.CREATE_MODEL, request, kind)
+        return self._adopt(created["model_id"], request, capabilities=created)
 
     def _adopt(
-        self,
-        model_id: str,
-        *,
-        base_model: str,
-        lora_rank: int,
-        base_only: bool,
-        capabilities: Any,
+        self, model_id: str, spec: _wire.ModelSpec, *, capabilities: Any
     ) -> AsyncFiretitanTrainingClient:
         """The training client of a model the trainer has just created."""
         self._check_open()
@@ -562,21 +489,36 @@ class AsyncFiretitanServiceClient:
             service=self,
             transport=self._transport,
             model_id=model_id,
-            base_model=base_model,
-            lora_rank=lora_rank,
-            base_only=base_only,
+            spec=spec,
             capabilities=capabilities,
         )
         self._training_clients.append(client)
         return client
 
-    async def _wait(self, awaitable: Any, what: str) -> Any:
+    async def _future(
+        self,
+        endpoint: endpoints.Endpoint[R],
+        request: _wire.Request,
+        request_type: str | None = None,
+    ) -> tuple[Any, R]:
+        """Submit a request answered by a future and wait for it (within the
+        configuration's ``future_deadline``): its result as sent, and decoded.
+
+        Args:
+            request_type: What the polls send as ``X-Tinker-Request-Type``; None uses
+                the endpoint's.
+        """
+        answer = await self._transport.post(endpoint.path, _wire.encode_request(request))
+        request_id = ack_request_id(answer, endpoint.name)
         deadline = self._config.future_deadline
         try:
             async with asyncio.timeout(deadline):
-                return await awaitable
+                payload = await self._poller.wait(request_id, request_type or endpoint.request_type)
         except TimeoutError:
-            raise FutureTimeoutError(f"{what} did not finish within {deadline} s") from None
+            raise FutureTimeoutError(
+                f"{endpoint.name} did not finish within {deadline} s"
+            ) from None
+        return payload, decode_result(endpoint, payload, request_id=request_id)
 
     # ------------------------------------------------------------------ sampling, info
 
@@ -619,25 +561,22 @@ class AsyncFiretitanServiceClient:
             base_model=base_model,
             model_path=model_path,
         )
-        answer = await self._transport.post(
-            endpoints.CREATE_SAMPLING_SESSION.path, _wire.encode_request(request)
+        answer = await self._transport.call(
+            endpoints.CREATE_SAMPLING_SESSION, _wire.encode_request(request)
         )
-        sampling_session_id = (
-            answer.get("sampling_session_id") if isinstance(answer, dict) else None
-        )
-        if not isinstance(sampling_session_id, str) or not sampling_session_id:
+        sampling_session_id = answer.sampling_session_id
+        if not sampling_session_id:
             raise APIResponseValidationError(
-                "create_sampling_session answered without a sampling_session_id", body=answer
+                "create_sampling_session answered an empty sampling_session_id"
             )
+        exporter = self._exporter(snapshot_identity(model_path))[0] if model_path else None
         client = AsyncSamplingClient._attached(
-            self,
+            self._sampling_parent(exporter),
             self._transport,
             model_path=model_path,
             base_model=base_model,
             sampling_session_id=sampling_session_id,
         )
-        if model_path:
-            client._exporter = self._exporter(snapshot_identity(model_path))[0]
         self._sampling_clients.add(client)
         return client
 
@@ -658,15 +597,24 @@ class AsyncFiretitanServiceClient:
             base_model = base_model or owner.base_model
         await deployment.ensure_serving(identity, previous=previous, base_model=base_model)
         sampling = AsyncSamplingClient._on_deployment(
-            self, AsyncDeploymentSampler(deployment), model_path=model_path, base_model=base_model
+            self._sampling_parent(owner),
+            AsyncDeploymentSampler(deployment),
+            model_path=model_path,
+            base_model=base_model,
+            config=self._config,
         )
-        sampling._exporter = owner
         self._sampling_clients.add(sampling)
         return sampling
 
-    def _exporter(
-        self, identity: str
-    ) -> tuple[AsyncFiretitanTrainingClient | None, str | None]:
+    def _sampling_parent(self, exporter: AsyncFiretitanTrainingClient | None) -> Parent:
+        """What a sampling client asks of this service client; ``exporter`` made the
+        snapshot it samples (its trainer names the tokenizer if none is configured)."""
+        return Parent(
+            check_open=self._check_open,
+            tokenizer=functools.partial(self._tokenizer_for, exporter),
+        )
+
+    def _exporter(self, identity: str) -> tuple[AsyncFiretitanTrainingClient | None, str | None]:
         """The training client that exported snapshot ``identity``, and the snapshot it
         is a delta on (None for a base, or for a snapshot no client here made)."""
         for training in self._training_clients:
@@ -706,8 +654,7 @@ class AsyncFiretitanServiceClient:
             ClientClosedError: The service client was closed.
         """
         self._check_open()
-        answer = await self._transport.get(endpoints.GET_SERVER_CAPABILITIES.path)
-        return validate_model(ttypes.GetServerCapabilitiesResponse, answer)
+        return await self._transport.call(endpoints.GET_SERVER_CAPABILITIES)
 
 
 def snapshot_identity(model_path: str) -> str:
@@ -718,18 +665,15 @@ def snapshot_identity(model_path: str) -> str:
     return model_path
 
 
-def _session_id(answer: Any) -> str:
-    session_id = answer.get("session_id") if isinstance(answer, dict) else None
-    if not isinstance(session_id, str) or not session_id:
-        raise APIResponseValidationError(
-            "create_session answered without a string session_id", body=answer
-        )
-    for level, key in (
-        (logging.INFO, "info_message"),
-        (logging.WARNING, "warning_message"),
-        (logging.ERROR, "error_message"),
+def _session_id(answer: ttypes.CreateSessionResponse) -> str:
+    """The new session's id; logs what the trainer had to say about it."""
+    if not answer.session_id:
+        raise APIResponseValidationError("create_session answered an empty session_id")
+    for level, message in (
+        (logging.INFO, answer.info_message),
+        (logging.WARNING, answer.warning_message),
+        (logging.ERROR, answer.error_message),
     ):
-        message = answer.get(key)
-        if isinstance(message, str) and message:
+        if message:
             log.log(level, "firetitan: trainer says: %s", message)
-    return session_id
+    return answer.session_id

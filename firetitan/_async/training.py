@@ -19,11 +19,10 @@ import dataclasses
 import logging
 import secrets
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import numpy as np
-import pydantic
 import tinker
 from tinker import types as ttypes
 
@@ -43,23 +42,20 @@ from firetitan._async.ordering import (
     unfilled,
 )
 from firetitan._async.polling import Poller
+from firetitan._async.sampling import AsyncSamplingClient
 from firetitan._errors import (
-    APIResponseValidationError,
     ClientClosedError,
 )
-from firetitan._transport import ProtobufBody, Transport
+from firetitan._transport import ProtobufBody, Transport, decode_result
 from firetitan._types import GradAccNormalization, SaveSamplerResult
+from firetitan._unpicklable import Unpicklable
 from firetitan._wire import endpoints
 
-if TYPE_CHECKING:
-    from firetitan._async.sampling import AsyncSamplingClient
-    from firetitan._async.service import AsyncFiretitanServiceClient
-
-__all__ = ["AsyncFiretitanTrainingClient", "validate_model"]
+__all__ = ["AsyncFiretitanTrainingClient", "Parent"]
 
 log = logging.getLogger("firetitan")
 
-M = TypeVar("M", bound=pydantic.BaseModel)
+R = TypeVar("R")
 
 _CHECKPOINT_TYPES = ("base", "delta", "merged_base")
 # Rough JSON size of one number in a request body; used to decide off-loop encoding.
@@ -70,7 +66,27 @@ _BYTES_PER_NUMBER = 10
 _INLINE_WHEN_IDLE = 32
 
 
-class AsyncFiretitanTrainingClient:
+class Parent(Protocol):
+    """What a training client asks of the service client that created it.
+
+    Named here, so that this module does not import the service client's.
+    """
+
+    @property
+    def deployment(self) -> AsyncDeployment | None: ...
+
+    def _check_open(self) -> None: ...
+
+    def _forget(self, client: AsyncFiretitanTrainingClient) -> None: ...
+
+    async def _tokenizer_for(self, client: AsyncFiretitanTrainingClient | None) -> Any: ...
+
+    async def create_sampling_client(
+        self, model_path: str | None = None, base_model: str | None = None
+    ) -> AsyncSamplingClient: ...
+
+
+class AsyncFiretitanTrainingClient(Unpicklable):
     """A trainable model on a trainer: forward/backward passes, optimizer steps,
     checkpoints and sampler exports.
 
@@ -88,24 +104,24 @@ class AsyncFiretitanTrainingClient:
     scheduled as a task), not when called.
     """
 
+    _unpicklable = "a training client is bound to its service client and cannot be pickled"
+
     def __init__(
         self,
         *,
-        service: AsyncFiretitanServiceClient,
+        service: Parent,
         transport: Transport,
         model_id: str,
-        base_model: str,
-        lora_rank: int,
-        base_only: bool,
+        spec: _wire.ModelSpec,
         capabilities: Mapping[str, Any],
     ) -> None:
         self._service = service
         self._transport = transport
         self._config = transport.config
         self._model_id = model_id
-        self._base_model = base_model
-        self._lora_rank = lora_rank
-        self._base_only = base_only
+        # What the model was created with (for a model loaded from a checkpoint: its
+        # base model and rank, as the trainer describes it).
+        self._spec = spec
         self._capabilities = dict(capabilities)
         self._comms = "v2" if capabilities.get("comms") == "v2" else None
         # Local snapshot-name suffix (wire.md §8.3), unrelated to the server session.
@@ -138,22 +154,22 @@ class AsyncFiretitanTrainingClient:
     @property
     def base_model(self) -> str:
         """The base model name this model was created from."""
-        return self._base_model
+        return self._spec.base_model
 
     @property
     def lora_rank(self) -> int:
         """The LoRA rank; 0 for full-parameter training."""
-        return self._lora_rank
+        return self._spec.lora_rank
 
     @property
     def is_lora(self) -> bool:
         """Whether this model trains a LoRA adapter."""
-        return self._lora_rank > 0
+        return self._spec.lora_rank > 0
 
     @property
     def base_only(self) -> bool:
         """Whether this is a frozen base model (forward only)."""
-        return self._base_only
+        return self._spec.base_only
 
     @property
     def session_id(self) -> str:
@@ -175,11 +191,8 @@ class AsyncFiretitanTrainingClient:
     def __repr__(self) -> str:
         return (
             f"<AsyncFiretitanTrainingClient model_id={self._model_id!r} "
-            f"base_model={self._base_model!r} lora_rank={self._lora_rank}>"
+            f"base_model={self.base_model!r} lora_rank={self.lora_rank}>"
         )
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("a training client is bound to its service client and cannot be pickled")
 
     # ------------------------------------------------------------------ passes
 
@@ -193,21 +206,8 @@ class AsyncFiretitanTrainingClient:
     ) -> AsyncAPIFuture[tinker.ForwardBackwardOutput]:
         """Run a forward pass and compute the loss, without touching gradients.
 
-        Args:
-            data: The batch. Large batches are split into chunks automatically.
-            loss_fn: A built-in loss, e.g. ``"cross_entropy"``.
-            loss_fn_config: Options of the loss, e.g. clip thresholds.
-            deadline: Seconds until the future fails with `FutureTimeoutError`;
-                None uses the configuration's ``future_deadline``.
-
-        Returns:
-            A future for the output: per-datum ``loss_fn_outputs`` (``logprobs``) and
-            ``metrics``; for ``cross_entropy`` also ``metrics["response_tokens"]``.
-
-        Raises:
-            ValueError: Empty data or invalid arguments (raised at once).
-            TypeError: ``data`` is not a sequence of `tinker.Datum`.
-            ClientClosedError: The client was closed or its model unloaded.
+        `forward_backward` without the backward pass: the same arguments, output
+        (per-datum ``loss_fn_outputs`` with ``logprobs``, and ``metrics``) and errors.
         """
         self._check_forward(data, loss_fn, loss_fn_config, deadline=deadline)
         return self._forward_call(
@@ -260,15 +260,7 @@ class AsyncFiretitanTrainingClient:
             "forward_backward", data, loss_fn, loss_fn_config, self._resolve_deadline(deadline)
         )
 
-    def _check_forward_backward(
-        self,
-        data: Sequence[tinker.Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, Any] | None = None,
-        *,
-        deadline: float | None = None,
-    ) -> None:
-        self._check_forward(data, loss_fn, loss_fn_config, deadline=deadline)
+    _check_forward_backward = _check_forward
 
     def forward_backward_custom(
         self,
@@ -308,9 +300,7 @@ class AsyncFiretitanTrainingClient:
             TypeError: ``loss_fn`` is not callable.
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._check_forward_backward_custom(
-            data, loss_fn, precomputed_forward, deadline=deadline
-        )
+        self._check_forward_backward_custom(data, loss_fn, precomputed_forward, deadline=deadline)
         self._check_usable()
         batch = list(data)
         resolved_deadline = self._resolve_deadline(deadline)
@@ -390,8 +380,8 @@ class AsyncFiretitanTrainingClient:
             tokens = _response_tokens(linear)
 
             async def finish(payloads: list[Any]) -> tinker.ForwardBackwardOutput:
-                out = await self._finish_forward(
-                    payloads, offload=prepared.offload, response_tokens=tokens
+                out = await _forward_output(
+                    backward.endpoint, payloads, offload=prepared.offload, response_tokens=tokens
                 )
                 return custom_loss.merge_result(out, result)
 
@@ -441,7 +431,7 @@ class AsyncFiretitanTrainingClient:
             adam_params=adam_params,
             grad_accumulation_normalization=_normalization(grad_accumulation_normalization),
         )
-        return self._simple_call(endpoints.OPTIM_STEP, request, ttypes.OptimStepResponse, deadline)
+        return self._simple_call(endpoints.OPTIM_STEP, request, deadline)
 
     def _check_optim_step(
         self,
@@ -513,10 +503,7 @@ class AsyncFiretitanTrainingClient:
             else string_map(user_metadata, "user_metadata"),
         )
         return self._simple_call(
-            endpoints.SAVE_WEIGHTS,
-            request,
-            ttypes.SaveWeightsResponse,
-            deadline if timeout is None else timeout,
+            endpoints.SAVE_WEIGHTS, request, deadline if timeout is None else timeout
         )
 
     def _check_save_state(
@@ -568,29 +555,13 @@ class AsyncFiretitanTrainingClient:
     def load_state_with_optimizer(
         self, path: str, *, deadline: float | None = None
     ) -> AsyncAPIFuture[ttypes.LoadWeightsResponse]:
-        """Load a checkpoint's weights and optimizer state, to resume training.
-
-        Args:
-            path: A checkpoint name of this job, ``cross_job://<job_id>/<name>`` (see
-                `resolve_checkpoint_path`), or the peers' forms of it,
-                ``tinker://<job_id>/weights/<name>`` and ``<account>/<job_id>/<name>``.
-            deadline: Seconds until the future fails with `FutureTimeoutError`;
-                None uses the configuration's ``future_deadline``.
-
-        Returns:
-            A future for the answer.
-
-        Raises:
-            ValueError: An invalid path (checked before anything is sent).
-            ClientClosedError: The client was closed or its model unloaded.
+        """Load a checkpoint's weights and optimizer state, to resume training:
+        `load_state` (the same arguments, answer and errors) with the optimizer's state.
         """
         self._check_load_state_with_optimizer(path, deadline=deadline)
         return self._load(path, optimizer=True, deadline=deadline)
 
-    def _check_load_state_with_optimizer(
-        self, path: str, *, deadline: float | None = None
-    ) -> None:
-        self._check_load_state(path, deadline=deadline)
+    _check_load_state_with_optimizer = _check_load_state
 
     def _load(
         self, path: str, *, optimizer: bool, deadline: float | None
@@ -600,9 +571,7 @@ class AsyncFiretitanTrainingClient:
         request = _wire.LoadWeightsRequest(
             model_id=self._model_id, seq_id=0, path=str(ref), optimizer=optimizer
         )
-        return self._simple_call(
-            endpoints.LOAD_WEIGHTS, request, ttypes.LoadWeightsResponse, deadline
-        )
+        return self._simple_call(endpoints.LOAD_WEIGHTS, request, deadline)
 
     def resolve_checkpoint_path(self, name: str, source_job_id: str | None = None) -> str:
         """Return the path that `load_state` takes for a checkpoint (no network).
@@ -638,13 +607,7 @@ class AsyncFiretitanTrainingClient:
             APIError: The trainer could not answer.
         """
         self._check_usable()
-        answer = await self._transport.get(endpoints.LIST_CHECKPOINTS.path)
-        names = answer.get("checkpoints") if isinstance(answer, dict) else None
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise APIResponseValidationError(
-                "list_checkpoints answered without a 'checkpoints' list of strings", body=answer
-            )
-        return list(names)
+        return await self._transport.call(endpoints.LIST_CHECKPOINTS)
 
     # ------------------------------------------------------------------ sampler exports
 
@@ -690,12 +653,7 @@ class AsyncFiretitanTrainingClient:
             checkpoint_type=self._checkpoint_type(checkpoint_type),
             ttl_seconds=_check_ttl(ttl_seconds),
         )
-        future = self._simple_call(
-            endpoints.SAVE_WEIGHTS_FOR_SAMPLER,
-            request,
-            ttypes.SaveWeightsForSamplerResponse,
-            deadline,
-        )
+        future = self._simple_call(endpoints.SAVE_WEIGHTS_FOR_SAMPLER, request, deadline)
         # Track exports for the base/delta default: an export counts once it is in
         # flight, and stops counting if it fails.
         self._exports_pending += 1
@@ -822,7 +780,7 @@ class AsyncFiretitanTrainingClient:
         head = self._chain_head
         if self.is_lora or head is None:
             return "base"
-        serving = await deployment.serving(base_model=self._base_model)
+        serving = await deployment.serving(base_model=self.base_model)
         return "delta" if serving == head else "base"
 
     async def get_tokenizer(self) -> Any:
@@ -862,11 +820,8 @@ class AsyncFiretitanTrainingClient:
             APIError: The trainer could not answer.
         """
         self._check_usable()
-        answer = await self._transport.post(
-            endpoints.GET_INFO.path,
-            _wire.encode_request(_wire.GetInfoRequest(model_id=self._model_id)),
-        )
-        return validate_model(ttypes.GetInfoResponse, answer)
+        request = _wire.GetInfoRequest(model_id=self._model_id)
+        return await self._transport.call(endpoints.GET_INFO, _wire.encode_request(request))
 
     async def unload_model(self) -> ttypes.UnloadModelResponse:
         """Finish every pending call, then unload the model from the trainer.
@@ -883,13 +838,12 @@ class AsyncFiretitanTrainingClient:
         self._check_usable()
         self._closed_reason = "the model was unloaded"
         await self._drain()
-        answer = await self._transport.post(
-            endpoints.UNLOAD_MODEL.path,
-            _wire.encode_request(_wire.UnloadModelRequest(model_id=self._model_id)),
-        )
-        request_id = ack_request_id(answer, "unload_model")
-        payload = await self._poller.wait(request_id, endpoints.UNLOAD_MODEL.request_type)
-        response = validate_model(ttypes.UnloadModelResponse, payload)
+        unload = endpoints.UNLOAD_MODEL
+        request = _wire.UnloadModelRequest(model_id=self._model_id)
+        answer = await self._transport.post(unload.path, _wire.encode_request(request))
+        request_id = ack_request_id(answer, unload.name)
+        payload = await self._poller.wait(request_id, unload.request_type)
+        response = decode_result(unload, payload, request_id=request_id)
         await self._shutdown("the model was unloaded")
         self._service._forget(self)
         return response
@@ -919,19 +873,15 @@ class AsyncFiretitanTrainingClient:
         self._queue.put(call)
 
     def _simple_call(
-        self,
-        endpoint: endpoints.Endpoint,
-        request: _wire.Request,
-        model: type[M],
-        deadline: float | None,
-    ) -> AsyncAPIFuture[M]:
+        self, endpoint: endpoints.Endpoint[R], request: _wire.Request, deadline: float | None
+    ) -> AsyncAPIFuture[R]:
         resolved = self._resolve_deadline(deadline)
         bodies = templates([_wire.encode_request(request)])
         # The future is made last: a call that raises leaves nothing pending behind.
-        future: AsyncAPIFuture[M] = self._new_future(endpoint.name, resolved)
+        future: AsyncAPIFuture[R] = self._new_future(endpoint.name, resolved)
 
-        async def finish(payloads: list[Any]) -> M:
-            return validate_model(model, payloads[0])
+        async def finish(payloads: list[Any]) -> R:
+            return decode_result(endpoint, payloads[0])
 
         self._enqueue(
             Call(
@@ -959,12 +909,16 @@ class AsyncFiretitanTrainingClient:
         # The future is made last: a call that raises leaves nothing pending behind.
         future: AsyncAPIFuture[tinker.ForwardBackwardOutput] = self._new_future(kind, deadline)
 
+        endpoint = endpoints.BY_NAME[kind]
+
         async def finish(payloads: list[Any]) -> tinker.ForwardBackwardOutput:
-            return await self._finish_forward(payloads, offload=offload, response_tokens=tokens)
+            return await _forward_output(
+                endpoint, payloads, offload=offload, response_tokens=tokens
+            )
 
         self._enqueue(
             Call(
-                endpoint=endpoints.BY_NAME[kind],
+                endpoint=endpoint,
                 future=future,
                 finish=finish,
                 bodies=prepared.bodies,
@@ -1043,30 +997,6 @@ class AsyncFiretitanTrainingClient:
         task = loop.create_task(asyncio.to_thread(serialise))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return _Prepared(task, offload=True, protobuf=protobuf)
-
-    async def _finish_forward(
-        self, payloads: list[Any], *, offload: bool, response_tokens: float | None
-    ) -> tinker.ForwardBackwardOutput:
-        def decode() -> tinker.ForwardBackwardOutput:
-            outputs = [
-                _wire.decode_forward_backward_output_proto(p.data)
-                if isinstance(p, ProtobufBody)
-                else _wire.decode_forward_backward_output(p)
-                for p in payloads
-            ]
-            return _wire.combine_outputs(outputs)
-
-        # Protobuf results decode in a fraction of a millisecond even when large: a
-        # worker thread would cost more than it saves. Large JSON goes off the loop.
-        heavy = offload and not all(isinstance(p, ProtobufBody) for p in payloads)
-        try:
-            output = await asyncio.to_thread(decode) if heavy else decode()
-        except ValueError as exc:
-            raise APIResponseValidationError(f"unreadable forward output: {exc}") from exc
-        if response_tokens is not None and "response_tokens" not in output.metrics:
-            metrics = {**output.metrics, "response_tokens": response_tokens}
-            output = dataclasses.replace(output, metrics=metrics)
-        return output
 
     async def _drain(self) -> None:
         """Wait until every call made so far has been sent and has resolved."""
@@ -1184,15 +1114,23 @@ def _check_ttl(ttl_seconds: int | None) -> int | None:
     return None if ttl_seconds is None else positive_int(ttl_seconds, "ttl_seconds")
 
 
-def validate_model(model: type[M], payload: Any) -> M:
-    """Validate a JSON answer into a tinker response model.
+async def _forward_output(
+    endpoint: endpoints.Endpoint[tinker.ForwardBackwardOutput],
+    payloads: list[Any],
+    *,
+    offload: bool,
+    response_tokens: float | None,
+) -> tinker.ForwardBackwardOutput:
+    """One forward (or forward_backward) output from the results of its chunks."""
 
-    Raises:
-        APIResponseValidationError: The answer does not fit the model.
-    """
-    try:
-        return model.model_validate(payload)
-    except pydantic.ValidationError as exc:
-        raise APIResponseValidationError(
-            f"unreadable {model.__name__}: {exc}", body=payload
-        ) from exc
+    def decode() -> tinker.ForwardBackwardOutput:
+        return _wire.combine_outputs([decode_result(endpoint, p) for p in payloads])
+
+    # Protobuf results decode in a fraction of a millisecond even when large: a
+    # worker thread would cost more than it saves. Large JSON goes off the loop.
+    heavy = offload and not all(isinstance(p, ProtobufBody) for p in payloads)
+    output = await asyncio.to_thread(decode) if heavy else decode()
+    if response_tokens is not None and "response_tokens" not in output.metrics:
+        metrics = {**output.metrics, "response_tokens": response_tokens}
+        output = dataclasses.replace(output, metrics=metrics)
+    return output

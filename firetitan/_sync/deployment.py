@@ -8,7 +8,6 @@ objects are safe to share between threads.
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import Any, Self
 
 from firetitan import _wire
@@ -185,13 +184,8 @@ class Deployment:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._portal.close(self._inner.__aexit__, exc_type, exc, tb)
+    def __exit__(self, *exc_info: object) -> None:
+        self._portal.close(self._inner.__aexit__, *exc_info)
 
 
 # Lets sibling facade modules wrap these classes without importing this one.

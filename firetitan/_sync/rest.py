@@ -8,7 +8,6 @@ objects are safe to share between threads.
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import Any, Self
 
 from tinker import types as ttypes
@@ -67,13 +66,8 @@ class RestClient:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._portal.close(self._inner.__aexit__, exc_type, exc, tb)
+    def __exit__(self, *exc_info: object) -> None:
+        self._portal.close(self._inner.__aexit__, *exc_info)
 
     def close(self) -> None:
         """Close the connections; calling it again does nothing."""

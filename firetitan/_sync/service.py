@@ -9,7 +9,6 @@ objects are safe to share between threads.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, cast
 
 from tinker import types as ttypes
@@ -138,13 +137,8 @@ class FiretitanServiceClient:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._portal.close(self._inner.__aexit__, exc_type, exc, tb)
+    def __exit__(self, *exc_info: object) -> None:
+        self._portal.close(self._inner.__aexit__, *exc_info)
 
     def close(self) -> None:
         """Close the session: stop the heartbeat, fail pending futures of every client
@@ -220,28 +214,9 @@ class FiretitanServiceClient:
     ) -> FiretitanTrainingClient:
         """Create a LoRA model and return its training client.
 
-        Args:
-            base_model: The base model, e.g. ``"accounts/fireworks/models/qwen3-8b"``.
-            rank: The LoRA rank (positive).
-            user_metadata: String pairs recorded with the model; None uses the
-                service client's.
-            seed: Seed of the LoRA initialisation; None uses the trainer's seed. A
-                full-parameter model starts from the base weights whatever its seed;
-                there a seed only tells apart two otherwise identical models on one
-                service client.
-            train_mlp: Put LoRA adapters on the MLP layers.
-            train_attn: Put LoRA adapters on the attention layers.
-            train_unembed: Put a LoRA adapter on the output layer.
-            alpha: LoRA alpha; None lets the trainer use ``2 * rank``.
-
-        Returns:
-            The training client, once the trainer has created the model.
-
-        Raises:
-            ValueError: ``rank`` is not positive, or a duplicate training client (see
-                `create_training_client`).
-            RequestFailedError: The trainer could not create the model.
-            ClientClosedError: The service client was closed.
+        `create_training_client` with a positive rank: the same arguments, result and
+        errors, with ``rank`` and ``alpha`` for ``lora_rank`` and ``lora_alpha``
+        (``rank`` must be positive).
         """
         result = self._portal.call(
             self._inner.create_lora_training_client,
@@ -310,21 +285,8 @@ class FiretitanServiceClient:
         path: str,
         user_metadata: Mapping[str, str] | None = None,
     ) -> FiretitanTrainingClient:
-        """Like `create_training_client_from_state`, with the checkpoint's optimizer state
-        too: the way to resume an interrupted run.
-
-        Args:
-            path: A checkpoint path (see `create_training_client_from_state`).
-            user_metadata: String pairs recorded with the model; None uses the
-                service client's.
-
-        Returns:
-            The training client, once the trainer has created and loaded the model.
-
-        Raises:
-            ValueError: An invalid path (checked before anything is sent).
-            RequestFailedError: No such checkpoint, or the model could not be created.
-            ClientClosedError: The service client was closed.
+        """`create_training_client_from_state` (the same arguments, result and errors),
+        with the checkpoint's optimizer state too: the way to resume an interrupted run.
         """
         result = self._portal.call(
             self._inner.create_training_client_from_state_with_optimizer,

@@ -124,21 +124,8 @@ class FiretitanTrainingClient:
     ) -> APIFuture[tinker.ForwardBackwardOutput]:
         """Run a forward pass and compute the loss, without touching gradients.
 
-        Args:
-            data: The batch. Large batches are split into chunks automatically.
-            loss_fn: A built-in loss, e.g. ``"cross_entropy"``.
-            loss_fn_config: Options of the loss, e.g. clip thresholds.
-            deadline: Seconds until the future fails with `FutureTimeoutError`;
-                None uses the configuration's ``future_deadline``.
-
-        Returns:
-            A future for the output: per-datum ``loss_fn_outputs`` (``logprobs``) and
-            ``metrics``; for ``cross_entropy`` also ``metrics["response_tokens"]``.
-
-        Raises:
-            ValueError: Empty data or invalid arguments (raised at once).
-            TypeError: ``data`` is not a sequence of `tinker.Datum`.
-            ClientClosedError: The client was closed or its model unloaded.
+        `forward_backward` without the backward pass: the same arguments, output
+        (per-datum ``loss_fn_outputs`` with ``logprobs``, and ``metrics``) and errors.
         """
         self._inner._check_forward(data, loss_fn, loss_fn_config, deadline=deadline)
         return self._portal.start(
@@ -178,7 +165,7 @@ class FiretitanTrainingClient:
             TypeError: ``data`` is not a sequence of `tinker.Datum`.
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._inner._check_forward_backward(data, loss_fn, loss_fn_config, deadline=deadline)
+        self._inner._check_forward(data, loss_fn, loss_fn_config, deadline=deadline)
         return self._portal.start(
             self._inner.forward_backward,
             data,
@@ -359,23 +346,10 @@ class FiretitanTrainingClient:
         *,
         deadline: float | None = None,
     ) -> APIFuture[ttypes.LoadWeightsResponse]:
-        """Load a checkpoint's weights and optimizer state, to resume training.
-
-        Args:
-            path: A checkpoint name of this job, ``cross_job://<job_id>/<name>`` (see
-                `resolve_checkpoint_path`), or the peers' forms of it,
-                ``tinker://<job_id>/weights/<name>`` and ``<account>/<job_id>/<name>``.
-            deadline: Seconds until the future fails with `FutureTimeoutError`;
-                None uses the configuration's ``future_deadline``.
-
-        Returns:
-            A future for the answer.
-
-        Raises:
-            ValueError: An invalid path (checked before anything is sent).
-            ClientClosedError: The client was closed or its model unloaded.
+        """Load a checkpoint's weights and optimizer state, to resume training:
+        `load_state` (the same arguments, answer and errors) with the optimizer's state.
         """
-        self._inner._check_load_state_with_optimizer(path, deadline=deadline)
+        self._inner._check_load_state(path, deadline=deadline)
         return self._portal.start(self._inner.load_state_with_optimizer, path, deadline=deadline)
 
     def resolve_checkpoint_path(self, name: str, source_job_id: str | None = None) -> str:

@@ -16,9 +16,10 @@ public name, so import from ``firetitan._wire``):
 * `results`: forward/backward results, metric reductions, batch chunking, sampling
   results.
 * `proto`: tinker's protobuf results.
-* `endpoints`: the one endpoint table (name, method, path, request decoder, ordered or
-  not, future or not, poll request type) that the client calls through and the local
-  trainer builds its routes from. Import it as a module:
+* `answers`: decoders of the answers no tinker response type describes.
+* `endpoints`: the one endpoint table (name, method, path, request decoder, result
+  codec, ordered or not, future or not, poll request type) that the client calls
+  through and the local trainer builds its routes from. Import it as a module:
   ``from firetitan._wire import endpoints``.
 * `hotload`: the hot-load request and the deployment's per-replica status (§4).
 * `completions`: deployment sampling: the completions request, SSE framing and the
@@ -93,6 +94,7 @@ from firetitan._wire.requests import (
     ForwardRequest,
     GetInfoRequest,
     LoadWeightsRequest,
+    ModelSpec,
     OptimStepRequest,
     Request,
     RetrieveFutureRequest,
@@ -142,6 +144,7 @@ __all__ = [
     "FutureResult",
     "GetInfoRequest",
     "LoadWeightsRequest",
+    "ModelSpec",
     "OptimStepRequest",
     "ReplicaStatus",
     "Request",

@@ -70,6 +70,23 @@ _NULL_SCAN_BYTES: Final = 64 * 1024
 _N, _U = ord("n"), ord("u")
 
 
+def _present(obj: Any, *names: str, **constants: Any) -> JSON:
+    """The attributes ``names`` of ``obj``, in order, less those that are None (optional
+    fields are omitted, as the reference client omits them), then ``constants``.
+    Mappings are copied into plain dicts and sequences into lists."""
+    body: JSON = {}
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, Mapping):
+            body[name] = dict(value)
+        elif isinstance(value, list | tuple):
+            body[name] = list(value)
+        elif value is not None:
+            body[name] = value
+    body.update(constants)
+    return body
+
+
 def _has_null(out: bytes) -> bool:
     """Whether ``out`` contains ``null``.
 

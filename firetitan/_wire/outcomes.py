@@ -10,7 +10,17 @@ from typing import Any, Final
 
 import attrs
 
-from firetitan._wire._json import JSON, WireError, _int, _list, _obj, _opt_str, _required, _str
+from firetitan._wire._json import (
+    JSON,
+    WireError,
+    _int,
+    _list,
+    _obj,
+    _opt_str,
+    _present,
+    _required,
+    _str,
+)
 
 __all__ = [
     "CompleteMetadata",
@@ -48,12 +58,7 @@ class FutureAck:
 
 def encode_future_ack(ack: FutureAck) -> JSON:
     """Encode a submission acknowledgement."""
-    body: JSON = {"request_id": ack.request_id}
-    if ack.model_id is not None:
-        body["model_id"] = ack.model_id
-    if ack.sample_sequence_ids is not None:
-        body["sample_sequence_ids"] = list(ack.sample_sequence_ids)
-    return body
+    return _present(ack, "request_id", "model_id", "sample_sequence_ids")
 
 
 def decode_future_ack(obj: Any) -> FutureAck:

@@ -9,6 +9,7 @@ from typing import Any, Final
 
 import tinker
 
+from firetitan._wire import requests as rq
 from firetitan._wire._json import (
     _INT64_MAX,
     WireError,
@@ -27,23 +28,6 @@ from firetitan._wire._json import (
     _str_dict,
     _token_ids,
     _type_name,
-)
-from firetitan._wire.requests import (
-    CancelFutureRequest,
-    CreateModelRequest,
-    CreateSamplingSessionRequest,
-    CreateSessionRequest,
-    ForwardRequest,
-    GetInfoRequest,
-    LoadWeightsRequest,
-    OptimStepRequest,
-    Request,
-    RetrieveFutureRequest,
-    SampleRequest,
-    SaveWeightsForSamplerRequest,
-    SaveWeightsRequest,
-    SessionHeartbeatRequest,
-    UnloadModelRequest,
 )
 from firetitan._wire.tensors import (
     _Budget,
@@ -66,7 +50,7 @@ _GRAD_NORM_MODES: Final = ("off", "basic", "detailed")
 # --------------------------------------------------------------------------- request decoders
 
 
-def _decode_create_session(body: dict[str, Any], _: _Budget) -> CreateSessionRequest:
+def _decode_create_session(body: dict[str, Any], _: _Budget) -> rq.CreateSessionRequest:
     _check_type(body, "create_session", "")
     tags_raw = body.get("tags")
     tags = [] if tags_raw is None else _list(tags_raw, "tags")
@@ -75,14 +59,14 @@ def _decode_create_session(body: dict[str, Any], _: _Budget) -> CreateSessionReq
     metadata_raw = body.get("user_metadata")
     metadata = {} if metadata_raw is None else _str_dict(metadata_raw, "user_metadata")
     version = body.get("sdk_version")
-    return CreateSessionRequest(
+    return rq.CreateSessionRequest(
         tags=list(tags),
         user_metadata=metadata,
         sdk_version="0.23.0" if version is None else _str(version, "sdk_version"),
     )
 
 
-def _decode_create_model(body: dict[str, Any], _: _Budget) -> CreateModelRequest:
+def _decode_create_model(body: dict[str, Any], _: _Budget) -> rq.CreateModelRequest:
     _check_type(body, "create_model", "")
     session_id = _str(_required(body, "session_id", ""), "session_id")
     model_seq_id = _int(_required(body, "model_seq_id", ""), "model_seq_id", lo=0)
@@ -94,7 +78,7 @@ def _decode_create_model(body: dict[str, Any], _: _Budget) -> CreateModelRequest
     lora_raw = body.get("lora_config")
     if base_only or lora_raw is None:
         # A missing lora_config is a full-parameter model (rank 0, everything trained).
-        return CreateModelRequest(
+        return rq.CreateModelRequest(
             session_id=session_id,
             model_seq_id=model_seq_id,
             base_model=base_model,
@@ -106,7 +90,7 @@ def _decode_create_model(body: dict[str, Any], _: _Budget) -> CreateModelRequest
     rank = _int(_required(lora, "rank", "lora_config"), "lora_config.rank", lo=0, hi=_MAX_LORA_RANK)
     alpha = _opt_int(lora, "alpha", "lora_config", lo=1, hi=_INT64_MAX)
     init_method = _opt_str(lora, "init_method", "lora_config")
-    return CreateModelRequest(
+    return rq.CreateModelRequest(
         session_id=session_id,
         model_seq_id=model_seq_id,
         base_model=base_model,
@@ -148,7 +132,7 @@ def _loss_fn_config(value: Any, field: str) -> dict[str, Any] | None:
 
 def _decode_forward_like(
     body: dict[str, Any], budget: _Budget, *, forward_only: bool
-) -> ForwardRequest:
+) -> rq.ForwardRequest:
     key = "forward_input" if forward_only else "forward_backward_input"
     inner = _obj(_required(body, key, ""), key)
     raw_data = _list(_required(inner, "data", key), _key(key, "data"))
@@ -156,7 +140,7 @@ def _decode_forward_like(
         raise WireError(_key(key, "data"), "must hold at least one datum")
     data = [_decode_datum(d, f"{key}.data[{i}]", budget) for i, d in enumerate(raw_data)]
     comms = body.get("comms")
-    return ForwardRequest(
+    return rq.ForwardRequest(
         model_id=_model_id(body),
         seq_id=_seq_id(body),
         data=data,
@@ -167,15 +151,15 @@ def _decode_forward_like(
     )
 
 
-def _decode_forward(body: dict[str, Any], budget: _Budget) -> ForwardRequest:
+def _decode_forward(body: dict[str, Any], budget: _Budget) -> rq.ForwardRequest:
     return _decode_forward_like(body, budget, forward_only=True)
 
 
-def _decode_forward_backward(body: dict[str, Any], budget: _Budget) -> ForwardRequest:
+def _decode_forward_backward(body: dict[str, Any], budget: _Budget) -> rq.ForwardRequest:
     return _decode_forward_like(body, budget, forward_only=False)
 
 
-def _decode_optim_step(body: dict[str, Any], _: _Budget) -> OptimStepRequest:
+def _decode_optim_step(body: dict[str, Any], _: _Budget) -> rq.OptimStepRequest:
     _check_type(body, "optim_step", "")
     raw = body.get("adam_params")
     if raw is None:
@@ -215,7 +199,7 @@ def _decode_optim_step(body: dict[str, Any], _: _Budget) -> OptimStepRequest:
                 "grad_accumulation_normalization",
                 f"expected one of {', '.join(_GRAD_ACC_NORMALIZATIONS)}, got {norm!r}",
             )
-    return OptimStepRequest(
+    return rq.OptimStepRequest(
         model_id=_model_id(body),
         seq_id=_seq_id(body),
         adam_params=params,
@@ -224,9 +208,9 @@ def _decode_optim_step(body: dict[str, Any], _: _Budget) -> OptimStepRequest:
     )
 
 
-def _decode_save_weights(body: dict[str, Any], _: _Budget) -> SaveWeightsRequest:
+def _decode_save_weights(body: dict[str, Any], _: _Budget) -> rq.SaveWeightsRequest:
     _check_type(body, "save_weights", "")
-    return SaveWeightsRequest(
+    return rq.SaveWeightsRequest(
         model_id=_model_id(body),
         seq_id=_seq_id(body),
         path=_str(_required(body, "path", ""), "path"),
@@ -238,16 +222,16 @@ def _decode_save_weights(body: dict[str, Any], _: _Budget) -> SaveWeightsRequest
     )
 
 
-def _decode_load_weights(body: dict[str, Any], _: _Budget) -> LoadWeightsRequest:
+def _decode_load_weights(body: dict[str, Any], _: _Budget) -> rq.LoadWeightsRequest:
     _check_type(body, "load_weights", "")
     path = _str(_required(body, "path", ""), "path")
     optimizer = _bool(_required(body, "optimizer", ""), "optimizer")
     if body.get("model_id") is not None or body.get("session_id") is None:
-        return LoadWeightsRequest(
+        return rq.LoadWeightsRequest(
             model_id=_model_id(body), seq_id=_seq_id(body), path=path, optimizer=optimizer
         )
     metadata_raw = body.get("user_metadata")
-    return LoadWeightsRequest(
+    return rq.LoadWeightsRequest(
         path=path,
         optimizer=optimizer,
         session_id=_str(body["session_id"], "session_id"),
@@ -257,28 +241,24 @@ def _decode_load_weights(body: dict[str, Any], _: _Budget) -> LoadWeightsRequest
     )
 
 
-def _decode_save_for_sampler(body: dict[str, Any], _: _Budget) -> SaveWeightsForSamplerRequest:
+def _opt_choice(body: dict[str, Any], key: str, choices: tuple[str, ...]) -> str | None:
+    """An optional string field that must be one of ``choices`` (case-insensitive)."""
+    value = _opt_str(body, key, "")
+    if value is not None:
+        value = value.lower()
+        if value not in choices:
+            raise WireError(key, f"expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _decode_save_for_sampler(body: dict[str, Any], _: _Budget) -> rq.SaveWeightsForSamplerRequest:
     _check_type(body, "save_weights_for_sampler", "")
-    checkpoint_type = _opt_str(body, "checkpoint_type", "")
-    if checkpoint_type is not None:
-        checkpoint_type = checkpoint_type.lower()
-        if checkpoint_type not in _CHECKPOINT_TYPES:
-            raise WireError(
-                "checkpoint_type",
-                f"expected one of {', '.join(_CHECKPOINT_TYPES)}, got {checkpoint_type!r}",
-            )
-    precision = _opt_str(body, "export_precision", "")
-    if precision is not None:
-        precision = precision.lower()
-        if precision not in _EXPORT_PRECISIONS:
-            raise WireError(
-                "export_precision",
-                f"expected one of {', '.join(_EXPORT_PRECISIONS)}, got {precision!r}",
-            )
-        if checkpoint_type != "merged_base":
-            raise WireError("export_precision", "only allowed with checkpoint_type 'merged_base'")
+    checkpoint_type = _opt_choice(body, "checkpoint_type", _CHECKPOINT_TYPES)
+    precision = _opt_choice(body, "export_precision", _EXPORT_PRECISIONS)
+    if precision is not None and checkpoint_type != "merged_base":
+        raise WireError("export_precision", "only allowed with checkpoint_type 'merged_base'")
     metadata_raw = body.get("metadata")
-    return SaveWeightsForSamplerRequest(
+    return rq.SaveWeightsForSamplerRequest(
         model_id=_model_id(body),
         seq_id=_seq_id(body),
         path=_opt_str(body, "path", ""),
@@ -290,27 +270,29 @@ def _decode_save_for_sampler(body: dict[str, Any], _: _Budget) -> SaveWeightsFor
     )
 
 
-def _decode_cancel_future(body: dict[str, Any], _: _Budget) -> CancelFutureRequest:
-    return CancelFutureRequest(request_id=_str(_required(body, "request_id", ""), "request_id"))
+def _decode_cancel_future(body: dict[str, Any], _: _Budget) -> rq.CancelFutureRequest:
+    return rq.CancelFutureRequest(request_id=_str(_required(body, "request_id", ""), "request_id"))
 
 
-def _decode_session_heartbeat(body: dict[str, Any], _: _Budget) -> SessionHeartbeatRequest:
+def _decode_session_heartbeat(body: dict[str, Any], _: _Budget) -> rq.SessionHeartbeatRequest:
     _check_type(body, "session_heartbeat", "")
-    return SessionHeartbeatRequest(session_id=_str(_required(body, "session_id", ""), "session_id"))
+    return rq.SessionHeartbeatRequest(
+        session_id=_str(_required(body, "session_id", ""), "session_id")
+    )
 
 
-def _decode_get_info(body: dict[str, Any], _: _Budget) -> GetInfoRequest:
+def _decode_get_info(body: dict[str, Any], _: _Budget) -> rq.GetInfoRequest:
     _check_type(body, "get_info", "")
-    return GetInfoRequest(model_id=_str(_required(body, "model_id", ""), "model_id"))
+    return rq.GetInfoRequest(model_id=_str(_required(body, "model_id", ""), "model_id"))
 
 
-def _decode_unload_model(body: dict[str, Any], _: _Budget) -> UnloadModelRequest:
+def _decode_unload_model(body: dict[str, Any], _: _Budget) -> rq.UnloadModelRequest:
     _check_type(body, "unload_model", "")
-    return UnloadModelRequest(model_id=_str(_required(body, "model_id", ""), "model_id"))
+    return rq.UnloadModelRequest(model_id=_str(_required(body, "model_id", ""), "model_id"))
 
 
-def _decode_retrieve_future(body: dict[str, Any], _: _Budget) -> RetrieveFutureRequest:
-    return RetrieveFutureRequest(
+def _decode_retrieve_future(body: dict[str, Any], _: _Budget) -> rq.RetrieveFutureRequest:
+    return rq.RetrieveFutureRequest(
         request_id=_str(_required(body, "request_id", ""), "request_id"),
         allow_metadata_only=_opt_bool(body, "allow_metadata_only", "", False),
     )
@@ -318,9 +300,9 @@ def _decode_retrieve_future(body: dict[str, Any], _: _Budget) -> RetrieveFutureR
 
 def _decode_create_sampling_session(
     body: dict[str, Any], _: _Budget
-) -> CreateSamplingSessionRequest:
+) -> rq.CreateSamplingSessionRequest:
     _check_type(body, "create_sampling_session", "")
-    return CreateSamplingSessionRequest(
+    return rq.CreateSamplingSessionRequest(
         session_id=_str(_required(body, "session_id", ""), "session_id"),
         sampling_session_seq_id=_int(
             _required(body, "sampling_session_seq_id", ""), "sampling_session_seq_id", lo=0
@@ -359,7 +341,7 @@ def _decode_sampling_params(value: Any, field: str) -> tinker.SamplingParams:
     )
 
 
-def _decode_sample(body: dict[str, Any], budget: _Budget) -> SampleRequest:
+def _decode_sample(body: dict[str, Any], budget: _Budget) -> rq.SampleRequest:
     _check_type(body, "sample", "")
     num_samples = body.get("num_samples")
     target_raw = body.get("target_prompt_logprobs")
@@ -368,7 +350,7 @@ def _decode_sample(body: dict[str, Any], budget: _Budget) -> SampleRequest:
         target = _decode_tensor_as_sent(target_raw, "target_prompt_logprobs", budget)
         if target.dtype != "int64" or target.shape is None or len(target.shape) != 2:
             raise WireError("target_prompt_logprobs", "expected a 2-D int64 tensor of token ids")
-    return SampleRequest(
+    return rq.SampleRequest(
         prompt=decode_model_input(_required(body, "prompt", ""), "prompt"),
         num_samples=1
         if num_samples is None
@@ -391,7 +373,7 @@ def _decode_sample(body: dict[str, Any], budget: _Budget) -> SampleRequest:
 
 
 #: Decodes one request body; the budget bounds the tensor elements of the whole body.
-RequestDecoder = Callable[[dict[str, Any], _Budget], Request]
+RequestDecoder = Callable[[dict[str, Any], _Budget], rq.Request]
 
 #: The request decoder of each endpoint that takes a body (by `endpoints.Endpoint.name`).
 DECODERS: Final[dict[str, RequestDecoder]] = {
@@ -413,7 +395,7 @@ DECODERS: Final[dict[str, RequestDecoder]] = {
 }
 
 
-def decode_request(endpoint: str, body: Any) -> Request:
+def decode_request(endpoint: str, body: Any) -> rq.Request:
     """Decode a request body for an endpoint name (``"forward"``, ``"forward_backward"``,
     ``"optim_step"``, ``"create_model"``, ...).
 

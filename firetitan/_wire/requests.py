@@ -10,7 +10,7 @@ from typing import Any, Final
 import attrs
 import tinker
 
-from firetitan._wire._json import JSON
+from firetitan._wire._json import JSON, _present
 from firetitan._wire.tensors import encode_datum, encode_model_input, encode_tensor
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "ForwardRequest",
     "GetInfoRequest",
     "LoadWeightsRequest",
+    "ModelSpec",
     "OptimStepRequest",
     "Request",
     "RetrieveFutureRequest",
@@ -51,16 +52,20 @@ class CreateSessionRequest:
 
 
 @attrs.frozen(kw_only=True)
-class CreateModelRequest:
-    """The body of the ``create_model`` endpoint (§3.7). ``lora_rank == 0`` is full-parameter.
+class ModelSpec:
+    """The model a ``create_model`` request asks for (what a trainer's engine builds).
 
-    ``lora_alpha`` and ``lora_init_method`` apply to LoRA only and are not sent for
-    full-parameter models. ``base_only`` creates a frozen reference model; its body
-    carries no ``lora_config``.
+    Attributes:
+        base_model: The base model name, e.g. ``accounts/fireworks/models/qwen3-8b``.
+        lora_rank: 0 for full-parameter training, otherwise the LoRA rank.
+        lora_alpha: LoRA alpha; None means ``2 * rank``.
+        lora_seed: Seed for the LoRA initialisation; None means the engine's seed.
+        train_mlp: Put LoRA adapters on the MLP projections.
+        train_attn: Put LoRA adapters on the attention projections.
+        train_unembed: Put a LoRA adapter on the output (unembedding) layer.
+        base_only: A frozen base model, used only with `forward` (reference logprobs).
     """
 
-    session_id: str
-    model_seq_id: int
     base_model: str
     lora_rank: int = 0
     lora_alpha: int | None = None
@@ -69,6 +74,20 @@ class CreateModelRequest:
     train_attn: bool = True
     train_unembed: bool = True
     base_only: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class CreateModelRequest(ModelSpec):
+    """The body of the ``create_model`` endpoint (§3.7): the `ModelSpec`, in a session.
+    ``lora_rank == 0`` is full-parameter.
+
+    ``lora_alpha`` and ``lora_init_method`` apply to LoRA only and are not sent for
+    full-parameter models. ``base_only`` creates a frozen reference model; its body
+    carries no ``lora_config``.
+    """
+
+    session_id: str
+    model_seq_id: int
     user_metadata: dict[str, str] | None = None
     lora_init_method: str | None = None
     projection_head_dim: int | None = None
@@ -174,10 +193,28 @@ class SaveWeightsForSamplerRequest:
 
 
 @attrs.frozen(kw_only=True)
-class CancelFutureRequest:
-    """The body of the ``cancel_future`` endpoint: drop a request that has not run."""
+class _OfFuture:
+    """A body about one future, named by its request id."""
 
     request_id: str
+
+
+@attrs.frozen(kw_only=True)
+class _OfModel:
+    """A body about one model, named by its id."""
+
+    model_id: str
+
+
+class CancelFutureRequest(_OfFuture):
+    """The body of the ``cancel_future`` endpoint: drop a request that has not run."""
+
+
+@attrs.frozen(kw_only=True)
+class RetrieveFutureRequest(_OfFuture):
+    """The body of the ``retrieve_future`` endpoint (§4.2)."""
+
+    allow_metadata_only: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -187,26 +224,12 @@ class SessionHeartbeatRequest:
     session_id: str
 
 
-@attrs.frozen(kw_only=True)
-class GetInfoRequest:
+class GetInfoRequest(_OfModel):
     """The body of the ``get_info`` endpoint."""
 
-    model_id: str
 
-
-@attrs.frozen(kw_only=True)
-class UnloadModelRequest:
+class UnloadModelRequest(_OfModel):
     """The body of the ``unload_model`` endpoint."""
-
-    model_id: str
-
-
-@attrs.frozen(kw_only=True)
-class RetrieveFutureRequest:
-    """The body of the ``retrieve_future`` endpoint (§4.2)."""
-
-    request_id: str
-    allow_metadata_only: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -334,13 +357,8 @@ def _encode_optim_step(r: OptimStepRequest) -> JSON:
 
 
 def _encode_save_weights(r: SaveWeightsRequest) -> JSON:
-    body: JSON = {"model_id": r.model_id, "path": r.path, "seq_id": r.seq_id}
-    if r.ttl_seconds is not None:
-        body["ttl_seconds"] = r.ttl_seconds
-    if r.user_metadata is not None:
-        body["user_metadata"] = dict(r.user_metadata)
-    body.update(overwrite=r.overwrite, type="save_weights")
-    return body
+    names = ("model_id", "path", "seq_id", "ttl_seconds", "user_metadata", "overwrite")
+    return _present(r, *names, type="save_weights")
 
 
 def _encode_load_weights(r: LoadWeightsRequest) -> JSON:
@@ -352,32 +370,14 @@ def _encode_load_weights(r: LoadWeightsRequest) -> JSON:
             "seq_id": r.seq_id,
             "type": "load_weights",
         }
-    body: JSON = {"session_id": r.session_id, "model_seq_id": r.model_seq_id}
-    if r.base_model is not None:
-        body["base_model"] = r.base_model
-    if r.user_metadata is not None:
-        body["user_metadata"] = dict(r.user_metadata)
-    body.update(path=r.path, optimizer=r.optimizer, type="load_weights")
-    return body
+    names = ("session_id", "model_seq_id", "base_model", "user_metadata", "path", "optimizer")
+    return _present(r, *names, type="load_weights")
 
 
 def _encode_save_for_sampler(r: SaveWeightsForSamplerRequest) -> JSON:
-    body: JSON = {"model_id": r.model_id}
-    if r.path is not None:
-        body["path"] = r.path
-    if r.sampling_session_seq_id is not None:
-        body["sampling_session_seq_id"] = r.sampling_session_seq_id
-    body["seq_id"] = r.seq_id
-    if r.ttl_seconds is not None:
-        body["ttl_seconds"] = r.ttl_seconds
-    body["type"] = "save_weights_for_sampler"
-    if r.checkpoint_type is not None:
-        body["checkpoint_type"] = r.checkpoint_type
-    if r.export_precision is not None:
-        body["export_precision"] = r.export_precision
-    if r.metadata is not None:
-        body["metadata"] = dict(r.metadata)
-    return body
+    names = ("model_id", "path", "sampling_session_seq_id", "seq_id", "ttl_seconds")
+    export = _present(r, "checkpoint_type", "export_precision", "metadata")
+    return _present(r, *names, type="save_weights_for_sampler", **export)
 
 
 def _encode_cancel_future(r: CancelFutureRequest) -> JSON:
@@ -401,13 +401,8 @@ def _encode_retrieve_future(r: RetrieveFutureRequest) -> JSON:
 
 
 def _encode_create_sampling_session(r: CreateSamplingSessionRequest) -> JSON:
-    body: JSON = {"session_id": r.session_id, "sampling_session_seq_id": r.sampling_session_seq_id}
-    if r.base_model is not None:
-        body["base_model"] = r.base_model
-    if r.model_path is not None:
-        body["model_path"] = r.model_path
-    body["type"] = "create_sampling_session"
-    return body
+    names = ("session_id", "sampling_session_seq_id", "base_model", "model_path")
+    return _present(r, *names, type="create_sampling_session")
 
 
 def _encode_sample(r: SampleRequest) -> JSON:

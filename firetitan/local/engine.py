@@ -33,6 +33,7 @@ import attrs
 import numpy.typing as npt
 import tinker
 
+from firetitan._wire.requests import ModelSpec
 from firetitan.local import rules
 from firetitan.local.rules import Limits, LossRequest, SamplingRequest, UserError
 
@@ -79,31 +80,6 @@ def optim_metrics(
     if grad_norm is not None:
         metrics["grad_norm:max"] = float(grad_norm)
     return metrics
-
-
-@attrs.frozen(kw_only=True)
-class ModelSpec:
-    """What `create_model` asked for.
-
-    Attributes:
-        base_model: The base model name, e.g. ``accounts/fireworks/models/qwen3-8b``.
-        lora_rank: 0 for full-parameter training, otherwise the LoRA rank.
-        lora_alpha: LoRA alpha; None means ``2 * rank``.
-        lora_seed: Seed for the LoRA initialisation; None means the engine's seed.
-        train_mlp: Put LoRA adapters on the MLP projections.
-        train_attn: Put LoRA adapters on the attention projections.
-        train_unembed: Put a LoRA adapter on the output (unembedding) layer.
-        base_only: A frozen base model, used only with `forward` (reference logprobs).
-    """
-
-    base_model: str
-    lora_rank: int = 0
-    lora_alpha: int | None = None
-    lora_seed: int | None = None
-    train_mlp: bool = True
-    train_attn: bool = True
-    train_unembed: bool = True
-    base_only: bool = False
 
 
 @attrs.frozen(kw_only=True)

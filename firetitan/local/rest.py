@@ -29,7 +29,9 @@ What tinker 0.38's ``RestClient`` (and tinker-cookbook's ``checkpoint_utils`` an
   copy's ``tinker://`` path; the ``X-Idempotency-Key`` of a retry answers the copy
   already made. Both read a checkpoint wherever ``load_weights`` could (this job's, or
   another job's under the same root), never one outside the root; a delta sampler export
-  is not copied (it needs the export it applies to).
+  is not copied (it needs the export it applies to). The copy's run is reached only by
+  its ``tinker://`` paths: the endpoints above answer for this job's run alone, so they
+  never change another job's checkpoints.
 
 Paths are under ``/api/v1``; the routes are rows of `firetitan._wire.endpoints`.
 """

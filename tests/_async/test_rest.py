@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
+import tinker
 
 from firetitan import (
     AsyncFiretitanServiceClient,
@@ -88,7 +89,7 @@ async def test_weights_info_and_copy_weights(
     await tc.forward_backward(batch(1), "cross_entropy")
     await tc.optim_step(ADAM)
     await tc.save_state("a")
-    await tc.save_weights_for_sampler_ext("s", checkpoint_type="base")
+    base = await tc.save_weights_for_sampler_ext("s", checkpoint_type="base")
     delta = await tc.save_weights_for_sampler_ext("d", checkpoint_type="delta")
     job = trainer.job_id
     a = f"tinker://{job}/weights/a"
@@ -105,6 +106,15 @@ async def test_weights_info_and_copy_weights(
         await rest.delete_checkpoint(a)  # the copy shares files, and outlives the source
         resumed = await service.create_training_client_from_state(copied)
         assert (await resumed.get_info()).lora_rank == 4
+        # A copied sampler export samples like its source.
+        source = f"tinker://{job}/sampler_weights/{base.snapshot_name}"
+        sampler_copy = await rest.copy_weights(source, "proj-archive")
+        prompt, params = tinker.ModelInput.from_ints([1, 2, 3]), tinker.SamplingParams(seed=1)
+        samples = [
+            await (await service.create_sampling_client(model_path=path)).sample(prompt, 1, params)
+            for path in (source, sampler_copy)
+        ]
+        assert samples[0].sequences[0].tokens == samples[1].sequences[0].tokens
 
         with pytest.raises(NotFoundError, match="tinker_path: no state checkpoint named 'a'"):
             await rest.get_weights_info_by_tinker_path(a)

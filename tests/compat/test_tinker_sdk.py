@@ -51,8 +51,9 @@ def _inputs() -> dict[str, Any]:
 def run() -> Iterator[Run]:
     inputs = _inputs()
     # A long poll longer than any request here, so the SDK never sees a try_again
-    # (it logs each one as a warning).
-    with LocalTrainer("torch", size="tiny", device="cpu", long_poll_seconds=20.0) as trainer:
+    # (it logs each one as a warning): on a loaded machine the first create_model can
+    # take over 20 s. tinker reads a poll for up to 45 s.
+    with LocalTrainer("torch", size="tiny", device="cpu", long_poll_seconds=40.0) as trainer:
         report = run_flow("tests.compat.tinker_flow", trainer, stdin=json.dumps(inputs))
         yield trainer, {**report, "inputs": inputs}
 

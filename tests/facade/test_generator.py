@@ -100,6 +100,12 @@ def test_every_generated_file_has_the_banner() -> None:
             "    def _check_go(self, m: int) -> None:\n        pass",
             "must take exactly the parameters of go",
         ),
+        (
+            "def go(self, n: int) -> AsyncAPIFuture[int]:\n        raise NotImplementedError\n\n"
+            "    def _check_other(self, m: int) -> None:\n        pass\n\n"
+            "    _check_go = _check_other",
+            "must take exactly the parameters of go",
+        ),
     ],
 )
 def test_untranslatable_code_stops_the_generator(tmp_path: Path, method: str, message: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from types import TracebackType
 
 import aiohttp
 
@@ -53,12 +52,7 @@ class AsyncToyService:
             raise ConnectionError("the toy trainer refused the connection")
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         """Close the client."""
         await self.aclose()
 
