@@ -14,9 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from firetitan.local import loss_graphs
 from firetitan.local.rules import (
     ADAM_RANGES,
     COMMON_CONFIG,
+    CUSTOM_LOSS,
     LOSSES,
     NORMALIZATIONS,
     ConfigKey,
@@ -90,6 +92,31 @@ def _loss(spec: LossSpec) -> list[str]:
     return [*lines, ""]
 
 
+def _custom() -> list[str]:
+    return [
+        f"## Uploaded losses (`{CUSTOM_LOSS.name}`)",
+        "",
+        f"`{CUSTOM_LOSS.formula}`",
+        "",
+        "tinker's `ServiceClient.create_custom_loss` traces a per-datum loss "
+        "`fn(logprobs, *inputs) -> (loss, metrics)` and uploads it (`create_custom_loss`); "
+        f"`loss_fn={CUSTOM_LOSS.name!r}` with `loss_fn_config={{'loss_id': ...}}` runs it.",
+        "",
+        "* Inputs: `target_tokens` (its rank is the declared rank of `logprobs`), and each "
+        "`loss_fn_inputs` key the loss takes, at its declared rank.",
+        f"* Loss tokens: {CUSTOM_LOSS.loss_tokens}",
+        "* Metrics: `loss:sum` (the summed losses), `loss_tokens:sum`, and the loss's own "
+        "`custom/<name>:sum` (added over datums) and `custom/<name>:mean` (averaged).",
+        "* Checked whole at upload: every node calls a target of the allowlists in "
+        "`firetitan/local/loss_graphs.py` (`FUNCTIONS`, `METHODS`, `ATTRIBUTES`); no "
+        f"module or captured tensor; at most {loss_graphs.MAX_NODES} nodes. A refusal "
+        "names the node and its target.",
+        f"* A loss belongs to the session that uploaded it (at most "
+        f"{loss_graphs.MAX_LOSSES_PER_SESSION} each); another session's `loss_id` is refused.",
+        "",
+    ]
+
+
 def render() -> str:
     """The whole reference, as the catalogue says it."""
     parts = [HEADER, "## Built-in losses", ""]
@@ -100,6 +127,7 @@ def render() -> str:
         "",
         *_config_table(COMMON_CONFIG),
         "",
+        *_custom(),
         "## `optim_step`",
         "",
         "`grad_accumulation_normalization` divides the gradient accumulated since the "

@@ -88,6 +88,7 @@ from firetitan._wire.request_decoders import decode_request
 from firetitan._wire.requests import (
     SESSION_HEADER,
     CancelFutureRequest,
+    CreateCustomLossRequest,
     CreateModelRequest,
     CreateSamplingSessionRequest,
     CreateSessionRequest,
@@ -134,6 +135,7 @@ __all__ = [
     "CompleteMetadata",
     "Completion",
     "CompletionStream",
+    "CreateCustomLossRequest",
     "CreateModelRequest",
     "CreateSamplingSessionRequest",
     "CreateSessionRequest",

@@ -43,6 +43,7 @@ __all__ = [
     "CLIENT_CONFIG",
     "COMPLETIONS",
     "COPY_WEIGHTS",
+    "CREATE_CUSTOM_LOSS",
     "CREATE_MODEL",
     "CREATE_SAMPLING_SESSION",
     "CREATE_SESSION",
@@ -219,6 +220,14 @@ UNLOAD_MODEL: Final = _post(
     future=True,
     request_type="Unload model",
     result=_model(ttypes.UnloadModelResponse),
+)
+# tinker's uploaded custom losses (firetitan.local.loss_graphs).
+CREATE_CUSTOM_LOSS: Final = _post(
+    "create_custom_loss",
+    future=True,
+    request_type="CreateCustomLoss",
+    client=False,
+    result=_model(ttypes.CreateCustomLossResponse),
 )
 # Futures (§4).
 RETRIEVE_FUTURE: Final = _post("retrieve_future", result=decode_future_outcome)

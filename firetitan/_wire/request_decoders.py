@@ -312,6 +312,15 @@ def _decode_create_sampling_session(
     )
 
 
+def _decode_create_custom_loss(body: dict[str, Any], _: _Budget) -> rq.CreateCustomLossRequest:
+    _check_type(body, "create_custom_loss", "")
+    # The loss itself stays plain JSON: the trainer checks it as a whole.
+    loss = {key: _required(body, key, "") for key in ("name", "inputs", "graph")}
+    seq_id = _int(_required(body, "custom_loss_seq_id", ""), "custom_loss_seq_id", lo=0)
+    session_id = _str(_required(body, "session_id", ""), "session_id")
+    return rq.CreateCustomLossRequest(session_id=session_id, custom_loss_seq_id=seq_id, **loss)
+
+
 def _decode_sampling_params(value: Any, field: str) -> tinker.SamplingParams:
     params = _obj(value, field)
     stop_raw = params.get("stop")
@@ -391,6 +400,7 @@ DECODERS: Final[dict[str, RequestDecoder]] = {
     "get_info": _decode_get_info,
     "unload_model": _decode_unload_model,
     "create_sampling_session": _decode_create_sampling_session,
+    "create_custom_loss": _decode_create_custom_loss,
     "asample": _decode_sample,
 }
 

@@ -16,6 +16,7 @@ from firetitan._wire.tensors import encode_datum, encode_model_input, encode_ten
 __all__ = [
     "SESSION_HEADER",
     "CancelFutureRequest",
+    "CreateCustomLossRequest",
     "CreateModelRequest",
     "CreateSamplingSessionRequest",
     "CreateSessionRequest",
@@ -243,6 +244,21 @@ class CreateSamplingSessionRequest:
 
 
 @attrs.frozen(kw_only=True)
+class CreateCustomLossRequest:
+    """The body of the ``create_custom_loss`` endpoint (tinker's uploaded losses).
+
+    ``name``, ``inputs`` and ``graph`` stay the plain JSON the client sent: the trainer
+    checks them as a whole (`firetitan.local.loss_graphs.check_graph`).
+    """
+
+    session_id: str
+    custom_loss_seq_id: int
+    name: Any
+    inputs: Any
+    graph: Any
+
+
+@attrs.frozen(kw_only=True)
 class SampleRequest:
     """The body of the ``asample`` endpoint (tinker sampling).
 
@@ -280,6 +296,7 @@ Request = (
     | GetInfoRequest
     | UnloadModelRequest
     | CreateSamplingSessionRequest
+    | CreateCustomLossRequest
     | SampleRequest
 )
 

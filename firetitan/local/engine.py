@@ -35,6 +35,7 @@ import tinker
 
 from firetitan._wire.requests import ModelSpec
 from firetitan.local import rules
+from firetitan.local.loss_graphs import LossGraph
 from firetitan.local.rules import Limits, LossRequest, SamplingRequest, UserError
 
 __all__ = [
@@ -50,8 +51,12 @@ __all__ = [
     "optim_metrics",
 ]
 
+#: A request's datums, as sent.
+Data = Sequence[tinker.Datum]
 #: A request's ``loss_fn_config``, as sent (None: the loss's defaults).
 Config = Mapping[str, Any] | None
+#: The uploaded loss a ``custom`` request names (`firetitan.local.loss_graphs`), if any.
+Graph = LossGraph | None
 #: The ``max_tokens`` a sampling request that leaves it unset gets (and is budgeted as).
 DEFAULT_MAX_TOKENS = 256
 
@@ -159,20 +164,25 @@ class Engine(abc.ABC):
         self.build_model(model_id, spec)
 
     def forward(
-        self, model_id: str, data: Sequence[tinker.Datum], loss_fn: str, loss_fn_config: Config
+        self, model_id: str, data: Data, loss_fn: str, loss_fn_config: Config, graph: Graph = None
     ) -> tinker.ForwardBackwardOutput:
-        """Compute the loss and per-datum outputs without touching gradients."""
+        """Compute the loss and per-datum outputs without touching gradients.
+
+        ``graph`` is the uploaded loss a ``custom`` request names, if its session has it.
+        """
         self._require_model(model_id)
-        request = rules.check_loss_request(data, loss_fn, loss_fn_config, self.limits(model_id))
+        limits = self.limits(model_id)
+        request = rules.check_loss_request(data, loss_fn, loss_fn_config, limits, graph)
         return self.compute_loss(model_id, request, train=False)
 
     def forward_backward(
-        self, model_id: str, data: Sequence[tinker.Datum], loss_fn: str, loss_fn_config: Config
+        self, model_id: str, data: Data, loss_fn: str, loss_fn_config: Config, graph: Graph = None
     ) -> tinker.ForwardBackwardOutput:
         """Compute the loss and accumulate its gradient (and the loss-token counts used
-        by ``grad_accumulation_normalization``) into the model."""
+        by ``grad_accumulation_normalization``) into the model (``graph`` as `forward`)."""
         self._require_trainable(model_id, "run forward_backward")
-        request = rules.check_loss_request(data, loss_fn, loss_fn_config, self.limits(model_id))
+        limits = self.limits(model_id)
+        request = rules.check_loss_request(data, loss_fn, loss_fn_config, limits, graph)
         return self.compute_loss(model_id, request, train=True)
 
     def optim_step(
@@ -274,7 +284,9 @@ class Engine(abc.ABC):
     ) -> tinker.ForwardBackwardOutput:
         """The loss and per-datum ``logprobs`` of a checked request; with ``train``, also
         accumulate its gradient and `LossRequest.loss_tokens` / `LossRequest.sequences`
-        into the model's normalization window (all or nothing)."""
+        into the model's normalization window (all or nothing). A custom loss
+        (`LossRequest.graph`) runs through `firetitan.local.loss_interpreter` and adds
+        its metrics reduced by `loss_graphs.reduce_metrics`."""
 
     @abc.abstractmethod
     def compute_optim_step(

@@ -35,6 +35,7 @@ from firetitan.local.engine import (
     UserError,
     optim_metrics,
 )
+from firetitan.local.loss_graphs import LossGraph, no_gradient, reduce_metrics
 
 __all__ = ["NullEngine"]
 
@@ -124,12 +125,17 @@ class NullEngine(Engine):
     ) -> tinker.ForwardBackwardOutput:
         model = self._model(model_id)
         outputs: list[dict[str, tinker.TensorData]] = []
+        custom_metrics: list[dict[str, float]] = []
         total = 0.0
         for index, datum in enumerate(request.datums):
             rng = self._rng("lp", model.step, datum.tokens.tobytes(), datum.targets.tobytes())
             lp = _fake_logprobs(rng, datum.targets.shape)
-            with np.errstate(over="ignore", invalid="ignore"):  # reported just below
-                loss = float(_loss_terms(request.loss_fn, lp, datum, request.config).sum())
+            if request.graph is not None:
+                loss, metrics = _graph_loss(request.graph, lp, datum, index, train=train)
+                custom_metrics.append(metrics)
+            else:
+                with np.errstate(over="ignore", invalid="ignore"):  # reported just below
+                    loss = float(_loss_terms(request.loss_fn, lp, datum, request.config).sum())
             if not math.isfinite(loss):
                 raise rules.non_finite_loss(index)
             total += loss
@@ -138,10 +144,13 @@ class NullEngine(Engine):
         if train:  # only now that the whole request computed: all or nothing
             model.window_tokens += tokens
             model.window_sequences += request.sequences()
+        metrics = {"loss:sum": total, "loss_tokens:sum": float(tokens)}
+        if request.graph is not None:
+            metrics.update(reduce_metrics(custom_metrics))
         return tinker.ForwardBackwardOutput(
             loss_fn_output_type="TorchLossReturn",
             loss_fn_outputs=outputs,
-            metrics={"loss:sum": total, "loss_tokens:sum": float(tokens)},
+            metrics=metrics,
         )
 
     def compute_optim_step(
@@ -340,6 +349,28 @@ def _loss_terms(
     else:  # the rules refuse unknown losses before an engine computes
         raise AssertionError(loss_fn)
     return np.where(datum.loss_positions, terms * w, 0.0)
+
+
+def _graph_loss(
+    graph: LossGraph, lp: F32, datum: rules.DatumArrays, index: int, *, train: bool
+) -> tuple[float, dict[str, float]]:
+    """An uploaded loss on the fake logprobs, through the torch engine's interpreter
+    (torch is imported only here: the null engine runs without it otherwise). Training
+    on it needs a loss that depends on the logprobs, as on the torch engine."""
+    try:
+        import torch
+
+        from firetitan.local import loss_interpreter
+    except ImportError as exc:
+        raise UserError(
+            "custom losses need torch on the trainer (pip install 'firetitan[local]')"
+        ) from exc
+    logprobs = torch.from_numpy(lp).requires_grad_(train)
+    values = [logprobs, *(torch.from_numpy(a) for a in datum.custom_inputs)]
+    loss, metrics = loss_interpreter.run(graph, values, index)
+    if train and not loss.requires_grad:
+        raise no_gradient(graph)
+    return float(loss.detach()), metrics
 
 
 def _stop_tokens(stop: object) -> set[int]:

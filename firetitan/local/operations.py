@@ -25,7 +25,7 @@ import tinker
 
 from firetitan import _wire
 from firetitan._checkpoint_paths import CheckpointRef
-from firetitan.local import sample_scores, stability
+from firetitan.local import loss_graphs, rules, sample_scores, stability
 from firetitan.local.checkpoints import MANIFEST_NAME, CheckpointStore, Kind, Manifest
 from firetitan.local.engine import Engine, ModelSpec, SampleSource, UserError
 from firetitan.local.executor import (
@@ -37,6 +37,7 @@ from firetitan.local.executor import (
     success_result,
 )
 from firetitan.local.external import ExternalRequest, encrypt_files
+from firetitan.local.loss_graphs import LossGraph
 from firetitan.local.rules import check_export_kind
 from firetitan.local.sessions import ModelRecord, Registry, SamplingSession
 from firetitan.local.tinker.compat import mask_prompt_logprobs
@@ -223,15 +224,31 @@ class Operations:
 
         ``expect`` is the encoding the client will likely poll for (made at once).
         ``stable_reinforce`` data get their sampler logprobs from the stability records
-        of the model's session.
+        of the model's session; a ``custom`` request runs the loss the model's session
+        uploaded (looked up now, on the event loop, which owns the registry).
         """
         compute = self._engine.forward if request.forward_only else self._engine.forward_backward
+        graph: LossGraph | None = None
+        refusal: UserError | None = None
+        if request.loss_fn == loss_graphs.LOSS_FN:
+            try:
+                loss_id = rules.check_custom_config(request.loss_fn_config)
+                graph = self._registry.custom_loss(record.session_id, loss_id)
+            except UserError as exc:
+                refusal = exc  # fails the request in its turn, as every user error does
 
         def work() -> Result:
+            if refusal is not None:
+                raise refusal
             data = list(request.data)
             if request.loss_fn == stability.LOSS:
                 data = self.stability.resolve(record.session_id, data)
-            output = compute(request.model_id, data, request.loss_fn, request.loss_fn_config)
+            # Only a custom request passes its graph: an engine subclass written against
+            # the four-argument methods keeps serving the built-in losses.
+            uploaded = {} if graph is None else {"graph": graph}
+            output = compute(
+                request.model_id, data, request.loss_fn, request.loss_fn_config, **uploaded
+            )
             if len(output.loss_fn_outputs) != len(request.data):
                 raise RuntimeError(
                     f"engine returned {len(output.loss_fn_outputs)} outputs for "
@@ -240,6 +257,35 @@ class Operations:
             return _two_way_result(output, _FORWARD_ENCODERS, expect)
 
         return self._model_run(request.model_id, work)
+
+    def create_custom_loss(self, request: _wire.CreateCustomLossRequest) -> Run:
+        """``create_custom_loss``: check the uploaded graph as a whole and keep it for its
+        session; the result names it by ``loss_id``.
+
+        The check runs now, on the event loop (it is pure and bounded by
+        `loss_graphs.MAX_NODES`); a graph it refuses fails the future with category
+        ``user``, naming the node and its target.
+        """
+        loss_id = loss_graphs.loss_id_of(request.session_id, request.custom_loss_seq_id)
+        refusal: UserError | None = None
+        try:
+            graph = loss_graphs.check_graph(
+                loss_id=loss_id,
+                session_id=request.session_id,
+                name=request.name,
+                inputs=request.inputs,
+                graph=request.graph,
+            )
+            self._registry.add_custom_loss(graph)
+        except UserError as exc:
+            refusal = exc
+
+        async def run() -> Result:
+            if refusal is not None:
+                raise refusal
+            return success_result({"type": "create_custom_loss", "loss_id": loss_id})
+
+        return run
 
     def optim_step(self, request: _wire.OptimStepRequest) -> Run:
         def work() -> Result:

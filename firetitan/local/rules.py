@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import numpy as np
 import numpy.typing as npt
 import tinker
 
+if TYPE_CHECKING:
+    from firetitan.local.loss_graphs import LossGraph
+
 __all__ = [
     "ADAM_RANGES",
+    "CUSTOM_LOSS",
     "LOSSES",
     "MAX_LOGPROB_CELLS",
     "MAX_LOGPROB_WIDTH",
@@ -280,6 +284,18 @@ LOSSES: Final[dict[str, LossSpec]] = {
 }
 
 
+#: An uploaded loss (`firetitan.local.loss_graphs`): ``loss_fn="custom"`` with
+#: ``loss_fn_config={"loss_id": ...}``. Not in `LOSSES`: its inputs are the graph's.
+CUSTOM_LOSS: Final = LossSpec(
+    name="custom",
+    formula="L = Σ_datums loss(lp, *inputs), the graph uploaded with create_custom_loss",
+    required=("target_tokens",),
+    optional=(),
+    weights="Read only if the graph takes it as an input.",
+    loss_tokens="Every position.",
+)
+
+
 @attrs.frozen(kw_only=True)
 class LossConfig:
     """A checked ``loss_fn_config``: the keys each loss reads, defaults filled in."""
@@ -293,7 +309,10 @@ class LossConfig:
 def _loss_spec(loss_fn: str) -> LossSpec:
     spec = LOSSES.get(loss_fn)
     if spec is None:
-        raise UserError(f"unknown loss_fn {loss_fn!r}; built-in losses: {sorted(LOSSES)}")
+        raise UserError(
+            f"unknown loss_fn {loss_fn!r}; built-in losses: {sorted(LOSSES)}, or 'custom' "
+            "for a loss uploaded with create_custom_loss"
+        )
     return spec
 
 
@@ -367,6 +386,8 @@ class DatumArrays:
         loss_positions: (N,) bool: the loss tokens (`LossSpec.loss_tokens`).
         ratio_positions: (N,) bool: for the losses that read ``sequence_ratio_mask``, the
             positions it marks (the loss tokens when it is absent), else None.
+        custom_inputs: For a custom loss, the ``loss_fn_inputs`` its graph reads, in
+            `LossGraph.input_keys` order (float32 or int64, as sent).
     """
 
     tokens: IntArray
@@ -376,6 +397,7 @@ class DatumArrays:
     advantages: FloatArray | None
     loss_positions: npt.NDArray[np.bool_]
     ratio_positions: npt.NDArray[np.bool_] | None = None
+    custom_inputs: tuple[npt.NDArray[Any], ...] = ()
 
     @property
     def length(self) -> int:
@@ -395,11 +417,13 @@ class LossRequest:
         loss: The loss.
         config: Its checked config.
         datums: The checked datums, in order.
+        graph: The uploaded loss, for `CUSTOM_LOSS`.
     """
 
     loss: LossSpec
     config: LossConfig
     datums: list[DatumArrays]
+    graph: LossGraph | None = None
 
     @property
     def loss_fn(self) -> str:
@@ -419,8 +443,12 @@ def check_loss_request(
     loss_fn: str,
     config: Mapping[str, Any] | None,
     limits: Limits,
+    graph: LossGraph | None = None,
 ) -> LossRequest:
     """Check a whole ``forward`` / ``forward_backward`` request before any compute.
+
+    ``graph`` is the uploaded loss a ``custom`` request names (resolved by the caller,
+    which knows the sessions), None if the request names none this session owns.
 
     Raises:
         UserError: An unknown loss or config key, a bad config value, or a datum with
@@ -428,12 +456,106 @@ def check_loss_request(
             chunk, a token id outside the vocabulary, a sequence longer than the
             context, or a non-finite value. Datum messages name the index and the field.
     """
+    if loss_fn == CUSTOM_LOSS.name:
+        return _check_custom_request(data, config, limits, graph)
     spec = _loss_spec(loss_fn)
     checked = check_loss_config(spec, config)
     if not data:
         raise UserError("data is empty; send at least one datum")
     datums = [_check_datum(i, datum, spec, limits) for i, datum in enumerate(data)]
     return LossRequest(loss=spec, config=checked, datums=datums)
+
+
+def check_custom_config(config: Mapping[str, Any] | None) -> str:
+    """The ``loss_id`` of a ``custom`` request's ``loss_fn_config``.
+
+    Raises:
+        UserError: The config is not exactly ``{"loss_id": <string>}``.
+    """
+    cfg = dict(config or {})
+    loss_id = cfg.get("loss_id")
+    if set(cfg) != {"loss_id"} or not isinstance(loss_id, str):
+        raise UserError(
+            "loss_fn 'custom' takes loss_fn_config={'loss_id': <the id create_custom_loss "
+            f"answered>}} and nothing else, got keys {sorted(cfg)}"
+        )
+    return loss_id
+
+
+def _check_custom_request(
+    data: Sequence[tinker.Datum],
+    config: Mapping[str, Any] | None,
+    limits: Limits,
+    graph: LossGraph | None,
+) -> LossRequest:
+    loss_id = check_custom_config(config)
+    if graph is None or graph.loss_id != loss_id:
+        raise UserError(
+            f"loss_fn_config['loss_id']: {loss_id!r} names no custom loss of this model's "
+            "session; create it with create_custom_loss in the same session"
+        )
+    if not data:
+        raise UserError("data is empty; send at least one datum")
+    return LossRequest(
+        loss=CUSTOM_LOSS,
+        config=LossConfig(),
+        datums=[_check_custom_datum(i, datum, graph, limits) for i, datum in enumerate(data)],
+        graph=graph,
+    )
+
+
+def _check_custom_datum(
+    index: int, datum: tinker.Datum, graph: LossGraph, limits: Limits
+) -> DatumArrays:
+    """A custom loss's datum: its targets give ``logprobs`` the declared rank, and each
+    input the graph reads is present with its declared rank (`LossGraph.inputs`)."""
+    where = f"datum {index}"
+    tokens = _tokens(where, datum.model_input, limits)
+    n = tokens.shape[0]
+    inputs: Mapping[str, Any] = datum.loss_fn_inputs
+    missing = [key for key in ("target_tokens", *graph.input_keys) if key not in inputs]
+    if missing:
+        raise UserError(
+            f"{where}: loss_fn_inputs is missing {', '.join(map(repr, missing))}, required by "
+            f"custom loss {graph.name!r} (it needs target_tokens, {', '.join(graph.input_keys)})"
+        )
+    targets = _array(where, "target_tokens", inputs["target_tokens"], integer=True)
+    rank = graph.inputs[0].rank
+    if targets.ndim != rank or targets.shape[0] != n or (rank == 2 and targets.shape[1] == 0):
+        raise UserError(
+            f"{where}: loss_fn_inputs['target_tokens'] has shape {list(targets.shape)}; "
+            f"custom loss {graph.name!r} takes logprobs of rank {rank}, so it must be "
+            f"{f'[{n}]' if rank == 1 else f'[{n}, K]'}"
+        )
+    _check_ids(where, "loss_fn_inputs['target_tokens']", targets, limits.vocab_size)
+    arrays: list[npt.NDArray[Any]] = []
+    for item in graph.inputs[1:]:
+        arr = _array(where, item.name, inputs[item.name], integer=False)
+        if arr.ndim != item.rank:
+            raise UserError(
+                f"{where}: loss_fn_inputs[{item.name!r}] has rank {arr.ndim}; custom loss "
+                f"{graph.name!r} declared it with rank {item.rank}"
+            )
+        if arr.dtype.kind == "f":
+            arr = arr.astype(np.float32)
+            if not np.isfinite(arr).all():
+                pos = np.argwhere(~np.isfinite(arr))[0].tolist()
+                raise UserError(
+                    f"{where}: loss_fn_inputs[{item.name!r}] holds a non-finite value at "
+                    f"index {pos}"
+                )
+        else:
+            arr = arr.astype(np.int64)
+        arrays.append(arr)
+    return DatumArrays(
+        tokens=tokens,
+        targets=targets.astype(np.int64, copy=False),
+        weights=None,
+        sampler_logprobs=None,
+        advantages=None,
+        loss_positions=np.ones(n, dtype=np.bool_),
+        custom_inputs=tuple(arrays),
+    )
 
 
 def _check_datum(index: int, datum: tinker.Datum, spec: LossSpec, limits: Limits) -> DatumArrays:

@@ -82,13 +82,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # (tinker sends protobuf forward bodies regardless, uncompressed with these flags); no
 # JWT exchange. tinker's sampling features are on: one completion poll per sampling
 # session (retrieve_futures) and clone ids from the trainer (join_sampling_session).
-# Custom losses run client-side: this trainer does not run uploaded loss graphs.
+# tinker uploads the custom losses it traces and the trainer runs them
+# (firetitan.local.loss_graphs).
 CLIENT_CONFIG_FLAGS = {
     "pjwt_auth_enabled": False,
     "proto_write_fwdbwd": False,
     "proto_compress_fwdbwd": False,
     "sample_use_retrieve_futures": True,
-    "custom_loss_server_side": False,
+    "custom_loss_server_side": True,
     "sample_join_sampling_session": True,
 }
 #: A graceful stop stops waiting for clients to collect outcomes once no poll has come
@@ -383,6 +384,7 @@ class TrainerServer:
             "retrieve_future": self._retrieve_future,
             "cancel_future": self._cancel_future,
             "create_sampling_session": self._create_sampling_session,
+            "create_custom_loss": self._create_custom_loss,
             "asample": self._asample,
             "get_sampler": self._sampler,
             "retrieve_futures": self._retrieve_futures,
@@ -802,6 +804,21 @@ class TrainerServer:
         return json_response(
             {"type": "create_sampling_session", "sampling_session_id": sampling.sampling_session_id}
         )
+
+    async def _create_custom_loss(self, request: web.Request) -> web.Response:
+        """tinker's upload of a traced loss (`firetitan.local.loss_graphs`); a retry, by
+        ``(session_id, custom_loss_seq_id)``, gets the same request id."""
+        raw, obj = await self._object(request)
+        req: _wire.CreateCustomLossRequest = await self._decode("create_custom_loss", raw, obj)
+        self._session(req.session_id)
+        keys: list[Hashable] = [("create_custom_loss", req.session_id, req.custom_loss_seq_id)]
+        request_id = self._executor.lookup(keys[0])
+        if request_id is None:
+            keys += self._idempotency_keys(request, "create_custom_loss")
+            run = self._operations.create_custom_loss(req)
+            request_id = self._executor.submit("create_custom_loss", run, keys=keys)
+        access_log.note(request_id=request_id)
+        return json_response(_wire.encode_future_ack(_wire.FutureAck(request_id=request_id)))
 
     async def _asample(self, request: web.Request) -> web.Response:
         raw, obj = await self._object(request)

@@ -2,7 +2,8 @@
 
 Pure bookkeeping on the event loop (no I/O, no engine calls). The server consults it to
 answer 404/410 and to derive ids; the maintenance task asks it which sessions stopped
-heartbeating.
+heartbeating. A session's uploaded custom losses (`loss_graphs.LossGraph`) live on it
+and end with it.
 
 Ids: a session is ``sess-<16 hex>``, deliberately unlike the serverless ``ts-...`` and
 ``run-<32 hex>`` shapes, which make clients switch on serverless-only behaviour. A
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import attrs
 
-from firetitan.local.engine import ModelSpec
+from firetitan.local.engine import ModelSpec, UserError
+from firetitan.local.loss_graphs import MAX_LOSSES_PER_SESSION, LossGraph
 from firetitan.local.tinker.dialect import Dialect
 
 __all__ = ["ModelRecord", "Registry", "SamplingSession", "Session", "model_id_for"]
@@ -70,6 +72,7 @@ class Session:
     dialect: Dialect = Dialect.FIREWORKS
     models: set[str] = attrs.field(factory=set)
     user_metadata: dict[str, str] | None = None
+    custom_losses: dict[str, LossGraph] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -171,6 +174,42 @@ class Registry:
             session = self.sessions.get(record.session_id)
             if session is not None:
                 session.models.discard(model_id)
+
+    # ------------------------------------------------------------------ custom losses
+
+    def add_custom_loss(self, graph: LossGraph) -> None:
+        """Keep an uploaded loss for its session (which exists and has not ended).
+
+        Raises:
+            UserError: The session already holds `MAX_LOSSES_PER_SESSION` losses.
+        """
+        losses = self.sessions[graph.session_id].custom_losses
+        if graph.loss_id not in losses and len(losses) >= MAX_LOSSES_PER_SESSION:
+            raise UserError(
+                f"session {graph.session_id!r} already holds {len(losses)} custom losses, "
+                f"the most one session may create; reuse their LossHandles"
+            )
+        losses[graph.loss_id] = graph
+
+    def custom_loss(self, session_id: str, loss_id: str) -> LossGraph:
+        """The loss ``loss_id`` for a model of ``session_id``.
+
+        Raises:
+            UserError: No such loss, or another session's.
+        """
+        session = self.sessions.get(session_id)
+        graph = None if session is None else session.custom_losses.get(loss_id)
+        if graph is not None:
+            return graph
+        if any(loss_id in other.custom_losses for other in self.sessions.values()):
+            raise UserError(
+                f"loss_fn_config['loss_id']: custom loss {loss_id!r} belongs to another "
+                "session; a session can use only the custom losses it created"
+            )
+        raise UserError(
+            f"loss_fn_config['loss_id']: unknown custom loss {loss_id!r}; create it with "
+            "create_custom_loss in this model's session"
+        )
 
     # ------------------------------------------------------------------ sampling
 

@@ -13,7 +13,9 @@ import pytest
 import tinker
 import torch
 from shared import BASE_MODEL as BASE
+from tinker.lib.public_interfaces.custom_loss import encode_graph, trace_loss
 
+from firetitan.local import loss_graphs
 from firetitan.local.engine import Engine, ModelSpec, SampleSource, UserError
 from firetitan.local.null_engine import NullEngine
 from firetitan.local.rules import LOSSES, Interval
@@ -62,6 +64,39 @@ def _sample(prompt: list[int] = TOKENS, n: int = 1, **params: Any) -> Call:
     return lambda e, _v, _c: e.sample(source, prompt, n, tinker.SamplingParams(**params))
 
 
+def _graph(fn: Callable[..., Any], **ranks: int) -> loss_graphs.LossGraph:
+    """``fn`` traced and encoded by tinker, checked as the trainer checks an upload."""
+    handle = trace_loss(fn, {"logprobs": 1, **ranks}, "s")  # type: ignore[arg-type]
+    return loss_graphs.check_graph(
+        loss_id="s:loss:0",
+        session_id="s",
+        name=handle.name,
+        inputs=[i.model_dump() for i in handle.inputs],
+        graph=encode_graph(handle).model_dump(mode="json"),
+    )
+
+
+def _shape_clash(logprobs: Any, advantages: Any) -> Any:
+    return (logprobs[:2] * advantages).sum(), {}
+
+
+def _huge_integer(logprobs: Any, advantages: Any) -> Any:
+    n = logprobs.shape[0] ** 40
+    return (logprobs * advantages).sum() * n, {}
+
+
+def _matrix(logprobs: Any, advantages: Any) -> Any:
+    return logprobs.unsqueeze(-1) * advantages, {}
+
+
+def _constant(logprobs: Any, advantages: Any) -> Any:
+    return advantages.sum() + 0 * logprobs.detach().sum(), {}
+
+
+def _custom(data: list[tinker.Datum], graph: loss_graphs.LossGraph | None, cfg: Any) -> Call:
+    return lambda e, _v, _c: e.forward_backward("m", data, "custom", cfg, graph)
+
+
 def _scores(**options: Any) -> Call:
     """A sample asking for extra logprob results (``options`` of `Engine.sample`)."""
     source = SampleSource(model_id="m")
@@ -76,7 +111,21 @@ def _targets(*cells: tuple[int, int, int], rows: int = N - 1, k: int = 2) -> np.
     return ids
 
 
+ID = {"loss_id": "s:loss:0"}
 HOSTILE: dict[str, Call] = {
+    "custom loss config": _custom([SFT], None, {"loss_id": "s:loss:0", "beta": 0.1}),
+    "custom loss not uploaded": _custom([SFT], None, ID),
+    "custom loss input missing": _custom([SFT], _graph(_shape_clash, advantages=1), ID),
+    "custom loss input of another rank": _custom(
+        [_rl(advantages=np.ones((N, 2), np.float32))], _graph(_shape_clash, advantages=1), ID
+    ),
+    "custom loss 2-D logprobs for 1-D targets": _custom(
+        [_rl()], _graph(_shape_clash, logprobs=2, advantages=1), ID
+    ),
+    "custom loss node fails": _custom([_rl()], _graph(_shape_clash, advantages=1), ID),
+    "custom loss integer grows": _custom([_rl()], _graph(_huge_integer, advantages=1), ID),
+    "custom loss not a scalar": _custom([_rl()], _graph(_matrix, advantages=1), ID),
+    "custom loss without gradient": _custom([_rl()], _graph(_constant, advantages=1), ID),
     "unknown loss": _fb([SFT], "mse"),
     "misspelt clip key": _fb([_rl()], "ppo", {"clip_hihg_threshold": 1.3}),
     "epsilon-style clip key": _fb([_rl()], "ppo", {"clip_eps": 0.2}),

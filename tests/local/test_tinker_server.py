@@ -91,7 +91,7 @@ async def test_client_config_sets_tinkers_knobs(trainer_api: TinkerApi) -> None:
     parsed = tinker.types.ClientConfigResponse.model_validate(config)
     assert not parsed.proto_compress_fwdbwd
     assert parsed.sample_use_retrieve_futures
-    assert not parsed.custom_loss_server_side
+    assert parsed.custom_loss_server_side
     assert parsed.sample_join_sampling_session
     assert parsed.fwdbwd_max_chunk_len == 1024
     assert parsed.fwdbwd_max_chunk_bytes_count <= 5_000_000

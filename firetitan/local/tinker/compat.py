@@ -14,9 +14,11 @@ What tinker expects, and where the trainer serves it:
 * ``client/config`` is called whatever the key, before ``create_session``: it answers
   the chunk knobs (``fwdbwd_max_chunk_len``, ``fwdbwd_max_chunk_bytes_count``), turns
   on tinker's sampling features (``sample_use_retrieve_futures``,
-  ``sample_join_sampling_session``: `firetitan.local.completions`) and leaves off
-  ``custom_loss_server_side`` (custom losses then run client-side) and both proto
-  compression flags. ``client/dynamic_config`` turns on ``sample_cancel_enabled``;
+  ``sample_join_sampling_session``: `firetitan.local.completions`) and
+  ``custom_loss_server_side`` (tinker uploads the losses ``create_custom_loss`` traces,
+  ``create_custom_loss`` checks them against an allowlist and a ``forward_backward``
+  with ``loss_fn="custom"`` runs them: `firetitan.local.loss_graphs`), and leaves off
+  both proto compression flags. ``client/dynamic_config`` turns on ``sample_cancel_enabled``;
   ``sessions/{id}/finish`` is answered.
 * Every forward and forward_backward arrives on ``/forward_backward`` as protobuf
   (``forward_only`` marks a forward), possibly zstd-compressed; automatic

@@ -32,8 +32,9 @@ import tinker
 import torch
 from torch import nn
 
-from firetitan.local import rules
+from firetitan.local import loss_interpreter, rules
 from firetitan.local.engine import Engine, ModelSpec, SamplerExport, SampleSource, UserError
+from firetitan.local.loss_graphs import LossGraph, no_gradient, reduce_metrics
 from firetitan.local.torch import exports, state
 from firetitan.local.torch.inputs import collate, split_by_budget
 from firetitan.local.torch.lora import (
@@ -324,6 +325,7 @@ class TorchEngine(Engine):
             model = self._model(model_id)
             datums = request.datums
             outputs: list[dict[str, tinker.TensorData]] = [{} for _ in datums]
+            custom_metrics: list[dict[str, float]] = []
             groups = split_by_budget(datums, MAX_LOGIT_CELLS, vocab_size(model.module))
             accumulate: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
             if train and model.optimizer is not None:
@@ -332,28 +334,31 @@ class TorchEngine(Engine):
             with accumulate:
                 for group in groups:
                     total += self._run_group(
-                        model, datums, group, request.loss_fn, request.config, outputs, train
+                        model, request, group, outputs, custom_metrics, train
                     )
             tokens = request.loss_tokens()
             if train:
                 model.window.loss_tokens += tokens
                 model.window.sequences += request.sequences()
+            metrics = {"loss:sum": total, "loss_tokens:sum": float(tokens)}
+            if request.graph is not None:
+                metrics.update(reduce_metrics(custom_metrics))
             return tinker.ForwardBackwardOutput(
                 loss_fn_output_type="TorchLossReturn",
                 loss_fn_outputs=outputs,
-                metrics={"loss:sum": total, "loss_tokens:sum": float(tokens)},
+                metrics=metrics,
             )
 
     def _run_group(
         self,
         model: _Model,
-        datums: Sequence[rules.DatumArrays],
+        request: rules.LossRequest,
         group: Sequence[int],
-        loss_fn: str,
-        config: rules.LossConfig,
         outputs: list[dict[str, tinker.TensorData]],
+        custom_metrics: list[dict[str, float]],
         train: bool,
     ) -> float:
+        datums = request.datums
         batch = collate([datums[i] for i in group], self.device)
         grad_mode = contextlib.nullcontext() if train else torch.no_grad()
         with grad_mode:
@@ -362,7 +367,10 @@ class TorchEngine(Engine):
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
                 ).logits
             lp = target_logprobs(logits, batch.targets)  # float32, outside autocast
-            losses = per_datum_loss(loss_fn, lp, batch, config)
+            if request.graph is None:
+                losses = per_datum_loss(request.loss_fn, lp, batch, request.config)
+            else:
+                losses = self._graph_losses(request.graph, lp, datums, group, custom_metrics)
             finite = torch.isfinite(losses)
             if not bool(finite.all()):
                 row = int((~finite).nonzero()[0, 0])
@@ -375,6 +383,9 @@ class TorchEngine(Engine):
                 raise rules.non_finite_loss(group[row])
             loss = losses.sum()
             if train:
+                if not loss.requires_grad:  # only an uploaded loss can ignore the logprobs
+                    assert request.graph is not None
+                    raise no_gradient(request.graph)
                 torch.autograd.backward(loss)
         lp_cpu = lp.detach().cpu().numpy()
         for row, i in enumerate(group):
@@ -383,6 +394,26 @@ class TorchEngine(Engine):
             arr = arr[:, 0] if d.targets.ndim == 1 else arr
             outputs[i] = {"logprobs": tinker.TensorData.from_numpy(arr.copy())}
         return float(loss.detach())
+
+    def _graph_losses(
+        self,
+        graph: LossGraph,
+        lp: torch.Tensor,
+        datums: Sequence[rules.DatumArrays],
+        group: Sequence[int],
+        custom_metrics: list[dict[str, float]],
+    ) -> torch.Tensor:
+        """Each datum's uploaded loss on its own logprobs, shape (len(group),)."""
+        losses = []
+        for row, i in enumerate(group):
+            d = datums[i]
+            logprobs = lp[row, : d.length, : d.width]
+            logprobs = logprobs[:, 0] if d.targets.ndim == 1 else logprobs
+            values = [logprobs, *(torch.from_numpy(a).to(self.device) for a in d.custom_inputs)]
+            loss, metrics = loss_interpreter.run(graph, values, i)
+            losses.append(loss.to(torch.float32))
+            custom_metrics.append(metrics)
+        return torch.stack(losses)
 
     def compute_optim_step(
         self, model_id: str, adam_params: tinker.AdamParams, normalization: str
