@@ -233,6 +233,7 @@ async def _serve_until_stopped(
             loop.remove_signal_handler(sig)
 
 
+#: ``serve``'s options that are `LocalTrainer`'s parameters of the same names.
 _SERVE_OPTIONS = (
     "size", "checkpoint_dir", "job_id", "host", "port", "weights", "device",
     "deterministic", "seed",
@@ -256,7 +257,6 @@ async def _serve(args: argparse.Namespace) -> None:
             args.engine,
             base_model=args.base_model or DEFAULT_BASE_MODEL,
             api_key=api_key,
-            # These options are LocalTrainer's parameters of the same names.
             **{name: getattr(args, name) for name in _SERVE_OPTIONS},
             **limits,
         )

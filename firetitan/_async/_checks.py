@@ -6,7 +6,7 @@ clients must refuse it with a clear error before anything is sent.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 __all__ = ["non_empty_str", "positive_int", "positive_number", "string_map"]
 
@@ -62,3 +62,14 @@ def string_map(value: object, name: str) -> dict[str, str]:
             raise TypeError(f"{name} must map strings to strings; {key!r}: {item!r} does not")
         out[key] = item
     return out
+
+
+def one_of(value: object, choices: Sequence[str], name: str) -> str:
+    """``value``, a string, lower-cased and stripped, if it is one of ``choices``.
+
+    Raises:
+        ValueError: It is not (a string that is) one of them.
+    """
+    if isinstance(value, str) and value.strip().lower() in choices:
+        return value.strip().lower()
+    raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")

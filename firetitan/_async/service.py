@@ -56,7 +56,6 @@ _SERVICE_POLLS = 8
 # Heartbeats failing for this long are worth a warning: the trainer may reclaim models.
 _HEARTBEAT_WARN_S = 120.0
 
-_TrainingKey = tuple[str, int, int | None, bool, bool, bool, int | None]
 R = TypeVar("R")
 
 
@@ -122,7 +121,7 @@ class AsyncFiretitanServiceClient(Unpicklable):
         self._model_seq = 0
         self._sampling_seq = 0
         # Live training clients, by the options they were created with (wire.md §8.6).
-        self._training_keys: dict[_TrainingKey, AsyncFiretitanTrainingClient | None] = {}
+        self._training_keys: dict[_wire.ModelSpec, AsyncFiretitanTrainingClient | None] = {}
         self._training_clients: list[AsyncFiretitanTrainingClient] = []
         self._sampling_clients: weakref.WeakSet[AsyncSamplingClient] = weakref.WeakSet()
         self._deployment = (
@@ -310,15 +309,14 @@ class AsyncFiretitanServiceClient(Unpicklable):
             positive_int(lora_alpha, "lora_alpha")
         if not (train_mlp or train_attn or train_unembed):
             raise ValueError("at least one of train_mlp, train_attn, train_unembed must be True")
-        alpha = lora_alpha if lora_rank > 0 else None
-        key: _TrainingKey = (
-            base_model,
-            lora_rank,
-            seed,
-            train_mlp,
-            train_attn,
-            train_unembed,
-            alpha,
+        key = _wire.ModelSpec(
+            base_model=base_model,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha if lora_rank > 0 else None,
+            lora_seed=seed,
+            train_mlp=train_mlp,
+            train_attn=train_attn,
+            train_unembed=train_unembed,
         )
         self._check_open()
         if key in self._training_keys:
@@ -330,22 +328,12 @@ class AsyncFiretitanServiceClient(Unpicklable):
         # Reserved before the first await, so two concurrent calls cannot both pass.
         self._training_keys[key] = None
         try:
-            client = await self._create_model(
-                _wire.CreateModelRequest(
-                    session_id="",
-                    model_seq_id=0,
-                    base_model=base_model,
-                    lora_rank=lora_rank,
-                    lora_alpha=alpha,
-                    lora_seed=seed,
-                    train_mlp=train_mlp,
-                    train_attn=train_attn,
-                    train_unembed=train_unembed,
-                    user_metadata=string_map(user_metadata, "user_metadata")
-                    if user_metadata is not None
-                    else self._user_metadata,
-                )
+            metadata = (
+                self._user_metadata
+                if user_metadata is None
+                else string_map(user_metadata, "user_metadata")
             )
+            client = await self._create_model(key, metadata)
         except BaseException:
             del self._training_keys[key]
             raise
@@ -398,9 +386,7 @@ class AsyncFiretitanServiceClient(Unpicklable):
         """
         non_empty_str(base_model, "base_model")
         return await self._create_model(
-            _wire.CreateModelRequest(
-                session_id="", model_seq_id=0, base_model=base_model, base_only=True
-            )
+            _wire.ModelSpec(base_model=base_model, base_only=True), None
         )
 
     async def create_training_client_from_state(
@@ -469,16 +455,21 @@ class AsyncFiretitanServiceClient(Unpicklable):
         return self._adopt(model_id, spec, capabilities=payload)
 
     async def _create_model(
-        self, template: _wire.CreateModelRequest
+        self, spec: _wire.ModelSpec, user_metadata: dict[str, str] | None
     ) -> AsyncFiretitanTrainingClient:
         session_id = await self._open()
         # model_seq_id counts every model this session creates (base-only included);
         # the trainer deduplicates a retried create_model on (session_id, model_seq_id).
         model_seq_id, self._model_seq = self._model_seq, self._model_seq + 1
-        request = attrs.evolve(template, session_id=session_id, model_seq_id=model_seq_id)
-        kind = "CreateBaseModel" if request.base_only else None
+        request = _wire.CreateModelRequest(
+            session_id=session_id,
+            model_seq_id=model_seq_id,
+            user_metadata=user_metadata,
+            **attrs.asdict(spec),
+        )
+        kind = "CreateBaseModel" if spec.base_only else None
         _, created = await self._future(endpoints.CREATE_MODEL, request, kind)
-        return self._adopt(created["model_id"], request, capabilities=created)
+        return self._adopt(created["model_id"], spec, capabilities=created)
 
     def _adopt(
         self, model_id: str, spec: _wire.ModelSpec, *, capabilities: Any

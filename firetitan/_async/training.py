@@ -28,7 +28,7 @@ from tinker import types as ttypes
 
 from firetitan import _checkpoint_paths, _wire
 from firetitan._async import custom_loss
-from firetitan._async._checks import non_empty_str, positive_int, string_map
+from firetitan._async._checks import non_empty_str, one_of, positive_int, string_map
 from firetitan._async._tasks import TaskSet
 from firetitan._async.async_future import AsyncAPIFuture, FutureState, resolve_deadline
 from firetitan._async.deployment import AsyncDeployment
@@ -1050,15 +1050,7 @@ def _check_forward_args(
 
 
 def _explicit_checkpoint_type(checkpoint_type: object) -> str:
-    if not isinstance(checkpoint_type, str):
-        raise TypeError("checkpoint_type must be a string")
-    value = checkpoint_type.strip().lower()
-    if value not in _CHECKPOINT_TYPES:
-        raise ValueError(
-            f"checkpoint_type must be one of {', '.join(_CHECKPOINT_TYPES)}; "
-            f"got {checkpoint_type!r}"
-        )
-    return value
+    return one_of(checkpoint_type, _CHECKPOINT_TYPES, "checkpoint_type")
 
 
 def _tensor_size(tensor: tinker.TensorData) -> int:
@@ -1093,13 +1085,8 @@ def _normalization(value: GradAccNormalization | str | None) -> str | None:
         return None
     if isinstance(value, GradAccNormalization):
         return value.value
-    if isinstance(value, str):
-        try:
-            return GradAccNormalization(value.strip().lower()).value
-        except ValueError:
-            pass
-    choices = ", ".join(m.value for m in GradAccNormalization)
-    raise ValueError(f"grad_accumulation_normalization must be one of {choices}; got {value!r}")
+    choices = [m.value for m in GradAccNormalization]
+    return one_of(value, choices, "grad_accumulation_normalization")
 
 
 def _stripped(value: object, what: str) -> str:

@@ -30,13 +30,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import attrs
 
 from firetitan._checkpoint_paths import CheckpointRef, parse_checkpoint_path, validate_name
 
-__all__ = ["KINDS", "MANIFEST_NAME", "CheckpointStore", "Kind", "Manifest"]
+__all__ = ["KINDS", "MANIFEST_NAME", "CheckpointStore", "CopyOptions", "Kind", "Manifest"]
 
 MANIFEST_NAME = "firetitan-checkpoint.json"
 Kind = Literal["state", "sampler", "external"]
@@ -57,6 +57,18 @@ class Manifest:
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
+
+
+class CopyOptions(TypedDict, total=False):
+    """What `CheckpointStore.copy_to_job` sets on a copy, as `CheckpointStore.write` takes it.
+
+    Attributes:
+        ttl_seconds: Delete the copy this many seconds after it is made.
+        metadata: Added to the source's manifest metadata.
+    """
+
+    ttl_seconds: float | None
+    metadata: dict[str, Any] | None
 
 
 class CheckpointStore:
@@ -173,13 +185,7 @@ class CheckpointStore:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def copy_to_job(
-        self,
-        kind: Kind,
-        path: str,
-        job_id: str,
-        *,
-        ttl_seconds: float | None = None,
-        metadata: dict[str, Any] | None = None,
+        self, kind: Kind, path: str, job_id: str, **commit: Unpack[CopyOptions]
     ) -> Manifest:
         """Copy a valid checkpoint into another job, under the same name, sharing its
         files (hard links; a byte copy only where the file system has none). Checkpoint
@@ -190,8 +196,7 @@ class CheckpointStore:
             kind: ``"state"`` or ``"sampler"``.
             path: The source, as `resolve` takes it.
             job_id: The job that receives the copy.
-            ttl_seconds: Delete the copy this many seconds after it is made.
-            metadata: Added to the source's manifest metadata.
+            **commit: `CopyOptions`: the copy's TTL, and metadata added to the source's.
 
         Returns:
             The copy's manifest.
@@ -206,8 +211,8 @@ class CheckpointStore:
             kind,
             source.name,
             model_id=source.model_id,
-            ttl_seconds=ttl_seconds,
-            metadata={**source.metadata, **(metadata or {})},
+            ttl_seconds=commit.get("ttl_seconds"),
+            metadata={**source.metadata, **(commit.get("metadata") or {})},
             job_id=validate_name(job_id, "job id"),
         ) as folder:
             for relative, file in files.items():

@@ -20,10 +20,8 @@ Use::
 
     guard = ConnectionGuard(limits, log)
     app = web.Application(middlewares=[...])
-    guard.install(app)                    # before the runner is set up
-    runner = web.AppRunner(app, **guard.runner_options())
-    await runner.setup()
-    await guard.site(runner, host, port).start()
+    guard.install(app)                    # before it serves
+    runner, base_url = await guard.serve(app, host, port)
 
 A server whose own error middleware turns exceptions into responses should answer
 `BodyTimeoutError` with status ``408`` and its message (the guard closes the
@@ -33,6 +31,7 @@ connection either way).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -41,12 +40,20 @@ from typing import Any
 import attrs
 from aiohttp import web
 
-__all__ = ["BodyTimeoutError", "ConnectionGuard", "ConnectionLimits"]
+__all__ = ["BodyTimeoutError", "ConnectionGuard", "ConnectionLimits", "url_host"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: How often at most a summary of refused connections is logged.
 REFUSAL_LOG_INTERVAL_SECONDS = 10.0
+
+
+def url_host(host: str) -> str:
+    """``host`` as it goes into a URL (IPv6 literals in brackets)."""
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host
 
 
 def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -150,13 +157,35 @@ class ConnectionGuard:
         """Add the guard's middleware to ``app`` as its outermost one."""
         app.middlewares.insert(0, self._middleware)
 
-    def runner_options(self) -> dict[str, Any]:
-        """Keyword arguments for `web.AppRunner` that the guard relies on."""
-        return {"keepalive_timeout": self.limits.idle_timeout_seconds}
+    async def serve(
+        self, app: web.Application, host: str, port: int, **options: Any
+    ) -> tuple[web.AppRunner, str]:
+        """Serve ``app`` (`install`-ed) on ``host:port``, this guard watching every
+        connection; return its runner, to ``cleanup`` when done, and its base URL.
 
-    def site(self, runner: web.AppRunner, host: str, port: int) -> web.BaseSite:
-        """A TCP site of ``runner`` whose connections this guard watches."""
-        return _GuardedSite(runner, host, port, self)
+        Args:
+            app: The application.
+            host: Interface to bind.
+            port: Port to bind; 0 picks a free one.
+            **options: More `web.AppRunner` options.
+
+        Raises:
+            OSError: The address cannot be bound (nothing is left running).
+        """
+        runner = web.AppRunner(
+            app,
+            access_log=None,  # the servers log requests themselves (`access_log`)
+            handle_signals=False,
+            keepalive_timeout=self.limits.idle_timeout_seconds,
+            **options,
+        )
+        try:
+            await runner.setup()
+            await _GuardedSite(runner, host, port, self).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        return runner, f"http://{url_host(host)}:{runner.addresses[0][1]}"
 
     # ------------------------------------------------------------------ connections
 

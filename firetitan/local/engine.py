@@ -35,7 +35,7 @@ import tinker
 
 from firetitan._wire.requests import ModelSpec
 from firetitan.local import rules
-from firetitan.local.loss_graphs import LossGraph
+from firetitan.local.loss_graphs import LossGraph, reduce_metrics
 from firetitan.local.rules import Limits, LossRequest, SamplingRequest, UserError
 
 __all__ = [
@@ -271,6 +271,23 @@ class Engine(abc.ABC):
         if spec.base_only:
             raise rules.frozen_model(model_id, what)
         return spec
+
+    @staticmethod
+    def loss_output(
+        request: LossRequest,
+        outputs: list[dict[str, tinker.TensorData]],
+        total: float,
+        custom_metrics: Sequence[Mapping[str, float]],
+    ) -> tinker.ForwardBackwardOutput:
+        """What `compute_loss` answers, alike for every engine: each datum's outputs,
+        the summed loss and the loss-token count, and a loss graph's own metrics (one
+        mapping per datum) reduced by `loss_graphs.reduce_metrics`."""
+        metrics = {"loss:sum": total, "loss_tokens:sum": float(request.loss_tokens())}
+        if request.graph is not None:
+            metrics.update(reduce_metrics(custom_metrics))
+        return tinker.ForwardBackwardOutput(
+            loss_fn_output_type="TorchLossReturn", loss_fn_outputs=outputs, metrics=metrics
+        )
 
     # ------------------------------------------------------------------ compute hooks
 

@@ -31,7 +31,7 @@ from typing import Any, Final
 
 import attrs
 
-from firetitan.local.rules import UserError
+from firetitan.local.user_error import UserError
 
 __all__ = [
     "ATTRIBUTES",

@@ -35,7 +35,7 @@ from firetitan.local.engine import (
     UserError,
     optim_metrics,
 )
-from firetitan.local.loss_graphs import LossGraph, no_gradient, reduce_metrics
+from firetitan.local.loss_graphs import LossGraph, no_gradient
 
 __all__ = ["NullEngine"]
 
@@ -140,18 +140,10 @@ class NullEngine(Engine):
                 raise rules.non_finite_loss(index)
             total += loss
             outputs.append({"logprobs": tinker.TensorData.from_numpy(lp)})
-        tokens = request.loss_tokens()
         if train:  # only now that the whole request computed: all or nothing
-            model.window_tokens += tokens
+            model.window_tokens += request.loss_tokens()
             model.window_sequences += request.sequences()
-        metrics = {"loss:sum": total, "loss_tokens:sum": float(tokens)}
-        if request.graph is not None:
-            metrics.update(reduce_metrics(custom_metrics))
-        return tinker.ForwardBackwardOutput(
-            loss_fn_output_type="TorchLossReturn",
-            loss_fn_outputs=outputs,
-            metrics=metrics,
-        )
+        return self.loss_output(request, outputs, total, custom_metrics)
 
     def compute_optim_step(
         self, model_id: str, adam_params: tinker.AdamParams, normalization: str

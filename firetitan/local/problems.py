@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from firetitan.local.connections import BodyTimeoutError
 
@@ -72,7 +73,7 @@ class ErrorDialect:
     def too_large_problem(self, limit: int) -> Problem:
         return Problem(413, self.too_large(limit), self.too_large_code)
 
-    def middleware(self, max_request_bytes: int) -> Any:
+    def middleware(self, max_request_bytes: int) -> Middleware:
         """The error middleware (install it outside the others but the access log):
         a handler's exception becomes this dialect's answer; a redirect passes."""
 

@@ -27,6 +27,8 @@ import numpy as np
 import numpy.typing as npt
 import tinker
 
+from firetitan.local.user_error import UserError
+
 if TYPE_CHECKING:
     from firetitan.local.loss_graphs import LossGraph
 
@@ -56,10 +58,6 @@ __all__ = [
     "normalization_mode",
     "unknown_model",
 ]
-
-
-class UserError(Exception):
-    """A mistake in a request, reported to the client with category ``user``."""
 
 
 IntArray = npt.NDArray[np.int64]
@@ -771,10 +769,8 @@ def check_export_kind(checkpoint_type: str, engine: str, kinds: Sequence[str]) -
     """
     kind = str(checkpoint_type).lower()
     if kind not in kinds:
-        raise UserError(
-            f"checkpoint_type {checkpoint_type!r} is not supported by the {engine} engine; "
-            f"use one of {list(kinds)}"
-        )
+        supported = f"the {engine} engine; use one of {list(kinds)}"
+        raise UserError(f"checkpoint_type {checkpoint_type!r} is not supported by {supported}")
     return kind
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
-import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable
@@ -171,14 +170,6 @@ def _load_object(raw: bytes) -> dict[str, Any]:
     return obj
 
 
-def url_host(host: str) -> str:
-    """``host`` as it goes into a URL (IPv6 literals in brackets)."""
-    try:
-        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
-    except ValueError:
-        return host
-
-
 class TrainerServer:
     """The aiohttp application of one local trainer, with its executor and engine.
 
@@ -245,23 +236,18 @@ class TrainerServer:
             self._engine = await self._executor.in_engine(self._engine_factory)
             self._capabilities = await self._executor.in_engine(self._engine.supported_models)
             self._ops = Operations(self._engine, self.store, self._registry, self._executor)
-            self._runner = web.AppRunner(
+            self._runner, self.base_url = await self._guard.serve(
                 self.make_app(),
-                access_log=None,
-                handle_signals=False,
+                host,
+                port,
                 shutdown_timeout=self.config.shutdown_grace_seconds,
                 # Bodies are decompressed by `_read`, under the size limit and with zstd
                 # (which aiohttp would refuse with a plain-text 400).
                 auto_decompress=False,
-                **self._guard.runner_options(),
             )
-            await self._runner.setup()
-            await self._guard.site(self._runner, host, port).start()
         except BaseException:
             await self.close()
             raise
-        bound_port = self._runner.addresses[0][1]
-        self.base_url = f"http://{url_host(host)}:{bound_port}"
         self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
         return self.base_url
 

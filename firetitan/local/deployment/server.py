@@ -64,7 +64,6 @@ from firetitan.local.deployment.completions import (
 from firetitan.local.deployment.snapshots import Snapshot, SnapshotError, SnapshotLoader
 from firetitan.local.engine import UserError
 from firetitan.local.problems import ErrorDialect, Problem
-from firetitan.local.server import url_host
 from firetitan.local.torch.models import context_length, vocab_size
 from firetitan.local.torch.sampling import plan_sampling
 
@@ -166,16 +165,11 @@ class DeploymentServer:
         """
         self._mailbox = _Mailbox(asyncio.get_running_loop())
         self.batcher.start()
-        self._runner = web.AppRunner(
-            self.make_app(), access_log=None, handle_signals=False, **self._guard.runner_options()
-        )
         try:
-            await self._runner.setup()
-            await self._guard.site(self._runner, host, port).start()
+            self._runner, self.base_url = await self._guard.serve(self.make_app(), host, port)
         except BaseException:
             await self.close()
             raise
-        self.base_url = f"http://{url_host(host)}:{self._runner.addresses[0][1]}"
         return self.base_url
 
     @contextlib.asynccontextmanager

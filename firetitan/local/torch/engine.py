@@ -34,7 +34,7 @@ from torch import nn
 
 from firetitan.local import loss_interpreter, rules
 from firetitan.local.engine import Engine, ModelSpec, SamplerExport, SampleSource, UserError
-from firetitan.local.loss_graphs import LossGraph, no_gradient, reduce_metrics
+from firetitan.local.loss_graphs import LossGraph, no_gradient
 from firetitan.local.torch import exports, state
 from firetitan.local.torch.inputs import collate, split_by_budget
 from firetitan.local.torch.lora import (
@@ -333,21 +333,11 @@ class TorchEngine(Engine):
             total = 0.0
             with accumulate:
                 for group in groups:
-                    total += self._run_group(
-                        model, request, group, outputs, custom_metrics, train
-                    )
-            tokens = request.loss_tokens()
+                    total += self._run_group(model, request, group, outputs, custom_metrics, train)
             if train:
-                model.window.loss_tokens += tokens
+                model.window.loss_tokens += request.loss_tokens()
                 model.window.sequences += request.sequences()
-            metrics = {"loss:sum": total, "loss_tokens:sum": float(tokens)}
-            if request.graph is not None:
-                metrics.update(reduce_metrics(custom_metrics))
-            return tinker.ForwardBackwardOutput(
-                loss_fn_output_type="TorchLossReturn",
-                loss_fn_outputs=outputs,
-                metrics=metrics,
-            )
+            return self.loss_output(request, outputs, total, custom_metrics)
 
     def _run_group(
         self,
