@@ -16,11 +16,11 @@ from typing import Any
 
 import tinker
 import torch
+from shared import BASE_MODEL
 from tinker import types
 
-from tests.compat.sdk_child import SdkProblems, report, trainer_address
+from tests.compat.sdk_child import run_child
 
-BASE_MODEL = "accounts/fireworks/models/qwen3-8b"
 ADAM = types.AdamParams(learning_rate=1e-2)
 SEQUENCES = [[1, 72, 105, 33, 10, 2], [1, 79, 107, 2]]
 ADVANTAGES = [[1.0, -0.5, 0.0, 2.0, 0.25], [-1.0, 0.5, 1.5]]
@@ -71,9 +71,7 @@ def logprobs_after(client: tinker.TrainingClient) -> list[list[float]]:
     return [o["logprobs"].tolist() for o in out.loss_fn_outputs]
 
 
-def main() -> int:
-    collect = SdkProblems("tinker").install()
-    base_url, api_key = trainer_address()
+def three_steps(base_url: str, api_key: str) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     with tinker.ServiceClient(base_url=base_url, api_key=api_key) as service:
         server, client_side, builtin = (
@@ -99,10 +97,8 @@ def main() -> int:
             "client": logprobs_after(client_side),
             "builtin": logprobs_after(builtin),
         }
-    summary["sdk_problems"] = collect.problems
-    report(summary)
-    return 0
+    return summary
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_child(three_steps, "tinker"))

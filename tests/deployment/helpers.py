@@ -13,6 +13,7 @@ import aiohttp
 import numpy as np
 import tinker
 import torch
+from shared import BASE_MODEL
 
 from firetitan.local.checkpoints import CheckpointStore
 from firetitan.local.deployment.server import COMPLETIONS_PATH, HOT_LOAD_PATH, DeploymentServer
@@ -20,7 +21,6 @@ from firetitan.local.deployment.snapshots import SnapshotLoader
 from firetitan.local.engine import ModelSpec
 from firetitan.local.torch import ByteTokenizer, TorchEngine
 
-QWEN = "accounts/fireworks/models/qwen3-8b"
 KEY = "tml-deployment-test-key"
 TOK = ByteTokenizer()
 ADAM = tinker.AdamParams(learning_rate=1e-2)
@@ -35,7 +35,8 @@ class Snapshots:
         self.store = CheckpointStore(root, "job-1")
         self.engine = TorchEngine(size="tiny", device="cpu", seed=0)
         self.model_id = "m"
-        self.engine.create_model(self.model_id, ModelSpec(base_model=QWEN, lora_rank=lora_rank))
+        spec = ModelSpec(base_model=BASE_MODEL, lora_rank=lora_rank)
+        self.engine.create_model(self.model_id, spec)
         self.last: Path | None = None
 
     def train(self, text: str = "the deployment learns this") -> None:
@@ -78,14 +79,14 @@ class Deployment:
         self.headers = {
             "Authorization": f"Bearer {KEY}",
             "fireworks-deployment": server.model,
-            "fireworks-model": QWEN,
+            "fireworks-model": BASE_MODEL,
         }
 
     @classmethod
     @contextlib.asynccontextmanager
     async def running(cls, root: Path, **options: Any) -> AsyncIterator[Deployment]:
         loader = await asyncio.to_thread(
-            SnapshotLoader, root, QWEN, size="tiny", device=torch.device("cpu")
+            SnapshotLoader, root, BASE_MODEL, size="tiny", device=torch.device("cpu")
         )
         server = DeploymentServer(loader, KEY, account="acct", deployment_id="dep", **options)
         await server.start()

@@ -12,10 +12,11 @@ from unittest.mock import ANY
 import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from shared import BASE_MODEL
 
 from firetitan.local.deployment.server import COMPLETIONS_PATH, HOT_LOAD_PATH
 
-from .helpers import KEY, QWEN, Deployment, Snapshots, generated, token_logprobs
+from .helpers import KEY, Deployment, Snapshots, generated, token_logprobs
 
 pytestmark = pytest.mark.asyncio
 
@@ -41,7 +42,7 @@ async def test_control_plane(deployment: Deployment) -> None:
         "GET", "/v1/accounts/acct/deployments/dep", headers={"X-Api-Key": KEY}
     )
     assert status == 200
-    assert body["name"] == "accounts/acct/deployments/dep" and body["baseModel"] == QWEN
+    assert body["name"] == "accounts/acct/deployments/dep" and body["baseModel"] == BASE_MODEL
     assert body["state"] == "READY"
     status, body = await deployment.request(
         "GET", "/v1/accounts/acct/deployments/other", headers={"X-Api-Key": KEY}

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from shared import BASE_MODEL
 
 from firetitan.local import LocalDeployment, LocalTrainer
-
-QWEN = "accounts/fireworks/models/qwen3-8b"
 
 
 def _call(url: str, key: str, body: Any = None, **headers: str) -> Any:
@@ -26,7 +25,7 @@ def _call(url: str, key: str, body: Any = None, **headers: str) -> Any:
 
 
 def test_local_trainer_starts_a_deployment_beside_it() -> None:
-    with LocalTrainer("null", base_model=QWEN, deployment=True) as trainer:
+    with LocalTrainer("null", base_model=BASE_MODEL, deployment=True) as trainer:
         dep = trainer.deployment
         assert dep.api_key == trainer.api_key
         assert dep.model == "accounts/local/deployments/local-deployment"
@@ -46,7 +45,7 @@ def test_local_trainer_starts_a_deployment_beside_it() -> None:
         status = _call(
             f"{dep.base_url}/hot_load/v1/models/hot_load",
             dep.api_key,
-            **{"fireworks-deployment": dep.model, "fireworks-model": QWEN},
+            **{"fireworks-deployment": dep.model, "fireworks-model": BASE_MODEL},
         )
         assert status["replicas"][0]["readiness"] is True
         assert "loading_state" not in status["replicas"][0]
@@ -60,22 +59,22 @@ def test_local_trainer_starts_a_deployment_beside_it() -> None:
 def test_async_context_and_options(tmp_path: Path) -> None:
     async def main() -> None:
         async with LocalDeployment(
-            tmp_path, QWEN, api_key="tml-k", account="acct", deployment_id="dep"
+            tmp_path, BASE_MODEL, api_key="tml-k", account="acct", deployment_id="dep"
         ) as dep:
             assert dep.model == "accounts/acct/deployments/dep"
             resource = _call(f"{dep.base_url}/v1/accounts/acct/deployments/dep", "tml-k")
-            assert resource["baseModel"] == QWEN
+            assert resource["baseModel"] == BASE_MODEL
 
     asyncio.run(main())
 
 
 def test_a_failed_start_says_why(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="does not exist"):
-        LocalDeployment(tmp_path / "missing", QWEN).start()
+        LocalDeployment(tmp_path / "missing", BASE_MODEL).start()
 
 
 def test_deploy_access_log_names_each_request_never_the_key(tmp_path: Path) -> None:
-    with LocalDeployment(tmp_path, QWEN, access_log=True) as dep:
+    with LocalDeployment(tmp_path, BASE_MODEL, access_log=True) as dep:
         _call(f"{dep.base_url}/v1/accounts?pageSize=2", dep.api_key)
         with pytest.raises(urllib.error.HTTPError):
             _call(f"{dep.base_url}/v1/accounts", "wrong-key")

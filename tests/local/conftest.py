@@ -9,19 +9,16 @@ from typing import Any
 
 import aiohttp
 import pytest_asyncio
+from shared import FAST_TRAINER
 
 from firetitan.local import LocalTrainer
 
 from .helpers import Api
 
-# Short waits so that the behaviour under test happens quickly. The gap wait stays long
-# so that a test sees a gap skipped only by the rule it checks; tests that need other
+# The shared quick waits (the gap wait stays long, so that a test sees a gap skipped only
+# by the rule it checks), with polls held a little longer; tests that need other
 # timings pass their own.
-FAST = {
-    "long_poll_seconds": 2.0,
-    "gap_wait_seconds": 20.0,
-    "maintenance_interval_seconds": 0.05,
-}
+FAST = {**FAST_TRAINER, "long_poll_seconds": 2.0}
 
 TrainerFactory = Callable[..., contextlib.AbstractAsyncContextManager[tuple[LocalTrainer, Api]]]
 ModelFactory = Callable[

@@ -13,7 +13,7 @@ import pytest
 from firetitan.local.null_engine import NullEngine
 
 from .conftest import ModelFactory, TrainerFactory
-from .helpers import Api, forward_body
+from .helpers import BASE_MODEL, Api, forward_body
 
 pytestmark = pytest.mark.asyncio
 
@@ -111,7 +111,7 @@ async def test_heartbeats_keep_a_session_alive(make_trainer: TrainerFactory) -> 
         status, info = await api.post("get_info", {"model_id": model, "type": "get_info"})
         assert status == 200
         assert info["model_id"] == model
-        assert info["model_data"]["model_name"] == "accounts/fireworks/models/qwen3-8b"
+        assert info["model_data"]["model_name"] == BASE_MODEL
         assert trainer.engine.model_ids() == [model]  # type: ignore[attr-defined]
 
 
@@ -151,7 +151,7 @@ async def test_service_endpoints(trainer_api: tuple[Any, Api]) -> None:
     assert await api.get("healthz") == (200, {"status": "ok"})
     status, caps = await api.get("get_server_capabilities")
     assert status == 200
-    assert caps["supported_models"][0]["model_name"] == "accounts/fireworks/models/qwen3-8b"
+    assert caps["supported_models"][0]["model_name"] == BASE_MODEL
     status, config = await api.post("client/config", {"sdk_version": "0.23.0"})
     assert status == 200
     assert config["proto_write_fwdbwd"] is False
