@@ -164,11 +164,13 @@ class ClientConfig:
             future fails with `FutureTimeoutError` (None: no deadline). Each RPC method
             takes a ``deadline=`` override.
         heartbeat_interval: Seconds between session heartbeats.
-        on_queue_state: Called with the new state each time a trainer reports that its
-            queue changed state while a future waits (``"paused_rate_limit"``,
-            ``"paused_capacity"``, ..., and ``"active"`` again), on the event loop:
-            keep it short. Each change is also logged once (logger ``firetitan``).
-            A configuration holding a callback pickles only if the callback does.
+        on_queue_state: Called as ``on_queue_state(state, reason)`` each time a trainer
+            reports that its queue changed state while a future waits (``state``:
+            ``"paused_rate_limit"``, ``"paused_capacity"``, ..., and ``"active"``
+            again; ``reason``: the trainer's ``queue_state_reason``, or None), on the
+            event loop: keep it short. Each change is also logged once, with the
+            reason (logger ``firetitan``). A configuration holding a callback pickles
+            only if the callback does.
     """
 
     timeouts: Timeouts = attrs.field(factory=Timeouts, validator=v.instance_of(Timeouts))
@@ -176,7 +178,7 @@ class ClientConfig:
     limits: Limits = attrs.field(factory=Limits, validator=v.instance_of(Limits))
     future_deadline: float | None = attrs.field(default=7200.0, validator=_positive_or_none)
     heartbeat_interval: float = attrs.field(default=10.0, validator=_positive)
-    on_queue_state: Callable[[str], None] | None = attrs.field(
+    on_queue_state: Callable[[str, str | None], None] | None = attrs.field(
         default=None, validator=v.optional(v.is_callable())
     )
 

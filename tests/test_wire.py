@@ -1226,6 +1226,13 @@ def test_future_outcomes_in_reference_order() -> None:
         {"type": "try_again", "request_id": "r", "queue_state": "paused_capacity", "error": "x"}
     ) == w.TryAgain("r", "paused_capacity")
     assert w.decode_future_outcome({"type": "try_again"}) == w.TryAgain("", None)
+    paused = w.TryAgain("r", "paused_capacity", "the operator paused the trainer")
+    assert w.encode_future_outcome(paused)["queue_state_reason"] == paused.queue_state_reason
+    assert w.decode_future_outcome(w.encode_future_outcome(paused)) == paused
+    assert "queue_state_reason" not in w.encode_future_outcome(w.TryAgain("r"))
+    assert w.decode_future_outcome(
+        {"type": "try_again", "request_id": "r", "queue_state_reason": 7}
+    ) == w.TryAgain("r", None, None)
     assert w.decode_future_outcome(
         {"status": "complete_metadata", "response_payload_size": 7, "error": None}
     ) == w.CompleteMetadata(7)

@@ -12,14 +12,17 @@ transport; what reaches here is an outcome (§4.3) or a final error: 410 becomes
 is simply sent again, so a lost answer never turns into a hang.
 
 A ``try_again`` names the trainer's queue state (``active``, ``paused_rate_limit``,
-``paused_capacity``...). Each change, and the return to ``active`` when a result comes,
-is logged once and handed to ``ClientConfig.on_queue_state``.
+``paused_capacity``...) and may say why (``queue_state_reason``). Each change of state,
+and the return to ``active`` when a result comes, is logged once with the reason and
+handed to ``ClientConfig.on_queue_state``: once per service client, whose training and
+sampling clients share its transport and with it one view of the trainer's queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from typing import Any
 
 from firetitan import _wire
@@ -46,7 +49,7 @@ class Poller:
         self._slots: asyncio.Semaphore | None = None
         # Set when the trainer refused a protobuf-only poll (406): ask for JSON from then on.
         self._json_only = False
-        self._queue_state = "active"
+        self._queue = _queue_watch(transport)
 
     async def wait(self, request_id: str, request_type: str, *, protobuf: bool = False) -> Any:
         """Long-poll ``request_id`` until it resolves and return its payload.
@@ -105,7 +108,7 @@ class Poller:
                 return answer  # only success payloads travel as protobuf
             outcome = decode_result(endpoints.RETRIEVE_FUTURE, answer, request_id=request_id)
             if isinstance(outcome, _wire.FutureResult):
-                self._note_queue_state("active", request_id)
+                self._queue.note("active", None, request_id)
                 return outcome.payload
             if isinstance(outcome, _wire.FutureFailed):
                 raise RequestFailedError(
@@ -119,21 +122,42 @@ class Poller:
                 allow_metadata_only = False
                 continue
             # TryAgain: the trainer held the poll as long as it wanted; ask again.
-            self._note_queue_state(outcome.queue_state or "active", request_id)
+            state = outcome.queue_state or "active"
+            self._queue.note(state, outcome.queue_state_reason, request_id)
             if loop.time() - started < _FAST_ANSWER_S:
                 fast_answers += 1
                 await asyncio.sleep(min(_MAX_PAUSE_S, 0.005 * 2**fast_answers))
             else:
                 fast_answers = 0
 
-    def _note_queue_state(self, state: str, request_id: str) -> None:
-        if state == self._queue_state:
+
+class _QueueWatch:
+    """The last queue state a trainer reported to one service client's clients."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._config = transport.config
+        self._state = "active"
+
+    def note(self, state: str, reason: str | None, request_id: str) -> None:
+        """Log and report ``state`` if it differs from the last one."""
+        if state == self._state:
             return
-        self._queue_state = state
+        self._state = state
+        because = f" ({reason})" if reason else ""
         if state == "active":
-            log.info("trainer queue is active again (request %s)", request_id)
+            log.info("trainer queue is active again%s (request %s)", because, request_id)
         else:
-            log.warning("trainer queue is %s; request %s waits", state, request_id)
-        callback = self._transport.config.on_queue_state
+            log.warning("trainer queue is %s%s; request %s waits", state, because, request_id)
+        callback = self._config.on_queue_state
         if callback is not None:
-            callback(state)
+            callback(state, reason)
+
+
+_WATCHES: weakref.WeakKeyDictionary[Transport, _QueueWatch] = weakref.WeakKeyDictionary()
+
+
+def _queue_watch(transport: Transport) -> _QueueWatch:
+    watch = _WATCHES.get(transport)
+    if watch is None:
+        watch = _WATCHES[transport] = _QueueWatch(transport)
+    return watch

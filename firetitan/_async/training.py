@@ -466,8 +466,9 @@ class AsyncFiretitanTrainingClient(Unpicklable):
             name: The checkpoint name, e.g. ``"step-100"``: letters, digits, ``-``,
                 ``_`` and ``.``.
             ttl_seconds: Delete the checkpoint after this many seconds; None keeps it.
-            overwrite: Replace a checkpoint of the same name (sent as tinker and
-                Fireworks send it; the local trainer always replaces).
+            overwrite: Replace a checkpoint of the same name. Without it a name this
+                training client already saved fails the future (tinker's default; the
+                local trainer says which name).
             user_metadata: String pairs recorded with the checkpoint (tinker's
                 ``RestClient`` lists them).
             timeout: Fireworks' name for ``deadline``; give one or the other.

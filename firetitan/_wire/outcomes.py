@@ -87,10 +87,19 @@ def decode_future_ack(obj: Any) -> FutureAck:
 
 @attrs.frozen
 class TryAgain:
-    """Still pending (§4.3, outcome 1)."""
+    """Still pending (§4.3, outcome 1).
+
+    Attributes:
+        request_id: The pending request.
+        queue_state: ``active``, or why nothing runs (``paused_capacity``,
+            ``paused_rate_limit``); None when the trainer did not say.
+        queue_state_reason: The trainer's words for that state (tinker's
+            ``queue_state_reason``), or None.
+    """
 
     request_id: str
     queue_state: str | None = "active"
+    queue_state_reason: str | None = None
 
 
 @attrs.frozen
@@ -131,6 +140,8 @@ def encode_future_outcome(outcome: FutureOutcome) -> JSON:
         body: JSON = {"type": "try_again", "request_id": outcome.request_id}
         if outcome.queue_state is not None:
             body["queue_state"] = outcome.queue_state
+        if outcome.queue_state_reason is not None:
+            body["queue_state_reason"] = outcome.queue_state_reason
         return body
     if isinstance(outcome, CompleteMetadata):
         return {
@@ -161,9 +172,11 @@ def decode_future_outcome(obj: Any) -> FutureOutcome:
     if body.get("type") == "try_again":
         request_id = body.get("request_id")
         queue_state = body.get("queue_state")
+        reason = body.get("queue_state_reason")
         return TryAgain(
             request_id if isinstance(request_id, str) else "",
             queue_state if isinstance(queue_state, str) else None,
+            reason if isinstance(reason, str) else None,
         )
     if body.get("status") == "complete_metadata":
         size = body.get("response_payload_size")

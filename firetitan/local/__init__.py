@@ -217,6 +217,41 @@ class LocalTrainer:
         """Requests executed so far, in order: ``(model_id, seq_id, request_id, kind)``."""
         return self.server.execution_log
 
+    def pause(self, reason: str = "the trainer is paused by its operator") -> None:
+        """Hold the trainer's queue: requests already running finish, no other starts
+        until `resume`. Clients polling the waiting requests hear queue state
+        ``paused_capacity`` with ``reason`` (tinker's ``queue_state_reason``), and
+        firetitan's and tinker's clients log it. From any thread.
+        """
+        self._on_server_loop(lambda: self.server.pause(reason))
+
+    def resume(self) -> None:
+        """End a `pause`: the held requests run, in order. From any thread."""
+        self._on_server_loop(self.server.resume)
+
+    def _on_server_loop(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop that serves (the caller's with ``async with``)."""
+        loop = self._loop
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if loop is None or current is loop:
+            fn()
+            return
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+        loop.call_soon_threadsafe(run)
+        done.result()
+
     # ------------------------------------------------------------------ async
 
     async def __aenter__(self) -> LocalTrainer:

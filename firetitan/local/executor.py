@@ -24,6 +24,9 @@ The server decodes a request, hands the executor a coroutine function that does 
   outcome, encoded as JSON, or, for results that also have a protobuf form (tinker
   0.38 reads forward and sampling results only as protobuf), the result object and
   each encoding once made, so that every poll gets what its ``Accept`` header asks for.
+* **Holding.** `hold` stops new work from starting (what runs finishes) until
+  `release`; meanwhile polls of the requests that wait answer ``try_again`` with the
+  hold's queue state and reason, as tinker's clients expect of a paused trainer.
 * **Bounded memory.** Finished results stay for ``result_retention_seconds``, at most
   ``max_retained_results`` of them and ``max_retained_result_bytes`` in all (oldest
   evicted first, the newest always kept); an evicted result answers 410. Request ids carry a
@@ -232,6 +235,8 @@ class _Job:
     keys: list[Hashable] = attrs.field(factory=list)
     # Whether a poll has been answered with its result (a graceful stop waits for it).
     delivered: bool = False
+    # Whether it has started running (a held executor reports only the others paused).
+    started: bool = False
     # The task running an unordered job (what `Executor.cancel` cancels).
     task: asyncio.Task[None] | None = None
 
@@ -284,6 +289,10 @@ class Executor:
         # What a graceful stop left unfinished, and a signal that a poll got a result.
         self._stopped_jobs: list[_Job] = []
         self._delivery = asyncio.Event()
+        # `hold`: the (queue_state, reason) polls report, and a signal that it ended.
+        self._hold: tuple[str, str] | None = None
+        self._unheld = asyncio.Event()
+        self._unheld.set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -295,12 +304,30 @@ class Executor:
             # Line-buffered: one small write per executed request, readable while running.
             self._log_file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
 
+    def hold(self, queue_state: str, reason: str) -> None:
+        """Start no new request until `release` (running ones finish); polls of the
+        waiting requests answer ``try_again`` with ``queue_state`` and ``reason``."""
+        self._hold = (queue_state, reason)
+        self._unheld.clear()
+        log.warning("queue held (%s): %s", queue_state, reason)
+
+    def release(self) -> None:
+        """End a `hold`: the waiting requests run, in order."""
+        if self._hold is None:
+            return
+        self._hold = None
+        self._unheld.set()
+        for queue in self._models.values():
+            queue.wake.set()
+        log.warning("queue released")
+
     async def stop(self) -> None:
         """Refuse new work, fail every queued request with "the trainer is shutting
         down", and let running ones finish. Results stay retrievable."""
         if self._closed:
             return
         self._closed = True
+        self.release()  # what a hold kept waiting fails below, or sees the executor closed
         self._stopped_jobs = [job for job in self._jobs.values() if job.result is None]
         for queue in list(self._models.values()):
             self._close_queue(queue, SHUTTING_DOWN, "server", "TrainerShuttingDown")
@@ -564,7 +591,8 @@ class Executor:
             job.delivered = True
             self._delivery.set()
             return answer
-        pending = _wire.TryAgain(request_id, queue_state="active")
+        state, reason = ("active", None) if self._hold is None or job.started else self._hold
+        pending = _wire.TryAgain(request_id, queue_state=state, queue_state_reason=reason)
         return _wire.dumps(_wire.encode_future_outcome(pending)), "json"
 
     async def _encoded(self, job: _Job, result: Result, wanted: Encoding) -> tuple[bytes, Encoding]:
@@ -647,6 +675,11 @@ class Executor:
         """Run a model's queue in seq_id order until it is closed."""
         loop = asyncio.get_running_loop()
         while not queue.closed:
+            if self._hold is not None and queue.pending:
+                # Held: the job stays queued (cancellable); `release` or news wakes us.
+                queue.wake.clear()
+                await queue.wake.wait()
+                continue
             job = queue.pending.pop(queue.next_seq, None)
             if job is not None:
                 queue.next_seq += 1
@@ -704,9 +737,15 @@ class Executor:
         queue.wake.set()
 
     async def _execute(self, job: _Job) -> None:
+        if self._hold is not None and job.seq_id is None:
+            await self._unheld.wait()  # an unordered job (sampling) waits out a hold here
+            if self._closed:
+                self._finish(job, failure_result(SHUTTING_DOWN, "server", "TrainerShuttingDown"))
+                return
         run = job.run
         if run is None or job.result is not None:
             return
+        job.started = True
         self._record(job)
         started = time.monotonic()
         try:

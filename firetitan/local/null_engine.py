@@ -324,6 +324,13 @@ def _loss_terms(
         terms = -ratio * adv
     elif loss_fn == "ppo":
         terms = -np.minimum(ratio * adv, np.clip(ratio, lo, hi) * adv)
+    elif loss_fn == "gspo":
+        marked = datum.ratio_positions
+        assert marked is not None
+        # The value of the sequence ratio at every position (gspo's s_t; no gradients
+        # here). Nothing is marked only when no position carries the loss: any value does.
+        seq_ratio = np.exp(np.mean((logp - q)[marked])) if marked.any() else 1.0
+        terms = -np.minimum(seq_ratio * adv, np.clip(seq_ratio, lo, hi) * adv)
     elif loss_fn == "cispo":
         terms = -np.clip(ratio, lo, hi) * logp * adv
     elif loss_fn == "dro":

@@ -24,6 +24,7 @@ import numpy.typing as npt
 import tinker
 
 from firetitan import _wire
+from firetitan._checkpoint_paths import CheckpointRef
 from firetitan.local import loss_graphs, rules, sample_scores, stability
 from firetitan.local.checkpoints import MANIFEST_NAME, CheckpointStore, Kind, Manifest
 from firetitan.local.engine import Engine, ModelSpec, SampleSource, UserError
@@ -315,6 +316,12 @@ class Operations:
     ) -> Run:
         """``save_weights`` (save_state) under the name ``request.path``.
 
+        A checkpoint of that name that this model saved is replaced only with
+        ``request.overwrite`` (tinker's default refuses it). One trainer job is one
+        namespace where tinker gives every training run its own, so a name another
+        model saved is replaced as before: several runs of a loop (tinker-cookbook's
+        resumed runs, say) save the same names.
+
         ``returned_path`` is the path the client gets back, which it can load: the bare
         name, or its ``tinker://`` form for tinker sessions.
         """
@@ -323,6 +330,12 @@ class Operations:
             metadata = _model_metadata(record)
             if request.user_metadata is not None:  # the checkpoint's own
                 metadata["checkpoint_user_metadata"] = dict(request.user_metadata)
+            existing = self._store.manifest("state", CheckpointRef(request.path))
+            if not request.overwrite and existing and existing.model_id == request.model_id:
+                raise UserError(  # tinker's default: never replace a run's own silently
+                    f"save_state: this model already saved a checkpoint named "
+                    f"{request.path!r}; pass overwrite=True to replace it, or choose another name"
+                )
             with self._write("state", request.path, request, metadata) as directory:
                 self._engine.save_state(request.model_id, directory)
             return success_result({"type": "save_weights", "path": returned_path})

@@ -39,6 +39,7 @@ __all__ = [
     "MAX_LOGPROB_CELLS",
     "MAX_LOGPROB_WIDTH",
     "NORMALIZATIONS",
+    "RATIO_MASK",
     "ConfigKey",
     "DatumArrays",
     "Interval",
@@ -174,6 +175,9 @@ CLIP_LOW_DEFAULT: Final = 0.8
 CLIP_HIGH_DEFAULT: Final = 1.2
 BETA_DEFAULT: Final = 0.05
 
+#: The ``gspo`` input marking the positions its sequence ratio averages over.
+RATIO_MASK: Final = "sequence_ratio_mask"
+
 _CLIP = (
     ConfigKey(
         name="clip_low_threshold",
@@ -190,13 +194,19 @@ _CLIP = (
 )
 
 
-def _rl_loss(name: str, formula: str, config: tuple[ConfigKey, ...] = ()) -> LossSpec:
-    """An RL loss: sampler logprobs and advantages in, ``weights`` a mask."""
+def _rl_loss(
+    name: str,
+    formula: str,
+    config: tuple[ConfigKey, ...] = (),
+    extra_optional: tuple[str, ...] = (),
+) -> LossSpec:
+    """An RL loss: sampler logprobs and advantages in, ``weights`` a mask (and the
+    ``extra_optional`` inputs it reads when present)."""
     return LossSpec(
         name=name,
         formula=formula,
         required=("target_tokens", "logprobs", "advantages"),
-        optional=("weights",),
+        optional=("weights", *extra_optional),
         weights="Optional mask: multiplies each position's term (1 when absent). "
         "Positions with `A_t = 0` carry no gradient whatever their weight.",
         loss_tokens="Positions with `A_t ≠ 0` (and `w_t ≠ 0` when `weights` is given).",
@@ -237,6 +247,15 @@ LOSSES: Final[dict[str, LossSpec]] = {
                     doc="Weight β of the quadratic penalty on `lp_t − q_t`.",
                 ),
             ),
+        ),
+        _rl_loss(
+            "gspo",
+            "s = exp(mean over M of (lp_t − q_t)), M = {t : m_t ≠ 0} with m = "
+            "sequence_ratio_mask (when given it must mark a position; when absent M is the "
+            "datum's loss tokens); s_t = sg(s) · exp(lp_t − sg(lp_t)), the value of s with "
+            "the gradient of lp_t (GSPO-token); L = −Σ_t min(s_t · A_t, clip(s_t, lo, hi) · A_t)",
+            _CLIP,
+            extra_optional=(RATIO_MASK,),
         ),
         _rl_loss(
             "stable_reinforce",
@@ -363,6 +382,8 @@ class DatumArrays:
         sampler_logprobs: ``logprobs`` (N,) for RL losses, else None.
         advantages: ``advantages`` (N,) for RL losses, else None.
         loss_positions: (N,) bool: the loss tokens (`LossSpec.loss_tokens`).
+        ratio_positions: (N,) bool: for the losses that read ``sequence_ratio_mask``, the
+            positions it marks (the loss tokens when it is absent), else None.
         custom_inputs: For a custom loss, the ``loss_fn_inputs`` its graph reads, in
             `LossGraph.input_keys` order (float32 or int64, as sent).
     """
@@ -373,6 +394,7 @@ class DatumArrays:
     sampler_logprobs: FloatArray | None
     advantages: FloatArray | None
     loss_positions: npt.NDArray[np.bool_]
+    ratio_positions: npt.NDArray[np.bool_] | None = None
     custom_inputs: tuple[npt.NDArray[Any], ...] = ()
 
     @property
@@ -583,6 +605,19 @@ def _check_datum(index: int, datum: tinker.Datum, spec: LossSpec, limits: Limits
     else:
         nonzero = weights != 0
         positions = nonzero if nonzero.ndim == 1 else nonzero.any(axis=1)
+
+    ratio_positions = None
+    if RATIO_MASK in spec.optional:
+        # tinker's cookbook RL loop sends the mask, its rl.train does not: without one the
+        # ratio averages over the positions that carry the loss.
+        ratio_positions = positions
+        if RATIO_MASK in inputs:
+            ratio_positions = _float(where, RATIO_MASK, inputs[RATIO_MASK], [n]) != 0
+            if not ratio_positions.any():
+                raise UserError(
+                    f"{where}: loss_fn_inputs[{RATIO_MASK!r}] marks no position; {spec.name} "
+                    "averages its sequence ratio over the marked (non-zero) positions"
+                )
     return DatumArrays(
         tokens=tokens,
         targets=target_ints,
@@ -590,6 +625,7 @@ def _check_datum(index: int, datum: tinker.Datum, spec: LossSpec, limits: Limits
         sampler_logprobs=sampler_logprobs,
         advantages=advantages,
         loss_positions=positions,
+        ratio_positions=ratio_positions,
     )
 
 

@@ -215,6 +215,15 @@ class TrainerServer:
         """The running engine (for in-process inspection)."""
         return self._operations.engine
 
+    def pause(self, reason: str) -> None:
+        """Start no new request until `resume`; clients polling the waiting ones hear
+        queue state ``paused_capacity`` with ``reason``. Call on the server's loop."""
+        self._executor.hold("paused_capacity", reason)
+
+    def resume(self) -> None:
+        """End a `pause`. Call on the server's loop."""
+        self._executor.release()
+
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Build the engine, bind, and serve; return the base URL.
 

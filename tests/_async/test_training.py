@@ -162,6 +162,19 @@ async def test_peer_path_forms_and_training_clients_from_state(
     await tc.load_state_with_optimizer(f"acme/{job}/s1")
     manifest = trainer.server.store.manifest("state", CheckpointRef("s1"))
     assert manifest is not None and manifest.metadata["checkpoint_user_metadata"] == {"note": "n"}
+    # A name this model saved is refused without overwrite (tinker's default), and kept as
+    # it was; overwrite=True replaces it, metadata included.
+    with pytest.raises(RequestFailedError) as refused:
+        await tc.save_state("s1", user_metadata={"note": "second"})
+    assert refused.value.category == "user"
+    assert str(refused.value).startswith(
+        "save_state: this model already saved a checkpoint named 's1'; pass overwrite=True"
+    )
+    kept = trainer.server.store.manifest("state", CheckpointRef("s1"))
+    assert kept is not None and kept.created_at == manifest.created_at
+    await tc.save_state("s1", overwrite=True)
+    replaced = trainer.server.store.manifest("state", CheckpointRef("s1"))
+    assert replaced is not None and "checkpoint_user_metadata" not in replaced.metadata
 
     fresh = await service.create_training_client_from_state(f"tinker://{job}/weights/s1")
     resumed = await service.create_training_client_from_state_with_optimizer(
@@ -171,6 +184,11 @@ async def test_peer_path_forms_and_training_clients_from_state(
         assert client.model_id != tc.model_id
         assert client.base_model == BASE_MODEL and client.lora_rank == 4
         await client.forward_backward(batch(1), "cross_entropy")
+    # One trainer job is one namespace: a run resumed from "s1" may save under the names
+    # its first run used (tinker keeps each run's apart; here the later one replaces).
+    await resumed.save_state("s1")
+    latest = trainer.server.store.manifest("state", CheckpointRef("s1"))
+    assert latest is not None and latest.model_id == resumed.model_id
     assert executed(trainer, resumed.model_id)[0] == (0, "load_weights")
     with pytest.raises(RequestFailedError):
         await service.create_training_client_from_state("never-saved")

@@ -173,13 +173,25 @@ class _ScriptedTransport:
 async def test_queue_state_changes_reach_the_callback_and_the_log_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    seen: list[str] = []
-    config = ClientConfig(on_queue_state=seen.append)
-    paused = {"type": "try_again", "request_id": "r", "queue_state": "paused_rate_limit"}
+    seen: list[tuple[str, str | None]] = []
+    config = ClientConfig(on_queue_state=lambda state, reason: seen.append((state, reason)))
+    paused = {
+        "type": "try_again",
+        "request_id": "r",
+        "queue_state": "paused_rate_limit",
+        "queue_state_reason": "3 training clients at once is the limit",
+    }
     script = [paused, paused, {"type": "try_again", "request_id": "r"}, {"ok": 1}]
     poller = Poller(_ScriptedTransport(config, script), 1)  # type: ignore[arg-type]
     with caplog.at_level(logging.INFO, logger="firetitan"):
         assert await poller.wait("r", "Sample") == {"ok": 1}
-    assert seen == ["paused_rate_limit", "active"]
+    assert seen == [
+        ("paused_rate_limit", "3 training clients at once is the limit"),
+        ("active", None),
+    ]
     lines = [r.getMessage() for r in caplog.records if "queue" in r.getMessage()]
-    assert len(lines) == 2 and "paused_rate_limit" in lines[0]
+    assert len(lines) == 2
+    assert lines[0] == (
+        "trainer queue is paused_rate_limit (3 training clients at once is the limit); "
+        "request r waits"
+    )

@@ -9,7 +9,7 @@ SDK with its default client configuration.
 Input on stdin, as JSON: ``{"mode": ..., "base_model": ..., "log_path": ..., ...}``.
 Modes: ``sft`` (the supervised loop, ``steps`` steps, saving every ``save_every``),
 ``rl`` (the RL loop, once per entry of ``runs``: ``async`` for its asynchronous mode,
-``loss_fn`` for its loss),
+``loss_fn`` for its loss, ``crash_at`` to stop it at that batch),
 ``download`` (``weights.download`` of ``tinker_path`` into ``out``) and ``rest`` (the
 tinker ``RestClient``: list the run's checkpoints, delete one, list again).
 """
@@ -164,10 +164,13 @@ class SpellGroup(EnvGroupBuilder):
 
 
 class SpellDataset(RLDataset):
-    def __init__(self, batches: int, groups: int, group_size: int) -> None:
+    def __init__(self, batches: int, groups: int, group_size: int, crash_at: int | None) -> None:
         self._batches, self._groups, self._group_size = batches, groups, group_size
+        self._crash_at = crash_at
 
     def get_batch(self, index: int) -> Sequence[EnvGroupBuilder]:
+        if index == self._crash_at:
+            raise Interrupted(f"batch {index}")
         letters = "abcdefgh"
         return [
             SpellGroup(f"{letters[(index + g) % 8]}=", letters[(index + g) % 8], self._group_size)
@@ -183,14 +186,16 @@ class SpellBuilder(RLDatasetBuilder):
     batches: int = 3
     groups: int = 2
     group_size: int = 4
+    crash_at: int | None = None
 
     async def __call__(self) -> tuple[RLDataset, RLDataset | None]:
-        return SpellDataset(self.batches, self.groups, self.group_size), None
+        return SpellDataset(self.batches, self.groups, self.group_size, self.crash_at), None
 
 
 def run_rl(spec: dict[str, Any], base_url: str) -> dict[str, Any]:
-    """One RL run per entry of ``spec["runs"]`` (``log_path``, ``async``, ``loss_fn``),
-    one after another in this process."""
+    """One RL run per entry of ``spec["runs"]`` (``log_path``, ``async``, ``loss_fn``,
+    ``crash_at``), one after another in this process; says which were interrupted."""
+    interrupted = []
     for run in spec["runs"]:
         options: dict[str, Any] = {}
         if run.get("async"):
@@ -202,7 +207,7 @@ def run_rl(spec: dict[str, Any], base_url: str) -> dict[str, Any]:
             options["loss_fn"] = run["loss_fn"]
         config = rl_train.Config(
             learning_rate=1e-3,
-            dataset_builder=SpellBuilder(batches=spec["steps"]),
+            dataset_builder=SpellBuilder(batches=spec["steps"], crash_at=run.get("crash_at")),
             model_name=spec["base_model"],
             recipe_name="firetitan_test_rl",
             max_tokens=6,
@@ -214,8 +219,11 @@ def run_rl(spec: dict[str, Any], base_url: str) -> dict[str, Any]:
             num_groups_to_log=0,
             **options,
         )
-        asyncio.run(rl_train.main(config))
-    return {}
+        try:
+            asyncio.run(rl_train.main(config))
+        except Interrupted:
+            interrupted.append(run["log_path"])
+    return {"interrupted": interrupted}
 
 
 # --------------------------------------------------------------------------- REST

@@ -64,14 +64,17 @@ def test_sft_resumes_with_one_row_per_step(trainer: LocalTrainer, tmp_path: Path
     assert "Renderer metadata matches" in log  # read back through training_runs/{id}
 
 
-#: (mode, loss_fn) of each RL run: both modes with their defaults, and every other loss
-#: the cookbook's RL loop offers that this trainer serves (not gspo: README).
+#: (mode, loss_fn) of each RL run: both modes with their defaults, and every other
+#: built-in loss the cookbook's RL loop (``rl.train``, typed by tinker's ``LossFnType``)
+#: can train with.
 RL_RUNS = [
     ("sync", None),  # the cookbook's default, importance_sampling
     ("async", None),  # the async default, stable_reinforce: stability records, provenance
     ("sync", "ppo"),
     ("sync", "cispo"),
     ("sync", "dro"),
+    ("sync", "gspo"),  # rl.train sends no sequence_ratio_mask: the loss tokens stand in
+    ("sync", "stable_reinforce"),
 ]
 
 
@@ -81,12 +84,36 @@ def test_rl_loop_modes_and_losses(trainer: LocalTrainer, tmp_path: Path) -> None
         for mode, loss in RL_RUNS
     ]
     cookbook(trainer, "rl", tmp_path, steps=3, runs=runs)
-    for run in runs:
+    defaults = {"sync": "importance_sampling", "async": "stable_reinforce"}
+    for (mode, loss), run in zip(RL_RUNS, runs, strict=True):
         log_path = Path(run["log_path"])
+        config = json.loads((log_path / "config.json").read_text())
+        trained_with = config["async_config"]["loss_fn"] if run["async"] else config["loss_fn"]
+        assert trained_with == (loss or defaults[mode])
         trained = [r for r in rows(log_path) if "optim_step:max" in r]
         assert [r["step"] for r in trained] == [0, 1, 2], run
         assert all(type(r["step"]) is int for r in trained)
         assert checkpoints(log_path)[-1]["name"] == "final"
+
+
+def test_rl_loop_resumes_with_one_row_per_step(trainer: LocalTrainer, tmp_path: Path) -> None:
+    """Stopped at batch 3, after its checkpoint at batch 2, and run again on the same log
+    directory: the loop resumes from that checkpoint, drops the rows logged from it on,
+    and ends with one row per step (and its closing row of token totals)."""
+    run = {"log_path": str(tmp_path), "crash_at": 3}
+    first = cookbook(trainer, "rl", tmp_path, steps=5, runs=[run])
+    assert first["interrupted"] == [str(tmp_path)]
+    assert [c["name"] for c in checkpoints(tmp_path)] == ["000002"]
+    again = cookbook(trainer, "rl", tmp_path, steps=5, runs=[{"log_path": str(tmp_path)}])
+    assert again["interrupted"] == []
+    steps = [r["step"] for r in rows(tmp_path)]
+    assert steps == list(range(6))  # integer steps, none twice, none lost by the resume
+    assert all(type(s) is int for s in steps)
+    trained = [r["step"] for r in rows(tmp_path) if "optim_step:max" in r]
+    assert trained == list(range(5))
+    assert [r["optim_step:max"] for r in rows(tmp_path)[:5]] == [1, 2, 3, 4, 5]
+    assert [c["name"] for c in checkpoints(tmp_path)] == ["000002", "000004", "final"]
+    assert "Resumed training from tinker://" in (tmp_path / "logs.log").read_text()
 
 
 def test_weights_download_and_rest_client(trainer: LocalTrainer, tmp_path: Path) -> None:

@@ -108,6 +108,28 @@ def test_weights_info_and_copy_weights(run: Run) -> None:
     assert flow["from_copy_loss"] == pytest.approx(flow["resumed_forward_loss"], rel=1e-6)
 
 
+def test_save_state_refuses_an_existing_name_unless_overwrite(run: Run) -> None:
+    flow = run[1]["training"]
+    assert flow["resave_error"] is not None
+    assert "this model already saved a checkpoint named 'step-2'" in flow["resave_error"]
+    assert "overwrite=True" in flow["resave_error"]
+    assert flow["overwrite_path"] == flow["save_path"]
+    # The replaced checkpoint holds the weights at the time of the second save.
+    assert flow["replaced_forward_loss"] == pytest.approx(flow["current_forward_loss"], rel=1e-5)
+    assert flow["replaced_forward_loss"] != pytest.approx(flow["forward_loss"], rel=1e-3)
+
+
+def test_gspo_with_the_cookbook_mask(run: Run) -> None:
+    """On policy (sampled from the weights it trains), the sequence ratio is 1: the loss is
+    -Σ A over the sampled tokens; the mask the cookbook sends marks exactly the positions
+    that carry the loss, so leaving it out changes nothing."""
+    flow = run[1]["gspo"]
+    assert flow["loss"] == pytest.approx(-0.5 * flow["sampled"], rel=1e-3)
+    assert flow["loss_without_mask"] == flow["loss"]
+    assert flow["trained_loss"] == flow["loss"]
+    assert flow["optim_steps"] == 1.0
+
+
 def test_sampling_client(run: Run) -> None:
     trainer, report = run
     flow, prompt = report["sampling"], report["inputs"]["prompt"]

@@ -67,6 +67,20 @@ def training_flow(service: tinker.ServiceClient, base_model: str) -> dict[str, A
     out["copied_path"] = rest.copy_weights(out["save_path"], "proj-archive").result()
     from_copy = service.create_training_client_from_state(out["copied_path"]).result()
     out["from_copy_loss"] = from_copy.forward(data, "cross_entropy").result().metrics["loss:sum"]
+
+    # tinker's default overwrite=False: the name exists, so the save fails...
+    try:
+        client.save_state("step-2").result()
+        out["resave_error"] = None
+    except Exception as exc:  # reported to the parent, which checks it
+        out["resave_error"] = f"{type(exc).__name__}: {exc}"
+    # ...and overwrite=True replaces it with the current state.
+    out["overwrite_path"] = client.save_state("step-2", overwrite=True).result().path
+    replaced = service.create_training_client_from_state(out["overwrite_path"]).result()
+    out["replaced_forward_loss"] = (
+        replaced.forward(data, "cross_entropy").result().metrics["loss:sum"]
+    )
+    out["current_forward_loss"] = client.forward(data, "cross_entropy").result().metrics["loss:sum"]
     return out
 
 
@@ -218,6 +232,36 @@ def sft_flow(
     return {"losses": losses}
 
 
+def gspo_flow(service: tinker.ServiceClient, base_model: str, prompt: list[int]) -> dict[str, Any]:
+    """``gspo`` as tinker-cookbook's ``rl_loop.py`` sends it: one sampled sequence, its
+    sampler logprobs, advantages on the sampled tokens, and a ``sequence_ratio_mask`` of
+    0 on the prompt and 1 on the sampled tokens (plain lists: tinker's dtype table)."""
+    client = service.create_lora_training_client(base_model=base_model, rank=4).result()
+    sampler = client.save_weights_and_get_sampling_client().result()
+    params = types.SamplingParams(max_tokens=4, seed=3)
+    seq = sampler.sample(types.ModelInput.from_ints(prompt), 1, params).result().sequences[0]
+    pad = len(prompt) - 1
+    inputs: dict[str, Any] = {
+        "target_tokens": [0] * pad + seq.tokens,
+        "logprobs": [0.0] * pad + seq.logprobs,
+        "advantages": [0.0] * pad + [0.5] * len(seq.tokens),
+    }
+    model_input = types.ModelInput.from_ints(prompt + seq.tokens[:-1])
+    masked = types.Datum(
+        model_input=model_input,
+        loss_fn_inputs={**inputs, "sequence_ratio_mask": [0.0] * pad + [1.0] * len(seq.tokens)},
+    )
+    bare = types.Datum(model_input=model_input, loss_fn_inputs=inputs)
+    out: dict[str, Any] = {"sampled": len(seq.tokens)}
+    out["loss"] = client.forward([masked], "gspo").result().metrics["loss:sum"]
+    out["loss_without_mask"] = client.forward([bare], "gspo").result().metrics["loss:sum"]
+    fb = client.forward_backward([masked], "gspo")
+    opt = client.optim_step(ADAM)
+    out["trained_loss"] = fb.result().metrics["loss:sum"]
+    out["optim_steps"] = opt.result().metrics["optim_step:max"]
+    return out
+
+
 def main() -> int:
     collect = SdkProblems("tinker").install()
     base_url, api_key = trainer_address()
@@ -228,6 +272,7 @@ def main() -> int:
         summary["training"] = training_flow(service, base_model)
         summary["sampling"] = sampling_flow(service, base_model, given["prompt"], given["vocab"])
         summary["sft"] = sft_flow(service, base_model, given["sft"])
+        summary["gspo"] = gspo_flow(service, base_model, given["prompt"])
         summary["sdk_problems"] = list(collect.problems)
         summary["refused"] = refusal_flow(
             service, summary["sampling"]["sampler_path_for_refusals"], given["prompt"]

@@ -74,6 +74,20 @@ def test_ppo_uses_the_formula(engine: NullEngine) -> None:
     assert out.metrics["loss:sum"] == pytest.approx(float(expected))
 
 
+def test_gspo_uses_the_formula(engine: NullEngine) -> None:
+    q = [-9.0, -0.5, -2.0, -1.0]
+    adv = [0.0, 1.0, -1.0, 0.0]
+    mask = [0.0, 1.0, 1.0, 1.0]
+    d = datum([1, 2, 3, 4], logprobs=q, advantages=adv, sequence_ratio_mask=mask)
+    out = engine.forward(MODEL, [d], "gspo", None)
+    lp = out.loss_fn_outputs[0]["logprobs"].to_numpy().astype(np.float64)
+    s = np.exp(np.mean(lp[1:] - np.asarray(q[1:])))  # position 0 is outside the ratio
+    a = np.asarray(adv)
+    expected = -np.minimum(s * a, np.clip(s, 0.8, 1.2) * a).sum()
+    assert out.metrics["loss:sum"] == pytest.approx(float(expected))
+    assert out.metrics["loss_tokens:sum"] == 2.0
+
+
 def test_optim_step_changes_outputs_and_counts(engine: NullEngine) -> None:
     d = datum([1, 2, 3], weights=[1.0, 0.0, 1.0])
     before = engine.forward(MODEL, [d], "cross_entropy", None).loss_fn_outputs[0]["logprobs"]

@@ -41,6 +41,12 @@ def _rl(**override: Any) -> tinker.Datum:
     return _datum(**{**inputs, **override})
 
 
+def _gspo(mask: Any = None, **override: Any) -> tinker.Datum:
+    """A ``gspo`` datum; ``mask`` defaults to marking every position."""
+    marks = np.ones(N, np.float32) if mask is None else mask
+    return _rl(sequence_ratio_mask=marks, **override)
+
+
 SFT = _datum(target_tokens=np.asarray(TOKENS, np.int64))
 Call = Callable[[Engine, int, int], object]  # (engine, vocab size, context length)
 
@@ -129,6 +135,18 @@ HOSTILE: dict[str, Call] = {
     ),
     "clip as a string": _fb([_rl()], "ppo", {"clip_low_threshold": "0.8"}),
     "negative beta": _fb([_rl()], "dro", {"beta": -0.1}),
+    "gspo inputs missing": _fb([_gspo(), _datum(sequence_ratio_mask=np.ones(N))], "gspo"),
+    "gspo mask marks nothing": _fb([_gspo(np.zeros(N, np.float32))], "gspo"),
+    "gspo mask shape": _fb([_gspo(np.ones(N + 1, np.float32))], "gspo"),
+    "gspo mask nan": _fb([_gspo(np.full(N, np.nan, np.float32))], "gspo"),
+    "gspo clip bounds reversed": _fb(
+        [_gspo()], "gspo", {"clip_low_threshold": 1.3, "clip_high_threshold": 1.2}
+    ),
+    "beta for gspo": _fb([_gspo()], "gspo", {"beta": 0.1}),
+    "gspo sequence ratio overflows": _fb(
+        [_gspo(), _gspo(logprobs=np.full(N, -1e4, np.float32), advantages=-np.ones(N, np.float32))],
+        "gspo",
+    ),
     "candidates support": _fb([SFT], "cross_entropy", {"target_logprob_support": "candidates"}),
     "empty data": _fb([]),
     "all RL inputs missing": _fb([_rl(), _datum()], "ppo"),
@@ -335,6 +353,10 @@ MESSAGES = {
     ),
     "eps zero": "adam_params.eps must be a finite number > 0, got 0.0",
     "beta1 one": "adam_params.beta1 must be a finite number in [0, 1), got 1.0",
+    "gspo mask marks nothing": (
+        "datum 0: loss_fn_inputs['sequence_ratio_mask'] marks no position; gspo averages "
+        "its sequence ratio over the marked (non-zero) positions"
+    ),
 }
 
 

@@ -278,11 +278,11 @@ async def test_kill_inside_a_checkpoint_write_never_lists_a_partial_checkpoint(
         # A committed checkpoint "good", and the model's outputs at that state.
         async with trainer() as (child, tc):
             await sft_steps(tc, range(round_ + 1))
-            await tc.save_state("good")
+            await tc.save_state("good", overwrite=True)  # rounds after the first replace it
             good = await _logprobs(tc)
             await sft_steps(tc, range(100, 100 + more_steps))
             (pauses / pause).touch()
-            pending = tc.save_state(name)
+            pending = tc.save_state(name, overwrite=True)
             await child.wait_for(paused)
             if name != "good":  # (a replaced "good" is moved aside meanwhile)
                 assert await tc.list_checkpoints() == ["good"]  # not listed while written

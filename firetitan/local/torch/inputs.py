@@ -33,6 +33,8 @@ class Batch:
         sampler_logprobs: (B, T) float32 (RL losses), 0 on padding.
         advantages: (B, T) float32 (RL losses), 0 on padding.
         rl_coef: (B, T) float32: ``w_t`` (1 when absent) where ``A_t != 0``, else 0.
+        ratio_mask: (B, T) bool: the positions ``gspo``'s sequence ratio averages over
+            (``sequence_ratio_mask != 0``), False on padding and for other losses.
         datums: The datums, in order.
     """
 
@@ -43,6 +45,7 @@ class Batch:
     sampler_logprobs: torch.Tensor
     advantages: torch.Tensor
     rl_coef: torch.Tensor
+    ratio_mask: torch.Tensor
     datums: Sequence[DatumArrays]
 
 
@@ -58,6 +61,7 @@ def collate(datums: Sequence[DatumArrays], device: torch.device) -> Batch:
     q = np.zeros((b, t), dtype=np.float32)
     adv = np.zeros((b, t), dtype=np.float32)
     coef = np.zeros((b, t), dtype=np.float32)
+    in_ratio = np.zeros((b, t), dtype=np.bool_)
     for i, d in enumerate(datums):
         n, w = d.length, d.width
         input_ids[i, :n] = d.tokens
@@ -69,6 +73,8 @@ def collate(datums: Sequence[DatumArrays], device: torch.device) -> Batch:
             adv[i, :n] = d.advantages
             w1 = 1.0 if d.weights is None else d.weights
             coef[i, :n] = np.where(d.advantages != 0, w1, 0.0)
+        if d.ratio_positions is not None:
+            in_ratio[i, :n] = d.ratio_positions
 
     def put(a: npt.NDArray[Any]) -> torch.Tensor:
         return torch.from_numpy(a).to(device)
@@ -81,6 +87,7 @@ def collate(datums: Sequence[DatumArrays], device: torch.device) -> Batch:
         sampler_logprobs=put(q),
         advantages=put(adv),
         rl_coef=put(coef),
+        ratio_mask=put(in_ratio),
         datums=datums,
     )
 

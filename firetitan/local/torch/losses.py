@@ -9,6 +9,11 @@ Every loss is a plain sum over positions and datums; nothing is averaged. Notati
 * ``ppo``: ``L = -Σ_t c_t · min(r_t·A_t, clip(r_t, lo, hi)·A_t)``.
 * ``cispo``: ``L = -Σ_t c_t · sg(clip(r_t, lo, hi)) · lp_t · A_t``.
 * ``dro``: ``L = -Σ_t c_t · [lp_t·A_t - ½·β·(lp_t - q_t)²]``.
+* ``gspo`` (the GSPO-token form tinker documents): ``s = exp(mean_{t∈M}(lp_t - q_t))``
+  over the positions ``M`` that ``sequence_ratio_mask`` marks; every position's ratio
+  ``s_t = sg(s) · exp(lp_t - sg(lp_t))`` has the value of ``s`` and the gradient of its
+  own ``lp_t``; ``L = -Σ_t c_t · min(s_t·A_t, clip(s_t, lo, hi)·A_t)``. With one
+  advantage per sequence its gradient is that of the sequence-level GSPO objective.
 * ``stable_reinforce``: ``L = -Σ_t c_t · [sg(min(r_t, hi))·lp_t·A_t - ½·κ·(lp_t - q_t)²]``,
   REINFORCE with the importance weight truncated from above (``hi`` is
   ``clip_high_threshold``) and an optional quadratic pull κ (``kl_coeff``, default 0)
@@ -69,8 +74,9 @@ def per_datum_loss(
     if loss_fn == "importance_sampling":
         term = ratio * adv
     elif loss_fn == "ppo":
-        clipped = torch.clamp(ratio, config.clip_low, config.clip_high)
-        term = torch.minimum(ratio * adv, clipped * adv)
+        term = _clipped_surrogate(lp1 - q, adv, config)
+    elif loss_fn == "gspo":
+        term = _clipped_surrogate(_gspo_log_ratio(lp1, batch, active), adv, config)
     elif loss_fn == "cispo":
         clipped = torch.clamp(ratio, config.clip_low, config.clip_high).detach()
         term = clipped * lp1 * adv
@@ -83,3 +89,38 @@ def per_datum_loss(
         raise AssertionError(loss_fn)
     weighted = torch.where(active, batch.rl_coef * term, torch.zeros_like(term))
     return -weighted.sum(dim=1)
+
+
+def _clipped_surrogate(
+    log_ratio: torch.Tensor, adv: torch.Tensor, config: LossConfig
+) -> torch.Tensor:
+    """``min(r·A, clip(r, lo, hi)·A)`` with ``r = exp(log_ratio)``, the gradient taken
+    through the branch the minimum picks.
+
+    The branch is chosen on detached values and only the unclipped one is
+    differentiated (the clipped one is constant), with its log-ratio zeroed where it is
+    not taken: a ratio that overflows on the clipped side then gives the finite value the
+    formula gives and no gradient, rather than ``0 · inf`` in the backward pass.
+    """
+    r = torch.exp(log_ratio.detach())
+    clipped = torch.clamp(r, config.clip_low, config.clip_high) * adv
+    unclipped = r * adv <= clipped
+    safe = torch.where(unclipped, log_ratio, torch.zeros_like(log_ratio))
+    return torch.where(unclipped, torch.exp(safe) * adv, clipped)
+
+
+def _gspo_log_ratio(lp1: torch.Tensor, batch: Batch, active: torch.Tensor) -> torch.Tensor:
+    """``log s_t`` of ``gspo``, shape (B, T): the value of the datum's sequence
+    log-ratio, the gradient of the position's own log-probability.
+
+    The sequence log-ratio averages ``lp - q`` over the marked positions only (the rules
+    guarantee at least one per datum), from the real sampler log-probs whatever the
+    advantage there. Where a position is no loss token its log-ratio is taken as 0: its
+    term is dropped anyway.
+    """
+    in_ratio = batch.ratio_mask
+    zeros = torch.zeros_like(lp1)
+    diff = torch.where(in_ratio, lp1.detach() - batch.sampler_logprobs, zeros)
+    count = in_ratio.sum(dim=1, keepdim=True).clamp(min=1)
+    log_s = torch.where(active, diff.sum(dim=1, keepdim=True) / count, zeros)
+    return log_s + lp1 - lp1.detach()
