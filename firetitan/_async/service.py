@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeVar
 
 import attrs
@@ -118,8 +119,9 @@ class AsyncFiretitanServiceClient(Unpicklable):
         self._closed = False
         self._tasks = TaskSet("service client")
         self._poller = Poller(self._transport, _SERVICE_POLLS)
-        self._model_seq = 0
-        self._sampling_seq = 0
+        # Each creation in the session is numbered (see _numbered).
+        self._model_seqs = itertools.count()
+        self._sampling_seqs = itertools.count()
         # Live training clients, by the options they were created with (wire.md §8.6).
         self._training_keys: dict[_wire.ModelSpec, AsyncFiretitanTrainingClient | None] = {}
         self._training_clients: list[AsyncFiretitanTrainingClient] = []
@@ -218,6 +220,13 @@ class AsyncFiretitanServiceClient(Unpicklable):
         self._check_open()
         self._transport.check_loop()
         return await self._session.get()
+
+    async def _numbered(self, counter: Iterator[int]) -> tuple[str, int]:
+        """The session's id, opening it first if need be, and the next number of
+        ``counter``: the trainer deduplicates a retried creation (of a model, of a
+        sampling session) on this pair."""
+        session_id = await self._open()
+        return session_id, next(counter)
 
     async def _start_session(self) -> str:
         if self._fetch_client_config:
@@ -344,19 +353,20 @@ class AsyncFiretitanServiceClient(Unpicklable):
         self,
         base_model: str,
         rank: int = 32,
-        user_metadata: Mapping[str, str] | None = None,
-        *,
         seed: int | None = None,
         train_mlp: bool = True,
         train_attn: bool = True,
         train_unembed: bool = True,
+        user_metadata: Mapping[str, str] | None = None,
+        *,
         alpha: int | None = 32,
     ) -> AsyncFiretitanTrainingClient:
         """Create a LoRA model and return its training client.
 
-        `create_training_client` with a positive rank: the same arguments, result and
-        errors, with ``rank`` and ``alpha`` for ``lora_rank`` and ``lora_alpha``
-        (``rank`` must be positive).
+        `create_training_client` with a positive rank, in tinker's signature (the
+        positional order of tinker's ``create_lora_training_client``): the same
+        arguments, result and errors, with ``rank`` and ``alpha`` for ``lora_rank``
+        and ``lora_alpha`` (``rank`` must be positive).
         """
         positive_int(rank, "rank")
         return await self.create_training_client(
@@ -431,9 +441,7 @@ class AsyncFiretitanServiceClient(Unpicklable):
             if user_metadata is not None
             else self._user_metadata
         )
-        self._check_open()
-        session_id = await self._open()
-        model_seq_id, self._model_seq = self._model_seq, self._model_seq + 1
+        session_id, model_seq_id = await self._numbered(self._model_seqs)
         request = _wire.LoadWeightsRequest(
             path=str(ref),
             optimizer=optimizer,
@@ -457,10 +465,8 @@ class AsyncFiretitanServiceClient(Unpicklable):
     async def _create_model(
         self, spec: _wire.ModelSpec, user_metadata: dict[str, str] | None
     ) -> AsyncFiretitanTrainingClient:
-        session_id = await self._open()
-        # model_seq_id counts every model this session creates (base-only included);
-        # the trainer deduplicates a retried create_model on (session_id, model_seq_id).
-        model_seq_id, self._model_seq = self._model_seq, self._model_seq + 1
+        # model_seq_id counts every model this session creates (base-only included).
+        session_id, model_seq_id = await self._numbered(self._model_seqs)
         request = _wire.CreateModelRequest(
             session_id=session_id,
             model_seq_id=model_seq_id,
@@ -544,8 +550,7 @@ class AsyncFiretitanServiceClient(Unpicklable):
             raise ValueError("give model_path or base_model")
         if self._deployment is not None:
             return await self._deployment_sampling_client(model_path, base_model)
-        session_id = await self._open()
-        seq, self._sampling_seq = self._sampling_seq, self._sampling_seq + 1
+        session_id, seq = await self._numbered(self._sampling_seqs)
         request = _wire.CreateSamplingSessionRequest(
             session_id=session_id,
             sampling_session_seq_id=seq,
@@ -561,15 +566,15 @@ class AsyncFiretitanServiceClient(Unpicklable):
                 "create_sampling_session answered an empty sampling_session_id"
             )
         exporter = self._exporter(snapshot_identity(model_path))[0] if model_path else None
-        client = AsyncSamplingClient._attached(
-            self._sampling_parent(exporter),
-            self._transport,
-            model_path=model_path,
-            base_model=base_model,
-            sampling_session_id=sampling_session_id,
+        return self._track(
+            AsyncSamplingClient._attached(
+                self._sampling_parent(exporter),
+                self._transport,
+                model_path=model_path,
+                base_model=base_model,
+                sampling_session_id=sampling_session_id,
+            )
         )
-        self._sampling_clients.add(client)
-        return client
 
     async def _deployment_sampling_client(
         self, model_path: str | None, base_model: str | None
@@ -587,15 +592,21 @@ class AsyncFiretitanServiceClient(Unpicklable):
         if owner is not None:
             base_model = base_model or owner.base_model
         await deployment.ensure_serving(identity, previous=previous, base_model=base_model)
-        sampling = AsyncSamplingClient._on_deployment(
-            self._sampling_parent(owner),
-            AsyncDeploymentSampler(deployment),
-            model_path=model_path,
-            base_model=base_model,
-            config=self._config,
+        return self._track(
+            AsyncSamplingClient._on_deployment(
+                self._sampling_parent(owner),
+                AsyncDeploymentSampler(deployment),
+                model_path=model_path,
+                base_model=base_model,
+                config=self._config,
+            )
         )
-        self._sampling_clients.add(sampling)
-        return sampling
+
+    def _track(self, client: AsyncSamplingClient) -> AsyncSamplingClient:
+        """``client``, kept (weakly: a sampling client nobody holds needs no shutdown)
+        for `aclose` to shut down."""
+        self._sampling_clients.add(client)
+        return client
 
     def _sampling_parent(self, exporter: AsyncFiretitanTrainingClient | None) -> Parent:
         """What a sampling client asks of this service client; ``exporter`` made the
