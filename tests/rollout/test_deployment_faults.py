@@ -28,6 +28,7 @@ from firetitan import (
     NotFoundError,
     RetryPolicy,
     Timeouts,
+    _wire,
 )
 from firetitan.tokenizers import ByteTokenizer
 
@@ -283,13 +284,14 @@ async def test_prompt_logprobs_keep_every_row_despite_a_null_first_one(
     fake: FakeDeployment, deployment: AsyncDeployment
 ) -> None:
     sampler = AsyncDeploymentSampler(deployment)
-    response = await sampler.sample(
-        tinker.ModelInput.from_ints([5, 6, 7]),
-        1,
-        tinker.SamplingParams(max_tokens=2, temperature=0.7),
-        include_prompt_logprobs=True,
+    request = _wire.SampleRequest(
+        prompt=tinker.ModelInput.from_ints([5, 6, 7]),
+        num_samples=1,
+        sampling_params=tinker.SamplingParams(max_tokens=2, temperature=0.7),
+        prompt_logprobs=True,
         topk_prompt_logprobs=1,
     )
+    response = await sampler._sample(request)  # as a sampling client on it asks
     assert response.prompt_logprobs == [None, -0.5, -0.5]
     assert response.topk_prompt_logprobs == [None, [(7, -0.25)], [(7, -0.25)]]
     assert list(response.sequences[0].tokens) == [0, 1]
