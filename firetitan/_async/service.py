@@ -591,7 +591,9 @@ class AsyncFiretitanServiceClient(Unpicklable):
         owner, previous = self._exporter(identity)
         if owner is not None:
             base_model = base_model or owner.base_model
-        await deployment.ensure_serving(identity, previous=previous, base_model=base_model)
+        await deployment.hot_load(
+            identity, previous=previous, base_model=base_model, unless_serving=True
+        )
         return self._track(
             AsyncSamplingClient._on_deployment(
                 self._sampling_parent(owner),

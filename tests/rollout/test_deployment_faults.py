@@ -185,9 +185,10 @@ async def test_a_delta_whose_base_the_deployment_does_not_hold_is_never_sent(
 async def test_a_snapshot_already_served_is_not_hot_loaded_again(
     fake: FakeDeployment, deployment: AsyncDeployment
 ) -> None:
-    assert await deployment.ensure_serving("snap") is True
-    assert await deployment.ensure_serving("snap") is False
-    assert len(fake.hot_load_posts) == 1
+    assert await deployment.hot_load("snap", unless_serving=True) is True
+    assert await deployment.hot_load("snap", unless_serving=True) is False
+    assert await deployment.hot_load("snap") is True
+    assert len(fake.hot_load_posts) == 2
 
 
 async def test_a_refused_base_model_is_a_bad_request_with_the_servers_words(
