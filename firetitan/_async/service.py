@@ -105,9 +105,10 @@ class AsyncFiretitanServiceClient(Unpicklable):
         tokenizer: str | None = None,
     ) -> None:
         key = resolve_api_key(api_key)
-        self._config = config or ClientConfig()
+        config = config or ClientConfig()
+        # The transport holds the configuration for this client and its children.
         self._transport = Transport(
-            resolve_base_url(base_url), key, self._config, default_headers=default_headers
+            resolve_base_url(base_url), key, config, default_headers=default_headers
         )
         # Only this fact about the key is kept outside the transport.
         self._fetch_client_config = key.startswith("tml-")
@@ -130,7 +131,7 @@ class AsyncFiretitanServiceClient(Unpicklable):
             None
             if deployment is None
             else AsyncDeployment(
-                deployment, api_key=deployment_api_key or key, client_config=self._config
+                deployment, api_key=deployment_api_key or key, client_config=config
             )
         )
         self._tokenizer_name = tokenizer or (deployment.tokenizer if deployment else None)
@@ -151,7 +152,7 @@ class AsyncFiretitanServiceClient(Unpicklable):
     @property
     def config(self) -> ClientConfig:
         """Timeouts, retries and limits."""
-        return self._config
+        return self._transport.config
 
     @property
     def closed(self) -> bool:
@@ -247,13 +248,13 @@ class AsyncFiretitanServiceClient(Unpicklable):
         last_ok = loop.time()
         body = _wire.encode_request(_wire.SessionHeartbeatRequest(session_id=session_id))
         while True:
-            await asyncio.sleep(self._config.heartbeat_interval)
+            await asyncio.sleep(self.config.heartbeat_interval)
             try:
                 await self._transport.call(
                     endpoints.SESSION_HEARTBEAT,
                     body,
                     retry=False,
-                    attempt_timeout=self._config.timeouts.heartbeat,
+                    attempt_timeout=self.config.timeouts.heartbeat,
                 )
                 last_ok = loop.time()
             except GoneError:
@@ -507,7 +508,7 @@ class AsyncFiretitanServiceClient(Unpicklable):
         """
         answer = await self._transport.post(endpoint.path, _wire.encode_request(request))
         request_id = ack_request_id(answer, endpoint.name)
-        deadline = self._config.future_deadline
+        deadline = self.config.future_deadline
         try:
             async with asyncio.timeout(deadline):
                 payload = await self._poller.wait(request_id, request_type or endpoint.request_type)
@@ -600,7 +601,7 @@ class AsyncFiretitanServiceClient(Unpicklable):
                 AsyncDeploymentSampler(deployment),
                 model_path=model_path,
                 base_model=base_model,
-                config=self._config,
+                config=self.config,
             )
         )
 
