@@ -1,9 +1,13 @@
 """A loopback HTTP proxy that sits in front of a trainer, records what passes and
 injects faults.
 
+Tests put it between the `null_trainer` fixture and a service client with
+``shared.proxied``, which closes both on exit:
+
 ```python
-async with FaultProxy(trainer.base_url, FaultPlan(rate=0.2, seed=7)) as proxy:
-    client = AsyncFiretitanServiceClient(base_url=proxy.base_url, api_key=trainer.api_key)
+async def test_something(null_trainer: LocalTrainer) -> None:
+    async with proxied(null_trainer, FaultPlan(rate=0.2, seed=7)) as (proxy, service):
+        ...
 ```
 
 Faults (`FaultPlan.kinds`), each chosen for a request with probability ``rate`` from a

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import tinker
 from faults import FaultPlan, FaultProxy
 
 from firetitan import (
@@ -27,6 +28,7 @@ from firetitan import (
     FiretitanServiceClient,
     RetryPolicy,
     Timeouts,
+    _wire,
 )
 
 if TYPE_CHECKING:
@@ -156,6 +158,21 @@ def save_tokenizer(directory: Path, inner: Tokenizer) -> PreTrainedTokenizerFast
     )
     fast.save_pretrained(str(directory))
     return fast
+
+
+def sample_request(
+    prompt: list[int], num_samples: int, params: tinker.SamplingParams, **options: Any
+) -> _wire.SampleRequest:
+    """An ``asample`` request as `Engine.sample` takes it, from a prompt's token ids;
+    ``options`` are its other fields, ``target_prompt_logprobs`` as a dense id array."""
+    targets = options.pop("target_prompt_logprobs", None)
+    return _wire.SampleRequest(
+        prompt=tinker.ModelInput.from_ints(prompt),
+        num_samples=num_samples,
+        sampling_params=params,
+        target_prompt_logprobs=None if targets is None else tinker.TensorData.from_numpy(targets),
+        **options,
+    )
 
 
 def shifted_datum(types: Any, tokens: list[int]) -> Any:

@@ -25,16 +25,16 @@ request then fails with category ``user`` and the engine's state must be unchang
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
-import numpy.typing as npt
 import tinker
 
-from firetitan._wire.requests import ModelSpec
-from firetitan.local import rules
+from firetitan._wire.requests import ModelSpec, SampleRequest
+from firetitan.local import rules, sample_scores
 from firetitan.local.loss_graphs import LossGraph, reduce_metrics
 from firetitan.local.rules import Limits, LossRequest, SamplingRequest, UserError
 
@@ -226,39 +226,40 @@ class Engine(abc.ABC):
         export = SamplerExport(directory=directory, kind=kind, previous=previous)
         return self.write_sampler_export(model_id, export)
 
-    def sample(
-        self,
-        source: SampleSource,
-        prompt: Sequence[int],
-        num_samples: int,
-        params: tinker.SamplingParams,
-        *,
-        prompt_logprobs: bool = False,
-        topk_prompt_logprobs: int = 0,
-        topk_sample_logprobs: int = 0,
-        target_prompt_logprobs: npt.ArrayLike | None = None,
-        prompt_alt_tokens_k: int = 0,
-    ) -> tinker.SampleResponse:
-        """Generate ``num_samples`` continuations of ``prompt``; the keyword options are
-        those of `rules.SamplingRequest` (tinker's ``SampleRequest``)."""
+    def sample(self, source: SampleSource, request: SampleRequest) -> tinker.SampleResponse:
+        """Generate what an ``asample`` request asks for from ``source``: its
+        ``num_samples`` continuations of ``prompt`` and the scores it asks for, checked
+        by `rules.check_sampling`. The request's place fields (``model_path``, ...)
+        are the caller's to resolve into ``source``; ``target_prompt_logprobs`` is
+        answered in the layout it was sent in (dense, or CSR)."""
         picks = (source.export_dir, source.model_id, source.base_model)
         if sum(x is not None for x in picks) != 1:
             raise UserError("sample needs exactly one of export_dir, model_id, base_model")
         if source.model_id is not None:
             self._require_model(source.model_id)
-        limits = self.source_limits(source)
-        request = rules.check_sampling(
+        try:
+            prompt = request.prompt.to_ints()
+        except ValueError as exc:
+            raise UserError("prompt: only encoded_text chunks can be sampled from") from exc
+        targets = request.target_prompt_logprobs
+        checked = rules.check_sampling(
             prompt,
-            num_samples,
-            params,
-            limits,
-            prompt_logprobs=prompt_logprobs,
-            topk_prompt_logprobs=topk_prompt_logprobs,
-            topk_sample_logprobs=topk_sample_logprobs,
-            target_prompt_logprobs=target_prompt_logprobs,
-            prompt_alt_tokens_k=prompt_alt_tokens_k,
+            request.num_samples,
+            request.sampling_params,
+            self.source_limits(source),
+            prompt_logprobs=request.prompt_logprobs,
+            topk_prompt_logprobs=request.topk_prompt_logprobs,
+            topk_sample_logprobs=request.topk_sample_logprobs,
+            target_prompt_logprobs=None
+            if targets is None
+            else sample_scores.requested_ids(targets),
+            prompt_alt_tokens_k=request.prompt_alt_tokens_k,
         )
-        return self.compute_sample(source, request)
+        response = self.compute_sample(source, checked)
+        if targets is None or response.target_prompt_logprobs is None:
+            return response
+        layout = sample_scores.in_request_layout(targets, response.target_prompt_logprobs)
+        return dataclasses.replace(response, target_prompt_logprobs=layout)
 
     def _require_model(self, model_id: str) -> ModelSpec:
         spec = self.model_spec(model_id)

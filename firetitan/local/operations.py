@@ -487,37 +487,15 @@ class Operations:
                 source = SampleSource(base_model=base_model)
             else:
                 raise UserError("one of model_path, base_model or sampling_session_id is required")
-            try:
-                prompt = request.prompt.to_ints()
-            except ValueError as exc:
-                raise UserError("prompt: only encoded_text chunks can be sampled from") from exc
-            targets = request.target_prompt_logprobs
-            response: tinker.SampleResponse = self._engine.sample(
-                source,
-                prompt,
-                request.num_samples,
-                request.sampling_params,
-                prompt_logprobs=request.prompt_logprobs,
-                topk_prompt_logprobs=request.topk_prompt_logprobs,
-                topk_sample_logprobs=request.topk_sample_logprobs,
-                target_prompt_logprobs=None
-                if targets is None
-                else sample_scores.requested_ids(targets),
-                prompt_alt_tokens_k=request.prompt_alt_tokens_k,
-            )
-            if targets is not None and response.target_prompt_logprobs is not None:
-                response = dataclasses.replace(
-                    response,
-                    target_prompt_logprobs=sample_scores.in_request_layout(
-                        targets, response.target_prompt_logprobs
-                    ),
-                )
+            response = self._engine.sample(source, request)
             if request.record_stability_info:
                 if ticket.session_id is None:
                     raise UserError(
                         "record_stability_info needs a sampling session (sampling_session_id)"
                     )
-                self.stability.record(ticket.session_id, ticket.sequence_ids, prompt, response)
+                self.stability.record(
+                    ticket.session_id, ticket.sequence_ids, request.prompt.to_ints(), response
+                )
             response = _last_n_prompt_logprobs(response, request.prompt_logprobs_last_n)
             return _two_way_result(response, _SAMPLE_ENCODERS, expect)
 

@@ -20,6 +20,8 @@ sampled tokens' logprobs: it equals what ``forward`` computes for the same token
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 import tinker
@@ -88,14 +90,15 @@ def mask_topk_rows(matrices: TopkLogprobs, keep_last: int) -> TopkLogprobs:
     return topk(ids, lps)
 
 
-def requested_ids(tensor: tinker.TensorData) -> npt.NDArray[np.int64]:
+def requested_ids(tensor: tinker.TensorData) -> npt.NDArray[Any]:
     """The dense (len(prompt) - 1, K) ids of a request's ``target_prompt_logprobs``:
-    a CSR tensor's unlisted cells ask for nothing (``-1``)."""
+    a CSR tensor's unlisted cells ask for nothing (``-1``). The values keep the dtype
+    they were sent with, for `rules.check_sampling` to refuse anything but integers."""
     if tensor.sparse_crow_indices is None or tensor.sparse_col_indices is None:
-        return np.asarray(tensor.to_numpy(), dtype=np.int64)
-    dense = np.full([int(d) for d in tensor.shape or (0, 0)], -1, dtype=np.int64)
-    cells = csr_cells(tensor.sparse_crow_indices, tensor.sparse_col_indices)
-    dense[cells] = np.asarray(tensor.data, dtype=np.int64).reshape(-1)
+        return np.asarray(tensor.to_numpy())
+    values = np.asarray(tensor.data, dtype=tensor.dtype).reshape(-1)
+    dense = np.full([int(d) for d in tensor.shape or (0, 0)], -1, dtype=values.dtype)
+    dense[csr_cells(tensor.sparse_crow_indices, tensor.sparse_col_indices)] = values
     return dense
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tinker
+from shared import sample_request
 
 from firetitan.local.engine import ModelSpec, SampleSource, UserError
 from firetitan.local.null_engine import NullEngine
@@ -152,8 +153,8 @@ def test_sampler_export_and_sampling(engine: NullEngine, tmp_path: Path) -> None
     engine.save_for_sampler(MODEL, tmp_path, "base", None)
     params = tinker.SamplingParams(max_tokens=5, seed=1)
     source = SampleSource(export_dir=tmp_path)
-    first = engine.sample(source, [1, 2], 2, params, prompt_logprobs=True)
-    second = engine.sample(source, [1, 2], 2, params)
+    first = engine.sample(source, sample_request([1, 2], 2, params, prompt_logprobs=True))
+    second = engine.sample(source, sample_request([1, 2], 2, params))
     assert len(first.sequences) == 2
     for a, b in zip(first.sequences, second.sequences, strict=True):
         assert a.tokens == b.tokens

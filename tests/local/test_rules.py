@@ -13,6 +13,7 @@ import pytest
 import tinker
 import torch
 from shared import BASE_MODEL as BASE
+from shared import sample_request
 from tinker.lib.public_interfaces.custom_loss import encode_graph, trace_loss
 
 from firetitan.local import loss_graphs
@@ -61,7 +62,9 @@ def _step(**adam: Any) -> Call:
 
 def _sample(prompt: list[int] = TOKENS, n: int = 1, **params: Any) -> Call:
     source = SampleSource(model_id="m")
-    return lambda e, _v, _c: e.sample(source, prompt, n, tinker.SamplingParams(**params))
+    return lambda e, _v, _c: e.sample(
+        source, sample_request(prompt, n, tinker.SamplingParams(**params))
+    )
 
 
 def _graph(fn: Callable[..., Any], **ranks: int) -> loss_graphs.LossGraph:
@@ -101,7 +104,7 @@ def _scores(**options: Any) -> Call:
     """A sample asking for extra logprob results (``options`` of `Engine.sample`)."""
     source = SampleSource(model_id="m")
     params = tinker.SamplingParams(max_tokens=2)
-    return lambda e, _v, _c: e.sample(source, TOKENS, 1, params, **options)
+    return lambda e, _v, _c: e.sample(source, sample_request(TOKENS, 1, params, **options))
 
 
 def _targets(*cells: tuple[int, int, int], rows: int = N - 1, k: int = 2) -> np.ndarray:
@@ -205,10 +208,10 @@ HOSTILE: dict[str, Call] = {
     "zero samples": _sample(n=0),
     "empty prompt": _sample(prompt=[]),
     "prompt token out of vocab": lambda e, v, _c: e.sample(
-        SampleSource(model_id="m"), [1, v], 1, tinker.SamplingParams()
+        SampleSource(model_id="m"), sample_request([1, v], 1, tinker.SamplingParams())
     ),
     "prompt fills the context": lambda e, _v, c: e.sample(
-        SampleSource(model_id="m"), [1] * c, 1, tinker.SamplingParams()
+        SampleSource(model_id="m"), sample_request([1] * c, 1, tinker.SamplingParams())
     ),
     "negative max_tokens": _sample(max_tokens=-1),
     "negative temperature": _sample(temperature=-1.0),
@@ -226,16 +229,19 @@ HOSTILE: dict[str, Call] = {
     "target id below -1": _scores(target_prompt_logprobs=_targets((1, 1, -3))),
     "target id out of vocab": lambda e, v, _c: e.sample(
         SampleSource(model_id="m"),
-        TOKENS,
-        1,
-        tinker.SamplingParams(max_tokens=2),
-        target_prompt_logprobs=_targets((2, 0, v)),
+        sample_request(
+            TOKENS,
+            1,
+            tinker.SamplingParams(max_tokens=2),
+            target_prompt_logprobs=_targets((2, 0, v)),
+        ),
     ),
     "sample an unknown model": lambda e, _v, _c: e.sample(
-        SampleSource(model_id="nope"), TOKENS, 1, tinker.SamplingParams()
+        SampleSource(model_id="nope"), sample_request(TOKENS, 1, tinker.SamplingParams())
     ),
     "two sample sources": lambda e, _v, _c: e.sample(
-        SampleSource(model_id="m", base_model=BASE), TOKENS, 1, tinker.SamplingParams()
+        SampleSource(model_id="m", base_model=BASE),
+        sample_request(TOKENS, 1, tinker.SamplingParams()),
     ),
 }
 
@@ -306,14 +312,16 @@ def test_both_engines_answer_sampling_options_in_the_same_shapes(
     answers = [
         engine.sample(
             SampleSource(model_id="m"),
-            TOKENS,
-            2,
-            tinker.SamplingParams(max_tokens=3, stop=[], seed=1),
-            prompt_logprobs=True,
-            topk_prompt_logprobs=3,
-            topk_sample_logprobs=2,
-            target_prompt_logprobs=_targets((1, 0, 5), (2, 1, 9)),
-            prompt_alt_tokens_k=4,
+            sample_request(
+                TOKENS,
+                2,
+                tinker.SamplingParams(max_tokens=3, stop=[], seed=1),
+                prompt_logprobs=True,
+                topk_prompt_logprobs=3,
+                topk_sample_logprobs=2,
+                target_prompt_logprobs=_targets((1, 0, 5), (2, 1, 9)),
+                prompt_alt_tokens_k=4,
+            ),
         )
         for engine, _v, _c in engines
     ]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import tinker
 import torch
+from shared import sample_request
 
 from firetitan.local.engine import SampleSource
 from firetitan.local.torch import TorchEngine
@@ -29,9 +30,11 @@ def _train(tmp: Path) -> tuple[TorchEngine, dict[str, dict[str, torch.Tensor]], 
         engine.save_for_sampler(m, tmp / m, "base", None)
     res = engine.sample(
         SampleSource(export_dir=tmp / "lora"),
-        TOK.encode("x", add_bos=True),
-        4,
-        tinker.SamplingParams(max_tokens=8, seed=1, top_p=0.9, top_k=50, stop=[]),
+        sample_request(
+            TOK.encode("x", add_bos=True),
+            4,
+            tinker.SamplingParams(max_tokens=8, seed=1, top_p=0.9, top_k=50, stop=[]),
+        ),
     )
     outs.append([s.tokens for s in res.sequences])
     return engine, {m: weights(engine, m) for m in models}, outs
@@ -48,8 +51,6 @@ def test_cuda_training_is_deterministic_and_keeps_float32_weights(tmp_path: Path
     assert lp.dtype == "float32"
     res = engine.sample(
         SampleSource(base_model=QWEN),
-        [1, 2, 3],
-        2,
-        tinker.SamplingParams(max_tokens=4, temperature=0.0),
+        sample_request([1, 2, 3], 2, tinker.SamplingParams(max_tokens=4, temperature=0.0)),
     )
     assert len(res.sequences) == 2

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import tinker
 import torch
+from shared import sample_request
 
 from firetitan.local.engine import SampleSource
 from firetitan.local.torch import TorchEngine
@@ -40,9 +41,9 @@ def _run(root: Path) -> tuple[dict[str, dict[str, torch.Tensor]], list[object]]:
             outputs += [fb.metrics, ppo.metrics, opt, lp.tolist()]
     sample = engine.sample(
         SampleSource(model_id="full"),
-        TOK.encode("x", add_bos=True),
-        2,
-        tinker.SamplingParams(max_tokens=5, stop=[]),
+        sample_request(
+            TOK.encode("x", add_bos=True), 2, tinker.SamplingParams(max_tokens=5, stop=[])
+        ),
     )
     outputs.append([s.tokens for s in sample.sequences])
     (root / "ckpt").mkdir(parents=True)

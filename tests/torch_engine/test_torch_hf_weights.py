@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tinker
 import torch
-from shared import save_tiny_llama, save_tokenizer
+from shared import sample_request, save_tiny_llama, save_tokenizer
 
 from firetitan.local.engine import ModelSpec, SampleSource
 from firetitan.local.torch import TorchEngine
@@ -78,9 +78,7 @@ def test_loads_a_saved_checkpoint(tmp_path: Path, tokenizer: bool) -> None:
     )
     res = engine.sample(
         SampleSource(export_dir=tmp_path / "l"),
-        [1, 3],
-        2,
-        tinker.SamplingParams(max_tokens=4, seed=0, stop=[]),
+        sample_request([1, 3], 2, tinker.SamplingParams(max_tokens=4, seed=0, stop=[])),
     )
     assert all(len(s.tokens) == 4 for s in res.sequences)
     # an adapter on the tied output layer unties it in a merged export

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 import tinker
+from shared import sample_request
 
 from firetitan.local.engine import SampleSource
 from firetitan.local.torch import TorchEngine
@@ -38,13 +39,15 @@ def test_prompt_scores_match_forward(engine: TorchEngine) -> None:
     targets[-1, 2] = 200
     res = engine.sample(
         SampleSource(model_id=model),
-        PROMPT,
-        1,
-        tinker.SamplingParams(max_tokens=2, seed=1),
-        prompt_logprobs=True,
-        topk_prompt_logprobs=4,
-        target_prompt_logprobs=targets,
-        prompt_alt_tokens_k=3,
+        sample_request(
+            PROMPT,
+            1,
+            tinker.SamplingParams(max_tokens=2, seed=1),
+            prompt_logprobs=True,
+            topk_prompt_logprobs=4,
+            target_prompt_logprobs=targets,
+            prompt_alt_tokens_k=3,
+        ),
     )
 
     top = res.topk_prompt_logprobs_np
@@ -81,14 +84,10 @@ def test_prompt_scores_match_forward(engine: TorchEngine) -> None:
 def test_sampled_topk_and_unchanged_tokens(engine: TorchEngine) -> None:
     model = full_model(engine, "m")
     params = tinker.SamplingParams(max_tokens=6, seed=4, stop=[])
-    plain = engine.sample(SampleSource(model_id=model), PROMPT, 2, params)
+    plain = engine.sample(SampleSource(model_id=model), sample_request(PROMPT, 2, params))
     res = engine.sample(
         SampleSource(model_id=model),
-        PROMPT,
-        2,
-        params,
-        topk_sample_logprobs=5,
-        prompt_alt_tokens_k=2,
+        sample_request(PROMPT, 2, params, topk_sample_logprobs=5, prompt_alt_tokens_k=2),
     )
     # Asking for more leaves what is sampled unchanged.
     assert [s.tokens for s in res.sequences] == [s.tokens for s in plain.sequences]
@@ -104,10 +103,12 @@ def test_sampled_topk_and_unchanged_tokens(engine: TorchEngine) -> None:
                 assert abs(top.logprobs[t, k] - lp) < 1e-5
     greedy = engine.sample(
         SampleSource(model_id=model),
-        PROMPT,
-        1,
-        tinker.SamplingParams(max_tokens=4, temperature=0.0, stop=[]),
-        topk_sample_logprobs=1,
+        sample_request(
+            PROMPT,
+            1,
+            tinker.SamplingParams(max_tokens=4, temperature=0.0, stop=[]),
+            topk_sample_logprobs=1,
+        ),
     ).sequences[0]
     assert greedy.topk_logprobs_np is not None
     assert greedy.topk_logprobs_np.token_ids[:, 0].tolist() == greedy.tokens

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tinker
+from shared import sample_request
 
 from firetitan.local.engine import ModelSpec, SampleSource, UserError
 from firetitan.local.torch import TorchEngine
@@ -20,7 +21,7 @@ PROMPT = TOK.encode("Once upon a time", add_bos=True)
 def _sample(
     engine: TorchEngine, source: SampleSource, n: int = 3, **params: object
 ) -> tinker.SampleResponse:
-    return engine.sample(source, PROMPT, n, tinker.SamplingParams(**params))
+    return engine.sample(source, sample_request(PROMPT, n, tinker.SamplingParams(**params)))
 
 
 def test_max_tokens_and_length_reason(engine: TorchEngine) -> None:
@@ -85,10 +86,9 @@ def test_sampled_logprobs_equal_forward_logprobs(engine: TorchEngine) -> None:
     m = full_model(engine, "m")
     res = engine.sample(
         SampleSource(model_id=m),
-        PROMPT,
-        3,
-        tinker.SamplingParams(max_tokens=10, stop=[], seed=2),
-        prompt_logprobs=True,
+        sample_request(
+            PROMPT, 3, tinker.SamplingParams(max_tokens=10, stop=[], seed=2), prompt_logprobs=True
+        ),
     )
     for s in res.sequences:
         ids = PROMPT + s.tokens
@@ -122,15 +122,17 @@ def test_exports_sample_like_the_live_model(engine: TorchEngine, tmp_path: Path)
 def test_bad_sampling_requests_are_user_errors(engine: TorchEngine, tmp_path: Path) -> None:
     src = SampleSource(base_model=QWEN)
     with pytest.raises(UserError, match="prompt token 1"):
-        engine.sample(src, [1, 999], 1, tinker.SamplingParams())
+        engine.sample(src, sample_request([1, 999], 1, tinker.SamplingParams()))
     with pytest.raises(UserError, match="num_samples"):
-        engine.sample(src, PROMPT, 0, tinker.SamplingParams())
+        engine.sample(src, sample_request(PROMPT, 0, tinker.SamplingParams()))
     with pytest.raises(UserError, match="top_p"):
-        engine.sample(src, PROMPT, 1, tinker.SamplingParams(top_p=0.0))
+        engine.sample(src, sample_request(PROMPT, 1, tinker.SamplingParams(top_p=0.0)))
     with pytest.raises(UserError, match="not a sampler export"):
-        engine.sample(SampleSource(export_dir=tmp_path), PROMPT, 1, tinker.SamplingParams())
+        engine.sample(
+            SampleSource(export_dir=tmp_path), sample_request(PROMPT, 1, tinker.SamplingParams())
+        )
     with pytest.raises(UserError, match="exactly one"):
-        engine.sample(SampleSource(), PROMPT, 1, tinker.SamplingParams())
+        engine.sample(SampleSource(), sample_request(PROMPT, 1, tinker.SamplingParams()))
 
 
 def test_unseeded_sampling_is_reproducible_per_engine() -> None:
