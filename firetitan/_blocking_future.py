@@ -384,4 +384,3 @@ def copy_outcome(
         carrier.set_exception(exc)
     except concurrent.futures.InvalidStateError:
         pass  # cancelled from another thread between the check and the set: cancel wins
-

@@ -71,9 +71,7 @@ class APIError(FiretitanError):
         request_id: The trainer's request id, when known.
     """
 
-    def __init__(
-        self, message: str, *, body: Any = None, request_id: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, body: Any = None, request_id: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.body = body

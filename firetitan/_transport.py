@@ -102,6 +102,8 @@ class StreamFold(Protocol[T_co]):
     def add(self, event: _wire.SSEEvent) -> None: ...
 
     def result(self) -> T_co: ...
+
+
 #: The media type of protobuf results (wire.md §4.7).
 PROTOBUF = "application/x-protobuf"
 
@@ -165,7 +167,11 @@ class _RetryLog:
             self._warned = True
             log.warning(
                 "%s %s has been retrying for %.1f s (%d attempts so far); last failure: %s",
-                method, path, elapsed, attempt - 1, reason,
+                method,
+                path,
+                elapsed,
+                attempt - 1,
+                reason,
             )
 
 
@@ -398,7 +404,12 @@ class Transport(Unpicklable):
         if headers:
             request_headers.update(headers)
         return await self._request(
-            "POST", path, data, pool=pool, retry=retry, attempt_timeout=attempt_timeout,
+            "POST",
+            path,
+            data,
+            pool=pool,
+            retry=retry,
+            attempt_timeout=attempt_timeout,
             offload=offload,
             headers=request_headers,
         )
@@ -423,7 +434,12 @@ class Transport(Unpicklable):
             APIResponseValidationError: The answer was not JSON.
         """
         return await self._request(
-            "GET", path, None, pool="submit", retry=True, attempt_timeout=attempt_timeout,
+            "GET",
+            path,
+            None,
+            pool="submit",
+            retry=True,
+            attempt_timeout=attempt_timeout,
             offload=False,
             headers={**self._base_headers, **headers} if headers else self._base_headers,
         )
@@ -463,8 +479,14 @@ class Transport(Unpicklable):
             APIStatusError, APIConnectionError, APIResponseValidationError: As for `get`.
         """
         return await self._request(
-            "PUT", path, await self.encode(body), pool="submit", retry=True,
-            attempt_timeout=None, offload=False, headers=self._body_headers,
+            "PUT",
+            path,
+            await self.encode(body),
+            pool="submit",
+            retry=True,
+            attempt_timeout=None,
+            offload=False,
+            headers=self._body_headers,
         )
 
     async def delete(self, path: str) -> Any:
@@ -475,8 +497,14 @@ class Transport(Unpicklable):
             APIStatusError, APIConnectionError, APIResponseValidationError: As for `get`.
         """
         return await self._request(
-            "DELETE", path, None, pool="submit", retry=False, attempt_timeout=None,
-            offload=False, headers=self._base_headers,
+            "DELETE",
+            path,
+            None,
+            pool="submit",
+            retry=False,
+            attempt_timeout=None,
+            offload=False,
+            headers=self._base_headers,
         )
 
     def _policy(self, pool: Pool, retry: bool) -> RetryPolicy:
@@ -654,7 +682,10 @@ class Transport(Unpicklable):
         what = f"POST {path}"
         try:
             async with session.post(
-                self._base_url + path, data=data, headers=headers, timeout=timeout,
+                self._base_url + path,
+                data=data,
+                headers=headers,
+                timeout=timeout,
                 allow_redirects=False,
             ) as response:
                 self._unreachable_since = None
@@ -721,8 +752,7 @@ class Transport(Unpicklable):
         if isinstance(cause, aiohttp.ClientConnectorDNSError):
             host = getattr(cause, "host", None) or self._base_url
             check = (
-                f"check the host name {host!r} in base_url: it did not resolve from this "
-                "machine"
+                f"check the host name {host!r} in base_url: it did not resolve from this machine"
             )
         else:
             check = (
@@ -768,7 +798,10 @@ class Transport(Unpicklable):
             # Redirects are not followed: a redirect to another host would carry the
             # API key (aiohttp drops only Authorization on a cross-origin redirect).
             async with session.request(
-                method, url, data=data, headers=headers,
+                method,
+                url,
+                data=data,
+                headers=headers,
                 timeout=self._client_timeout(pool, attempt_timeout),
                 allow_redirects=False,
             ) as response:
@@ -802,7 +835,10 @@ class Transport(Unpicklable):
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s %s -> %d (%d bytes, %.1f ms)",
-                method, path, exchange.status, len(exchange.body),
+                method,
+                path,
+                exchange.status,
+                len(exchange.body),
                 1e3 * (time.monotonic() - started),
             )
         if exchange.status >= 400:

@@ -24,8 +24,7 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-level",
         choices=LOG_LEVELS,
         default="info",
-        help="what the trainer logs to stderr; debug adds every engine step "
-        "(default: %(default)s)",
+        help="what the trainer logs to stderr; debug adds every engine step (default: %(default)s)",
     )
     parser.add_argument(
         "--access-log",

@@ -191,8 +191,7 @@ class AsyncAPIFuture(Generic[T]):
                 except TimeoutError:
                     if not self._future.done():
                         raise FutureTimeoutError(
-                            f"{self._kind} did not finish within {timeout} s "
-                            "(it was not cancelled)"
+                            f"{self._kind} did not finish within {timeout} s (it was not cancelled)"
                         ) from None
         finally:
             # Still listed if this wait ended first (cancelled, timed out).

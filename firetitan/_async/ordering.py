@@ -285,16 +285,23 @@ def numbered(template: bytes, seq_id: int) -> bytes:
     return b'{"seq_id":%d,' % seq_id + template
 
 
-def templates(bodies: list[JSON]) -> list[bytes] | asyncio.Future[list[bytes]]:
-    """`template` of every body; a body that cannot be serialised yields a failed
-    future instead, so its call fails in its turn, unsent and without a seq_id."""
+def templates(bodies: list[JSON]) -> list[bytes] | ValueError:
+    """`template` of every body, or the error of a body that cannot be serialised:
+    its call is then to fail in its turn, unsent and without a seq_id (`failed_bodies`).
+    Needs no event loop."""
     try:
         return [template(body) for body in bodies]
     except ValueError as exc:
-        failed: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
-        failed.set_exception(exc)
-        failed.exception()  # retrieved: the sender reports it through the call's future
-        return failed
+        return exc
+
+
+def failed_bodies(exc: BaseException) -> asyncio.Future[list[bytes]]:
+    """`Call.bodies` for a call that cannot be encoded: the sender fails its future
+    with `exc` in its turn (loop thread)."""
+    failed: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
+    failed.set_exception(exc)
+    failed.exception()  # retrieved: the sender reports it through the call's future
+    return failed
 
 
 def ack_request_id(answer: Any, what: str) -> str:

@@ -157,9 +157,7 @@ class AsyncRestClient(Unpicklable):
         """
         await self._on_checkpoint(endpoints.UNPUBLISH_CHECKPOINT, tinker_path)
 
-    async def get_weights_info_by_tinker_path(
-        self, tinker_path: str
-    ) -> ttypes.WeightsInfoResponse:
+    async def get_weights_info_by_tinker_path(self, tinker_path: str) -> ttypes.WeightsInfoResponse:
         """The base model and LoRA options a ``weights`` or ``sampler_weights``
         checkpoint was saved with.
 

@@ -38,6 +38,7 @@ import tinker
 
 from firetitan import _wire
 from firetitan._async._checks import positive_int
+from firetitan._async._rpc import Start, rpc
 from firetitan._async._tasks import TaskSet
 from firetitan._async.async_future import AsyncAPIFuture, FutureState, resolve_deadline
 from firetitan._async.deployment_sampler import AsyncDeploymentSampler
@@ -290,6 +291,7 @@ class AsyncSamplingClient:
 
     # ------------------------------------------------------------------ sampling
 
+    @rpc
     def sample(
         self,
         prompt: tinker.ModelInput,
@@ -303,7 +305,7 @@ class AsyncSamplingClient:
         prompt_logprobs_last_n: int | None = None,
         *,
         deadline: float | None = None,
-    ) -> AsyncAPIFuture[tinker.SampleResponse]:
+    ) -> Start[tinker.SampleResponse]:
         """Sample ``num_samples`` continuations of ``prompt``.
 
         The options after ``sampling_params`` are tinker's, in tinker's order. Every
@@ -347,46 +349,7 @@ class AsyncSamplingClient:
                 trainer-only option on a deployment.
             ClientClosedError: The client (or its service client) was closed.
         """
-        self._check_sample(
-            prompt,
-            num_samples,
-            sampling_params,
-            include_prompt_logprobs,
-            topk_prompt_logprobs,
-            topk_sample_logprobs,
-            target_prompt_logprobs,
-            prompt_alt_tokens_k,
-            prompt_logprobs_last_n,
-            deadline=deadline,
-        )
-        # What is asked besides the sequences, as `_wire.SampleRequest` fields.
-        scores: dict[str, Any] = {
-            "prompt_logprobs": include_prompt_logprobs,
-            "topk_prompt_logprobs": topk_prompt_logprobs,
-            "topk_sample_logprobs": topk_sample_logprobs,
-            "target_prompt_logprobs": target_prompt_logprobs,
-            "prompt_alt_tokens_k": prompt_alt_tokens_k,
-            "prompt_logprobs_last_n": prompt_logprobs_last_n,
-        }
-        return self._submit(
-            "sample", prompt, num_samples, sampling_params, scores, deadline, _as_is
-        )
-
-    def _check_sample(
-        self,
-        prompt: tinker.ModelInput,
-        num_samples: int,
-        sampling_params: tinker.SamplingParams,
-        include_prompt_logprobs: bool = False,
-        topk_prompt_logprobs: int = 0,
-        topk_sample_logprobs: int = 0,
-        target_prompt_logprobs: tinker.TensorData | None = None,
-        prompt_alt_tokens_k: int = 0,
-        prompt_logprobs_last_n: int | None = None,
-        *,
-        deadline: float | None = None,
-    ) -> None:
-        self._check_compute_logprobs(prompt, deadline=deadline)
+        self._check_prompt(prompt)
         positive_int(num_samples, "num_samples")
         positive_int(topk_prompt_logprobs, "topk_prompt_logprobs", zero=True)
         positive_int(topk_sample_logprobs, "topk_sample_logprobs", zero=True)
@@ -419,10 +382,24 @@ class AsyncSamplingClient:
                     f"{', '.join(asked)}: served by the trainer's sampler only, not by "
                     "a deployment; sample without a deployment to use it"
                 )
+        # What is asked besides the sequences, as `_wire.SampleRequest` fields.
+        scores: dict[str, Any] = {
+            "prompt_logprobs": include_prompt_logprobs,
+            "topk_prompt_logprobs": topk_prompt_logprobs,
+            "topk_sample_logprobs": topk_sample_logprobs,
+            "target_prompt_logprobs": target_prompt_logprobs,
+            "prompt_alt_tokens_k": prompt_alt_tokens_k,
+            "prompt_logprobs_last_n": prompt_logprobs_last_n,
+        }
+        resolved = resolve_deadline(deadline, self._config)
+        return lambda: self._submit(
+            "sample", prompt, num_samples, sampling_params, scores, resolved, _as_is
+        )
 
+    @rpc
     def compute_logprobs(
         self, prompt: tinker.ModelInput, *, deadline: float | None = None
-    ) -> AsyncAPIFuture[list[float | None]]:
+    ) -> Start[list[float | None]]:
         """Compute the model's logprob of every prompt token given the ones before.
 
         Args:
@@ -437,20 +414,18 @@ class AsyncSamplingClient:
             TypeError: ``prompt`` is not a `tinker.ModelInput`.
             ClientClosedError: The client (or its service client) was closed.
         """
-        self._check_compute_logprobs(prompt, deadline=deadline)
+        self._check_prompt(prompt)
         params = tinker.SamplingParams(max_tokens=1)
         scores = {"prompt_logprobs": True}
-        return self._submit(
-            "compute_logprobs", prompt, 1, params, scores, deadline, _prompt_logprobs
+        resolved = resolve_deadline(deadline, self._config)
+        return lambda: self._submit(
+            "compute_logprobs", prompt, 1, params, scores, resolved, _prompt_logprobs
         )
 
-    def _check_compute_logprobs(
-        self, prompt: tinker.ModelInput, *, deadline: float | None = None
-    ) -> None:
+    def _check_prompt(self, prompt: tinker.ModelInput) -> None:
         self._check_open()
         if not isinstance(prompt, tinker.ModelInput):
             raise TypeError("prompt must be a tinker.ModelInput")
-        resolve_deadline(deadline, self._config)
 
     def _submit(
         self,
@@ -463,9 +438,7 @@ class AsyncSamplingClient:
         transform: Callable[[tinker.SampleResponse], T],
     ) -> AsyncAPIFuture[T]:
         self._check_usable()
-        future: AsyncAPIFuture[T] = AsyncAPIFuture(
-            kind=kind, deadline=resolve_deadline(deadline, self._config)
-        )
+        future: AsyncAPIFuture[T] = AsyncAPIFuture(kind=kind, deadline=deadline)
         sampler = self._deployment_sampler
         if sampler is not None:
 

@@ -29,6 +29,7 @@ from tinker import types as ttypes
 from firetitan import _checkpoint_paths, _wire
 from firetitan._async import custom_loss
 from firetitan._async._checks import non_empty_str, one_of, positive_int, string_map
+from firetitan._async._rpc import Start, rpc
 from firetitan._async._tasks import TaskSet
 from firetitan._async.async_future import AsyncAPIFuture, FutureState, resolve_deadline
 from firetitan._async.deployment import AsyncDeployment
@@ -37,6 +38,7 @@ from firetitan._async.ordering import (
     Call,
     OrderedQueue,
     ack_request_id,
+    failed_bodies,
     template,
     templates,
     unfilled,
@@ -196,6 +198,7 @@ class AsyncFiretitanTrainingClient(Unpicklable):
 
     # ------------------------------------------------------------------ passes
 
+    @rpc
     def forward(
         self,
         data: Sequence[tinker.Datum],
@@ -203,29 +206,15 @@ class AsyncFiretitanTrainingClient(Unpicklable):
         loss_fn_config: Mapping[str, Any] | None = None,
         *,
         deadline: float | None = None,
-    ) -> AsyncAPIFuture[tinker.ForwardBackwardOutput]:
+    ) -> Start[tinker.ForwardBackwardOutput]:
         """Run a forward pass and compute the loss, without touching gradients.
 
         `forward_backward` without the backward pass: the same arguments, output
         (per-datum ``loss_fn_outputs`` with ``logprobs``, and ``metrics``) and errors.
         """
-        self._check_forward(data, loss_fn, loss_fn_config, deadline=deadline)
-        return self._forward_call(
-            "forward", data, loss_fn, loss_fn_config, self._resolve_deadline(deadline)
-        )
+        return self._forward("forward", data, loss_fn, loss_fn_config, deadline)
 
-    def _check_forward(
-        self,
-        data: Sequence[tinker.Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, Any] | None = None,
-        *,
-        deadline: float | None = None,
-    ) -> None:
-        self._check_open()
-        _check_forward_args(data, loss_fn, loss_fn_config)
-        self._resolve_deadline(deadline)
-
+    @rpc
     def forward_backward(
         self,
         data: Sequence[tinker.Datum],
@@ -233,7 +222,7 @@ class AsyncFiretitanTrainingClient(Unpicklable):
         loss_fn_config: Mapping[str, Any] | None = None,
         *,
         deadline: float | None = None,
-    ) -> AsyncAPIFuture[tinker.ForwardBackwardOutput]:
+    ) -> Start[tinker.ForwardBackwardOutput]:
         """Run a forward and backward pass and accumulate the gradients.
 
         The gradients add up until the next `optim_step` consumes them.
@@ -255,13 +244,22 @@ class AsyncFiretitanTrainingClient(Unpicklable):
             TypeError: ``data`` is not a sequence of `tinker.Datum`.
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._check_forward_backward(data, loss_fn, loss_fn_config, deadline=deadline)
-        return self._forward_call(
-            "forward_backward", data, loss_fn, loss_fn_config, self._resolve_deadline(deadline)
-        )
+        return self._forward("forward_backward", data, loss_fn, loss_fn_config, deadline)
 
-    _check_forward_backward = _check_forward
+    def _forward(
+        self,
+        kind: str,
+        data: Sequence[tinker.Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None,
+        deadline: float | None,
+    ) -> Start[tinker.ForwardBackwardOutput]:
+        self._check_open()
+        _check_forward_args(data, loss_fn, loss_fn_config)
+        resolved = self._resolve_deadline(deadline)
+        return lambda: self._forward_call(kind, data, loss_fn, loss_fn_config, resolved)
 
+    @rpc
     def forward_backward_custom(
         self,
         data: Sequence[tinker.Datum],
@@ -269,7 +267,7 @@ class AsyncFiretitanTrainingClient(Unpicklable):
         precomputed_forward: tinker.ForwardBackwardOutput | None = None,
         *,
         deadline: float | None = None,
-    ) -> AsyncAPIFuture[tinker.ForwardBackwardOutput]:
+    ) -> Start[tinker.ForwardBackwardOutput]:
         """Train on a loss computed on the client from the model's logprobs.
 
         Runs ``forward`` with ``cross_entropy``, calls
@@ -300,10 +298,25 @@ class AsyncFiretitanTrainingClient(Unpicklable):
             TypeError: ``loss_fn`` is not callable.
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._check_forward_backward_custom(data, loss_fn, precomputed_forward, deadline=deadline)
+        self._check_open()
+        batch = _check_data(data)
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable: loss_fn(data, logprobs_list)")
+        if precomputed_forward is not None:
+            custom_loss.check_precomputed(precomputed_forward, batch)
+        else:
+            custom_loss.check_targets(batch)
+        resolved = self._resolve_deadline(deadline)
+        return lambda: self._start_custom(batch, loss_fn, precomputed_forward, resolved)
+
+    def _start_custom(
+        self,
+        batch: list[tinker.Datum],
+        loss_fn: custom_loss.CustomLossFn,
+        precomputed_forward: tinker.ForwardBackwardOutput | None,
+        deadline: float | None,
+    ) -> AsyncAPIFuture[tinker.ForwardBackwardOutput]:
         self._check_usable()
-        batch = list(data)
-        resolved_deadline = self._resolve_deadline(deadline)
         forward_batch = None if precomputed_forward is not None else custom_loss.forward_data(batch)
         # The internal forward has no deadline of its own: the custom future's
         # deadline (or cancellation) ends it, through abandon() below.
@@ -313,7 +326,7 @@ class AsyncFiretitanTrainingClient(Unpicklable):
             else self._forward_call("forward", forward_batch, "cross_entropy", None, None)
         )
         future: AsyncAPIFuture[tinker.ForwardBackwardOutput] = self._new_future(
-            "forward_backward_custom", resolved_deadline
+            "forward_backward_custom", deadline
         )
         gate: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         backward = Call(
@@ -340,24 +353,6 @@ class AsyncFiretitanTrainingClient(Unpicklable):
 
         future._on_finish(abandon)
         return future
-
-    def _check_forward_backward_custom(
-        self,
-        data: Sequence[tinker.Datum],
-        loss_fn: custom_loss.CustomLossFn,
-        precomputed_forward: tinker.ForwardBackwardOutput | None = None,
-        *,
-        deadline: float | None = None,
-    ) -> None:
-        self._check_open()
-        batch = _check_data(data)
-        if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable: loss_fn(data, logprobs_list)")
-        if precomputed_forward is not None:
-            custom_loss.check_precomputed(precomputed_forward, batch)
-        else:
-            custom_loss.check_targets(batch)
-        self._resolve_deadline(deadline)
 
     async def _drive_custom(
         self,
@@ -397,13 +392,14 @@ class AsyncFiretitanTrainingClient(Unpicklable):
 
     # ------------------------------------------------------------------ optimizer
 
+    @rpc
     def optim_step(
         self,
         adam_params: tinker.AdamParams,
         grad_accumulation_normalization: GradAccNormalization | str | None = None,
         *,
         deadline: float | None = None,
-    ) -> AsyncAPIFuture[tinker.OptimStepResponse]:
+    ) -> Start[tinker.OptimStepResponse]:
         """Apply one AdamW step to the accumulated gradients, then zero them.
 
         Args:
@@ -423,8 +419,11 @@ class AsyncFiretitanTrainingClient(Unpicklable):
             TypeError: ``adam_params`` is not a `tinker.AdamParams`.
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._check_optim_step(adam_params, grad_accumulation_normalization, deadline=deadline)
-        self._check_usable()
+        self._check_open()
+        if not isinstance(adam_params, tinker.AdamParams):
+            raise TypeError(
+                f"adam_params must be a tinker.AdamParams, got {type(adam_params).__name__}"
+            )
         request = _wire.OptimStepRequest(
             model_id=self._model_id,
             seq_id=0,
@@ -433,23 +432,9 @@ class AsyncFiretitanTrainingClient(Unpicklable):
         )
         return self._simple_call(endpoints.OPTIM_STEP, request, deadline)
 
-    def _check_optim_step(
-        self,
-        adam_params: tinker.AdamParams,
-        grad_accumulation_normalization: GradAccNormalization | str | None = None,
-        *,
-        deadline: float | None = None,
-    ) -> None:
-        self._check_open()
-        if not isinstance(adam_params, tinker.AdamParams):
-            raise TypeError(
-                f"adam_params must be a tinker.AdamParams, got {type(adam_params).__name__}"
-            )
-        _normalization(grad_accumulation_normalization)
-        self._resolve_deadline(deadline)
-
     # ------------------------------------------------------------------ checkpoints
 
+    @rpc
     def save_state(
         self,
         name: str,
@@ -459,7 +444,7 @@ class AsyncFiretitanTrainingClient(Unpicklable):
         user_metadata: Mapping[str, str] | None = None,
         timeout: float | None = None,
         deadline: float | None = None,
-    ) -> AsyncAPIFuture[ttypes.SaveWeightsResponse]:
+    ) -> Start[ttypes.SaveWeightsResponse]:
         """Save the full training state (weights and optimizer) as a checkpoint.
 
         Args:
@@ -483,21 +468,16 @@ class AsyncFiretitanTrainingClient(Unpicklable):
                 ``deadline``.
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._check_save_state(
-            name,
-            ttl_seconds,
-            overwrite=overwrite,
-            user_metadata=user_metadata,
-            timeout=timeout,
-            deadline=deadline,
-        )
-        self._check_usable()
+        self._check_open()
+        _checkpoint_paths.validate_name(name)
+        if timeout is not None and deadline is not None:
+            raise ValueError("give timeout or deadline, not both")
         request = _wire.SaveWeightsRequest(
             model_id=self._model_id,
             seq_id=0,
             path=name,
             overwrite=bool(overwrite),
-            ttl_seconds=ttl_seconds,
+            ttl_seconds=_check_ttl(ttl_seconds),
             user_metadata=None
             if user_metadata is None
             else string_map(user_metadata, "user_metadata"),
@@ -506,28 +486,10 @@ class AsyncFiretitanTrainingClient(Unpicklable):
             endpoints.SAVE_WEIGHTS, request, deadline if timeout is None else timeout
         )
 
-    def _check_save_state(
-        self,
-        name: str,
-        ttl_seconds: int | None = None,
-        *,
-        overwrite: bool = False,
-        user_metadata: Mapping[str, str] | None = None,
-        timeout: float | None = None,
-        deadline: float | None = None,
-    ) -> None:
-        self._check_open()
-        _checkpoint_paths.validate_name(name)
-        _check_ttl(ttl_seconds)
-        if timeout is not None and deadline is not None:
-            raise ValueError("give timeout or deadline, not both")
-        if user_metadata is not None:
-            string_map(user_metadata, "user_metadata")
-        self._resolve_deadline(deadline if timeout is None else timeout)
-
+    @rpc
     def load_state(
         self, path: str, *, deadline: float | None = None
-    ) -> AsyncAPIFuture[ttypes.LoadWeightsResponse]:
+    ) -> Start[ttypes.LoadWeightsResponse]:
         """Load a checkpoint's weights; the optimizer starts fresh.
 
         Args:
@@ -544,29 +506,21 @@ class AsyncFiretitanTrainingClient(Unpicklable):
             ValueError: An invalid path (checked before anything is sent).
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._check_load_state(path, deadline=deadline)
         return self._load(path, optimizer=False, deadline=deadline)
 
-    def _check_load_state(self, path: str, *, deadline: float | None = None) -> None:
-        self._check_open()
-        _checkpoint_paths.parse_checkpoint_path(path)
-        self._resolve_deadline(deadline)
-
+    @rpc
     def load_state_with_optimizer(
         self, path: str, *, deadline: float | None = None
-    ) -> AsyncAPIFuture[ttypes.LoadWeightsResponse]:
+    ) -> Start[ttypes.LoadWeightsResponse]:
         """Load a checkpoint's weights and optimizer state, to resume training:
         `load_state` (the same arguments, answer and errors) with the optimizer's state.
         """
-        self._check_load_state_with_optimizer(path, deadline=deadline)
         return self._load(path, optimizer=True, deadline=deadline)
-
-    _check_load_state_with_optimizer = _check_load_state
 
     def _load(
         self, path: str, *, optimizer: bool, deadline: float | None
-    ) -> AsyncAPIFuture[ttypes.LoadWeightsResponse]:
-        self._check_usable()
+    ) -> Start[ttypes.LoadWeightsResponse]:
+        self._check_open()
         ref = _checkpoint_paths.parse_checkpoint_path(path)
         request = _wire.LoadWeightsRequest(
             model_id=self._model_id, seq_id=0, path=str(ref), optimizer=optimizer
@@ -611,6 +565,7 @@ class AsyncFiretitanTrainingClient(Unpicklable):
 
     # ------------------------------------------------------------------ sampler exports
 
+    @rpc
     def save_weights_for_sampler(
         self,
         name: str,
@@ -618,7 +573,7 @@ class AsyncFiretitanTrainingClient(Unpicklable):
         *,
         checkpoint_type: str | None = None,
         deadline: float | None = None,
-    ) -> AsyncAPIFuture[ttypes.SaveWeightsForSamplerResponse]:
+    ) -> Start[ttypes.SaveWeightsForSamplerResponse]:
         """Export the current weights for sampling, as snapshot ``<name>-<session_id>``.
 
         Args:
@@ -641,19 +596,30 @@ class AsyncFiretitanTrainingClient(Unpicklable):
             ValueError: An invalid name, TTL or checkpoint type.
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._check_save_weights_for_sampler(
-            name, ttl_seconds, checkpoint_type=checkpoint_type, deadline=deadline
-        )
-        self._check_usable()
+        self._check_open()
         snapshot = self._snapshot_name(name)
+        ttl = _check_ttl(ttl_seconds)
+        if checkpoint_type is not None:
+            _explicit_checkpoint_type(checkpoint_type)
+        resolved = self._resolve_deadline(deadline)
+        return lambda: self._start_export(snapshot, ttl, checkpoint_type, resolved)
+
+    def _start_export(
+        self,
+        snapshot: str,
+        ttl_seconds: int | None,
+        checkpoint_type: str | None,
+        deadline: float | None,
+    ) -> AsyncAPIFuture[ttypes.SaveWeightsForSamplerResponse]:
+        # The default type depends on the exports in flight: decided on the loop.
         request = _wire.SaveWeightsForSamplerRequest(
             model_id=self._model_id,
             seq_id=0,
             path=snapshot,
             checkpoint_type=self._checkpoint_type(checkpoint_type),
-            ttl_seconds=_check_ttl(ttl_seconds),
+            ttl_seconds=ttl_seconds,
         )
-        future = self._simple_call(endpoints.SAVE_WEIGHTS_FOR_SAMPLER, request, deadline)
+        future = self._simple_call(endpoints.SAVE_WEIGHTS_FOR_SAMPLER, request, deadline)()
         # Track exports for the base/delta default: an export counts once it is in
         # flight, and stops counting if it fails.
         self._exports_pending += 1
@@ -672,21 +638,6 @@ class AsyncFiretitanTrainingClient(Unpicklable):
 
         future._on_finish(settle)
         return future
-
-    def _check_save_weights_for_sampler(
-        self,
-        name: str,
-        ttl_seconds: int | None = None,
-        *,
-        checkpoint_type: str | None = None,
-        deadline: float | None = None,
-    ) -> None:
-        self._check_open()
-        self._snapshot_name(name)
-        _check_ttl(ttl_seconds)
-        if checkpoint_type is not None:
-            _explicit_checkpoint_type(checkpoint_type)
-        self._resolve_deadline(deadline)
 
     async def save_weights_for_sampler_ext(
         self, name: str, checkpoint_type: str | None = None, ttl_seconds: int | None = None
@@ -874,11 +825,22 @@ class AsyncFiretitanTrainingClient(Unpicklable):
 
     def _simple_call(
         self, endpoint: endpoints.Endpoint[R], request: _wire.Request, deadline: float | None
-    ) -> AsyncAPIFuture[R]:
+    ) -> Start[R]:
+        """A one-request RPC: encoded at the call, enqueued by the start."""
         resolved = self._resolve_deadline(deadline)
         bodies = templates([_wire.encode_request(request)])
+        return lambda: self._enqueue_one(endpoint, bodies, resolved)
+
+    def _enqueue_one(
+        self,
+        endpoint: endpoints.Endpoint[R],
+        encoded: list[bytes] | ValueError,
+        deadline: float | None,
+    ) -> AsyncAPIFuture[R]:
+        self._check_usable()
+        bodies = failed_bodies(encoded) if isinstance(encoded, ValueError) else encoded
         # The future is made last: a call that raises leaves nothing pending behind.
-        future: AsyncAPIFuture[R] = self._new_future(endpoint.name, resolved)
+        future: AsyncAPIFuture[R] = self._new_future(endpoint.name, deadline)
 
         async def finish(payloads: list[Any]) -> R:
             return decode_result(endpoint, payloads[0])
@@ -973,7 +935,10 @@ class AsyncFiretitanTrainingClient(Unpicklable):
         threshold = limits.protobuf_result_bytes
         protobuf = threshold is not None and estimate > threshold
         if estimate <= limits.offload_bytes:
-            return _Prepared(templates(encode()), offload=False, protobuf=protobuf)
+            bodies = templates(encode())
+            if isinstance(bodies, ValueError):
+                return _Prepared(failed_bodies(bodies), offload=False, protobuf=protobuf)
+            return _Prepared(bodies, offload=False, protobuf=protobuf)
 
         def serialise() -> list[bytes]:
             return [template(body) for body in encode()]
@@ -984,13 +949,10 @@ class AsyncFiretitanTrainingClient(Unpicklable):
             # overlap the encoding with, and would only add a hand-off each way (B3's
             # profile). Failures still reach the call through its future, as from the
             # thread.
-            failed: asyncio.Future[list[bytes]] = loop.create_future()
             try:
                 return _Prepared(serialise(), offload=True, protobuf=protobuf)
             except Exception as exc:
-                failed.set_exception(exc)
-                failed.exception()  # retrieved: the sender reports it through the future
-                return _Prepared(failed, offload=True, protobuf=protobuf)
+                return _Prepared(failed_bodies(exc), offload=True, protobuf=protobuf)
 
         # Not in self._tasks: a failure here is a user error, reported through the
         # call's future by the sender, and the Call holds the only reference needed.

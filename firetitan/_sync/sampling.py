@@ -210,7 +210,7 @@ class SamplingClient:
                 trainer-only option on a deployment.
             ClientClosedError: The client (or its service client) was closed.
         """
-        self._inner._check_sample(
+        start = self._inner.sample.prepare(
             prompt,
             num_samples,
             sampling_params,
@@ -222,19 +222,7 @@ class SamplingClient:
             prompt_logprobs_last_n,
             deadline=deadline,
         )
-        return self._portal.start(
-            self._inner.sample,
-            prompt,
-            num_samples,
-            sampling_params,
-            include_prompt_logprobs,
-            topk_prompt_logprobs,
-            topk_sample_logprobs,
-            target_prompt_logprobs,
-            prompt_alt_tokens_k,
-            prompt_logprobs_last_n,
-            deadline=deadline,
-        )
+        return self._portal.start(start)
 
     def compute_logprobs(
         self,
@@ -256,8 +244,8 @@ class SamplingClient:
             TypeError: ``prompt`` is not a `tinker.ModelInput`.
             ClientClosedError: The client (or its service client) was closed.
         """
-        self._inner._check_compute_logprobs(prompt, deadline=deadline)
-        return self._portal.start(self._inner.compute_logprobs, prompt, deadline=deadline)
+        start = self._inner.compute_logprobs.prepare(prompt, deadline=deadline)
+        return self._portal.start(start)
 
     def close(self) -> None:
         """Stop pending requests and close this client's own connections, if any.

@@ -127,14 +127,8 @@ class FiretitanTrainingClient:
         `forward_backward` without the backward pass: the same arguments, output
         (per-datum ``loss_fn_outputs`` with ``logprobs``, and ``metrics``) and errors.
         """
-        self._inner._check_forward(data, loss_fn, loss_fn_config, deadline=deadline)
-        return self._portal.start(
-            self._inner.forward,
-            data,
-            loss_fn,
-            loss_fn_config,
-            deadline=deadline,
-        )
+        start = self._inner.forward.prepare(data, loss_fn, loss_fn_config, deadline=deadline)
+        return self._portal.start(start)
 
     def forward_backward(
         self,
@@ -165,14 +159,13 @@ class FiretitanTrainingClient:
             TypeError: ``data`` is not a sequence of `tinker.Datum`.
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._inner._check_forward(data, loss_fn, loss_fn_config, deadline=deadline)
-        return self._portal.start(
-            self._inner.forward_backward,
+        start = self._inner.forward_backward.prepare(
             data,
             loss_fn,
             loss_fn_config,
             deadline=deadline,
         )
+        return self._portal.start(start)
 
     def forward_backward_custom(
         self,
@@ -212,19 +205,13 @@ class FiretitanTrainingClient:
             TypeError: ``loss_fn`` is not callable.
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._inner._check_forward_backward_custom(
+        start = self._inner.forward_backward_custom.prepare(
             data,
             loss_fn,
             precomputed_forward,
             deadline=deadline,
         )
-        return self._portal.start(
-            self._inner.forward_backward_custom,
-            data,
-            loss_fn,
-            precomputed_forward,
-            deadline=deadline,
-        )
+        return self._portal.start(start)
 
     def optim_step(
         self,
@@ -252,17 +239,12 @@ class FiretitanTrainingClient:
             TypeError: ``adam_params`` is not a `tinker.AdamParams`.
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._inner._check_optim_step(
+        start = self._inner.optim_step.prepare(
             adam_params,
             grad_accumulation_normalization,
             deadline=deadline,
         )
-        return self._portal.start(
-            self._inner.optim_step,
-            adam_params,
-            grad_accumulation_normalization,
-            deadline=deadline,
-        )
+        return self._portal.start(start)
 
     def save_state(
         self,
@@ -297,7 +279,7 @@ class FiretitanTrainingClient:
                 ``deadline``.
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._inner._check_save_state(
+        start = self._inner.save_state.prepare(
             name,
             ttl_seconds,
             overwrite=overwrite,
@@ -305,15 +287,7 @@ class FiretitanTrainingClient:
             timeout=timeout,
             deadline=deadline,
         )
-        return self._portal.start(
-            self._inner.save_state,
-            name,
-            ttl_seconds,
-            overwrite=overwrite,
-            user_metadata=user_metadata,
-            timeout=timeout,
-            deadline=deadline,
-        )
+        return self._portal.start(start)
 
     def load_state(
         self,
@@ -337,8 +311,8 @@ class FiretitanTrainingClient:
             ValueError: An invalid path (checked before anything is sent).
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._inner._check_load_state(path, deadline=deadline)
-        return self._portal.start(self._inner.load_state, path, deadline=deadline)
+        start = self._inner.load_state.prepare(path, deadline=deadline)
+        return self._portal.start(start)
 
     def load_state_with_optimizer(
         self,
@@ -349,8 +323,8 @@ class FiretitanTrainingClient:
         """Load a checkpoint's weights and optimizer state, to resume training:
         `load_state` (the same arguments, answer and errors) with the optimizer's state.
         """
-        self._inner._check_load_state(path, deadline=deadline)
-        return self._portal.start(self._inner.load_state_with_optimizer, path, deadline=deadline)
+        start = self._inner.load_state_with_optimizer.prepare(path, deadline=deadline)
+        return self._portal.start(start)
 
     def resolve_checkpoint_path(self, name: str, source_job_id: str | None = None) -> str:
         """Return the path that `load_state` takes for a checkpoint (no network).
@@ -413,19 +387,13 @@ class FiretitanTrainingClient:
             ValueError: An invalid name, TTL or checkpoint type.
             ClientClosedError: The client was closed or its model unloaded.
         """
-        self._inner._check_save_weights_for_sampler(
+        start = self._inner.save_weights_for_sampler.prepare(
             name,
             ttl_seconds,
             checkpoint_type=checkpoint_type,
             deadline=deadline,
         )
-        return self._portal.start(
-            self._inner.save_weights_for_sampler,
-            name,
-            ttl_seconds,
-            checkpoint_type=checkpoint_type,
-            deadline=deadline,
-        )
+        return self._portal.start(start)
 
     def save_weights_for_sampler_ext(
         self,

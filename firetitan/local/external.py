@@ -62,9 +62,7 @@ def decode_external_request(obj: Mapping[str, Any]) -> ExternalRequest:
     if ttl is not None and (type(ttl) is not int or ttl <= 0):
         raise WireError("ttl_seconds", "must be a positive integer")
     recipients = obj.get("age_encryption_recipients") or []
-    if not isinstance(recipients, list) or not all(
-        isinstance(r, str) and r for r in recipients
-    ):
+    if not isinstance(recipients, list) or not all(isinstance(r, str) and r for r in recipients):
         raise WireError("age_encryption_recipients", "must be a list of age recipient strings")
     return ExternalRequest(
         model_id=model_id, seq_id=seq_id, path=path, ttl_seconds=ttl, recipients=tuple(recipients)

@@ -96,15 +96,12 @@ def test_every_generated_file_has_the_banner() -> None:
             "names AsyncMystery, which has no facade twin",
         ),
         (
-            "def go(self, n: int) -> AsyncAPIFuture[int]:\n        raise NotImplementedError\n\n"
-            "    def _check_go(self, m: int) -> None:\n        pass",
-            "must take exactly the parameters of go",
+            "@rpc\n    def go(self) -> AsyncAPIFuture[int]:\n        raise NotImplementedError",
+            "an @rpc method must be a plain def -> Start[T]",
         ),
         (
-            "def go(self, n: int) -> AsyncAPIFuture[int]:\n        raise NotImplementedError\n\n"
-            "    def _check_other(self, m: int) -> None:\n        pass\n\n"
-            "    _check_go = _check_other",
-            "must take exactly the parameters of go",
+            "@rpc\n    async def go(self) -> Start[int]:\n        raise NotImplementedError",
+            "an @rpc method must be a plain def -> Start[T]",
         ),
     ],
 )

@@ -389,9 +389,7 @@ def _decode_datum(msg: pb.Datum, field: str, budget: _Budget) -> tinker.Datum:
     return dataclasses.replace(
         datum,
         model_input_spans=_decode_spans(msg.model_input_spans, f"{field}.model_input_spans"),
-        loss_fn_input_spans=_decode_spans(
-            msg.loss_fn_input_spans, f"{field}.loss_fn_input_spans"
-        ),
+        loss_fn_input_spans=_decode_spans(msg.loss_fn_input_spans, f"{field}.loss_fn_input_spans"),
     )
 
 

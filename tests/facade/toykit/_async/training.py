@@ -7,6 +7,7 @@ import collections
 import contextvars
 from typing import TYPE_CHECKING
 
+from firetitan._async._rpc import Start, rpc
 from firetitan._async.async_future import AsyncAPIFuture
 
 if TYPE_CHECKING:
@@ -70,16 +71,18 @@ class AsyncToyTraining:
         future._set_exception(ValueError(message))
         return future
 
-    def echo(self, text: str) -> AsyncAPIFuture[str]:
+    @rpc
+    def echo(self, text: str) -> Start[str]:
         """Return a future for ``text``; a non-string raises TypeError at the call."""
-        self._check_echo(text)
+        if not isinstance(text, str):
+            raise TypeError("text must be a string")
+        return lambda: self._echo(text)
+
+    def _echo(self, text: str) -> AsyncAPIFuture[str]:
+        asyncio.get_running_loop()  # the start runs on the loop
         future: AsyncAPIFuture[str] = AsyncAPIFuture(kind="echo", deadline=None)
         future._set_result(text)
         return future
-
-    def _check_echo(self, text: str) -> None:
-        if not isinstance(text, str):
-            raise TypeError("text must be a string")
 
     def child(self, name: str) -> AsyncAPIFuture[AsyncToyTraining]:
         """Return a future for a new client sharing this one's log."""
