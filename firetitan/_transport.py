@@ -71,6 +71,7 @@ from firetitan._errors import (
     ClientUsageError,
     status_error_class,
 )
+from firetitan._read_only import ReadOnly
 from firetitan._unpicklable import Unpicklable
 from firetitan._version import __version__
 from firetitan._wire.endpoints import Endpoint
@@ -276,25 +277,15 @@ class Transport(Unpicklable):
 
     # ------------------------------------------------------------------ properties
 
-    @property
-    def base_url(self) -> str:
-        """The trainer's base URL (no trailing slash)."""
-        return self._base_url
+    base_url: ReadOnly[str] = ReadOnly("_base_url", "The trainer's base URL (no trailing slash).")
 
-    @property
-    def config(self) -> ClientConfig:
-        """The client configuration."""
-        return self._config
+    config: ReadOnly[ClientConfig] = ReadOnly("_config", "The client configuration.")
 
-    @property
-    def closed(self) -> bool:
-        """Whether `aclose` was called."""
-        return self._closed
+    closed: ReadOnly[bool] = ReadOnly("_closed", "Whether `aclose` was called.")
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop | None:
-        """The loop this transport is bound to, once it was first used."""
-        return self._loop
+    loop: ReadOnly[asyncio.AbstractEventLoop | None] = ReadOnly(
+        "_loop", "The loop this transport is bound to, once it was first used."
+    )
 
     def __repr__(self) -> str:
         return f"Transport(base_url={self._base_url!r}, closed={self._closed})"

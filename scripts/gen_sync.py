@@ -26,6 +26,8 @@ facade class mirrors its async class:
 * a plain `def m(...) -> AsyncAPIFuture[T]` (submits on the loop, errors through the
   future) becomes `def m(...) -> APIFuture[T]` that returns at once (`Portal.start`);
 * other plain methods, properties and static methods delegate directly (they are pure);
+  a `ReadOnly` attribute (``name: ReadOnly[T] = ReadOnly("_path", "doc")``,
+  `firetitan/_read_only.py`) becomes a property ``name -> T`` with that documentation;
 * `aclose` -> `close`, `__aenter__`/`__aexit__` -> `__enter__`/`__exit__`;
 * the constructor takes the same parameters and builds the async object on the portal
   loop; a class with `__aenter__` is also entered there (the service client connects,
@@ -114,6 +116,8 @@ class Method:
     node: ast.FunctionDef | ast.AsyncFunctionDef
     module: AsyncModule
     decorators: list[str]
+    # Made from a `ReadOnly` declaration (see `read_only_property`), not written as a def.
+    read_only: bool = False
 
 
 @dataclass
@@ -233,6 +237,8 @@ def class_methods(cls: ast.ClassDef, module: AsyncModule) -> dict[str, Method]:
     for stmt in cls.body:
         if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
             methods[stmt.name] = Method(stmt, module, decorator_names(stmt))
+        elif (prop := read_only_property(stmt, cls.name, module)) is not None:
+            methods[prop.node.name] = prop
         elif (
             isinstance(stmt, ast.Assign)
             and len(stmt.targets) == 1
@@ -242,6 +248,39 @@ def class_methods(cls: ast.ClassDef, module: AsyncModule) -> dict[str, Method]:
         ):
             methods[stmt.targets[0].id] = methods[stmt.value.id]
     return methods
+
+
+def read_only_property(stmt: ast.stmt, owner: str, module: AsyncModule) -> Method | None:
+    """A `ReadOnly` declaration (``name: ReadOnly[T] = ReadOnly("_path", "doc")``) as the
+    property the facade gives it: ``name(self) -> T`` with that documentation."""
+    if not (
+        isinstance(stmt, ast.AnnAssign)
+        and isinstance(stmt.target, ast.Name)
+        and isinstance(stmt.annotation, ast.Subscript)
+        and ast.unparse(stmt.annotation.value) == "ReadOnly"
+    ):
+        return None
+    where = f"{module.display_path}: {owner}.{stmt.target.id}"
+    call = stmt.value
+    if not (
+        isinstance(call, ast.Call)
+        and ast.unparse(call.func) == "ReadOnly"
+        and len(call.args) == 2
+        and not call.keywords
+        and all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in call.args)
+    ):
+        raise GenerationError(f'{where}: write ReadOnly("_path", "documentation")')
+    node = ast.FunctionDef(
+        name=stmt.target.id,
+        args=ast.arguments(
+            posonlyargs=[], args=[ast.arg("self")], kwonlyargs=[], kw_defaults=[], defaults=[]
+        ),
+        body=[ast.Expr(call.args[1])],  # the literal, with its place in the source
+        decorator_list=[],
+        returns=stmt.annotation.slice,
+        type_params=[],
+    )
+    return Method(ast.copy_location(node, stmt), module, ["property"], read_only=True)
 
 
 def read_package(src: Path) -> dict[str, AsyncModule]:
@@ -460,9 +499,11 @@ class DocRewriter:
             )
 
 
-def docstring_lines(node: ast.AST, module: AsyncModule, ctx: Context) -> list[str]:
-    """The docstring literal as written in the source, at its original indent, with the
-    sync surface's rewrites applied."""
+def docstring_lines(
+    node: ast.AST, module: AsyncModule, ctx: Context, indent: str | None = None
+) -> list[str]:
+    """The docstring literal as written in the source, at its original indent (or
+    ``indent``), with the sync surface's rewrites applied."""
     body = getattr(node, "body", [])
     if not (
         body
@@ -474,8 +515,11 @@ def docstring_lines(node: ast.AST, module: AsyncModule, ctx: Context) -> list[st
     expr = body[0].value
     segment = ast.get_source_segment(module.source, expr)
     assert segment is not None
-    first = module.source.splitlines()[expr.lineno - 1]
-    indent = first[: len(first) - len(first.lstrip())]
+    if indent is None:
+        first = module.source.splitlines()[expr.lineno - 1]
+        indent = first[: len(first) - len(first.lstrip())]
+    if segment.startswith('"') and not segment.startswith('"""'):
+        segment = f'""{segment}""'  # one-quoted (a `ReadOnly` documentation): a docstring
     if ctx.rewrites is not None:
         segment = ctx.rewrites.apply(segment)
     return [indent + segment.splitlines()[0], *segment.splitlines()[1:]]
@@ -603,8 +647,8 @@ def emit_method(cls: AsyncClass, method: Method, ctx: Context) -> list[str]:
     if is_async and any(isinstance(n, ast.Yield | ast.YieldFrom) for n in ast.walk(fn)):
         raise GenerationError(f"{where}: async generators have no facade translation")
     name = RENAMES.get(fn.name, fn.name)
-    doc = docstring_lines(fn, method.module, ctx)
     body = 2 * INDENT
+    doc = docstring_lines(fn, method.module, ctx, body if method.read_only else None)
 
     if "staticmethod" in method.decorators:
         sig, forward = build_params(fn, ctx, where, skip_first=False)

@@ -40,6 +40,7 @@ from firetitan._errors import (
     HotLoadError,
     HotLoadTimeoutError,
 )
+from firetitan._read_only import ReadOnly
 from firetitan._transport import Transport
 from firetitan._unpicklable import Unpicklable
 from firetitan._wire import endpoints
@@ -91,15 +92,12 @@ class AsyncDeployment(Unpicklable):
 
     # ------------------------------------------------------------------ properties
 
-    @property
-    def config(self) -> DeploymentConfig:
-        """Where the deployment is."""
-        return self._config
+    config: ReadOnly[DeploymentConfig] = ReadOnly("_config", "Where the deployment is.")
 
-    @property
-    def concurrency_limit(self) -> int:
-        """Completions allowed in flight now (halved on overload, growing back after)."""
-        return self._limit.limit
+    concurrency_limit: ReadOnly[int] = ReadOnly(
+        "_limit.limit",
+        "Completions allowed in flight now (halved on overload, growing back after).",
+    )
 
     def __repr__(self) -> str:
         return f"<AsyncDeployment {self._config.deployment_id!r} at {self._config.base_url!r}>"

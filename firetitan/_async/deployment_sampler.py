@@ -24,6 +24,7 @@ import tinker
 from firetitan import _wire
 from firetitan._async._checks import positive_int
 from firetitan._async.deployment import AsyncDeployment
+from firetitan._read_only import ReadOnly
 
 __all__ = ["AsyncDeploymentSampler", "stop_strings"]
 
@@ -45,10 +46,7 @@ class AsyncDeploymentSampler:
         self._deployment = deployment
         self._tokenizer = tokenizer
 
-    @property
-    def deployment(self) -> AsyncDeployment:
-        """The deployment sampled from."""
-        return self._deployment
+    deployment: ReadOnly[AsyncDeployment] = ReadOnly("_deployment", "The deployment sampled from.")
 
     def __repr__(self) -> str:
         return f"<AsyncDeploymentSampler on {self._deployment!r}>"

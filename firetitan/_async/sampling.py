@@ -51,6 +51,7 @@ from firetitan._errors import (
     ClientUsageError,
     FiretitanError,
 )
+from firetitan._read_only import ReadOnly
 from firetitan._transport import Transport, decode_result
 from firetitan._wire import endpoints
 
@@ -185,25 +186,22 @@ class AsyncSamplingClient:
 
     # ------------------------------------------------------------------ properties
 
-    @property
-    def deployment_sampler(self) -> AsyncDeploymentSampler | None:
-        """The deployment sampler behind this client, when a deployment serves it."""
-        return self._deployment_sampler
+    deployment_sampler: ReadOnly[AsyncDeploymentSampler | None] = ReadOnly(
+        "_deployment_sampler",
+        "The deployment sampler behind this client, when a deployment serves it.",
+    )
 
-    @property
-    def model_path(self) -> str | None:
-        """The sampler export sampled from, if any."""
-        return self._model_path
+    model_path: ReadOnly[str | None] = ReadOnly(
+        "_model_path", "The sampler export sampled from, if any."
+    )
 
-    @property
-    def base_model(self) -> str | None:
-        """The base model sampled from, if given."""
-        return self._base_model
+    base_model: ReadOnly[str | None] = ReadOnly(
+        "_base_model", "The base model sampled from, if given."
+    )
 
-    @property
-    def sampling_session_id(self) -> str | None:
-        """The trainer's sampling session, if any."""
-        return self._sampling_session_id
+    sampling_session_id: ReadOnly[str | None] = ReadOnly(
+        "_sampling_session_id", "The trainer's sampling session, if any."
+    )
 
     def set_api_key(self, api_key: str) -> None:
         """Set the API key of a standalone (e.g. unpickled) client before first use.

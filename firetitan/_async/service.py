@@ -41,6 +41,7 @@ from firetitan._errors import (
     FutureTimeoutError,
     GoneError,
 )
+from firetitan._read_only import ReadOnly
 from firetitan._transport import Transport, decode_result
 from firetitan._unpicklable import Unpicklable
 from firetitan._wire import endpoints
@@ -139,30 +140,19 @@ class AsyncFiretitanServiceClient(Unpicklable):
 
     # ------------------------------------------------------------------ properties
 
-    @property
-    def base_url(self) -> str:
-        """The trainer's URL."""
-        return self._transport.base_url
+    base_url: ReadOnly[str] = ReadOnly("_transport.base_url", "The trainer's URL.")
 
-    @property
-    def session_id(self) -> str | None:
-        """The trainer's session id, once the session is open."""
-        return self._session.value
+    session_id: ReadOnly[str | None] = ReadOnly(
+        "_session.value", "The trainer's session id, once the session is open."
+    )
 
-    @property
-    def config(self) -> ClientConfig:
-        """Timeouts, retries and limits."""
-        return self._transport.config
+    config: ReadOnly[ClientConfig] = ReadOnly("_transport.config", "Timeouts, retries and limits.")
 
-    @property
-    def closed(self) -> bool:
-        """Whether `aclose` was called."""
-        return self._closed
+    closed: ReadOnly[bool] = ReadOnly("_closed", "Whether `aclose` was called.")
 
-    @property
-    def deployment(self) -> AsyncDeployment | None:
-        """The deployment sampling clients sample from, if one is configured."""
-        return self._deployment
+    deployment: ReadOnly[AsyncDeployment | None] = ReadOnly(
+        "_deployment", "The deployment sampling clients sample from, if one is configured."
+    )
 
     def __repr__(self) -> str:
         return (

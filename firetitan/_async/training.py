@@ -48,6 +48,7 @@ from firetitan._async.sampling import AsyncSamplingClient
 from firetitan._errors import (
     ClientClosedError,
 )
+from firetitan._read_only import ReadOnly
 from firetitan._transport import ProtobufBody, Transport, decode_result
 from firetitan._types import GradAccNormalization, SaveSamplerResult
 from firetitan._unpicklable import Unpicklable
@@ -148,41 +149,34 @@ class AsyncFiretitanTrainingClient(Unpicklable):
 
     # ------------------------------------------------------------------ properties
 
-    @property
-    def model_id(self) -> str:
-        """The trainer's id of this model."""
-        return self._model_id
+    model_id: ReadOnly[str] = ReadOnly("_model_id", "The trainer's id of this model.")
 
-    @property
-    def base_model(self) -> str:
-        """The base model name this model was created from."""
-        return self._spec.base_model
+    base_model: ReadOnly[str] = ReadOnly(
+        "_spec.base_model", "The base model name this model was created from."
+    )
 
-    @property
-    def lora_rank(self) -> int:
-        """The LoRA rank; 0 for full-parameter training."""
-        return self._spec.lora_rank
+    lora_rank: ReadOnly[int] = ReadOnly(
+        "_spec.lora_rank", "The LoRA rank; 0 for full-parameter training."
+    )
 
     @property
     def is_lora(self) -> bool:
         """Whether this model trains a LoRA adapter."""
         return self._spec.lora_rank > 0
 
-    @property
-    def base_only(self) -> bool:
-        """Whether this is a frozen base model (forward only)."""
-        return self._spec.base_only
+    base_only: ReadOnly[bool] = ReadOnly(
+        "_spec.base_only", "Whether this is a frozen base model (forward only)."
+    )
 
-    @property
-    def session_id(self) -> str:
+    session_id: ReadOnly[str] = ReadOnly(
+        "_session_suffix",
         """The 8-hex suffix of this client's sampler snapshot names (local, not the
-        server session)."""
-        return self._session_suffix
+        server session).""",
+    )
 
-    @property
-    def comms(self) -> str | None:
-        """The JSON encoding the trainer offered for this model (``"v2"`` or None)."""
-        return self._comms
+    comms: ReadOnly[str | None] = ReadOnly(
+        "_comms", """The JSON encoding the trainer offered for this model (``"v2"`` or None)."""
+    )
 
     @property
     def capabilities(self) -> dict[str, Any]:
@@ -703,11 +697,11 @@ class AsyncFiretitanTrainingClient(Unpicklable):
         `create_sampling_client`, on a deployment when one is configured."""
         return await self._service.create_sampling_client(model_path=model_path)
 
-    @property
-    def last_sampler_snapshot(self) -> str | None:
+    last_sampler_snapshot: ReadOnly[str | None] = ReadOnly(
+        "_chain_head",
         """The snapshot name of this client's latest finished base or delta export: the
-        one the trainer diffs its next delta against."""
-        return self._chain_head
+        one the trainer diffs its next delta against.""",
+    )
 
     def delta_base(self, snapshot: str) -> tuple[bool, str | None]:
         """Whether ``snapshot`` is one of this client's exports, and if so the snapshot

@@ -13,6 +13,7 @@ from __future__ import annotations
 from firetitan._async.deployment import AsyncDeployment
 from firetitan._async.training import AsyncFiretitanTrainingClient
 from firetitan._errors import ClientUsageError
+from firetitan._read_only import ReadOnly
 from firetitan._types import SaveSamplerResult
 
 __all__ = ["AsyncWeightSyncer"]
@@ -43,10 +44,9 @@ class AsyncWeightSyncer:
         self._client = training_client
         self._deployment = deployment
 
-    @property
-    def deployment(self) -> AsyncDeployment:
-        """The deployment snapshots are hot-loaded into."""
-        return self._deployment
+    deployment: ReadOnly[AsyncDeployment] = ReadOnly(
+        "_deployment", "The deployment snapshots are hot-loaded into."
+    )
 
     def __repr__(self) -> str:
         return f"<AsyncWeightSyncer {self._client.model_id!r} -> {self._deployment!r}>"

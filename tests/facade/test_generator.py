@@ -103,6 +103,10 @@ def test_every_generated_file_has_the_banner() -> None:
             "@rpc\n    async def go(self) -> Start[int]:\n        raise NotImplementedError",
             "an @rpc method must be a plain def -> Start[T]",
         ),
+        (
+            'size: ReadOnly[int] = ReadOnly("_size", doc="The size.")',
+            'write ReadOnly("_path", "documentation")',
+        ),
     ],
 )
 def test_untranslatable_code_stops_the_generator(tmp_path: Path, method: str, message: str) -> None:

@@ -27,6 +27,7 @@ import firetitan._async.sampling
 import firetitan._async.service
 import firetitan._async.training
 import firetitan._sync
+from firetitan._read_only import ReadOnly
 
 from .conftest import GEN_SYNC
 
@@ -90,7 +91,7 @@ def public_members(cls: type, kept: set[str]) -> dict[str, Any]:
         name: member
         for name, member in vars(cls).items()
         if (not name.startswith("_") or name in kept)
-        and (callable(member) or isinstance(member, property | staticmethod))
+        and (callable(member) or isinstance(member, property | staticmethod | ReadOnly))
     }
 
 
@@ -109,11 +110,18 @@ def check_class(facade: type, twins: set[str], *, rewrite_docs: bool = False) ->
         assert name in actual, f"{facade.__name__}.{name} is missing"
         twin = actual[name]
         where = f"{facade.__name__}.{name}"
-        if isinstance(member, property):
+        if isinstance(member, property | ReadOnly):
+            # A `ReadOnly` attribute (its type in the class annotation) becomes a property.
             assert isinstance(twin, property), where
             assert inspect.getdoc(twin) == doc_of(member), where
-            assert twin.fget is not None and member.fget is not None
-            a_ret = inspect.signature(member.fget).return_annotation
+            assert twin.fget is not None
+            if isinstance(member, ReadOnly):
+                declared = re.fullmatch(r"ReadOnly\[(.*)\]", source.__annotations__[name])
+                assert declared is not None, where
+                a_ret = declared.group(1)
+            else:
+                assert member.fget is not None
+                a_ret = inspect.signature(member.fget).return_annotation
             assert inspect.signature(twin.fget).return_annotation == rewrite(a_ret, twins), where
             continue
         if isinstance(member, staticmethod):

@@ -7,6 +7,8 @@ import contextvars
 
 import aiohttp
 
+from firetitan._read_only import ReadOnly
+
 from .training import AsyncToyTraining
 
 __all__ = ["USER", "AsyncToyService"]
@@ -38,10 +40,7 @@ class AsyncToyService:
         self.opened = 0
         self.closed = False
 
-    @property
-    def base_url(self) -> str:
-        """The trainer's URL."""
-        return self._base_url
+    base_url: ReadOnly[str] = ReadOnly("_base_url", "The trainer's URL.")
 
     async def __aenter__(self) -> AsyncToyService:
         """Open the session."""
