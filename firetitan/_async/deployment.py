@@ -10,7 +10,8 @@ It loads a snapshot by identity and returns once **every** replica serves it
 * a delta is never sent unless every replica holds the snapshot it applies to (checked
   here, before the request): otherwise the deployment would be asked to apply it to the
   wrong weights;
-* `ensure_serving` sends nothing when the deployment already serves the snapshot;
+* ``hot_load(..., unless_serving=True)`` sends nothing when the deployment already
+  serves the snapshot;
 * polls start fast (0.1 s) and slow down to ``poll_interval``, instead of a fixed 5 s.
 
 The ``POST`` is retried by the transport (the deployment treats a repeated load of the
@@ -168,7 +169,8 @@ class AsyncDeployment(Unpicklable):
         previous: str | None = None,
         base_model: str | None = None,
         time_limit: float | None = None,
-    ) -> None:
+        unless_serving: bool = False,
+    ) -> bool:
         """Load a snapshot and return once every replica serves it.
 
         Args:
@@ -177,6 +179,11 @@ class AsyncDeployment(Unpicklable):
                 must hold it, or nothing is sent. None for a base snapshot.
             base_model: The served model; None uses the configuration's.
             time_limit: Seconds to wait; None uses ``hot_load_timeout``.
+            unless_serving: Send nothing when every replica already serves
+                ``identity``.
+
+        Returns:
+            Whether a hot-load was sent (always, unless ``unless_serving``).
 
         Raises:
             HotLoadError: A replica reported that loading ``identity`` failed (an
@@ -188,6 +195,8 @@ class AsyncDeployment(Unpicklable):
         non_empty_str(identity, "identity")
         limit = self._config.hot_load_timeout if time_limit is None else time_limit
         headers = await self._headers(base_model)
+        if unless_serving and await self.serving(base_model=base_model) == identity:
+            return False
         if previous is not None:
             replicas = await self.status(base_model=base_model)
             if not replicas or not all(r.serves(previous) for r in replicas):
@@ -200,28 +209,6 @@ class AsyncDeployment(Unpicklable):
                 )
         await self._post(identity, previous, headers)
         await self._wait(identity, base_model, limit)
-
-    async def ensure_serving(
-        self,
-        identity: str,
-        *,
-        previous: str | None = None,
-        base_model: str | None = None,
-        time_limit: float | None = None,
-    ) -> bool:
-        """Hot-load ``identity`` unless every replica already serves it.
-
-        Returns:
-            Whether a hot-load was sent.
-
-        Raises:
-            The exceptions of `hot_load`.
-        """
-        if await self.serving(base_model=base_model) == identity:
-            return False
-        await self.hot_load(
-            identity, previous=previous, base_model=base_model, time_limit=time_limit
-        )
         return True
 
     async def _headers(self, base_model: str | None) -> dict[str, str]:

@@ -123,32 +123,24 @@ class AsyncDeploymentSampler:
         complete = self._deployment._complete
         return list(await asyncio.gather(*(complete(body, fold) for body in bodies)))
 
-    async def sample(
-        self,
-        prompt: tinker.ModelInput,
-        num_samples: int,
-        sampling_params: tinker.SamplingParams,
-        *,
-        include_prompt_logprobs: bool = False,
-        topk_prompt_logprobs: int = 0,
-    ) -> tinker.SampleResponse:
-        """`sample_tokens` with tinker's types (what a sampling client returns)."""
-        if not isinstance(prompt, tinker.ModelInput):
-            raise TypeError("prompt must be a tinker.ModelInput")
-        if not isinstance(sampling_params, tinker.SamplingParams):
-            raise TypeError("sampling_params must be a tinker.SamplingParams")
-        p = sampling_params
+    async def _sample(self, request: _wire.SampleRequest) -> tinker.SampleResponse:
+        """`sample_tokens` for what a sampling client would send a trainer, answered
+        with tinker's types. Only its prompt, count, sampling parameters and prompt
+        logprobs are served here; the sampling client refuses the trainer's other
+        options before it calls."""
+        p = request.sampling_params
+        topk = request.topk_prompt_logprobs
         completions = await self.sample_tokens(
-            prompt.to_ints(),
-            num_samples=num_samples,
+            request.prompt.to_ints(),
+            num_samples=request.num_samples,
             max_tokens=DEFAULT_MAX_TOKENS if p.max_tokens is None else p.max_tokens,
             temperature=p.temperature,
             top_p=p.top_p,
             top_k=max(p.top_k, 0),  # tinker's -1 means no limit, as 0 does here
             seed=p.seed,
             stop=p.stop,
-            prompt_logprobs=include_prompt_logprobs or topk_prompt_logprobs > 0,
-            top_logprobs=topk_prompt_logprobs,
+            prompt_logprobs=request.prompt_logprobs or topk > 0,
+            top_logprobs=topk,
         )
         last = completions[-1]
         return tinker.SampleResponse(
@@ -162,7 +154,7 @@ class AsyncDeploymentSampler:
                 for i, c in enumerate(completions)
             ],
             _prompt_logprobs_list=last.prompt_logprobs,
-            _topk_prompt_logprobs_list=last.prompt_top_logprobs if topk_prompt_logprobs else None,
+            _topk_prompt_logprobs_list=last.prompt_top_logprobs if topk else None,
         )
 
 

@@ -448,12 +448,10 @@ class AsyncSamplingClient:
                     on = AsyncDeploymentSampler(
                         sampler.deployment, tokenizer=await self.get_tokenizer()
                     )
-                return await on.sample(
-                    prompt,
-                    num_samples,
-                    params,
-                    include_prompt_logprobs=scores["prompt_logprobs"],
-                    topk_prompt_logprobs=scores.get("topk_prompt_logprobs", 0),
+                return await on._sample(
+                    _wire.SampleRequest(
+                        prompt=prompt, num_samples=num_samples, sampling_params=params, **scores
+                    )
                 )
 
             run = self._run_on_deployment(future, sample, transform)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeVar
 
 import attrs
@@ -104,9 +105,10 @@ class AsyncFiretitanServiceClient(Unpicklable):
         tokenizer: str | None = None,
     ) -> None:
         key = resolve_api_key(api_key)
-        self._config = config or ClientConfig()
+        config = config or ClientConfig()
+        # The transport holds the configuration for this client and its children.
         self._transport = Transport(
-            resolve_base_url(base_url), key, self._config, default_headers=default_headers
+            resolve_base_url(base_url), key, config, default_headers=default_headers
         )
         # Only this fact about the key is kept outside the transport.
         self._fetch_client_config = key.startswith("tml-")
@@ -118,8 +120,9 @@ class AsyncFiretitanServiceClient(Unpicklable):
         self._closed = False
         self._tasks = TaskSet("service client")
         self._poller = Poller(self._transport, _SERVICE_POLLS)
-        self._model_seq = 0
-        self._sampling_seq = 0
+        # Each creation in the session is numbered (see _numbered).
+        self._model_seqs = itertools.count()
+        self._sampling_seqs = itertools.count()
         # Live training clients, by the options they were created with (wire.md §8.6).
         self._training_keys: dict[_wire.ModelSpec, AsyncFiretitanTrainingClient | None] = {}
         self._training_clients: list[AsyncFiretitanTrainingClient] = []
@@ -128,7 +131,7 @@ class AsyncFiretitanServiceClient(Unpicklable):
             None
             if deployment is None
             else AsyncDeployment(
-                deployment, api_key=deployment_api_key or key, client_config=self._config
+                deployment, api_key=deployment_api_key or key, client_config=config
             )
         )
         self._tokenizer_name = tokenizer or (deployment.tokenizer if deployment else None)
@@ -149,7 +152,7 @@ class AsyncFiretitanServiceClient(Unpicklable):
     @property
     def config(self) -> ClientConfig:
         """Timeouts, retries and limits."""
-        return self._config
+        return self._transport.config
 
     @property
     def closed(self) -> bool:
@@ -219,6 +222,13 @@ class AsyncFiretitanServiceClient(Unpicklable):
         self._transport.check_loop()
         return await self._session.get()
 
+    async def _numbered(self, counter: Iterator[int]) -> tuple[str, int]:
+        """The session's id, opening it first if need be, and the next number of
+        ``counter``: the trainer deduplicates a retried creation (of a model, of a
+        sampling session) on this pair."""
+        session_id = await self._open()
+        return session_id, next(counter)
+
     async def _start_session(self) -> str:
         if self._fetch_client_config:
             await self._transport.call(endpoints.CLIENT_CONFIG, {"sdk_version": SDK_VERSION})
@@ -238,13 +248,13 @@ class AsyncFiretitanServiceClient(Unpicklable):
         last_ok = loop.time()
         body = _wire.encode_request(_wire.SessionHeartbeatRequest(session_id=session_id))
         while True:
-            await asyncio.sleep(self._config.heartbeat_interval)
+            await asyncio.sleep(self.config.heartbeat_interval)
             try:
                 await self._transport.call(
                     endpoints.SESSION_HEARTBEAT,
                     body,
                     retry=False,
-                    attempt_timeout=self._config.timeouts.heartbeat,
+                    attempt_timeout=self.config.timeouts.heartbeat,
                 )
                 last_ok = loop.time()
             except GoneError:
@@ -344,19 +354,20 @@ class AsyncFiretitanServiceClient(Unpicklable):
         self,
         base_model: str,
         rank: int = 32,
-        user_metadata: Mapping[str, str] | None = None,
-        *,
         seed: int | None = None,
         train_mlp: bool = True,
         train_attn: bool = True,
         train_unembed: bool = True,
+        user_metadata: Mapping[str, str] | None = None,
+        *,
         alpha: int | None = 32,
     ) -> AsyncFiretitanTrainingClient:
         """Create a LoRA model and return its training client.
 
-        `create_training_client` with a positive rank: the same arguments, result and
-        errors, with ``rank`` and ``alpha`` for ``lora_rank`` and ``lora_alpha``
-        (``rank`` must be positive).
+        `create_training_client` with a positive rank, in tinker's signature (the
+        positional order of tinker's ``create_lora_training_client``): the same
+        arguments, result and errors, with ``rank`` and ``alpha`` for ``lora_rank``
+        and ``lora_alpha`` (``rank`` must be positive).
         """
         positive_int(rank, "rank")
         return await self.create_training_client(
@@ -431,9 +442,7 @@ class AsyncFiretitanServiceClient(Unpicklable):
             if user_metadata is not None
             else self._user_metadata
         )
-        self._check_open()
-        session_id = await self._open()
-        model_seq_id, self._model_seq = self._model_seq, self._model_seq + 1
+        session_id, model_seq_id = await self._numbered(self._model_seqs)
         request = _wire.LoadWeightsRequest(
             path=str(ref),
             optimizer=optimizer,
@@ -457,10 +466,8 @@ class AsyncFiretitanServiceClient(Unpicklable):
     async def _create_model(
         self, spec: _wire.ModelSpec, user_metadata: dict[str, str] | None
     ) -> AsyncFiretitanTrainingClient:
-        session_id = await self._open()
-        # model_seq_id counts every model this session creates (base-only included);
-        # the trainer deduplicates a retried create_model on (session_id, model_seq_id).
-        model_seq_id, self._model_seq = self._model_seq, self._model_seq + 1
+        # model_seq_id counts every model this session creates (base-only included).
+        session_id, model_seq_id = await self._numbered(self._model_seqs)
         request = _wire.CreateModelRequest(
             session_id=session_id,
             model_seq_id=model_seq_id,
@@ -501,7 +508,7 @@ class AsyncFiretitanServiceClient(Unpicklable):
         """
         answer = await self._transport.post(endpoint.path, _wire.encode_request(request))
         request_id = ack_request_id(answer, endpoint.name)
-        deadline = self._config.future_deadline
+        deadline = self.config.future_deadline
         try:
             async with asyncio.timeout(deadline):
                 payload = await self._poller.wait(request_id, request_type or endpoint.request_type)
@@ -544,8 +551,7 @@ class AsyncFiretitanServiceClient(Unpicklable):
             raise ValueError("give model_path or base_model")
         if self._deployment is not None:
             return await self._deployment_sampling_client(model_path, base_model)
-        session_id = await self._open()
-        seq, self._sampling_seq = self._sampling_seq, self._sampling_seq + 1
+        session_id, seq = await self._numbered(self._sampling_seqs)
         request = _wire.CreateSamplingSessionRequest(
             session_id=session_id,
             sampling_session_seq_id=seq,
@@ -561,15 +567,15 @@ class AsyncFiretitanServiceClient(Unpicklable):
                 "create_sampling_session answered an empty sampling_session_id"
             )
         exporter = self._exporter(snapshot_identity(model_path))[0] if model_path else None
-        client = AsyncSamplingClient._attached(
-            self._sampling_parent(exporter),
-            self._transport,
-            model_path=model_path,
-            base_model=base_model,
-            sampling_session_id=sampling_session_id,
+        return self._track(
+            AsyncSamplingClient._attached(
+                self._sampling_parent(exporter),
+                self._transport,
+                model_path=model_path,
+                base_model=base_model,
+                sampling_session_id=sampling_session_id,
+            )
         )
-        self._sampling_clients.add(client)
-        return client
 
     async def _deployment_sampling_client(
         self, model_path: str | None, base_model: str | None
@@ -586,16 +592,24 @@ class AsyncFiretitanServiceClient(Unpicklable):
         owner, previous = self._exporter(identity)
         if owner is not None:
             base_model = base_model or owner.base_model
-        await deployment.ensure_serving(identity, previous=previous, base_model=base_model)
-        sampling = AsyncSamplingClient._on_deployment(
-            self._sampling_parent(owner),
-            AsyncDeploymentSampler(deployment),
-            model_path=model_path,
-            base_model=base_model,
-            config=self._config,
+        await deployment.hot_load(
+            identity, previous=previous, base_model=base_model, unless_serving=True
         )
-        self._sampling_clients.add(sampling)
-        return sampling
+        return self._track(
+            AsyncSamplingClient._on_deployment(
+                self._sampling_parent(owner),
+                AsyncDeploymentSampler(deployment),
+                model_path=model_path,
+                base_model=base_model,
+                config=self.config,
+            )
+        )
+
+    def _track(self, client: AsyncSamplingClient) -> AsyncSamplingClient:
+        """``client``, kept (weakly: a sampling client nobody holds needs no shutdown)
+        for `aclose` to shut down."""
+        self._sampling_clients.add(client)
+        return client
 
     def _sampling_parent(self, exporter: AsyncFiretitanTrainingClient | None) -> Parent:
         """What a sampling client asks of this service client; ``exporter`` made the

@@ -128,7 +128,8 @@ class Deployment:
         previous: str | None = None,
         base_model: str | None = None,
         time_limit: float | None = None,
-    ) -> None:
+        unless_serving: bool = False,
+    ) -> bool:
         """Load a snapshot and return once every replica serves it.
 
         Args:
@@ -137,6 +138,11 @@ class Deployment:
                 must hold it, or nothing is sent. None for a base snapshot.
             base_model: The served model; None uses the configuration's.
             time_limit: Seconds to wait; None uses ``hot_load_timeout``.
+            unless_serving: Send nothing when every replica already serves
+                ``identity``.
+
+        Returns:
+            Whether a hot-load was sent (always, unless ``unless_serving``).
 
         Raises:
             HotLoadError: A replica reported that loading ``identity`` failed (an
@@ -145,36 +151,13 @@ class Deployment:
             HotLoadTimeoutError: Not every replica served it within ``time_limit``.
             APIError: The deployment refused the request or could not be reached.
         """
-        self._portal.call(
+        return self._portal.call(
             self._inner.hot_load,
             identity,
             previous=previous,
             base_model=base_model,
             time_limit=time_limit,
-        )
-
-    def ensure_serving(
-        self,
-        identity: str,
-        *,
-        previous: str | None = None,
-        base_model: str | None = None,
-        time_limit: float | None = None,
-    ) -> bool:
-        """Hot-load ``identity`` unless every replica already serves it.
-
-        Returns:
-            Whether a hot-load was sent.
-
-        Raises:
-            The exceptions of `hot_load`.
-        """
-        return self._portal.call(
-            self._inner.ensure_serving,
-            identity,
-            previous=previous,
-            base_model=base_model,
-            time_limit=time_limit,
+            unless_serving=unless_serving,
         )
 
     def close(self) -> None:

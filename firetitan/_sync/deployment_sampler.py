@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Self, cast
 
-import tinker
-
 from firetitan import _wire
 from firetitan._async.deployment_sampler import DEFAULT_MAX_TOKENS, AsyncDeploymentSampler
 from firetitan._portal import Portal, get_portal, register_twin, rewrap, wrap_twin
@@ -121,25 +119,6 @@ class DeploymentSampler:
             stop=stop,
             prompt_logprobs=prompt_logprobs,
             top_logprobs=top_logprobs,
-        )
-
-    def sample(
-        self,
-        prompt: tinker.ModelInput,
-        num_samples: int,
-        sampling_params: tinker.SamplingParams,
-        *,
-        include_prompt_logprobs: bool = False,
-        topk_prompt_logprobs: int = 0,
-    ) -> tinker.SampleResponse:
-        """`sample_tokens` with tinker's types (what a sampling client returns)."""
-        return self._portal.call(
-            self._inner.sample,
-            prompt,
-            num_samples,
-            sampling_params,
-            include_prompt_logprobs=include_prompt_logprobs,
-            topk_prompt_logprobs=topk_prompt_logprobs,
         )
 
 

@@ -204,29 +204,30 @@ class FiretitanServiceClient:
         self,
         base_model: str,
         rank: int = 32,
-        user_metadata: Mapping[str, str] | None = None,
-        *,
         seed: int | None = None,
         train_mlp: bool = True,
         train_attn: bool = True,
         train_unembed: bool = True,
+        user_metadata: Mapping[str, str] | None = None,
+        *,
         alpha: int | None = 32,
     ) -> FiretitanTrainingClient:
         """Create a LoRA model and return its training client.
 
-        `create_training_client` with a positive rank: the same arguments, result and
-        errors, with ``rank`` and ``alpha`` for ``lora_rank`` and ``lora_alpha``
-        (``rank`` must be positive).
+        `create_training_client` with a positive rank, in tinker's signature (the
+        positional order of tinker's ``create_lora_training_client``): the same
+        arguments, result and errors, with ``rank`` and ``alpha`` for ``lora_rank``
+        and ``lora_alpha`` (``rank`` must be positive).
         """
         result = self._portal.call(
             self._inner.create_lora_training_client,
             base_model,
             rank,
+            seed,
+            train_mlp,
+            train_attn,
+            train_unembed,
             user_metadata,
-            seed=seed,
-            train_mlp=train_mlp,
-            train_attn=train_attn,
-            train_unembed=train_unembed,
             alpha=alpha,
         )
         return cast("FiretitanTrainingClient", wrap_twin(self._portal, result))

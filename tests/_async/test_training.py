@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
@@ -234,7 +235,8 @@ async def test_lora_exports_are_always_base(service: AsyncFiretitanServiceClient
 @pytest.mark.asyncio
 async def test_lora_and_base_only_clients(surface: Surface, any_service: Any) -> None:
     call = surface.call
-    lora = await call(any_service.create_lora_training_client, BASE_MODEL, rank=4, alpha=8, seed=1)
+    # tinker's positional order: base_model, rank, seed.
+    lora = await call(any_service.create_lora_training_client, BASE_MODEL, 4, 1, alpha=8)
     info = await call(lora.get_info)
     assert info.model_id == lora.model_id and info.is_lora and info.lora_rank == 4
     await call(lora.forward_backward, batch(2), "cross_entropy")
@@ -246,6 +248,13 @@ async def test_lora_and_base_only_clients(surface: Surface, any_service: Any) ->
     with pytest.raises(RequestFailedError) as info_error:
         await call(base.forward_backward, batch(1), "cross_entropy")
     assert info_error.value.category == "user"
+
+
+def test_create_lora_training_client_takes_tinkers_positional_parameters() -> None:
+    tinkers = inspect.signature(tinker.ServiceClient.create_lora_training_client).parameters
+    ours = inspect.signature(AsyncFiretitanServiceClient.create_lora_training_client).parameters
+    positional = [name for name, p in ours.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert positional == list(tinkers)[: len(positional)]  # tinker's optimizer= is not served
 
 
 @pytest.mark.asyncio

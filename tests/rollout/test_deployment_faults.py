@@ -28,6 +28,7 @@ from firetitan import (
     NotFoundError,
     RetryPolicy,
     Timeouts,
+    _wire,
 )
 from firetitan.tokenizers import ByteTokenizer
 
@@ -184,9 +185,10 @@ async def test_a_delta_whose_base_the_deployment_does_not_hold_is_never_sent(
 async def test_a_snapshot_already_served_is_not_hot_loaded_again(
     fake: FakeDeployment, deployment: AsyncDeployment
 ) -> None:
-    assert await deployment.ensure_serving("snap") is True
-    assert await deployment.ensure_serving("snap") is False
-    assert len(fake.hot_load_posts) == 1
+    assert await deployment.hot_load("snap", unless_serving=True) is True
+    assert await deployment.hot_load("snap", unless_serving=True) is False
+    assert await deployment.hot_load("snap") is True
+    assert len(fake.hot_load_posts) == 2
 
 
 async def test_a_refused_base_model_is_a_bad_request_with_the_servers_words(
@@ -283,13 +285,14 @@ async def test_prompt_logprobs_keep_every_row_despite_a_null_first_one(
     fake: FakeDeployment, deployment: AsyncDeployment
 ) -> None:
     sampler = AsyncDeploymentSampler(deployment)
-    response = await sampler.sample(
-        tinker.ModelInput.from_ints([5, 6, 7]),
-        1,
-        tinker.SamplingParams(max_tokens=2, temperature=0.7),
-        include_prompt_logprobs=True,
+    request = _wire.SampleRequest(
+        prompt=tinker.ModelInput.from_ints([5, 6, 7]),
+        num_samples=1,
+        sampling_params=tinker.SamplingParams(max_tokens=2, temperature=0.7),
+        prompt_logprobs=True,
         topk_prompt_logprobs=1,
     )
+    response = await sampler._sample(request)  # as a sampling client on it asks
     assert response.prompt_logprobs == [None, -0.5, -0.5]
     assert response.topk_prompt_logprobs == [None, [(7, -0.25)], [(7, -0.25)]]
     assert list(response.sequences[0].tokens) == [0, 1]
