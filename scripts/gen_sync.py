@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import ast
 import builtins
+import copy
 import difflib
 import importlib.util
 import re
@@ -232,13 +233,16 @@ def decorator_names(node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
 
 
 def class_methods(cls: ast.ClassDef, module: AsyncModule) -> dict[str, Method]:
-    """The methods of a class body, and its aliases of them (``b = a``)."""
+    """The methods of a class body, its aliases of them (``b = a``), its RPC methods
+    made by `rpc.partial` and its `ReadOnly` attributes (as properties)."""
     methods: dict[str, Method] = {}
     for stmt in cls.body:
         if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
             methods[stmt.name] = Method(stmt, module, decorator_names(stmt))
         elif (prop := read_only_property(stmt, cls.name, module)) is not None:
             methods[prop.node.name] = prop
+        elif partial := rpc_partial(stmt, methods, module, cls.name):
+            methods[partial.node.name] = partial
         elif (
             isinstance(stmt, ast.Assign)
             and len(stmt.targets) == 1
@@ -281,6 +285,52 @@ def read_only_property(stmt: ast.stmt, owner: str, module: AsyncModule) -> Metho
         type_params=[],
     )
     return Method(ast.copy_location(node, stmt), module, ["property"], read_only=True)
+
+
+def rpc_partial(
+    stmt: ast.stmt, methods: dict[str, Method], module: AsyncModule, owner: str
+) -> Method | None:
+    """``m = rpc.partial(_impl, first, doc=...)`` as the `@rpc` method it makes: the
+    parameters of ``_impl`` without ``first``'s, and the docstring ``doc``."""
+    if not (
+        isinstance(stmt, ast.Assign)
+        and len(stmt.targets) == 1
+        and isinstance(stmt.targets[0], ast.Name)
+        and isinstance(stmt.value, ast.Call)
+        and ast.unparse(stmt.value.func) == f"{RPC_DECORATOR}.partial"
+    ):
+        return None
+    name, call = stmt.targets[0].id, stmt.value
+    where = f"{module.display_path}: {owner}.{name}"
+    doc = next((k.value for k in call.keywords if k.arg == "doc"), None)
+    impl = (
+        methods.get(call.args[0].id) if call.args and isinstance(call.args[0], ast.Name) else None
+    )
+    if (
+        impl is None
+        or impl.decorators
+        or len(call.args) != 2
+        or len(call.keywords) != 1
+        or not isinstance(doc, ast.Constant)
+        or not isinstance(doc.value, str)
+    ):
+        raise GenerationError(
+            f"{where}: write rpc.partial(<method of this class>, <first argument>, doc=<str>)"
+        )
+    args = copy.deepcopy(impl.node.args)
+    if len(args.args) < 2 or len(args.defaults) > len(args.args) - 2:
+        raise GenerationError(f"{where}: the first argument given must have no default")
+    del args.args[1]
+    node = ast.FunctionDef(
+        name=name,
+        args=args,
+        body=[ast.Expr(doc)],
+        decorator_list=[ast.Name(RPC_DECORATOR)],
+        returns=impl.node.returns,
+        type_params=[],
+    )
+    ast.copy_location(node, stmt)
+    return Method(node, module, [RPC_DECORATOR])
 
 
 def read_package(src: Path) -> dict[str, AsyncModule]:

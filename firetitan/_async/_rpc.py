@@ -23,6 +23,11 @@ blocking facade calls ``client.optim_step.prepare(...)`` on the caller's thread,
 argument error raises there exactly as on the async core, and hands the `Start` to its
 portal's loop (`firetitan._portal.Portal.start`). The signature, the checks and the
 docstring therefore have one home, the method.
+
+RPC methods that are one operation with a different first argument (``forward`` and
+``forward_backward``: the same arguments, another endpoint) share one implementation,
+as `property` shares a getter: ``forward = rpc.partial(_pass, endpoints.FORWARD,
+doc=...)`` is the RPC method `_pass` with its first argument given.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from firetitan._async.async_future import AsyncAPIFuture
 __all__ = ["BoundRPC", "Start", "rpc"]
 
 S = TypeVar("S")
+A = TypeVar("A")
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -54,6 +60,26 @@ class rpc(Generic[S, P, R]):
         sig = inspect.signature(prepare)
         self.__signature__ = sig.replace(return_annotation=_future_of(sig.return_annotation))
 
+    @classmethod
+    def partial(
+        cls, prepare: Callable[Concatenate[S, A, P], Start[R]], first: A, *, doc: str
+    ) -> rpc[S, P, R]:
+        """The RPC method `prepare` with its first argument (after self) given."""
+
+        def bound(obj: S, /, *args: P.args, **kwargs: P.kwargs) -> Start[R]:
+            return prepare(obj, first, *args, **kwargs)
+
+        sig = inspect.signature(prepare)
+        params = list(sig.parameters.values())
+        bound.__signature__ = sig.replace(parameters=[params[0], *params[2:]])  # type: ignore[attr-defined]
+        bound.__doc__ = doc
+        return cls(bound)
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        # A `partial` learns its name from the class body, like a function's own.
+        self.__name__ = name
+        self.__qualname__ = f"{owner.__qualname__}.{name}"
+
     @overload
     def __get__(self, obj: None, owner: type[Any] | None = None) -> rpc[S, P, R]: ...
 
@@ -63,7 +89,7 @@ class rpc(Generic[S, P, R]):
     def __get__(self, obj: S | None, owner: type[Any] | None = None) -> Any:
         if obj is None:
             return self
-        return BoundRPC(self._prepare, obj)
+        return BoundRPC(self, obj)
 
     def __call__(self, obj: S, /, *args: P.args, **kwargs: P.kwargs) -> AsyncAPIFuture[R]:
         """Call through the class (``Client.forward(client, ...)``), as with a function."""
@@ -73,30 +99,30 @@ class rpc(Generic[S, P, R]):
 class BoundRPC(Generic[P, R]):
     """An RPC method of one client: call it, or `prepare` a call for another thread."""
 
-    __slots__ = ("_obj", "_prepare")
+    __slots__ = ("_method", "_obj")
 
-    def __init__(self, prepare: Callable[Concatenate[Any, P], Start[R]], obj: object) -> None:
-        self._prepare = prepare
+    def __init__(self, method: rpc[Any, P, R], obj: object) -> None:
+        self._method = method
         self._obj = obj
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> AsyncAPIFuture[R]:
-        return self._prepare(self._obj, *args, **kwargs)()
+        return self._method._prepare(self._obj, *args, **kwargs)()
 
     def prepare(self, *args: P.args, **kwargs: P.kwargs) -> Start[R]:
         """Phase 1 on this thread: check the arguments; return the start for the loop."""
-        return self._prepare(self._obj, *args, **kwargs)
+        return self._method._prepare(self._obj, *args, **kwargs)
 
     @property
     def __doc__(self) -> str | None:  # type: ignore[override]
-        return self._prepare.__doc__
+        return self._method.__doc__
 
     @property
     def __signature__(self) -> inspect.Signature:
-        sig = inspect.signature(functools.partial(self._prepare, self._obj))
-        return sig.replace(return_annotation=_future_of(sig.return_annotation))
+        sig = self._method.__signature__
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
 
     def __repr__(self) -> str:
-        return f"<RPC method {self._prepare.__qualname__} of {self._obj!r}>"
+        return f"<RPC method {self._method.__qualname__} of {self._obj!r}>"
 
 
 def _future_of(annotation: Any) -> Any:

@@ -192,32 +192,36 @@ class AsyncFiretitanTrainingClient(Unpicklable):
 
     # ------------------------------------------------------------------ passes
 
-    @rpc
-    def forward(
+    def _pass(
         self,
+        endpoint: endpoints.Endpoint[tinker.ForwardBackwardOutput],
         data: Sequence[tinker.Datum],
         loss_fn: str,
         loss_fn_config: Mapping[str, Any] | None = None,
         *,
         deadline: float | None = None,
     ) -> Start[tinker.ForwardBackwardOutput]:
-        """Run a forward pass and compute the loss, without touching gradients.
+        # `forward` and `forward_backward`: the same arguments, another endpoint.
+        self._check_open()
+        _check_forward_args(data, loss_fn, loss_fn_config)
+        resolved = self._resolve_deadline(deadline)
+        loss = _Loss(loss_fn, None if loss_fn_config is None else dict(loss_fn_config))
+        return lambda: self._forward_call(endpoint, data, loss, resolved)
+
+    forward = rpc.partial(
+        _pass,
+        endpoints.FORWARD,
+        doc="""Run a forward pass and compute the loss, without touching gradients.
 
         `forward_backward` without the backward pass: the same arguments, output
         (per-datum ``loss_fn_outputs`` with ``logprobs``, and ``metrics``) and errors.
-        """
-        return self._forward("forward", data, loss_fn, loss_fn_config, deadline)
+        """,
+    )
 
-    @rpc
-    def forward_backward(
-        self,
-        data: Sequence[tinker.Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, Any] | None = None,
-        *,
-        deadline: float | None = None,
-    ) -> Start[tinker.ForwardBackwardOutput]:
-        """Run a forward and backward pass and accumulate the gradients.
+    forward_backward = rpc.partial(
+        _pass,
+        endpoints.FORWARD_BACKWARD,
+        doc="""Run a forward and backward pass and accumulate the gradients.
 
         The gradients add up until the next `optim_step` consumes them.
 
@@ -237,21 +241,8 @@ class AsyncFiretitanTrainingClient(Unpicklable):
             ValueError: Empty data or invalid arguments (raised at once).
             TypeError: ``data`` is not a sequence of `tinker.Datum`.
             ClientClosedError: The client was closed or its model unloaded.
-        """
-        return self._forward("forward_backward", data, loss_fn, loss_fn_config, deadline)
-
-    def _forward(
-        self,
-        kind: str,
-        data: Sequence[tinker.Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, Any] | None,
-        deadline: float | None,
-    ) -> Start[tinker.ForwardBackwardOutput]:
-        self._check_open()
-        _check_forward_args(data, loss_fn, loss_fn_config)
-        resolved = self._resolve_deadline(deadline)
-        return lambda: self._forward_call(kind, data, loss_fn, loss_fn_config, resolved)
+        """,
+    )
 
     @rpc
     def forward_backward_custom(
@@ -317,7 +308,7 @@ class AsyncFiretitanTrainingClient(Unpicklable):
         forward_future = (
             None
             if forward_batch is None
-            else self._forward_call("forward", forward_batch, "cross_entropy", None, None)
+            else self._forward_call(endpoints.FORWARD, forward_batch, _CROSS_ENTROPY, None)
         )
         future: AsyncAPIFuture[tinker.ForwardBackwardOutput] = self._new_future(
             "forward_backward_custom", deadline
@@ -363,9 +354,7 @@ class AsyncFiretitanTrainingClient(Unpicklable):
             assert output is not None
             result = await asyncio.to_thread(custom_loss.run_user_loss, loss_fn, batch, output)
             linear = custom_loss.linearized_data(batch, result.grads)
-            prepared = self._prepare_forward_bodies(
-                "forward_backward", linear, "cross_entropy", None
-            )
+            prepared = self._prepare_forward_bodies(backward.endpoint, linear, _CROSS_ENTROPY)
             tokens = _response_tokens(linear)
 
             async def finish(payloads: list[Any]) -> tinker.ForwardBackwardOutput:
@@ -851,21 +840,20 @@ class AsyncFiretitanTrainingClient(Unpicklable):
 
     def _forward_call(
         self,
-        kind: str,
+        endpoint: endpoints.Endpoint[tinker.ForwardBackwardOutput],
         data: Sequence[tinker.Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, Any] | None,
+        loss: _Loss,
         deadline: float | None,
     ) -> AsyncAPIFuture[tinker.ForwardBackwardOutput]:
         self._check_usable()
         batch = list(data)
-        prepared = self._prepare_forward_bodies(kind, batch, loss_fn, loss_fn_config)
+        prepared = self._prepare_forward_bodies(endpoint, batch, loss)
         offload = prepared.offload
-        tokens = _response_tokens(batch) if loss_fn == "cross_entropy" else None
+        tokens = _response_tokens(batch) if loss.name == "cross_entropy" else None
         # The future is made last: a call that raises leaves nothing pending behind.
-        future: AsyncAPIFuture[tinker.ForwardBackwardOutput] = self._new_future(kind, deadline)
-
-        endpoint = endpoints.BY_NAME[kind]
+        future: AsyncAPIFuture[tinker.ForwardBackwardOutput] = self._new_future(
+            endpoint.name, deadline
+        )
 
         async def finish(payloads: list[Any]) -> tinker.ForwardBackwardOutput:
             return await _forward_output(
@@ -885,11 +873,7 @@ class AsyncFiretitanTrainingClient(Unpicklable):
         return future
 
     def _prepare_forward_bodies(
-        self,
-        kind: str,
-        batch: list[tinker.Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, Any] | None,
+        self, endpoint: endpoints.Endpoint[Any], batch: list[tinker.Datum], loss: _Loss
     ) -> _Prepared:
         """Chunk a batch and encode one body per chunk (seq_id still unset).
 
@@ -907,7 +891,6 @@ class AsyncFiretitanTrainingClient(Unpicklable):
                 batch, max_datums=limits.max_chunk_datums, max_bytes=limits.max_chunk_bytes
             )
         )
-        config = dict(loss_fn_config) if loss_fn_config is not None else None
 
         def encode() -> list[JSON]:
             return [
@@ -916,9 +899,9 @@ class AsyncFiretitanTrainingClient(Unpicklable):
                         model_id=self._model_id,
                         seq_id=0,
                         data=chunk,
-                        loss_fn=loss_fn,
-                        loss_fn_config=config,
-                        forward_only=kind == "forward",
+                        loss_fn=loss.name,
+                        loss_fn_config=loss.config,
+                        forward_only=endpoint is endpoints.FORWARD,
                         comms=self._comms,
                     )
                 )
@@ -966,6 +949,18 @@ class AsyncFiretitanTrainingClient(Unpicklable):
             future._set_exception(ClientClosedError(reason))
         self._queue.fail_queued(reason)
         await self._tasks.aclose()
+
+
+@attrs.frozen
+class _Loss:
+    """A built-in loss and its options, as a forward pass sends them (the options
+    copied at the call)."""
+
+    name: str
+    config: dict[str, Any] | None = None
+
+
+_CROSS_ENTROPY = _Loss("cross_entropy")
 
 
 @attrs.frozen

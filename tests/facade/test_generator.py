@@ -107,6 +107,16 @@ def test_every_generated_file_has_the_banner() -> None:
             'size: ReadOnly[int] = ReadOnly("_size", doc="The size.")',
             'write ReadOnly("_path", "documentation")',
         ),
+        (
+            "def _go(self, n: int) -> Start[int]:\n        raise NotImplementedError\n\n"
+            "    go = rpc.partial(_go, 1)",
+            "write rpc.partial(<method of this class>, <first argument>, doc=<str>)",
+        ),
+        (
+            "def _go(self, n: int = 0) -> Start[int]:\n        raise NotImplementedError\n\n"
+            '    go = rpc.partial(_go, 1, doc="Go.")',
+            "the first argument given must have no default",
+        ),
     ],
 )
 def test_untranslatable_code_stops_the_generator(tmp_path: Path, method: str, message: str) -> None:
